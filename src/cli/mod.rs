@@ -1,0 +1,97 @@
+//! The `petrel` command line: argument parsing and one function per
+//! command. Exit codes: 0 ok, 1 runtime failure, 2 usage or config error.
+
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, ConfigError, ConfigSource};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "petrel",
+    version,
+    about = "A mail server (SMTP MTA) with a SQLite queue"
+)]
+pub struct Cli {
+    /// Config file (default: ./petrel.toml if present, else built-in defaults)
+    #[arg(short = 'c', long = "config", global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run listeners, scheduler and delivery until SIGTERM/SIGINT
+    Serve,
+    /// Validate the config and print the effective settings
+    CheckConfig,
+}
+
+/// How a command ended; mapped to the documented exit codes.
+#[derive(Debug)]
+pub enum Failure {
+    /// Bad usage or config: exit 2.
+    Usage(String),
+    /// Something failed at run time: exit 1.
+    Runtime(String),
+}
+
+impl From<ConfigError> for Failure {
+    fn from(error: ConfigError) -> Failure {
+        Failure::Usage(format!("config error: {error}"))
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            // clap prints help/version to stdout with success, errors with code 2.
+            let _ = error.print();
+            return ExitCode::from(if error.use_stderr() { 2 } else { 0 });
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(message)) => {
+            eprintln!("petrel: {message}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Runtime(message)) => {
+            eprintln!("petrel: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Serve => {
+            let (config, source) = Config::load(cli.config.as_deref())?;
+            serve::serve(config, source)
+        }
+        Command::CheckConfig => {
+            let (config, source) = Config::load(cli.config.as_deref())?;
+            check_config(&config, &source);
+            Ok(())
+        }
+    }
+}
+
+fn check_config(config: &Config, source: &ConfigSource) {
+    println!("# petrel: configuration OK ({source})");
+    println!("# effective settings:");
+    print!("{}", config.to_toml());
+}
+
+/// Logging for long-running commands: `RUST_LOG` wins, `info` by default.
+pub fn init_logging() {
+    let env = env_logger::Env::default().default_filter_or("info");
+    let _ = env_logger::Builder::from_env(env).try_init();
+}

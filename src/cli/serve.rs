@@ -1,0 +1,36 @@
+//! `petrel serve`: run until SIGTERM or SIGINT; SIGHUP reloads the TLS
+//! certificate.
+
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use super::{Failure, init_logging};
+use crate::config::{Config, ConfigSource};
+use crate::instance::Instance;
+
+pub fn serve(config: Config, source: ConfigSource) -> Result<(), Failure> {
+    init_logging();
+    log::info!(
+        "petrel {} starting: config {source}, data in {}, hostname {}",
+        env!("CARGO_PKG_VERSION"),
+        config.data_dir.display(),
+        config.hostname
+    );
+    // Register before starting so a signal during start-up is not lost.
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .map_err(|e| Failure::Runtime(format!("cannot install signal handlers: {e}")))?;
+    let instance = Instance::start(config).map_err(|e| Failure::Runtime(e.to_string()))?;
+    log::info!("petrel ready");
+    for signal in signals.forever() {
+        if signal == SIGHUP {
+            log::info!("SIGHUP: reloading TLS certificate");
+            instance.tls().force_reload();
+            continue;
+        }
+        log::info!("signal {signal}: shutting down");
+        break;
+    }
+    instance.shutdown();
+    log::info!("petrel stopped");
+    Ok(())
+}

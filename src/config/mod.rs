@@ -1,0 +1,835 @@
+//! The configuration file: every key users may write, its default and the
+//! reason for that default. Owns parsing and validation; never opens sockets
+//! or files other than the config file itself.
+//!
+//! A config is either fully valid or refused with a message that names the
+//! offending key, so that `petrel check-config` and `petrel serve` can exit 2
+//! before touching anything.
+
+mod units;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+pub use units::{ByteSize, HumanDuration};
+
+use crate::protocol::address::{Address, Domain};
+
+/// The file read when no `-c` is given, relative to the working directory.
+pub const DEFAULT_CONFIG_FILE: &str = "petrel.toml";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// EHLO name, Received headers, bounces. Defaults to the system host name
+    /// because that is what a peer sees in reverse DNS on a typical VPS.
+    pub hostname: String,
+    /// Queue database, Maildirs and generated certificates live here.
+    pub data_dir: PathBuf,
+    /// MX / relay listener; STARTTLS offered, AUTH optional.
+    #[serde(default = "ListenerConfig::default_smtp")]
+    pub smtp: ListenerConfig,
+    /// Submission for users (RFC 6409): AUTH required, after STARTTLS.
+    #[serde(default = "ListenerConfig::default_submission")]
+    pub submission: ListenerConfig,
+    /// Submission over implicit TLS (RFC 8314): AUTH required.
+    #[serde(default = "ListenerConfig::default_smtps")]
+    pub smtps: ListenerConfig,
+    pub tls: TlsConfig,
+    pub domains: DomainsConfig,
+    /// address -> one or more addresses, expanded when a message is queued.
+    pub aliases: BTreeMap<String, AliasTargets>,
+    pub relay: RelayConfig,
+    pub delivery: DeliveryConfig,
+    pub dns: DnsConfig,
+    pub queue: QueueConfig,
+    pub limits: LimitsConfig,
+    pub auth: AuthConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            hostname: system_hostname(),
+            // Relative on purpose: the built-in defaults are a local demo that
+            // must not need root or touch anything outside the working directory.
+            data_dir: PathBuf::from("petrel-data"),
+            smtp: ListenerConfig::default_smtp(),
+            submission: ListenerConfig::default_submission(),
+            smtps: ListenerConfig::default_smtps(),
+            tls: TlsConfig::default(),
+            domains: DomainsConfig::default(),
+            aliases: BTreeMap::new(),
+            relay: RelayConfig::default(),
+            delivery: DeliveryConfig::default(),
+            dns: DnsConfig::default(),
+            queue: QueueConfig::default(),
+            limits: LimitsConfig::default(),
+            auth: AuthConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Addresses to listen on; an empty list turns the listener off.
+    pub listen: Vec<SocketAddr>,
+}
+
+impl ListenerConfig {
+    // Loopback and unprivileged ports: the defaults are a demo that must be
+    // safe to run on any machine without root and without exposing anything.
+    fn default_smtp() -> Self {
+        Self::on("127.0.0.1:2525")
+    }
+    fn default_submission() -> Self {
+        Self::on("127.0.0.1:2587")
+    }
+    fn default_smtps() -> Self {
+        Self::on("127.0.0.1:2465")
+    }
+    fn on(addr: &str) -> Self {
+        ListenerConfig {
+            listen: addr.parse().map(|a| vec![a]).unwrap_or_default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain. Without cert and key, a self-signed certificate
+    /// is generated into `data_dir` on first start.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DomainsConfig {
+    /// Domains whose mail is delivered to local Maildirs.
+    pub local: Vec<String>,
+}
+
+impl Default for DomainsConfig {
+    fn default() -> Self {
+        DomainsConfig {
+            local: vec!["localhost".to_string()],
+        }
+    }
+}
+
+/// An alias maps to one address or to a list of them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum AliasTargets {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl AliasTargets {
+    pub fn as_slice(&self) -> &[String] {
+        match self {
+            AliasTargets::One(one) => std::slice::from_ref(one),
+            AliasTargets::Many(many) => many,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// Clients in these networks may relay without AUTH. Empty by default:
+    /// an open relay is the one mistake a mail server must never ship with.
+    pub trusted_networks: Vec<IpNet>,
+}
+
+impl RelayConfig {
+    pub fn is_trusted(&self, ip: std::net::IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        self.trusted_networks.iter().any(|net| net.contains(&ip))
+    }
+}
+
+/// An IPv4 client reached over an IPv6 socket shows up as `::ffff:a.b.c.d`;
+/// policy must see the IPv4 address so `127.0.0.0/8` still matches.
+pub fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SmarthostTls {
+    /// TLS required and the certificate verified (the default: credentials go there).
+    #[default]
+    Verify,
+    /// TLS required, certificate not checked (self-signed internal relays).
+    Encrypt,
+    /// Plaintext allowed: only for a relay inside a trusted network.
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AddressFamily {
+    #[default]
+    Any,
+    Ipv4,
+    Ipv6,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// "host:port": send all non-local mail there instead of to MX hosts.
+    pub smarthost: Option<String>,
+    pub smarthost_user: Option<String>,
+    pub smarthost_password_file: Option<PathBuf>,
+    pub smarthost_tls: SmarthostTls,
+    /// Extra trust anchors for the smart host, e.g. an internal CA.
+    pub smarthost_ca: Option<PathBuf>,
+    /// Port of remote MX hosts. 25 everywhere in the real world; tests change it.
+    pub port: u16,
+    /// Operators whose IPv6 has no reverse DNS need "ipv4".
+    pub address_family: AddressFamily,
+    /// Opportunistic STARTTLS to MX hosts: when the handshake fails, retry
+    /// the host in plaintext (as Postfix's "may" level does) rather than
+    /// deferring mail to servers with broken TLS forever.
+    pub plaintext_fallback: bool,
+    /// Parallel outgoing deliveries. Small: a VPS sends little, and remote
+    /// servers throttle clients that open many connections.
+    pub workers: usize,
+    /// Connecting to a remote host; RFC 5321 leaves it open, 30s is common.
+    pub connect_timeout: HumanDuration,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            smarthost: None,
+            smarthost_user: None,
+            smarthost_password_file: None,
+            smarthost_tls: SmarthostTls::Verify,
+            smarthost_ca: None,
+            port: 25,
+            address_family: AddressFamily::Any,
+            plaintext_fallback: true,
+            workers: 8,
+            connect_timeout: HumanDuration::secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Empty: the system resolver (/etc/resolv.conf). Tests point this at a
+    /// DNS server on loopback.
+    pub nameservers: Vec<SocketAddr>,
+    /// Per query; a slow resolver must turn into a 4xx, not a stuck session.
+    pub timeout: HumanDuration,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            nameservers: Vec::new(),
+            timeout: HumanDuration::secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// After this a recipient bounces. 5 days is the RFC 5321 4.5.4.1 advice.
+    pub max_age: HumanDuration,
+    /// First retry delay; doubled per attempt with jitter …
+    pub retry_min: HumanDuration,
+    /// … and capped here, so a long outage is still retried hourly.
+    pub retry_max: HumanDuration,
+    /// One "still trying" notice after this long; "0" turns it off.
+    pub delay_warning: HumanDuration,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            max_age: HumanDuration::secs(5 * 86_400),
+            retry_min: HumanDuration::secs(5 * 60),
+            retry_max: HumanDuration::secs(3600),
+            delay_warning: HumanDuration::secs(4 * 3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Advertised in EHLO SIZE and enforced while DATA streams in.
+    pub max_message_size: ByteSize,
+    /// RFC 5321 4.5.3.1.8 asks servers to take at least 100.
+    pub max_recipients: usize,
+    /// Worker threads, hence concurrent sessions.
+    pub max_sessions: usize,
+    /// One address may not take every worker.
+    pub max_sessions_per_ip: usize,
+    /// Protocol errors before a session is closed with 421.
+    pub max_errors: u32,
+    /// Waiting for a command: RFC 5321 4.5.3.2.7 says at least 5 minutes.
+    pub command_timeout: HumanDuration,
+    /// Waiting for each DATA block: RFC 5321 4.5.3.2.5 says 3 minutes.
+    pub data_timeout: HumanDuration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_message_size: ByteSize::mib(25),
+            max_recipients: 100,
+            max_sessions: 256,
+            max_sessions_per_ip: 20,
+            max_errors: 10,
+            command_timeout: HumanDuration::secs(300),
+            data_timeout: HumanDuration::secs(180),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// An authenticated user may only send as their own address (or an alias
+    /// that points at it); stops a stolen password from impersonating others.
+    pub sender_login_match: bool,
+    /// Failed AUTH attempts per client address before replies are slowed down.
+    pub slowdown_after: u32,
+    /// Added per failure beyond `slowdown_after`, capped at 5 seconds.
+    pub slowdown_step: HumanDuration,
+    /// Failures after which the address is refused with 421 …
+    pub lockout_after: u32,
+    /// … for this long.
+    pub lockout_duration: HumanDuration,
+    pub password_policy: PasswordPolicyConfig,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            sender_login_match: true,
+            slowdown_after: 3,
+            slowdown_step: HumanDuration::secs(1),
+            lockout_after: 10,
+            lockout_duration: HumanDuration::secs(15 * 60),
+            password_policy: PasswordPolicyConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PasswordPolicyConfig {
+    pub min_length: usize,
+    pub require_upper: bool,
+    pub require_lower: bool,
+    pub require_digit: bool,
+    pub require_symbol: bool,
+    /// zxcvbn score 0..=4; 3 is "safely unguessable: moderate protection
+    /// from offline slow-hash scenario", right for argon2id hashes.
+    pub min_strength: u8,
+}
+
+impl Default for PasswordPolicyConfig {
+    fn default() -> Self {
+        PasswordPolicyConfig {
+            min_length: 12,
+            require_upper: true,
+            require_lower: true,
+            require_digit: true,
+            require_symbol: true,
+            min_strength: 3,
+        }
+    }
+}
+
+/// A config that cannot be used, with the key it is about.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    pub file: Option<PathBuf>,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn at(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            file: None,
+            key: Some(key.into()),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(file) = &self.file {
+            write!(f, "{}: ", file.display())?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, "{key}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Where the effective config came from, for logs and `check-config`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConfigSource {
+    File(PathBuf),
+    BuiltInDefaults,
+}
+
+impl fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigSource::File(path) => write!(f, "{}", path.display()),
+            ConfigSource::BuiltInDefaults => f.write_str("built-in defaults"),
+        }
+    }
+}
+
+impl Config {
+    /// `-c FILE` if given; else `./petrel.toml` if present; else the defaults.
+    pub fn load(explicit: Option<&Path>) -> Result<(Config, ConfigSource), ConfigError> {
+        let path = match explicit {
+            Some(path) => path.to_path_buf(),
+            None => {
+                let default = PathBuf::from(DEFAULT_CONFIG_FILE);
+                if !default.exists() {
+                    return Ok((Config::default(), ConfigSource::BuiltInDefaults));
+                }
+                default
+            }
+        };
+        let with_file = |mut err: ConfigError| {
+            err.file = Some(path.clone());
+            err
+        };
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            with_file(ConfigError {
+                file: None,
+                key: None,
+                message: format!("cannot read config file: {e}"),
+            })
+        })?;
+        let config = Config::parse(&text).map_err(with_file)?;
+        Ok((config, ConfigSource::File(path)))
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let deserializer = toml::Deserializer::parse(text).map_err(|e| ConfigError {
+            file: None,
+            key: None,
+            message: describe_toml_error(text, &e),
+        })?;
+        let mut config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            ConfigError {
+                file: None,
+                key: (path != ".").then_some(path),
+                message: describe_toml_error(text, &inner),
+            }
+        })?;
+        config.normalize_and_validate()?;
+        Ok(config)
+    }
+
+    /// The effective settings as TOML, as `check-config` prints them.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
+    }
+
+    pub fn is_local_domain(&self, domain: &Domain) -> bool {
+        self.domains.local.iter().any(|d| domain.eq_ignore_case(d))
+    }
+
+    fn normalize_and_validate(&mut self) -> Result<(), ConfigError> {
+        if Domain::parse(&self.hostname).is_err() {
+            return Err(ConfigError::at(
+                "hostname",
+                format!("{:?} is not a valid host name", self.hostname),
+            ));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::at("data_dir", "must not be empty"));
+        }
+        for (index, domain) in self.domains.local.iter_mut().enumerate() {
+            let parsed = Domain::parse(domain).map_err(|e| {
+                ConfigError::at(
+                    format!("domains.local[{index}]"),
+                    format!("{domain:?}: {e}"),
+                )
+            })?;
+            *domain = parsed.to_string();
+        }
+        let mut aliases = BTreeMap::new();
+        for (from, targets) in &self.aliases {
+            let key = format!("aliases.{from:?}");
+            let source = Address::parse(from)
+                .map_err(|e| ConfigError::at(&key, format!("{from:?} is not an address: {e}")))?;
+            if !self.is_local_domain(source.domain()) {
+                return Err(ConfigError::at(
+                    &key,
+                    format!(
+                        "{from:?} is not in a local domain (domains.local); only local addresses can be aliases"
+                    ),
+                ));
+            }
+            let mut normalized = Vec::new();
+            for target in targets.as_slice() {
+                let parsed = Address::parse(target).map_err(|e| {
+                    ConfigError::at(&key, format!("target {target:?} is not an address: {e}"))
+                })?;
+                normalized.push(parsed.to_string());
+            }
+            if normalized.is_empty() {
+                return Err(ConfigError::at(&key, "needs at least one target address"));
+            }
+            aliases.insert(source.to_string(), AliasTargets::Many(normalized));
+        }
+        self.aliases = aliases;
+
+        match (&self.tls.cert, &self.tls.key) {
+            (Some(_), None) => {
+                return Err(ConfigError::at(
+                    "tls.key",
+                    "tls.cert is set, so tls.key must be set too",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::at(
+                    "tls.cert",
+                    "tls.key is set, so tls.cert must be set too",
+                ));
+            }
+            _ => {}
+        }
+
+        if let Some(smarthost) = &self.delivery.smarthost {
+            parse_host_port(smarthost).map_err(|e| ConfigError::at("delivery.smarthost", e))?;
+        }
+        if self.delivery.smarthost_user.is_some() != self.delivery.smarthost_password_file.is_some()
+        {
+            return Err(ConfigError::at(
+                "delivery.smarthost_password_file",
+                "smarthost_user and smarthost_password_file go together",
+            ));
+        }
+        if self.delivery.port == 0 {
+            return Err(ConfigError::at(
+                "delivery.port",
+                "must be a port number from 1 to 65535",
+            ));
+        }
+        if self.delivery.workers == 0 {
+            return Err(ConfigError::at("delivery.workers", "must be at least 1"));
+        }
+        if self.delivery.connect_timeout.is_zero() {
+            return Err(ConfigError::at(
+                "delivery.connect_timeout",
+                "must be more than 0",
+            ));
+        }
+        if self.dns.timeout.is_zero() {
+            return Err(ConfigError::at("dns.timeout", "must be more than 0"));
+        }
+
+        let queue = &self.queue;
+        for (key, value) in [
+            ("queue.max_age", queue.max_age),
+            ("queue.retry_min", queue.retry_min),
+            ("queue.retry_max", queue.retry_max),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::at(key, "must be more than 0"));
+            }
+        }
+        if queue.retry_min > queue.retry_max {
+            return Err(ConfigError::at(
+                "queue.retry_min",
+                format!(
+                    "{} is more than queue.retry_max ({})",
+                    queue.retry_min, queue.retry_max
+                ),
+            ));
+        }
+
+        let limits = &self.limits;
+        for (key, value) in [
+            ("limits.max_recipients", limits.max_recipients),
+            ("limits.max_sessions", limits.max_sessions),
+            ("limits.max_sessions_per_ip", limits.max_sessions_per_ip),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::at(key, "must be at least 1"));
+            }
+        }
+        if limits.max_sessions > 10_000 {
+            return Err(ConfigError::at(
+                "limits.max_sessions",
+                "more than 10000 threads is not what this server is built for",
+            ));
+        }
+        if limits.max_message_size.bytes() < 1024 {
+            return Err(ConfigError::at(
+                "limits.max_message_size",
+                "must be at least 1KiB",
+            ));
+        }
+        if limits.max_message_size.bytes() > 1 << 30 {
+            return Err(ConfigError::at(
+                "limits.max_message_size",
+                "more than 1GiB cannot be held in the queue database",
+            ));
+        }
+        for (key, value) in [
+            ("limits.command_timeout", limits.command_timeout),
+            ("limits.data_timeout", limits.data_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::at(key, "must be more than 0"));
+            }
+        }
+        if self.auth.password_policy.min_strength > 4 {
+            return Err(ConfigError::at(
+                "auth.password_policy.min_strength",
+                "is a zxcvbn score from 0 to 4",
+            ));
+        }
+        if self.auth.lockout_after == 0 {
+            return Err(ConfigError::at("auth.lockout_after", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// Splits "host:port" (or "[v6]:port"); the port defaults to 25.
+pub fn parse_host_port(text: &str) -> Result<(String, u16), String> {
+    let bad = || format!("{text:?} is not host:port");
+    let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+        let (host, after) = rest.split_once(']').ok_or_else(bad)?;
+        let port = match after.strip_prefix(':') {
+            Some(port) => port.parse().map_err(|_| bad())?,
+            None if after.is_empty() => 25,
+            None => return Err(bad()),
+        };
+        (host.to_string(), port)
+    } else {
+        match text.rsplit_once(':') {
+            Some((host, port)) => (host.to_string(), port.parse().map_err(|_| bad())?),
+            None => (text.to_string(), 25),
+        }
+    };
+    if host.is_empty() || port == 0 {
+        return Err(bad());
+    }
+    if host.parse::<std::net::IpAddr>().is_err() && Domain::parse(&host).is_err() {
+        return Err(format!("{host:?} is not a host name or IP address"));
+    }
+    Ok((host, port))
+}
+
+/// toml's errors carry a byte span; users want a line number.
+fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim_end();
+    match error.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("{message} (line {line})")
+        }
+        None => message.to_string(),
+    }
+}
+
+fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .ok()
+        .map(|name| name.trim().to_ascii_lowercase())
+        .filter(|name| Domain::parse(name).is_ok())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_of(text: &str) -> ConfigError {
+        Config::parse(text).expect_err("config should be refused")
+    }
+
+    #[test]
+    fn empty_file_gives_the_defaults() {
+        let config = Config::parse("").unwrap();
+        assert_eq!(config.smtp.listen, vec!["127.0.0.1:2525".parse().unwrap()]);
+        assert_eq!(
+            config.submission.listen,
+            vec!["127.0.0.1:2587".parse().unwrap()]
+        );
+        assert_eq!(config.smtps.listen, vec!["127.0.0.1:2465".parse().unwrap()]);
+        assert_eq!(config.domains.local, vec!["localhost"]);
+        assert!(config.relay.trusted_networks.is_empty());
+        assert_eq!(config.limits.max_message_size, ByteSize::mib(25));
+    }
+
+    #[test]
+    fn product_example_parses() {
+        let config = Config::parse(
+            r#"
+hostname = "mail.example.com"
+data_dir = "/var/lib/petrel"
+[smtp]
+listen = ["0.0.0.0:25"]
+[submission]
+listen = ["0.0.0.0:587"]
+[smtps]
+listen = ["0.0.0.0:465"]
+[tls]
+cert = "/etc/letsencrypt/live/mail.example.com/fullchain.pem"
+key  = "/etc/letsencrypt/live/mail.example.com/privkey.pem"
+[domains]
+local = ["Example.COM"]
+[aliases]
+"postmaster@example.com" = "alice@example.com"
+"team@example.com" = ["alice@example.com", "bob@elsewhere.org"]
+[relay]
+trusted_networks = ["127.0.0.0/8", "10.0.0.0/8"]
+[delivery]
+smarthost = "smtp.provider.net:587"
+smarthost_user = "me"
+smarthost_password_file = "/etc/petrel/smarthost.pass"
+smarthost_tls = "verify"
+smarthost_ca = "/etc/petrel/ca.pem"
+port = 25
+[dns]
+nameservers = ["127.0.0.1:5353"]
+[queue]
+max_age = "5d"
+retry_min = "5m"
+retry_max = "1h"
+[limits]
+max_message_size = "25MiB"
+max_recipients = 100
+max_sessions = 256
+max_sessions_per_ip = 20
+"#,
+        )
+        .unwrap();
+        assert_eq!(config.domains.local, vec!["example.com"]);
+        assert_eq!(config.aliases.len(), 2);
+        assert!(config.relay.is_trusted("10.1.2.3".parse().unwrap()));
+        assert!(config.relay.is_trusted("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(!config.relay.is_trusted("192.168.1.1".parse().unwrap()));
+        // What check-config prints parses back to the same config.
+        assert_eq!(Config::parse(&config.to_toml()).unwrap(), config);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("bogus = 1", None, "unknown field"),
+            (
+                "[limits]\nmax_sesions = 3",
+                Some("limits.max_sesions"),
+                "unknown field",
+            ),
+            (
+                "[queue]\nmax_age = \"5x\"",
+                Some("queue.max_age"),
+                "invalid duration",
+            ),
+            (
+                "[limits]\nmax_message_size = \"lots\"",
+                Some("limits.max_message_size"),
+                "invalid size",
+            ),
+            (
+                "[smtp]\nlisten = [\"nowhere\"]",
+                Some("smtp.listen[0]"),
+                "socket address",
+            ),
+            (
+                "[relay]\ntrusted_networks = [\"10.0.0.0/99\"]",
+                Some("relay.trusted_networks[0]"),
+                "",
+            ),
+            (
+                "[queue]\nretry_min = \"2h\"",
+                Some("queue.retry_min"),
+                "more than",
+            ),
+            (
+                "[domains]\nlocal = [\"bad domain\"]",
+                Some("domains.local[0]"),
+                "",
+            ),
+            (
+                "[aliases]\n\"x@elsewhere.org\" = \"a@localhost\"",
+                Some("aliases.\"x@elsewhere.org\""),
+                "local",
+            ),
+            ("[tls]\ncert = \"/x.pem\"", Some("tls.key"), ""),
+            (
+                "[limits]\nmax_sessions = 0",
+                Some("limits.max_sessions"),
+                "at least 1",
+            ),
+        ];
+        for (text, key, fragment) in cases {
+            let error = error_of(text);
+            if let Some(key) = key {
+                assert_eq!(error.key.as_deref(), Some(key), "{text}: {error}");
+            }
+            assert!(error.to_string().contains(fragment), "{text}: {error}");
+        }
+        assert!(error_of("bogus = 1").to_string().contains("bogus"));
+    }
+
+    #[test]
+    fn line_numbers_point_at_the_problem() {
+        let error = error_of("hostname = \"a.example\"\n\n[queue]\nmax_age = \"5x\"\n");
+        assert!(error.message.contains("line 4"), "{error}");
+    }
+
+    #[test]
+    fn host_port_parsing() {
+        assert_eq!(
+            parse_host_port("smtp.example.net:587").unwrap(),
+            ("smtp.example.net".into(), 587)
+        );
+        assert_eq!(
+            parse_host_port("relay.example.net").unwrap(),
+            ("relay.example.net".into(), 25)
+        );
+        assert_eq!(parse_host_port("[::1]:2525").unwrap(), ("::1".into(), 2525));
+        assert_eq!(
+            parse_host_port("127.0.0.1:2525").unwrap(),
+            ("127.0.0.1".into(), 2525)
+        );
+        assert!(parse_host_port(":25").is_err());
+        assert!(parse_host_port("host:port").is_err());
+    }
+}

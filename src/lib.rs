@@ -1,0 +1,22 @@
+//! petrel: a mail server (SMTP MTA) in one binary with a SQLite queue.
+//!
+//! Where things live:
+//! - [`protocol`]: SMTP parsing and the session state machine (no IO)
+//! - [`server`]: listeners, acceptor, worker pool, the per-connection IO loop
+//! - [`queue`]: the SQLite queue and its group-commit writer thread
+//! - [`policy`]: relay and sender decisions as pure functions
+//! - [`tls`]: certificates and rustls configurations
+//! - [`config`]: the TOML config file, defaults and validation
+//! - [`cli`]: the `petrel` command line
+
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod instance;
+pub mod policy;
+pub mod protocol;
+pub mod queue;
+pub mod server;
+pub mod timefmt;
+pub mod tls;

@@ -1,0 +1,136 @@
+//! Splits the command stream into lines without ever holding more than a
+//! bounded amount of input (RFC 5321 4.5.3.1.4: a command line is at most
+//! 512 octets; AUTH responses may reach 12288, RFC 4954 4).
+
+/// The longest line we keep; longer lines are discarded up to their end
+/// and reported as [`Line::TooLong`].
+pub const MAX_BUFFERED_LINE: usize = 12_288;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Line {
+    /// A line without its line ending.
+    Complete(Vec<u8>),
+    TooLong,
+}
+
+#[derive(Debug, Default)]
+pub struct LineReader {
+    buffer: Vec<u8>,
+    /// Inside an over-long line: drop bytes until its end.
+    discarding: bool,
+}
+
+impl LineReader {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn push(&mut self, data: &[u8]) {
+        let data = if self.discarding {
+            // Keep only what follows the end of the over-long line; its LF
+            // stays so that next_line reports the line as too long.
+            match data.iter().position(|&b| b == b'\n') {
+                Some(end) => &data[end..],
+                None => return,
+            }
+        } else {
+            data
+        };
+        self.buffer.extend_from_slice(data);
+        if !self.discarding && self.buffer.len() > MAX_BUFFERED_LINE && !self.has_line() {
+            self.buffer.clear();
+            self.discarding = true;
+        }
+    }
+
+    fn has_line(&self) -> bool {
+        self.buffer.contains(&b'\n')
+    }
+
+    /// The next complete line. Lines end with CRLF; a bare LF is accepted
+    /// as well in commands (as Postfix does), never in DATA.
+    pub fn next_line(&mut self) -> Option<Line> {
+        let end = self.buffer.iter().position(|&b| b == b'\n')?;
+        let mut line: Vec<u8> = self.buffer.drain(..=end).collect();
+        line.pop();
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+        let too_long = std::mem::take(&mut self.discarding) || line.len() > MAX_BUFFERED_LINE;
+        if self.buffer.len() > MAX_BUFFERED_LINE && !self.has_line() {
+            self.buffer.clear();
+            self.discarding = true;
+        }
+        Some(if too_long {
+            Line::TooLong
+        } else {
+            Line::Complete(line)
+        })
+    }
+
+    /// True when input is buffered but no full line: the moment to flush
+    /// pipelined replies before blocking on the socket (RFC 2920 3.1).
+    pub fn has_complete_line(&self) -> bool {
+        self.has_line()
+    }
+
+    /// Everything not yet consumed: DATA bytes that arrived with the DATA
+    /// command are handed to the DATA decoder.
+    pub fn take_buffered(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buffer)
+    }
+
+    /// Drops unread input. After STARTTLS, plaintext the client pipelined
+    /// must not be executed inside TLS (CVE-2011-0411).
+    pub fn discard(&mut self) -> usize {
+        self.discarding = false;
+        let dropped = self.buffer.len();
+        self.buffer.clear();
+        dropped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_pipelined_lines() {
+        let mut reader = LineReader::new();
+        reader.push(b"MAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDA");
+        assert_eq!(
+            reader.next_line(),
+            Some(Line::Complete(b"MAIL FROM:<a@b.c>".to_vec()))
+        );
+        assert_eq!(
+            reader.next_line(),
+            Some(Line::Complete(b"RCPT TO:<d@e.f>".to_vec()))
+        );
+        assert_eq!(reader.next_line(), None);
+        reader.push(b"TA\n");
+        assert_eq!(reader.next_line(), Some(Line::Complete(b"DATA".to_vec())));
+    }
+
+    #[test]
+    fn overlong_lines_are_dropped_not_buffered() {
+        let mut reader = LineReader::new();
+        for _ in 0..100 {
+            reader.push(&[b'x'; 1000]);
+            assert!(reader.buffer.len() <= MAX_BUFFERED_LINE + 1000);
+        }
+        assert_eq!(reader.next_line(), None);
+        reader.push(b"tail\r\nNOOP\r\n");
+        assert_eq!(reader.next_line(), Some(Line::TooLong));
+        assert_eq!(reader.next_line(), Some(Line::Complete(b"NOOP".to_vec())));
+    }
+
+    #[test]
+    fn discard_and_take() {
+        let mut reader = LineReader::new();
+        reader.push(b"NOOP\r\nNOOP\r\n");
+        assert_eq!(reader.discard(), 12);
+        assert_eq!(reader.next_line(), None);
+        reader.push(b"body bytes");
+        assert_eq!(reader.take_buffered(), b"body bytes");
+    }
+}

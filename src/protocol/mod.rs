@@ -1,0 +1,10 @@
+//! SMTP as pure data transformations: addresses, command parsing, replies,
+//! the DATA decoder and the session state machine. Nothing in here owns a
+//! socket, a thread or a file.
+
+pub mod address;
+pub mod command;
+pub mod data;
+pub mod line;
+pub mod reply;
+pub mod session;

@@ -1,0 +1,1167 @@
+//! The server side of one SMTP session as a state machine (sans-IO).
+//!
+//! The session never touches a socket, the queue or the clock beyond
+//! formatting a header: the worker thread that owns the connection feeds it
+//! parsed lines and DATA results and performs the [`Action`] each [`Step`]
+//! asks for. Questions about the outside world (may this recipient be
+//! accepted? is this password right?) go through the [`Services`] trait, so
+//! the whole dialogue is unit-testable without a network.
+//!
+//! Each command has a check (sequence, syntax, policy), whose failure is a
+//! reply, and a proceed step that changes state.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+
+use super::address::{Address, ReversePath};
+use super::command::{BodyType, Command, ForwardPath, MailParams, parse_command};
+use super::data::DataError;
+use super::reply::{self, Reply};
+use crate::queue::{NewMessage, NewRecipient, QueueId};
+
+/// RFC 5321 4.5.3.1.4: 512 octets including the CRLF.
+pub const MAX_COMMAND_LINE: usize = 510;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// Port 25: mail from the world and relaying for trusted networks.
+    Smtp,
+    /// Port 587: users' mail clients; AUTH required (RFC 6409).
+    Submission,
+    /// Port 465: submission over implicit TLS (RFC 8314).
+    Smtps,
+}
+
+impl ListenerKind {
+    pub fn requires_auth(self) -> bool {
+        !matches!(self, ListenerKind::Smtp)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ListenerKind::Smtp => "smtp",
+            ListenerKind::Submission => "submission",
+            ListenerKind::Smtps => "smtps",
+        }
+    }
+}
+
+/// What every session on one listener shares.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub hostname: String,
+    pub listener: ListenerKind,
+    pub max_message_size: u64,
+    pub max_recipients: usize,
+    pub max_errors: u32,
+    /// A certificate is loaded, so STARTTLS can be offered.
+    pub tls_available: bool,
+    /// Where `RCPT TO:<Postmaster>` goes (RFC 5321 4.1.1.3).
+    pub postmaster: Option<Address>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsInfo {
+    pub version: String,
+    pub cipher: String,
+}
+
+#[derive(Debug)]
+pub enum Action {
+    /// Keep reading commands.
+    Continue,
+    /// Send the replies, then close the connection.
+    Close,
+    /// Send the replies, drop any buffered input, run the TLS handshake,
+    /// then call [`Session::tls_started`].
+    StartTls,
+    /// Send the replies (354), then stream DATA into a decoder and call
+    /// [`Session::data_finished`].
+    ReceiveData,
+    /// Commit this message to the queue, then call [`Session::enqueued`].
+    Enqueue(Box<NewMessage>),
+}
+
+#[derive(Debug)]
+pub struct Step {
+    pub replies: Vec<Reply>,
+    pub action: Action,
+    /// Wait this long before sending the replies (slows password guessing).
+    pub delay: Option<Duration>,
+}
+
+impl Step {
+    fn reply(reply: Reply) -> Step {
+        Step {
+            replies: vec![reply],
+            action: Action::Continue,
+            delay: None,
+        }
+    }
+
+    fn then(mut self, action: Action) -> Step {
+        self.action = action;
+        self
+    }
+
+    fn nothing(action: Action) -> Step {
+        Step {
+            replies: Vec::new(),
+            action,
+            delay: None,
+        }
+    }
+}
+
+/// The part of the session state that policy decisions depend on.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientView<'a> {
+    pub ip: IpAddr,
+    pub user: Option<&'a str>,
+    pub listener: ListenerKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthVerdict {
+    /// Logged in as this account (canonical form).
+    Success(String),
+    /// Wrong user or password; reply after this delay.
+    Failure { delay: Duration },
+    /// Too many failures from this address.
+    LockedOut,
+    /// The account store could not be read.
+    Unavailable,
+}
+
+/// The outside world as the session sees it.
+pub trait Services {
+    /// `Err` carries the refusal reply.
+    fn check_sender(&self, client: &ClientView, sender: &ReversePath) -> Result<(), Reply>;
+    /// The final addresses to deliver to (aliases expanded), or the refusal.
+    fn check_recipient(
+        &self,
+        client: &ClientView,
+        recipient: &Address,
+    ) -> Result<Vec<Address>, Reply>;
+    fn authenticate(&self, ip: IpAddr, username: &str, password: &str) -> AuthVerdict;
+    fn is_locked_out(&self, ip: IpAddr) -> bool;
+}
+
+#[derive(Debug)]
+struct Transaction {
+    sender: ReversePath,
+    params: MailParams,
+    recipients: Vec<AcceptedRecipient>,
+}
+
+#[derive(Debug)]
+struct AcceptedRecipient {
+    envelope: Address,
+    deliver_to: Vec<Address>,
+}
+
+#[derive(Debug)]
+enum AuthExchange {
+    PlainResponse,
+    LoginUsername,
+    LoginPassword { username: String },
+}
+
+#[derive(Debug)]
+pub struct Session {
+    config: Arc<SessionConfig>,
+    client_ip: IpAddr,
+    helo: Option<String>,
+    esmtp: bool,
+    tls: Option<TlsInfo>,
+    user: Option<String>,
+    transaction: Option<Transaction>,
+    auth: Option<AuthExchange>,
+    /// A message went to the queue and its fate is not known yet.
+    awaiting_queue: Option<QueueId>,
+    errors: u32,
+}
+
+impl Session {
+    /// `tls` is set for implicit-TLS listeners, where the handshake came first.
+    pub fn new(config: Arc<SessionConfig>, client_ip: IpAddr, tls: Option<TlsInfo>) -> Session {
+        Session {
+            config,
+            client_ip,
+            helo: None,
+            esmtp: false,
+            tls,
+            user: None,
+            transaction: None,
+            auth: None,
+            awaiting_queue: None,
+            errors: 0,
+        }
+    }
+
+    pub fn greeting(&self) -> Reply {
+        Reply::new(
+            reply::SERVICE_READY,
+            format!("{} ESMTP petrel", self.config.hostname),
+        )
+    }
+
+    pub fn authenticated_user(&self) -> Option<&str> {
+        self.user.as_deref()
+    }
+
+    pub fn tls(&self) -> Option<&TlsInfo> {
+        self.tls.as_ref()
+    }
+
+    fn view(&self) -> ClientView<'_> {
+        ClientView {
+            ip: self.client_ip,
+            user: self.user.as_deref(),
+            listener: self.config.listener,
+        }
+    }
+
+    /// A line that exceeded even the AUTH limit, already discarded.
+    pub fn line_too_long(&mut self) -> Step {
+        self.auth = None;
+        self.finish(Reply::new(reply::LINE_TOO_LONG, "Line too long"))
+    }
+
+    /// One line of input (without CRLF) in command mode.
+    pub fn handle_line(&mut self, line: &[u8], services: &dyn Services) -> Step {
+        let step = match self.auth.take() {
+            Some(exchange) => self.continue_auth(exchange, line, services),
+            None => self.command(line, services),
+        };
+        self.count_errors(step)
+    }
+
+    fn command(&mut self, line: &[u8], services: &dyn Services) -> Step {
+        let is_auth = line.len() >= 5 && line[..5].eq_ignore_ascii_case(b"AUTH ");
+        if line.len() > MAX_COMMAND_LINE && !is_auth {
+            return Step::reply(Reply::new(reply::LINE_TOO_LONG, "Line too long"));
+        }
+        let command = match parse_command(line) {
+            Ok(command) => command,
+            Err(error) => return Step::reply(error.reply()),
+        };
+        match command {
+            Command::Ehlo(name) => self.ehlo(name, true),
+            Command::Helo(name) => self.ehlo(name, false),
+            Command::Mail { from, params } => self.mail(from, params, services),
+            Command::Rcpt { to } => self.rcpt(to, services),
+            Command::Data => self.data(),
+            Command::Rset => {
+                self.transaction = None;
+                Step::reply(Reply::new(reply::OK, "Reset OK"))
+            }
+            Command::Noop => Step::reply(Reply::new(reply::OK, "OK")),
+            Command::Quit => Step::reply(Reply::new(reply::CLOSING, "Bye")).then(Action::Close),
+            // Never confirm or deny that a mailbox exists (no enumeration).
+            Command::Vrfy => Step::reply(Reply::new(
+                reply::CANNOT_VRFY,
+                "Cannot VRFY user, but will accept message and attempt delivery",
+            )),
+            Command::Expn => Step::reply(Reply::new(reply::NOT_IMPLEMENTED, "EXPN not available")),
+            Command::Help => Step::reply(Reply::new(
+                reply::HELP,
+                "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS AUTH",
+            )),
+            Command::StartTls => self.starttls(),
+            Command::Auth {
+                mechanism,
+                initial_response,
+            } => self.auth(&mechanism, initial_response, services),
+        }
+    }
+
+    fn finish(&mut self, reply: Reply) -> Step {
+        self.count_errors(Step::reply(reply))
+    }
+
+    /// Every 5xx counts; past the limit the client is told 421 and dropped,
+    /// which stops blind scanners and broken loops early.
+    fn count_errors(&mut self, mut step: Step) -> Step {
+        let failed = step.replies.iter().any(|r| r.code() >= 500);
+        if failed {
+            self.errors += 1;
+            if self.errors >= self.config.max_errors && !matches!(step.action, Action::Close) {
+                step.replies.push(Reply::new(
+                    reply::TOO_MANY_ERRORS,
+                    format!(
+                        "{} Too many errors, closing connection",
+                        self.config.hostname
+                    ),
+                ));
+                step.action = Action::Close;
+            }
+        }
+        step
+    }
+
+    fn ehlo(&mut self, name: String, esmtp: bool) -> Step {
+        self.transaction = None;
+        self.helo = Some(name.clone());
+        self.esmtp = esmtp;
+        let first = format!("{} Hello {name} [{}]", self.config.hostname, self.client_ip);
+        if !esmtp {
+            return Step::reply(Reply::new(reply::HELLO_OK, first));
+        }
+        let mut lines = vec![
+            first,
+            "PIPELINING".to_string(),
+            format!("SIZE {}", self.config.max_message_size),
+            "8BITMIME".to_string(),
+            "ENHANCEDSTATUSCODES".to_string(),
+            "SMTPUTF8".to_string(),
+        ];
+        if self.tls.is_none() && self.config.tls_available {
+            lines.push("STARTTLS".to_string());
+        }
+        // Passwords only ever travel inside TLS (RFC 4954 4, RFC 8314).
+        if self.tls.is_some() && self.user.is_none() {
+            lines.push("AUTH PLAIN LOGIN".to_string());
+        }
+        lines.push("HELP".to_string());
+        Step::reply(Reply::multiline(reply::HELLO_OK, lines))
+    }
+
+    fn mail(&mut self, from: ReversePath, params: MailParams, services: &dyn Services) -> Step {
+        if self.helo.is_none() {
+            return Step::reply(Reply::new(reply::BAD_SEQUENCE, "Send EHLO or HELO first"));
+        }
+        if self.transaction.is_some() {
+            return Step::reply(Reply::new(reply::BAD_SEQUENCE, "Nested MAIL command"));
+        }
+        if self.config.listener.requires_auth() && self.user.is_none() {
+            let text = if self.tls.is_none() {
+                "Must issue a STARTTLS command and authenticate first"
+            } else {
+                "Authentication required"
+            };
+            return Step::reply(Reply::new(reply::AUTH_REQUIRED, text));
+        }
+        if !self.esmtp && params != MailParams::default() {
+            return Step::reply(Reply::new(
+                reply::UNKNOWN_PARAMETER,
+                "MAIL parameters need EHLO",
+            ));
+        }
+        if let Some(size) = params.size
+            && size > self.config.max_message_size
+        {
+            return Step::reply(Reply::new(
+                reply::MESSAGE_TOO_BIG,
+                format!(
+                    "Message size exceeds fixed maximum message size ({} octets)",
+                    self.config.max_message_size
+                ),
+            ));
+        }
+        if let Some(address) = from.address()
+            && !address.is_ascii()
+            && !params.smtputf8
+        {
+            return Step::reply(Reply::new(
+                reply::NON_ASCII_WITHOUT_SMTPUTF8,
+                "Non-ASCII sender address needs the SMTPUTF8 parameter",
+            ));
+        }
+        if let Err(refusal) = services.check_sender(&self.view(), &from) {
+            return Step::reply(refusal);
+        }
+        self.transaction = Some(Transaction {
+            sender: from,
+            params,
+            recipients: Vec::new(),
+        });
+        Step::reply(Reply::new(reply::SENDER_OK, "Sender OK"))
+    }
+
+    fn rcpt(&mut self, to: ForwardPath, services: &dyn Services) -> Step {
+        let view = ClientView {
+            ip: self.client_ip,
+            user: self.user.as_deref(),
+            listener: self.config.listener,
+        };
+        let Some(transaction) = self.transaction.as_mut() else {
+            return Step::reply(Reply::new(reply::BAD_SEQUENCE, "Need MAIL command first"));
+        };
+        if transaction.recipients.len() >= self.config.max_recipients {
+            return Step::reply(Reply::new(
+                reply::TOO_MANY_RECIPIENTS,
+                "Too many recipients",
+            ));
+        }
+        let address = match to {
+            ForwardPath::Mailbox(address) => address,
+            ForwardPath::Postmaster => match &self.config.postmaster {
+                Some(postmaster) => postmaster.clone(),
+                None => {
+                    return Step::reply(Reply::new(reply::NO_SUCH_USER, "No postmaster here"));
+                }
+            },
+        };
+        if !address.is_ascii() && !transaction.params.smtputf8 {
+            return Step::reply(Reply::new(
+                reply::NON_ASCII_WITHOUT_SMTPUTF8,
+                "Non-ASCII recipient address needs SMTPUTF8 in MAIL FROM",
+            ));
+        }
+        match services.check_recipient(&view, &address) {
+            Ok(deliver_to) => {
+                transaction.recipients.push(AcceptedRecipient {
+                    envelope: address,
+                    deliver_to,
+                });
+                Step::reply(Reply::new(reply::RECIPIENT_OK, "Recipient OK"))
+            }
+            Err(refusal) => Step::reply(refusal),
+        }
+    }
+
+    fn data(&mut self) -> Step {
+        match &self.transaction {
+            None => Step::reply(Reply::new(reply::BAD_SEQUENCE, "Need MAIL command first")),
+            // RFC 2920 3.1: with pipelining, DATA after all RCPTs failed.
+            Some(t) if t.recipients.is_empty() => {
+                Step::reply(Reply::new(reply::BAD_SEQUENCE, "No valid recipients"))
+            }
+            Some(_) => Step::reply(Reply::new(
+                reply::START_DATA,
+                "End data with <CR><LF>.<CR><LF>",
+            ))
+            .then(Action::ReceiveData),
+        }
+    }
+
+    /// The DATA stream ended (at `<CRLF>.<CRLF>`).
+    pub fn data_finished(&mut self, result: Result<Vec<u8>, DataError>, now: SystemTime) -> Step {
+        let Some(transaction) = self.transaction.take() else {
+            return Step::reply(Reply::new(reply::BAD_SEQUENCE, "No transaction"));
+        };
+        let body = match result {
+            Ok(body) => body,
+            Err(DataError::TooLarge) => {
+                return self.finish(Reply::new(
+                    reply::MESSAGE_TOO_BIG,
+                    format!(
+                        "Message size exceeds fixed maximum message size ({} octets)",
+                        self.config.max_message_size
+                    ),
+                ));
+            }
+            Err(DataError::LineTooLong) => {
+                return self.finish(Reply::new(
+                    reply::LINE_TOO_LONG,
+                    DataError::LineTooLong.describe(),
+                ));
+            }
+            Err(error) => {
+                return self.finish(Reply::new(reply::BAD_MESSAGE_DATA, error.describe()));
+            }
+        };
+        let id = QueueId::generate();
+        let mut content = self.received_header(&id, &transaction, now).into_bytes();
+        content.extend_from_slice(&body);
+
+        let mut recipients: Vec<NewRecipient> = Vec::new();
+        for accepted in &transaction.recipients {
+            for target in &accepted.deliver_to {
+                let address = target.to_string();
+                // Two aliases that end at the same mailbox deliver once.
+                if recipients.iter().any(|r| r.address == address) {
+                    continue;
+                }
+                let original = accepted.envelope.to_string();
+                recipients.push(NewRecipient {
+                    original: (original != address).then_some(original),
+                    address,
+                });
+            }
+        }
+        self.awaiting_queue = Some(id.clone());
+        let message = NewMessage {
+            id,
+            sender: transaction.sender.to_string(),
+            recipients,
+            content,
+            client_ip: Some(self.client_ip),
+            helo: self.helo.clone(),
+            auth_user: self.user.clone(),
+            listener: self.config.listener.name().to_string(),
+            eight_bit: transaction.params.body == BodyType::EightBitMime,
+            smtputf8: transaction.params.smtputf8,
+            kind: crate::queue::MessageKind::Normal,
+        };
+        Step::nothing(Action::Enqueue(Box::new(message)))
+    }
+
+    /// The queue's answer for the message from [`Action::Enqueue`]: only now
+    /// may the client hear 250, because only now is the message on disk.
+    pub fn enqueued(&mut self, result: Result<(), String>) -> Step {
+        let Some(id) = self.awaiting_queue.take() else {
+            return Step::reply(Reply::new(reply::LOCAL_ERROR, "No message pending"));
+        };
+        match result {
+            Ok(()) => Step::reply(Reply::new(
+                reply::MESSAGE_QUEUED,
+                format!("OK queued as {id}"),
+            )),
+            Err(_) => Step::reply(Reply::new(
+                reply::LOCAL_ERROR,
+                "Local error in processing, try again later",
+            )),
+        }
+    }
+
+    fn received_header(&self, id: &QueueId, transaction: &Transaction, now: SystemTime) -> String {
+        // RFC 3848 / RFC 6531 3.7.3 protocol names.
+        let mut protocol = String::from(if transaction.params.smtputf8 {
+            "UTF8SMTP"
+        } else if self.esmtp {
+            "ESMTP"
+        } else {
+            "SMTP"
+        });
+        if self.esmtp || transaction.params.smtputf8 {
+            if self.tls.is_some() {
+                protocol.push('S');
+            }
+            if self.user.is_some() {
+                protocol.push('A');
+            }
+        }
+        let helo = self.helo.as_deref().unwrap_or("unknown");
+        let mut header = format!(
+            "Received: from {helo} ([{}])\r\n\tby {} (petrel) with {protocol} id {id}",
+            self.client_ip, self.config.hostname
+        );
+        if let Some(tls) = &self.tls {
+            header.push_str(&format!(
+                "\r\n\t(using {} with cipher {})",
+                tls.version, tls.cipher
+            ));
+        }
+        // Naming the recipient only when there is one keeps Bcc private.
+        if let [only] = transaction.recipients.as_slice() {
+            header.push_str(&format!("\r\n\tfor <{}>", only.envelope));
+        }
+        header.push_str(&format!("; {}\r\n", crate::timefmt::rfc5322_date(now)));
+        header
+    }
+
+    fn starttls(&mut self) -> Step {
+        if self.tls.is_some() {
+            return Step::reply(Reply::new(reply::BAD_SEQUENCE, "TLS already active"));
+        }
+        if !self.config.tls_available {
+            return Step::reply(Reply::new(reply::TLS_NOT_AVAILABLE, "TLS not available"));
+        }
+        Step::reply(Reply::new(reply::READY_FOR_TLS, "Ready to start TLS")).then(Action::StartTls)
+    }
+
+    /// The handshake succeeded: forget everything learned in plaintext
+    /// (RFC 3207 4.2); the client must EHLO again.
+    pub fn tls_started(&mut self, info: TlsInfo) {
+        self.tls = Some(info);
+        self.helo = None;
+        self.esmtp = false;
+        self.transaction = None;
+        self.user = None;
+        self.auth = None;
+    }
+
+    fn auth(&mut self, mechanism: &str, initial: Option<String>, services: &dyn Services) -> Step {
+        if self.helo.is_none() || !self.esmtp {
+            return Step::reply(Reply::new(reply::BAD_SEQUENCE, "Send EHLO first"));
+        }
+        if self.tls.is_none() {
+            return Step::reply(Reply::new(
+                reply::ENCRYPTION_REQUIRED_FOR_AUTH,
+                "Must issue a STARTTLS command first",
+            ));
+        }
+        if self.user.is_some() {
+            return Step::reply(Reply::new(reply::BAD_SEQUENCE, "Already authenticated"));
+        }
+        if self.transaction.is_some() {
+            return Step::reply(Reply::new(
+                reply::BAD_SEQUENCE,
+                "AUTH not allowed during a mail transaction",
+            ));
+        }
+        if services.is_locked_out(self.client_ip) {
+            return self.locked_out();
+        }
+        match (mechanism, initial) {
+            ("PLAIN", None) => self.challenge(AuthExchange::PlainResponse, ""),
+            ("PLAIN", Some(response)) => {
+                self.continue_auth(AuthExchange::PlainResponse, response.as_bytes(), services)
+            }
+            ("LOGIN", None) => self.challenge(AuthExchange::LoginUsername, "VXNlcm5hbWU6"),
+            ("LOGIN", Some(response)) => {
+                self.continue_auth(AuthExchange::LoginUsername, response.as_bytes(), services)
+            }
+            _ => Step::reply(Reply::new(
+                reply::UNKNOWN_AUTH_MECHANISM,
+                "Unrecognized authentication mechanism",
+            )),
+        }
+    }
+
+    fn challenge(&mut self, next: AuthExchange, text: &str) -> Step {
+        self.auth = Some(next);
+        Step::reply(Reply::new(reply::AUTH_CHALLENGE, text))
+    }
+
+    fn locked_out(&mut self) -> Step {
+        Step::reply(Reply::new(
+            reply::AUTH_LOCKED_OUT,
+            "Too many failed logins from your address, try again later",
+        ))
+        .then(Action::Close)
+    }
+
+    fn continue_auth(
+        &mut self,
+        exchange: AuthExchange,
+        line: &[u8],
+        services: &dyn Services,
+    ) -> Step {
+        if line == b"*" {
+            return Step::reply(Reply::new(
+                reply::AUTH_CANCELLED,
+                "Authentication cancelled",
+            ));
+        }
+        let malformed = || {
+            Step::reply(Reply::new(
+                reply::AUTH_MALFORMED,
+                "Malformed authentication response",
+            ))
+        };
+        // RFC 4954 4: "=" is an empty initial response.
+        let decoded = if line == b"=" {
+            Vec::new()
+        } else {
+            match BASE64.decode(line) {
+                Ok(decoded) => decoded,
+                Err(_) => return malformed(),
+            }
+        };
+        let Ok(decoded) = String::from_utf8(decoded) else {
+            return malformed();
+        };
+        match exchange {
+            AuthExchange::PlainResponse => {
+                // authzid NUL authcid NUL password (RFC 4616)
+                let mut parts = decoded.split('\0');
+                let (Some(authzid), Some(username), Some(password), None) =
+                    (parts.next(), parts.next(), parts.next(), parts.next())
+                else {
+                    return malformed();
+                };
+                if !authzid.is_empty() && authzid != username {
+                    // Acting as someone else is not something we offer.
+                    return Step::reply(Reply::new(
+                        reply::AUTH_INVALID_CREDENTIALS,
+                        "Authentication credentials invalid",
+                    ));
+                }
+                self.verify_password(username, password, services)
+            }
+            AuthExchange::LoginUsername => self.challenge(
+                AuthExchange::LoginPassword { username: decoded },
+                "UGFzc3dvcmQ6",
+            ),
+            AuthExchange::LoginPassword { username } => {
+                self.verify_password(&username, &decoded, services)
+            }
+        }
+    }
+
+    fn verify_password(&mut self, username: &str, password: &str, services: &dyn Services) -> Step {
+        match services.authenticate(self.client_ip, username, password) {
+            AuthVerdict::Success(user) => {
+                self.user = Some(user);
+                Step::reply(Reply::new(
+                    reply::AUTH_SUCCEEDED,
+                    "Authentication successful",
+                ))
+            }
+            AuthVerdict::Failure { delay } => {
+                let mut step = Step::reply(Reply::new(
+                    reply::AUTH_INVALID_CREDENTIALS,
+                    "Authentication credentials invalid",
+                ));
+                step.delay = (!delay.is_zero()).then_some(delay);
+                step
+            }
+            AuthVerdict::LockedOut => self.locked_out(),
+            AuthVerdict::Unavailable => Step::reply(Reply::new(
+                reply::AUTH_TEMPORARY_FAILURE,
+                "Temporary authentication failure",
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::data::{DataDecoder, Progress};
+
+    /// Accepts everything under `localhost`; relays only when authenticated;
+    /// one account alice@localhost / "Correct-Horse-9".
+    struct FakeServices;
+
+    impl Services for FakeServices {
+        fn check_sender(&self, client: &ClientView, sender: &ReversePath) -> Result<(), Reply> {
+            match (client.user, sender.address()) {
+                (Some(user), Some(address)) if address.lookup_key() != user => Err(Reply::new(
+                    reply::SENDER_NOT_OWNED,
+                    "Sender address not owned by user",
+                )),
+                _ => Ok(()),
+            }
+        }
+
+        fn check_recipient(
+            &self,
+            client: &ClientView,
+            recipient: &Address,
+        ) -> Result<Vec<Address>, Reply> {
+            if recipient.domain().as_str() == "localhost" {
+                if recipient.local_part() == "team" {
+                    return Ok(vec![
+                        Address::parse("alice@localhost").unwrap(),
+                        Address::parse("bob@example.org").unwrap(),
+                    ]);
+                }
+                return Ok(vec![recipient.clone()]);
+            }
+            if client.user.is_some() {
+                return Ok(vec![recipient.clone()]);
+            }
+            Err(Reply::new(reply::RELAY_DENIED, "Relay access denied"))
+        }
+
+        fn authenticate(&self, _ip: IpAddr, username: &str, password: &str) -> AuthVerdict {
+            if username == "alice@localhost" && password == "Correct-Horse-9" {
+                AuthVerdict::Success(username.to_string())
+            } else {
+                AuthVerdict::Failure {
+                    delay: Duration::from_millis(500),
+                }
+            }
+        }
+
+        fn is_locked_out(&self, ip: IpAddr) -> bool {
+            ip == IpAddr::from([192, 0, 2, 66])
+        }
+    }
+
+    fn config(listener: ListenerKind) -> Arc<SessionConfig> {
+        Arc::new(SessionConfig {
+            hostname: "mx.test".into(),
+            listener,
+            max_message_size: 1000,
+            max_recipients: 3,
+            max_errors: 10,
+            tls_available: true,
+            postmaster: Address::parse("postmaster@localhost").ok(),
+        })
+    }
+
+    fn session() -> Session {
+        Session::new(
+            config(ListenerKind::Smtp),
+            IpAddr::from([127, 0, 0, 1]),
+            None,
+        )
+    }
+
+    fn tls_info() -> TlsInfo {
+        TlsInfo {
+            version: "TLSv1_3".into(),
+            cipher: "TLS13_AES_256_GCM_SHA384".into(),
+        }
+    }
+
+    /// Sends one line, returns the codes of the replies.
+    fn send(session: &mut Session, line: &str) -> (Vec<u16>, Action) {
+        let step = session.handle_line(line.as_bytes(), &FakeServices);
+        (step.replies.iter().map(Reply::code).collect(), step.action)
+    }
+
+    fn code(session: &mut Session, line: &str) -> u16 {
+        let (codes, _) = send(session, line);
+        assert_eq!(codes.len(), 1, "{line}: {codes:?}");
+        codes[0]
+    }
+
+    fn deliver(session: &mut Session, data: &[u8]) -> NewMessage {
+        let mut decoder = DataDecoder::new(1000);
+        assert!(matches!(decoder.feed(data), Progress::Done { .. }));
+        let step = session.data_finished(decoder.finish(), SystemTime::now());
+        let Action::Enqueue(message) = step.action else {
+            panic!("expected Enqueue, got {:?}", step.replies);
+        };
+        assert!(step.replies.is_empty(), "250 must wait for the queue");
+        let step = session.enqueued(Ok(()));
+        assert_eq!(step.replies[0].code(), 250);
+        assert!(step.replies[0].lines[0].contains(message.id.as_str()));
+        *message
+    }
+
+    #[test]
+    fn full_transaction() {
+        let mut s = session();
+        assert_eq!(s.greeting().code(), 220);
+        assert_eq!(code(&mut s, "EHLO client.test"), 250);
+        assert_eq!(code(&mut s, "MAIL FROM:<sender@example.org> SIZE=100"), 250);
+        assert_eq!(code(&mut s, "RCPT TO:<alice@localhost>"), 250);
+        assert_eq!(code(&mut s, "RCPT TO:<Postmaster>"), 250);
+        let (codes, action) = send(&mut s, "DATA");
+        assert_eq!(codes, vec![354]);
+        assert!(matches!(action, Action::ReceiveData));
+        let message = deliver(&mut s, b"Subject: hi\r\n\r\nHello\r\n.\r\n");
+        assert_eq!(message.sender, "sender@example.org");
+        let to: Vec<&str> = message
+            .recipients
+            .iter()
+            .map(|r| r.address.as_str())
+            .collect();
+        assert_eq!(to, vec!["alice@localhost", "postmaster@localhost"]);
+        let text = String::from_utf8(message.content).unwrap();
+        assert!(text.starts_with(
+            "Received: from client.test ([127.0.0.1])\r\n\tby mx.test (petrel) with ESMTP id "
+        ));
+        assert!(text.ends_with("\r\n\r\nHello\r\n"));
+        assert!(!text.contains("for <"), "two recipients: no 'for' clause");
+        // The transaction is over; a new one needs MAIL again.
+        assert_eq!(code(&mut s, "RCPT TO:<alice@localhost>"), 503);
+        let (codes, action) = send(&mut s, "QUIT");
+        assert_eq!(codes, vec![221]);
+        assert!(matches!(action, Action::Close));
+    }
+
+    #[test]
+    fn ehlo_advertises_extensions() {
+        let mut s = session();
+        let step = s.handle_line(b"EHLO c", &FakeServices);
+        let lines = &step.replies[0].lines;
+        for extension in [
+            "PIPELINING",
+            "SIZE 1000",
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+            "SMTPUTF8",
+            "STARTTLS",
+        ] {
+            assert!(
+                lines.iter().any(|l| l == extension),
+                "{extension} missing: {lines:?}"
+            );
+        }
+        assert!(
+            !lines.iter().any(|l| l.starts_with("AUTH")),
+            "no AUTH before TLS"
+        );
+        s.tls_started(tls_info());
+        let step = s.handle_line(b"EHLO c", &FakeServices);
+        let lines = &step.replies[0].lines;
+        assert!(lines.iter().any(|l| l == "AUTH PLAIN LOGIN"));
+        assert!(!lines.iter().any(|l| l == "STARTTLS"));
+    }
+
+    #[test]
+    fn helo_gets_a_single_line_and_no_extensions() {
+        let mut s = session();
+        let step = s.handle_line(b"HELO c", &FakeServices);
+        assert_eq!(step.replies[0].lines.len(), 1);
+        assert_eq!(code(&mut s, "MAIL FROM:<a@example.org> SIZE=10"), 555);
+        assert_eq!(code(&mut s, "MAIL FROM:<a@example.org>"), 250);
+    }
+
+    #[test]
+    fn bad_sequences() {
+        let mut s = session();
+        assert_eq!(code(&mut s, "MAIL FROM:<a@example.org>"), 503);
+        assert_eq!(code(&mut s, "EHLO c"), 250);
+        assert_eq!(code(&mut s, "RCPT TO:<alice@localhost>"), 503);
+        assert_eq!(code(&mut s, "DATA"), 503);
+        assert_eq!(code(&mut s, "MAIL FROM:<a@example.org>"), 250);
+        assert_eq!(code(&mut s, "MAIL FROM:<a@example.org>"), 503);
+        assert_eq!(code(&mut s, "DATA"), 503, "no valid recipients");
+        assert_eq!(code(&mut s, "RSET"), 250);
+        assert_eq!(code(&mut s, "RCPT TO:<alice@localhost>"), 503);
+    }
+
+    #[test]
+    fn misc_commands() {
+        let mut s = session();
+        assert_eq!(code(&mut s, "NOOP"), 250);
+        assert_eq!(code(&mut s, "VRFY alice"), 252);
+        assert_eq!(code(&mut s, "EXPN list"), 502);
+        assert_eq!(code(&mut s, "HELP"), 214);
+        assert_eq!(code(&mut s, "BOGUS"), 500);
+        assert_eq!(code(&mut s, &format!("NOOP {}", "x".repeat(600))), 500);
+    }
+
+    #[test]
+    fn size_is_checked_at_mail() {
+        let mut s = session();
+        code(&mut s, "EHLO c");
+        assert_eq!(code(&mut s, "MAIL FROM:<a@example.org> SIZE=1001"), 552);
+        assert_eq!(code(&mut s, "MAIL FROM:<a@example.org> SIZE=1000"), 250);
+    }
+
+    #[test]
+    fn refused_data_resets_the_transaction() {
+        let mut s = session();
+        code(&mut s, "EHLO c");
+        code(&mut s, "MAIL FROM:<a@example.org>");
+        code(&mut s, "RCPT TO:<alice@localhost>");
+        code(&mut s, "DATA");
+        let step = s.data_finished(Err(DataError::TooLarge), SystemTime::now());
+        assert_eq!(step.replies[0].code(), 552);
+        code(&mut s, "MAIL FROM:<a@example.org>");
+        code(&mut s, "RCPT TO:<alice@localhost>");
+        code(&mut s, "DATA");
+        let step = s.data_finished(Err(DataError::BareLineFeed), SystemTime::now());
+        assert_eq!(step.replies[0].code(), 554);
+        assert_eq!(code(&mut s, "DATA"), 503);
+    }
+
+    #[test]
+    fn queue_failure_is_a_temporary_error() {
+        let mut s = session();
+        code(&mut s, "EHLO c");
+        code(&mut s, "MAIL FROM:<a@example.org>");
+        code(&mut s, "RCPT TO:<alice@localhost>");
+        code(&mut s, "DATA");
+        let step = s.data_finished(Ok(b"x\r\n".to_vec()), SystemTime::now());
+        assert!(matches!(step.action, Action::Enqueue(_)));
+        assert_eq!(s.enqueued(Err("disk full".into())).replies[0].code(), 451);
+    }
+
+    #[test]
+    fn too_many_recipients() {
+        let mut s = session();
+        code(&mut s, "EHLO c");
+        code(&mut s, "MAIL FROM:<a@example.org>");
+        for n in 0..3 {
+            assert_eq!(code(&mut s, &format!("RCPT TO:<u{n}@localhost>")), 250);
+        }
+        assert_eq!(code(&mut s, "RCPT TO:<u9@localhost>"), 452);
+    }
+
+    #[test]
+    fn relay_is_refused_without_auth() {
+        let mut s = session();
+        code(&mut s, "EHLO c");
+        code(&mut s, "MAIL FROM:<a@example.org>");
+        assert_eq!(code(&mut s, "RCPT TO:<x@elsewhere.example>"), 554);
+    }
+
+    #[test]
+    fn aliases_expand_and_deduplicate() {
+        let mut s = session();
+        code(&mut s, "EHLO c");
+        code(&mut s, "MAIL FROM:<a@example.org>");
+        code(&mut s, "RCPT TO:<team@localhost>");
+        code(&mut s, "RCPT TO:<alice@localhost>");
+        code(&mut s, "DATA");
+        let message = deliver(&mut s, b"x\r\n.\r\n");
+        let recipients: Vec<(&str, Option<&str>)> = message
+            .recipients
+            .iter()
+            .map(|r| (r.address.as_str(), r.original.as_deref()))
+            .collect();
+        assert_eq!(
+            recipients,
+            vec![
+                ("alice@localhost", Some("team@localhost")),
+                ("bob@example.org", Some("team@localhost")),
+            ]
+        );
+    }
+
+    #[test]
+    fn utf8_addresses_need_smtputf8() {
+        let mut s = session();
+        code(&mut s, "EHLO c");
+        assert_eq!(code(&mut s, "MAIL FROM:<José@example.org>"), 553);
+        assert_eq!(code(&mut s, "MAIL FROM:<a@example.org>"), 250);
+        assert_eq!(code(&mut s, "RCPT TO:<josé@localhost>"), 553);
+        code(&mut s, "RSET");
+        assert_eq!(code(&mut s, "MAIL FROM:<José@example.org> SMTPUTF8"), 250);
+        assert_eq!(code(&mut s, "RCPT TO:<josé@localhost>"), 250);
+        code(&mut s, "DATA");
+        let message = deliver(&mut s, b"x\r\n.\r\n");
+        assert!(message.smtputf8);
+        assert!(
+            String::from_utf8(message.content)
+                .unwrap()
+                .contains("with UTF8SMTP id")
+        );
+    }
+
+    #[test]
+    fn too_many_errors_closes() {
+        let mut s = session();
+        for _ in 0..9 {
+            let (codes, action) = send(&mut s, "BOGUS");
+            assert_eq!(codes, vec![500]);
+            assert!(matches!(action, Action::Continue));
+        }
+        let (codes, action) = send(&mut s, "BOGUS");
+        assert_eq!(codes, vec![500, 421]);
+        assert!(matches!(action, Action::Close));
+    }
+
+    #[test]
+    fn starttls_resets_state() {
+        let mut s = session();
+        code(&mut s, "EHLO c");
+        code(&mut s, "MAIL FROM:<a@example.org>");
+        let (codes, action) = send(&mut s, "STARTTLS");
+        assert_eq!(codes, vec![220]);
+        assert!(matches!(action, Action::StartTls));
+        s.tls_started(tls_info());
+        assert_eq!(
+            code(&mut s, "MAIL FROM:<a@example.org>"),
+            503,
+            "EHLO needed again"
+        );
+        assert_eq!(code(&mut s, "EHLO c"), 250);
+        assert_eq!(code(&mut s, "STARTTLS"), 503);
+    }
+
+    #[test]
+    fn starttls_without_certificate() {
+        let mut s = Session::new(
+            Arc::new(SessionConfig {
+                tls_available: false,
+                ..(*config(ListenerKind::Smtp)).clone()
+            }),
+            IpAddr::from([127, 0, 0, 1]),
+            None,
+        );
+        code(&mut s, "EHLO c");
+        assert_eq!(code(&mut s, "STARTTLS"), 454);
+    }
+
+    #[test]
+    fn auth_needs_tls() {
+        let mut s = session();
+        code(&mut s, "EHLO c");
+        assert_eq!(
+            code(
+                &mut s,
+                "AUTH PLAIN AGFsaWNlQGxvY2FsaG9zdABDb3JyZWN0LUhvcnNlLTk="
+            ),
+            538
+        );
+        assert!(s.authenticated_user().is_none());
+    }
+
+    fn tls_session(listener: ListenerKind) -> Session {
+        let mut s = Session::new(
+            config(listener),
+            IpAddr::from([127, 0, 0, 1]),
+            Some(tls_info()),
+        );
+        code(&mut s, "EHLO c");
+        s
+    }
+
+    #[test]
+    fn auth_plain_initial_response() {
+        let mut s = tls_session(ListenerKind::Submission);
+        assert_eq!(code(&mut s, "MAIL FROM:<alice@localhost>"), 530);
+        let plain = BASE64.encode("\0alice@localhost\0Correct-Horse-9");
+        assert_eq!(code(&mut s, &format!("AUTH PLAIN {plain}")), 235);
+        assert_eq!(s.authenticated_user(), Some("alice@localhost"));
+        assert_eq!(code(&mut s, "AUTH PLAIN {plain}"), 503);
+        assert_eq!(code(&mut s, "MAIL FROM:<bob@localhost>"), 553);
+        assert_eq!(code(&mut s, "MAIL FROM:<alice@localhost>"), 250);
+        assert_eq!(
+            code(&mut s, "RCPT TO:<x@elsewhere.example>"),
+            250,
+            "authenticated relay"
+        );
+        code(&mut s, "DATA");
+        let message = deliver(&mut s, b"x\r\n.\r\n");
+        assert_eq!(message.auth_user.as_deref(), Some("alice@localhost"));
+        let text = String::from_utf8(message.content).unwrap();
+        assert!(text.contains("with ESMTPSA id"), "{text}");
+        assert!(
+            text.contains("(using TLSv1_3 with cipher TLS13_AES_256_GCM_SHA384)"),
+            "{text}"
+        );
+        assert!(text.contains("for <x@elsewhere.example>"), "{text}");
+    }
+
+    #[test]
+    fn auth_plain_with_challenge_and_login() {
+        let mut s = tls_session(ListenerKind::Smtps);
+        let step = s.handle_line(b"AUTH PLAIN", &FakeServices);
+        assert_eq!(step.replies[0].to_wire(), "334 \r\n");
+        let plain = BASE64.encode("alice@localhost\0alice@localhost\0Correct-Horse-9");
+        assert_eq!(code(&mut s, &plain), 235);
+
+        let mut s = tls_session(ListenerKind::Smtps);
+        let step = s.handle_line(b"AUTH LOGIN", &FakeServices);
+        assert_eq!(step.replies[0].to_wire(), "334 VXNlcm5hbWU6\r\n");
+        let step = s.handle_line(BASE64.encode("alice@localhost").as_bytes(), &FakeServices);
+        assert_eq!(step.replies[0].to_wire(), "334 UGFzc3dvcmQ6\r\n");
+        assert_eq!(code(&mut s, &BASE64.encode("Correct-Horse-9")), 235);
+    }
+
+    #[test]
+    fn auth_failures() {
+        let mut s = tls_session(ListenerKind::Submission);
+        let step = s.handle_line(
+            format!("AUTH PLAIN {}", BASE64.encode("\0alice@localhost\0wrong")).as_bytes(),
+            &FakeServices,
+        );
+        assert_eq!(step.replies[0].code(), 535);
+        assert_eq!(step.delay, Some(Duration::from_millis(500)));
+        assert_eq!(code(&mut s, "AUTH PLAIN !!!notbase64"), 501);
+        assert_eq!(
+            code(&mut s, &format!("AUTH PLAIN {}", BASE64.encode("no-nuls"))),
+            501
+        );
+        assert_eq!(code(&mut s, "AUTH CRAM-MD5"), 504);
+        code(&mut s, "AUTH LOGIN");
+        assert_eq!(code(&mut s, "*"), 501, "cancelled");
+        assert_eq!(code(&mut s, "NOOP"), 250, "back in command mode");
+        let plain = BASE64.encode("bob@localhost\0alice@localhost\0Correct-Horse-9");
+        assert_eq!(
+            code(&mut s, &format!("AUTH PLAIN {plain}")),
+            535,
+            "no proxy auth"
+        );
+    }
+
+    #[test]
+    fn locked_out_address_is_dropped() {
+        let mut s = Session::new(
+            config(ListenerKind::Submission),
+            IpAddr::from([192, 0, 2, 66]),
+            Some(tls_info()),
+        );
+        code(&mut s, "EHLO c");
+        let (codes, action) = send(&mut s, "AUTH LOGIN");
+        assert_eq!(codes, vec![421]);
+        assert!(matches!(action, Action::Close));
+    }
+}

@@ -1,0 +1,203 @@
+//! The durable queue: a SQLite database in `data_dir/queue.db`.
+//!
+//! Owns every write to the queue through one writer thread that commits in
+//! batches (group commit); readers open their own connections. It must never
+//! report a message as stored before its transaction is committed on disk.
+
+mod id;
+mod schema;
+mod writer;
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::Sender;
+use rusqlite::Connection;
+
+pub use id::QueueId;
+pub use schema::SCHEMA_VERSION;
+use writer::{WriteOp, WriteRequest};
+
+pub const QUEUE_FILE: &str = "queue.db";
+
+/// Errors are values with the context an operator needs to act on them.
+#[derive(Debug)]
+pub struct QueueError {
+    message: String,
+}
+
+impl QueueError {
+    pub fn new(message: impl Into<String>) -> QueueError {
+        QueueError {
+            message: message.into(),
+        }
+    }
+
+    /// For `map_err`: `QueueError::sqlite("cannot insert")`.
+    pub fn sqlite(context: impl Into<String>) -> impl FnOnce(rusqlite::Error) -> QueueError {
+        let context = context.into();
+        move |error| QueueError::new(format!("{context}: {error}"))
+    }
+}
+
+impl fmt::Display for QueueError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for QueueError {}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageKind {
+    Normal,
+    /// A delivery status notification we generated: never bounced itself.
+    Bounce,
+    DelayWarning,
+}
+
+impl MessageKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageKind::Normal => "normal",
+            MessageKind::Bounce => "bounce",
+            MessageKind::DelayWarning => "delay_warning",
+        }
+    }
+}
+
+/// A message ready to be committed, as a session or `sendmail` hands it over.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub id: QueueId,
+    /// Envelope sender; empty for the null sender.
+    pub sender: String,
+    pub recipients: Vec<NewRecipient>,
+    pub content: Vec<u8>,
+    pub client_ip: Option<IpAddr>,
+    pub helo: Option<String>,
+    pub auth_user: Option<String>,
+    pub listener: String,
+    pub eight_bit: bool,
+    pub smtputf8: bool,
+    pub kind: MessageKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewRecipient {
+    pub address: String,
+    /// The RCPT TO address when an alias turned it into `address`.
+    pub original: Option<String>,
+}
+
+/// Counters that show group commit at work.
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    commits: AtomicU64,
+    messages: AtomicU64,
+}
+
+impl QueueStats {
+    /// Transactions committed by the writer.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    /// Messages inserted by the writer.
+    pub fn messages(&self) -> u64 {
+        self.messages.load(Ordering::Relaxed)
+    }
+}
+
+/// A cheap, clonable handle for submitting writes.
+#[derive(Clone)]
+pub struct QueueHandle {
+    requests: Sender<WriteRequest>,
+    stats: Arc<QueueStats>,
+    path: Arc<PathBuf>,
+}
+
+impl QueueHandle {
+    /// Commits the message and returns only once it is on disk.
+    pub fn insert(&self, message: NewMessage) -> Result<(), QueueError> {
+        self.submit(WriteOp::Insert(Box::new(message)))
+    }
+
+    fn submit(&self, op: WriteOp) -> Result<(), QueueError> {
+        let (done, result) = crossbeam_channel::bounded(1);
+        self.requests
+            .send(WriteRequest { op, done })
+            .map_err(|_| QueueError::new("queue writer has stopped"))?;
+        result
+            .recv()
+            .map_err(|_| QueueError::new("queue writer stopped before answering"))?
+    }
+
+    pub fn stats(&self) -> &QueueStats {
+        &self.stats
+    }
+
+    /// A new read connection, for queries that must not wait on the writer.
+    pub fn reader(&self) -> Result<Connection, QueueError> {
+        schema::open_connection(&self.path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// The queue and its writer thread. Dropping every handle and calling
+/// [`Queue::close`] lets the writer finish what it was given and stop.
+pub struct Queue {
+    handle: QueueHandle,
+    writer: JoinHandle<()>,
+}
+
+impl Queue {
+    /// Opens `data_dir/queue.db`, migrating it, and starts the writer.
+    pub fn open(data_dir: &Path) -> Result<Queue, QueueError> {
+        std::fs::create_dir_all(data_dir).map_err(|e| {
+            QueueError::new(format!(
+                "cannot create data_dir {}: {e}",
+                data_dir.display()
+            ))
+        })?;
+        let path = data_dir.join(QUEUE_FILE);
+        let conn = schema::open(&path)?;
+        let stats = Arc::new(QueueStats::default());
+        let (requests, receiver) = crossbeam_channel::bounded(writer::CHANNEL_CAPACITY);
+        let writer = writer::spawn(conn, receiver, Arc::clone(&stats))?;
+        Ok(Queue {
+            handle: QueueHandle {
+                requests,
+                stats,
+                path: Arc::new(path),
+            },
+            writer,
+        })
+    }
+
+    pub fn handle(&self) -> QueueHandle {
+        self.handle.clone()
+    }
+
+    /// Waits for the writer to drain. Handles held elsewhere keep it alive,
+    /// so drop them first.
+    pub fn close(self) {
+        drop(self.handle);
+        if self.writer.join().is_err() {
+            log::error!("queue writer thread panicked");
+        }
+    }
+}
+
+/// Opens the queue database of `data_dir` for reading and one-off writes
+/// (the CLI), migrating it if needed. Works while a server runs.
+pub fn open_direct(data_dir: &Path) -> Result<Connection, QueueError> {
+    schema::open(&data_dir.join(QUEUE_FILE))
+}

@@ -1,0 +1,129 @@
+//! Opens the queue database with the settings durability depends on and
+//! brings its schema up to date from the numbered files in `sql/`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::Connection;
+
+use super::QueueError;
+
+/// Applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[(&str, &str)] = &[("0001_queue.sql", include_str!("../../sql/0001_queue.sql"))];
+
+pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
+
+/// How long a statement waits for another writer (the CLI, `petrel sendmail`)
+/// before giving up; the server turns a give-up into a 4xx, never a loss.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Opens (creating if needed) and migrates. Every connection gets WAL and
+/// `synchronous=FULL`: a commit is on disk when it returns.
+pub fn open(path: &Path) -> Result<Connection, QueueError> {
+    let conn = open_connection(path)?;
+    migrate(&conn, path)?;
+    Ok(conn)
+}
+
+pub fn open_connection(path: &Path) -> Result<Connection, QueueError> {
+    let context = |what: &str| format!("{what} {}", path.display());
+    let conn = Connection::open(path).map_err(QueueError::sqlite(context("cannot open")))?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(QueueError::sqlite(context("cannot configure")))?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+        .map_err(QueueError::sqlite(context("cannot switch to WAL")))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(QueueError::new(format!(
+            "{}: journal mode is {mode}, WAL is required",
+            path.display()
+        )));
+    }
+    conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
+        .map_err(QueueError::sqlite(context("cannot configure")))?;
+    Ok(conn)
+}
+
+fn migrate(conn: &Connection, path: &Path) -> Result<(), QueueError> {
+    let version: u32 = conn
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(QueueError::sqlite(format!(
+            "cannot read schema version of {}",
+            path.display()
+        )))?;
+    if version > SCHEMA_VERSION {
+        return Err(QueueError::new(format!(
+            "{} has schema version {version}, but this petrel knows only up to {SCHEMA_VERSION}; \
+             it was written by a newer petrel",
+            path.display()
+        )));
+    }
+    for (index, (name, sql)) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let target = index + 1;
+        // The version bump commits together with the migration, so a crash
+        // halfway leaves the old schema intact and the file re-runs.
+        let script = format!("BEGIN IMMEDIATE;\n{sql}\nPRAGMA user_version = {target};\nCOMMIT;");
+        if let Err(error) = conn.execute_batch(&script) {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(QueueError::sqlite(format!(
+                "migration {name} failed on {}",
+                path.display()
+            ))(error));
+        }
+        log::info!("queue schema: applied {name}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrates_once_and_is_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.db");
+        let conn = open(&path).unwrap();
+        let version: u32 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        drop(conn);
+        let conn = open(&path).unwrap();
+        let tables: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE name = 'messages'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(tables, 1);
+        let sync: i64 = conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(sync, 2, "synchronous=FULL");
+    }
+
+    #[test]
+    fn refuses_a_newer_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.db");
+        let conn = open(&path).unwrap();
+        conn.execute_batch("PRAGMA user_version = 999").unwrap();
+        drop(conn);
+        let error = open(&path).unwrap_err();
+        assert!(error.to_string().contains("newer petrel"), "{error}");
+    }
+
+    #[test]
+    fn refuses_a_file_that_is_not_a_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.db");
+        std::fs::write(
+            &path,
+            b"this is not sqlite, just some text that is long enough",
+        )
+        .unwrap();
+        assert!(open(&path).is_err());
+    }
+}

@@ -1,0 +1,158 @@
+//! The one thread that writes to the queue. Requests that arrive while a
+//! commit is in progress are gathered into the next transaction, so many
+//! sessions finishing at once share one fsync (group commit). Each request
+//! runs inside its own savepoint: one failing write never fails the others.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+use std::time::SystemTime;
+
+use crossbeam_channel::{Receiver, Sender};
+use rusqlite::{Connection, TransactionBehavior, params};
+
+use super::{NewMessage, QueueError, QueueStats};
+use crate::timefmt::sql_timestamp;
+
+/// Sessions waiting to be committed; beyond this, senders wait, which is
+/// the back-pressure we want when the disk is slower than the network.
+pub const CHANNEL_CAPACITY: usize = 1024;
+
+/// Upper bound for one transaction, so a burst cannot delay the first
+/// message of the batch indefinitely.
+const MAX_BATCH: usize = 256;
+
+pub enum WriteOp {
+    Insert(Box<NewMessage>),
+}
+
+pub struct WriteRequest {
+    pub op: WriteOp,
+    pub done: Sender<Result<(), QueueError>>,
+}
+
+pub fn spawn(
+    conn: Connection,
+    requests: Receiver<WriteRequest>,
+    stats: Arc<QueueStats>,
+) -> Result<JoinHandle<()>, QueueError> {
+    std::thread::Builder::new()
+        .name("queue-writer".into())
+        .spawn(move || run(conn, requests, stats))
+        .map_err(|e| QueueError::new(format!("cannot start queue writer thread: {e}")))
+}
+
+fn run(mut conn: Connection, requests: Receiver<WriteRequest>, stats: Arc<QueueStats>) {
+    while let Ok(first) = requests.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match requests.try_recv() {
+                Ok(request) => batch.push(request),
+                Err(_) => break,
+            }
+        }
+        let results = commit_batch(&mut conn, &batch, &stats);
+        for (request, result) in batch.into_iter().zip(results) {
+            // A session that gave up waiting is gone; nothing to tell it.
+            let _ = request.done.send(result);
+        }
+    }
+}
+
+fn commit_batch(
+    conn: &mut Connection,
+    batch: &[WriteRequest],
+    stats: &QueueStats,
+) -> Vec<Result<(), QueueError>> {
+    let fail_all = |error: QueueError| {
+        log::error!("queue: {error}");
+        batch
+            .iter()
+            .map(|_| Err(QueueError::new(error.to_string())))
+            .collect()
+    };
+    let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => return fail_all(QueueError::new(format!("cannot begin transaction: {e}"))),
+    };
+    let now = sql_timestamp(SystemTime::now());
+    let mut results = Vec::with_capacity(batch.len());
+    let mut inserted = 0u64;
+    for request in batch {
+        let result = match tx.savepoint() {
+            Ok(mut savepoint) => {
+                let applied = apply(&savepoint, &request.op, &now);
+                match applied {
+                    Ok(()) => savepoint
+                        .commit()
+                        .map_err(QueueError::sqlite("cannot release savepoint")),
+                    Err(error) => {
+                        let _ = savepoint.rollback();
+                        Err(error)
+                    }
+                }
+            }
+            Err(e) => Err(QueueError::new(format!("cannot open savepoint: {e}"))),
+        };
+        if result.is_ok() && matches!(request.op, WriteOp::Insert(_)) {
+            inserted += 1;
+        }
+        results.push(result);
+    }
+    if let Err(e) = tx.commit() {
+        return fail_all(QueueError::new(format!("commit failed: {e}")));
+    }
+    stats.commits.fetch_add(1, Ordering::Relaxed);
+    stats.messages.fetch_add(inserted, Ordering::Relaxed);
+    results
+}
+
+fn apply(conn: &Connection, op: &WriteOp, now: &str) -> Result<(), QueueError> {
+    match op {
+        WriteOp::Insert(message) => insert_message(conn, message, now),
+    }
+}
+
+pub fn insert_message(
+    conn: &Connection,
+    message: &NewMessage,
+    now: &str,
+) -> Result<(), QueueError> {
+    let id = message.id.as_str();
+    if message.recipients.is_empty() {
+        return Err(QueueError::new(format!("{id}: message has no recipients")));
+    }
+    conn.execute(
+        "INSERT INTO messages (id, received_at, sender, kind, listener, client_ip, helo, auth_user,
+                               eight_bit, smtputf8, size, content)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+        params![
+            id,
+            now,
+            message.sender,
+            message.kind.as_str(),
+            message.listener,
+            message.client_ip.map(|ip| ip.to_string()),
+            message.helo,
+            message.auth_user,
+            message.eight_bit,
+            message.smtputf8,
+            message.content.len() as i64,
+            message.content,
+        ],
+    )
+    .map_err(QueueError::sqlite(format!("{id}: cannot insert message")))?;
+    let mut insert = conn
+        .prepare_cached(
+            "INSERT INTO recipients (message_id, address, original_address, status,
+                                     next_attempt_at, updated_at)
+             VALUES (?1, ?2, ?3, 'queued', ?4, ?4)",
+        )
+        .map_err(QueueError::sqlite("cannot prepare recipient insert"))?;
+    for recipient in &message.recipients {
+        insert
+            .execute(params![id, recipient.address, recipient.original, now])
+            .map_err(QueueError::sqlite(format!("{id}: cannot insert recipient")))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,96 @@
+//! Accepts connections on one listen address and hands them to the worker
+//! pool, or refuses them at once with 421 when the limits say no.
+
+use std::io::Write as _;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::Sender;
+
+use super::ServerContext;
+use super::connection::Job;
+use super::limits::{ConnectionLimits, Refusal};
+use crate::protocol::reply::{self, Reply};
+use crate::protocol::session::ListenerKind;
+
+/// A refusal must never stall the acceptor on a client that does not read.
+const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_millis(500);
+/// After accept() fails (e.g. out of file descriptors), wait before trying
+/// again rather than spinning on the error.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+pub struct Acceptor {
+    pub listener: TcpListener,
+    pub kind: ListenerKind,
+    pub jobs: Sender<Job>,
+    pub limits: Arc<ConnectionLimits>,
+    pub context: Arc<ServerContext>,
+}
+
+impl Acceptor {
+    pub fn run(self) {
+        loop {
+            let (stream, peer) = match self.listener.accept() {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    if self.context.is_shutting_down() {
+                        return;
+                    }
+                    log::warn!("accept on {} failed: {error}", self.kind.name());
+                    std::thread::sleep(ACCEPT_ERROR_PAUSE);
+                    continue;
+                }
+            };
+            if self.context.is_shutting_down() {
+                return;
+            }
+            match self.limits.try_acquire(peer.ip()) {
+                Ok(permit) => {
+                    let job = Job {
+                        stream,
+                        peer,
+                        listener: self.kind,
+                        permit,
+                    };
+                    if self.jobs.send(job).is_err() {
+                        return;
+                    }
+                }
+                Err(refusal) => self.refuse(stream, peer, refusal),
+            }
+        }
+    }
+
+    fn refuse(&self, mut stream: TcpStream, peer: SocketAddr, refusal: Refusal) {
+        let hostname = &self.context.config.hostname;
+        let reply = match refusal {
+            Refusal::ServerBusy => Reply::new(
+                reply::TOO_BUSY,
+                format!("{hostname} Too many connections, try again later"),
+            ),
+            Refusal::TooManyFromAddress => Reply::new(
+                reply::TOO_MANY_CONNECTIONS_FROM_YOU,
+                format!("{hostname} Too many connections from your address"),
+            ),
+        };
+        log::info!("{peer}: refused on {}: {refusal:?}", self.kind.name());
+        // Implicit TLS clients would not understand a plaintext reply;
+        // closing is the clearest answer we can give them.
+        if self.kind != ListenerKind::Smtps {
+            let _ = stream.set_write_timeout(Some(REFUSAL_WRITE_TIMEOUT));
+            let _ = stream.write_all(reply.to_wire().as_bytes());
+        }
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// Where to connect to wake an acceptor blocked on `address`.
+pub fn wake_address(address: SocketAddr) -> SocketAddr {
+    let ip = match address.ip() {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    SocketAddr::new(ip, address.port())
+}

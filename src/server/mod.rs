@@ -1,0 +1,319 @@
+//! The receiving side: listeners, the acceptor threads, the worker pool
+//! and shutdown. One acceptor per listen address hands connections over a
+//! bounded crossbeam channel to `limits.max_sessions` worker threads; each
+//! worker owns one session from greeting to QUIT.
+//!
+//! Refusals happen in the acceptor (421), so a client is never left
+//! hanging in a backlog nobody will serve.
+
+mod acceptor;
+mod connection;
+pub mod directory;
+mod limits;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::Sender;
+
+use crate::config::Config;
+use crate::protocol::address::Address;
+use crate::protocol::session::{ListenerKind, SessionConfig};
+use crate::queue::QueueHandle;
+use crate::tls::ServerTls;
+use connection::Job;
+use directory::Directory;
+pub use limits::{ConnectionLimits, Refusal};
+
+/// Worker threads run deep-ish code (TLS handshakes, SQLite, argon2 with
+/// its memory on the heap) but nothing recursive; 256 KiB is plenty and
+/// keeps hundreds of idle sessions cheap.
+const WORKER_STACK: usize = 256 * 1024;
+const ACCEPTOR_STACK: usize = 128 * 1024;
+/// Pending connections the kernel keeps for us; small backlogs (5, 20)
+/// drop bursts of connects and stall clients for seconds in SYN retries.
+const LISTEN_BACKLOG: i32 = 1024;
+
+#[derive(Debug)]
+pub struct StartError(pub String);
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// Sessions that are open now, so shutdown can end them.
+#[derive(Default)]
+pub struct ConnectionRegistry {
+    next: AtomicU64,
+    open: Mutex<HashMap<u64, TcpStream>>,
+}
+
+pub struct Registration<'a> {
+    registry: &'a ConnectionRegistry,
+    id: u64,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.registry
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+    }
+}
+
+impl ConnectionRegistry {
+    fn register(&self, stream: &TcpStream) -> std::io::Result<Registration<'_>> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let clone = stream.try_clone()?;
+        self.open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, clone);
+        Ok(Registration { registry: self, id })
+    }
+
+    /// Ends reading on every open session: idle ones see end-of-input and
+    /// answer 421; one mid-DATA loses only its unacknowledged message.
+    fn shut_down_reads(&self) {
+        for stream in self
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+        {
+            let _ = stream.shutdown(Shutdown::Read);
+        }
+    }
+}
+
+/// What the worker threads share.
+pub struct ServerContext {
+    pub config: Arc<Config>,
+    pub services: Directory,
+    pub queue: QueueHandle,
+    pub tls: Option<Arc<ServerTls>>,
+    /// Per listener kind: smtp, submission, smtps.
+    sessions: [Arc<SessionConfig>; 3],
+    registry: ConnectionRegistry,
+    shutting_down: AtomicBool,
+    on_queued: Option<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl ServerContext {
+    fn session_config(&self, listener: ListenerKind) -> Arc<SessionConfig> {
+        let index = match listener {
+            ListenerKind::Smtp => 0,
+            ListenerKind::Submission => 1,
+            ListenerKind::Smtps => 2,
+        };
+        Arc::clone(&self.sessions[index])
+    }
+
+    fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Tells delivery that new mail is waiting.
+    fn message_queued(&self) {
+        if let Some(notify) = &self.on_queued {
+            notify();
+        }
+    }
+}
+
+fn session_config(config: &Config, listener: ListenerKind, tls_available: bool) -> SessionConfig {
+    SessionConfig {
+        hostname: config.hostname.clone(),
+        listener,
+        max_message_size: config.limits.max_message_size.bytes(),
+        max_recipients: config.limits.max_recipients,
+        max_errors: config.limits.max_errors,
+        tls_available,
+        postmaster: config
+            .domains
+            .local
+            .first()
+            .and_then(|domain| Address::parse(&format!("postmaster@{domain}")).ok()),
+    }
+}
+
+/// What the server needs besides its config.
+pub struct ServerParts {
+    pub queue: QueueHandle,
+    pub tls: Option<Arc<ServerTls>>,
+    pub services: Directory,
+    /// Called after each message is committed (wakes the scheduler).
+    pub on_queued: Option<Box<dyn Fn() + Send + Sync>>,
+}
+
+/// A running set of listeners and workers.
+pub struct Server {
+    context: Arc<ServerContext>,
+    listeners: Vec<(ListenerKind, SocketAddr)>,
+    acceptors: Vec<JoinHandle<()>>,
+    workers: Vec<JoinHandle<()>>,
+    jobs: Option<Sender<Job>>,
+    limits: Arc<ConnectionLimits>,
+}
+
+impl Server {
+    /// Binds every configured listener (failing if any cannot be bound)
+    /// and starts the acceptors and workers.
+    pub fn start(config: Arc<Config>, parts: ServerParts) -> Result<Server, StartError> {
+        let mut bound = Vec::new();
+        for (kind, addresses) in [
+            (ListenerKind::Smtp, &config.smtp.listen),
+            (ListenerKind::Submission, &config.submission.listen),
+            (ListenerKind::Smtps, &config.smtps.listen),
+        ] {
+            if kind == ListenerKind::Smtps && parts.tls.is_none() && !addresses.is_empty() {
+                return Err(StartError("smtps needs a TLS certificate".into()));
+            }
+            for address in addresses {
+                let listener = bind(*address).map_err(|e| {
+                    StartError(format!("cannot listen on {address} ({}): {e}", kind.name()))
+                })?;
+                bound.push((kind, listener));
+            }
+        }
+
+        let tls_available = parts.tls.is_some();
+        let sessions = [
+            ListenerKind::Smtp,
+            ListenerKind::Submission,
+            ListenerKind::Smtps,
+        ]
+        .map(|kind| Arc::new(session_config(&config, kind, tls_available)));
+        let context = Arc::new(ServerContext {
+            config: Arc::clone(&config),
+            services: parts.services,
+            queue: parts.queue,
+            tls: parts.tls,
+            sessions,
+            registry: ConnectionRegistry::default(),
+            shutting_down: AtomicBool::new(false),
+            on_queued: parts.on_queued,
+        });
+
+        let max_sessions = config.limits.max_sessions;
+        // Permits cap the jobs in flight at max_sessions, so this channel
+        // never blocks an acceptor.
+        let (jobs, receiver) = crossbeam_channel::bounded::<Job>(max_sessions);
+        let mut workers = Vec::with_capacity(max_sessions);
+        for index in 0..max_sessions {
+            let receiver = receiver.clone();
+            let context = Arc::clone(&context);
+            let worker = std::thread::Builder::new()
+                .name(format!("smtp-worker-{index}"))
+                .stack_size(WORKER_STACK)
+                .spawn(move || worker_loop(receiver, context))
+                .map_err(|e| StartError(format!("cannot start worker thread: {e}")))?;
+            workers.push(worker);
+        }
+
+        let limits = ConnectionLimits::new(max_sessions, config.limits.max_sessions_per_ip);
+        let mut listeners = Vec::new();
+        let mut acceptors = Vec::new();
+        for (kind, listener) in bound {
+            let address = listener
+                .local_addr()
+                .map_err(|e| StartError(format!("cannot read listen address: {e}")))?;
+            log::info!("listening on {address} ({})", kind.name());
+            listeners.push((kind, address));
+            let acceptor = acceptor::Acceptor {
+                listener,
+                kind,
+                jobs: jobs.clone(),
+                limits: Arc::clone(&limits),
+                context: Arc::clone(&context),
+            };
+            let handle = std::thread::Builder::new()
+                .name(format!("accept-{}-{address}", kind.name()))
+                .stack_size(ACCEPTOR_STACK)
+                .spawn(move || acceptor.run())
+                .map_err(|e| StartError(format!("cannot start acceptor thread: {e}")))?;
+            acceptors.push(handle);
+        }
+        Ok(Server {
+            context,
+            listeners,
+            acceptors,
+            workers,
+            jobs: Some(jobs),
+            limits,
+        })
+    }
+
+    /// The bound address of the first listener of a kind (tests bind port 0).
+    pub fn local_addr(&self, kind: ListenerKind) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, address)| *address)
+    }
+
+    /// Sessions holding a worker right now.
+    pub fn active_sessions(&self) -> usize {
+        self.limits.active()
+    }
+
+    pub fn context(&self) -> &ServerContext {
+        &self.context
+    }
+
+    /// Stops accepting, ends open sessions (421 to idle ones) and waits for
+    /// the workers. Messages already acknowledged are in the queue.
+    pub fn shutdown(mut self) {
+        self.context.shutting_down.store(true, Ordering::SeqCst);
+        for (_, address) in &self.listeners {
+            // Wake the acceptor blocked in accept(); it sees the flag.
+            let _ = TcpStream::connect(acceptor::wake_address(*address));
+        }
+        for acceptor in self.acceptors.drain(..) {
+            let _ = acceptor.join();
+        }
+        self.context.registry.shut_down_reads();
+        self.jobs = None;
+        for worker in self.workers.drain(..) {
+            if worker.join().is_err() {
+                log::error!("a worker thread panicked during shutdown");
+            }
+        }
+    }
+}
+
+fn worker_loop(jobs: crossbeam_channel::Receiver<Job>, context: Arc<ServerContext>) {
+    while let Ok(job) = jobs.recv() {
+        let peer = job.peer;
+        // A bug in one session must not take a worker away from the pool.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            connection::serve(job, &context);
+        }));
+        if outcome.is_err() {
+            log::error!("{peer}: session panicked; connection dropped");
+        }
+    }
+}
+
+fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}

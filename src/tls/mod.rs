@@ -1,0 +1,309 @@
+//! TLS with rustls (ring provider, TLS 1.2 and 1.3 only): the server's
+//! certificate, generated when none is configured and reloaded when the
+//! files change on disk (certbot renewals need no restart), and the client
+//! configurations delivery uses.
+//!
+//! Never falls back to anything older than TLS 1.2.
+
+use std::fs;
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use rustls::ServerConfig;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::config::Config;
+
+/// Generated certificate and key, when none is configured.
+const GENERATED_DIR: &str = "tls";
+const GENERATED_CERT: &str = "selfsigned-cert.pem";
+const GENERATED_KEY: &str = "selfsigned-key.pem";
+
+/// How often a new connection may trigger a look at the files' mtimes.
+const RELOAD_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+pub const PROTOCOL_VERSIONS: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+#[derive(Debug)]
+pub struct TlsError(pub String);
+
+impl std::fmt::Display for TlsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TlsError {}
+
+/// Identifies one version of the certificate files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp(Vec<(Option<SystemTime>, u64)>);
+
+impl FileStamp {
+    fn of(paths: &[&Path]) -> FileStamp {
+        FileStamp(
+            paths
+                .iter()
+                .map(|path| match fs::metadata(path) {
+                    Ok(meta) => (meta.modified().ok(), meta.len()),
+                    Err(_) => (None, 0),
+                })
+                .collect(),
+        )
+    }
+}
+
+struct Loaded {
+    config: Arc<ServerConfig>,
+    stamp: FileStamp,
+}
+
+/// The server's TLS configuration, swapped atomically on reload; sessions
+/// already in TLS keep the configuration they started with.
+pub struct ServerTls {
+    cert_path: PathBuf,
+    key_path: PathBuf,
+    current: RwLock<Loaded>,
+    last_check: Mutex<Instant>,
+}
+
+impl ServerTls {
+    /// Loads `tls.cert`/`tls.key`, or generates a self-signed pair in
+    /// `data_dir/tls/` on first start when none is configured.
+    pub fn load(config: &Config) -> Result<ServerTls, TlsError> {
+        let (cert_path, key_path) = match (&config.tls.cert, &config.tls.key) {
+            (Some(cert), Some(key)) => (cert.clone(), key.clone()),
+            _ => ensure_self_signed(&config.data_dir, &config.hostname)?,
+        };
+        let stamp = FileStamp::of(&[&cert_path, &key_path]);
+        let server_config = build_server_config(&cert_path, &key_path)?;
+        Ok(ServerTls {
+            cert_path,
+            key_path,
+            current: RwLock::new(Loaded {
+                config: server_config,
+                stamp,
+            }),
+            last_check: Mutex::new(Instant::now()),
+        })
+    }
+
+    /// The configuration for a new handshake, reloading first if the files
+    /// changed (checked at most every couple of seconds).
+    pub fn server_config(&self) -> Arc<ServerConfig> {
+        let due = {
+            let mut last = self
+                .last_check
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if last.elapsed() >= RELOAD_CHECK_INTERVAL {
+                *last = Instant::now();
+                true
+            } else {
+                false
+            }
+        };
+        if due {
+            self.reload_if_changed();
+        }
+        let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(&current.config)
+    }
+
+    /// Reloads when the files changed; on SIGHUP the caller forces it.
+    pub fn reload_if_changed(&self) {
+        let stamp = FileStamp::of(&[&self.cert_path, &self.key_path]);
+        let unchanged = {
+            let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
+            current.stamp == stamp
+        };
+        if !unchanged {
+            self.reload(stamp);
+        }
+    }
+
+    pub fn force_reload(&self) {
+        self.reload(FileStamp::of(&[&self.cert_path, &self.key_path]));
+    }
+
+    fn reload(&self, stamp: FileStamp) {
+        match build_server_config(&self.cert_path, &self.key_path) {
+            Ok(config) => {
+                let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
+                *current = Loaded { config, stamp };
+                log::info!("tls: reloaded certificate {}", self.cert_path.display());
+            }
+            Err(error) => {
+                // Half-written files during a renewal are normal; keep
+                // serving the old certificate and try again on the next change.
+                log::warn!("tls: keeping the previous certificate: {error}");
+                let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
+                current.stamp = stamp;
+            }
+        }
+    }
+
+    pub fn cert_path(&self) -> &Path {
+        &self.cert_path
+    }
+}
+
+pub fn load_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| {
+            TlsError(format!(
+                "cannot read certificates from {}: {e}",
+                path.display()
+            ))
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError(format!(
+            "{} contains no certificate",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+fn build_server_config(cert_path: &Path, key_path: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    let certs = load_certificates(cert_path)?;
+    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| {
+        TlsError(format!(
+            "cannot read private key from {}: {e}",
+            key_path.display()
+        ))
+    })?;
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(PROTOCOL_VERSIONS)
+        .map_err(|e| TlsError(format!("TLS setup: {e}")))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| {
+            TlsError(format!(
+                "certificate {} does not go with key {}: {e}",
+                cert_path.display(),
+                key_path.display()
+            ))
+        })?;
+    Ok(Arc::new(config))
+}
+
+/// Returns the generated pair's paths, creating it if needed.
+fn ensure_self_signed(data_dir: &Path, hostname: &str) -> Result<(PathBuf, PathBuf), TlsError> {
+    let dir = data_dir.join(GENERATED_DIR);
+    let cert_path = dir.join(GENERATED_CERT);
+    let key_path = dir.join(GENERATED_KEY);
+    if cert_path.exists() && key_path.exists() {
+        log::warn!(
+            "tls: no [tls] cert/key configured; using the self-signed certificate {}",
+            cert_path.display()
+        );
+        return Ok((cert_path, key_path));
+    }
+    fs::create_dir_all(&dir)
+        .map_err(|e| TlsError(format!("cannot create {}: {e}", dir.display())))?;
+    let mut names = vec![hostname.to_string()];
+    if hostname != "localhost" {
+        names.push("localhost".to_string());
+    }
+    let generated = rcgen::generate_simple_self_signed(names)
+        .map_err(|e| TlsError(format!("cannot generate a certificate: {e}")))?;
+    // Key first, private from the first byte; the certificate's presence
+    // marks a complete pair.
+    write_file(
+        &key_path,
+        generated.signing_key.serialize_pem().as_bytes(),
+        0o600,
+    )?;
+    write_file(&cert_path, generated.cert.pem().as_bytes(), 0o644)?;
+    log::warn!(
+        "tls: no [tls] cert/key configured; generated a self-signed certificate for {hostname} in {} \
+         (clients will not trust it; configure tls.cert and tls.key for production)",
+        cert_path.display()
+    );
+    Ok((cert_path, key_path))
+}
+
+fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError> {
+    let result = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)
+        .and_then(|mut file| {
+            file.write_all(contents)?;
+            file.sync_all()
+        });
+    result.map_err(|e| TlsError(format!("cannot write {}: {e}", path.display())))
+}
+
+/// "TLSv1.3" rather than rustls' debug name, for Received headers and logs.
+pub fn version_name(version: Option<rustls::ProtocolVersion>) -> String {
+    match version {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
+        Some(other) => format!("{other:?}"),
+        None => "unknown".to_string(),
+    }
+}
+
+pub fn cipher_name(suite: Option<rustls::SupportedCipherSuite>) -> String {
+    suite
+        .and_then(|s| s.suite().as_str())
+        .map(str::to_string)
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generates_once_then_reuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            data_dir: dir.path().to_path_buf(),
+            hostname: "mx.test".into(),
+            ..Config::default()
+        };
+        let first = ServerTls::load(&config).unwrap();
+        let pem = fs::read(first.cert_path()).unwrap();
+        let mode = fs::metadata(dir.path().join("tls").join(GENERATED_KEY))
+            .unwrap()
+            .permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
+        let second = ServerTls::load(&config).unwrap();
+        assert_eq!(fs::read(second.cert_path()).unwrap(), pem);
+    }
+
+    #[test]
+    fn bad_files_give_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("cert.pem");
+        let key = dir.path().join("key.pem");
+        fs::write(&cert, "not a certificate").unwrap();
+        fs::write(&key, "not a key").unwrap();
+        let mut config = Config::default();
+        config.tls.cert = Some(cert);
+        config.tls.key = Some(key);
+        let error = ServerTls::load(&config).err().unwrap().to_string();
+        assert!(error.contains("cert.pem"), "{error}");
+        config.tls.cert = Some(dir.path().join("missing.pem"));
+        let error = ServerTls::load(&config).err().unwrap().to_string();
+        assert!(error.contains("missing.pem"), "{error}");
+    }
+}

@@ -1,0 +1,224 @@
+//! The real `petrel` binary: config checking, exit codes, and `serve`
+//! driven by swaks and stopped by SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Instant;
+
+use common::WAIT;
+
+fn petrel() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_petrel"))
+}
+
+fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
+    let path = dir.join("petrel.toml");
+    let text = format!(
+        "hostname = \"mx.test\"\ndata_dir = \"{}\"\n\
+         [smtp]\nlisten = [\"127.0.0.1:0\"]\n\
+         [submission]\nlisten = [\"127.0.0.1:0\"]\n\
+         [smtps]\nlisten = [\"127.0.0.1:0\"]\n{extra}",
+        dir.join("data").display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn check_config_prints_effective_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), "[domains]\nlocal = [\"example.test\"]\n");
+    let output = petrel()
+        .args(["check-config", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("configuration OK"), "{stdout}");
+    assert!(stdout.contains("local = [\"example.test\"]"), "{stdout}");
+    assert!(stdout.contains("max_message_size = \"25MiB\""), "{stdout}");
+}
+
+#[test]
+fn check_config_without_file_uses_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = petrel()
+        .arg("check-config")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("built-in defaults"), "{stdout}");
+    assert!(stdout.contains("127.0.0.1:2525"), "{stdout}");
+}
+
+#[test]
+fn bad_configs_exit_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for (extra, key) in [
+        ("[queue]\nmax_age = \"five days\"\n", "queue.max_age"),
+        (
+            "[limits]\nmax_message_size = \"25 potatoes\"\n",
+            "limits.max_message_size",
+        ),
+        ("[limits]\nmax_sesions = 3\n", "max_sesions"),
+        (
+            "[relay]\ntrusted_networks = [\"10.0.0.0/33\"]\n",
+            "relay.trusted_networks",
+        ),
+        (
+            "[dns]\nnameservers = [\"not-an-address\"]\n",
+            "dns.nameservers",
+        ),
+    ] {
+        let path = write_config(dir.path(), extra);
+        for command in ["check-config", "serve"] {
+            let output = petrel().arg(command).arg("-c").arg(&path).output().unwrap();
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(output.status.code(), Some(2), "{command} {extra}: {stderr}");
+            assert!(
+                stderr.contains(key),
+                "{command}: {stderr} should name {key}"
+            );
+        }
+    }
+    let output = petrel()
+        .args(["check-config", "-c", "/nonexistent/petrel.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent/petrel.toml"));
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let output = petrel().arg("no-such-command").output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let output = petrel().output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+}
+
+/// A `petrel serve` child whose log is read line by line.
+struct Serving {
+    child: Child,
+    log: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Serving {
+    fn start(config: &Path) -> Serving {
+        let mut child = petrel()
+            .arg("serve")
+            .arg("-c")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (sender, log) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut serving = Serving {
+            child,
+            log,
+            seen: Vec::new(),
+        };
+        serving.wait_for_log("petrel ready");
+        serving
+    }
+
+    fn wait_for_log(&mut self, fragment: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.log.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(fragment) {
+                        return line;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!(
+            "log never said {fragment:?}; it said:\n{}",
+            self.seen.join("\n")
+        );
+    }
+
+    fn listen_address(&self, kind: &str) -> SocketAddr {
+        let suffix = format!("({kind})");
+        let line = self
+            .seen
+            .iter()
+            .find(|l| l.contains("listening on") && l.ends_with(&suffix))
+            .expect("listen line");
+        line.split("listening on ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|addr| addr.parse().ok())
+            .expect("address in listen line")
+    }
+
+    fn terminate(mut self) -> (i32, Vec<String>) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        self.wait_for_log("petrel stopped");
+        let exit = self.child.wait().unwrap();
+        (exit.code().unwrap_or(-1), self.seen)
+    }
+}
+
+#[test]
+fn serve_accepts_mail_from_swaks_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "[domains]\nlocal = [\"example.test\"]\n");
+    let mut serving = Serving::start(&config);
+    let smtp = serving.listen_address("smtp");
+    let output = Command::new("swaks")
+        .args(["--server", &smtp.to_string()])
+        .args(["--from", "sender@example.org", "--to", "alice@example.test"])
+        .args(["--helo", "swaks.test", "--pipeline"])
+        .args(["--header", "Subject: hello from swaks"])
+        .output()
+        .expect("swaks is installed (see .ci/run)");
+    let transcript = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{transcript}");
+    assert!(
+        transcript.contains("250 2.0.0 OK queued as"),
+        "{transcript}"
+    );
+    let accepted = serving.wait_for_log("accepted from=<sender@example.org>");
+    assert!(accepted.contains("to=<alice@example.test>"), "{accepted}");
+
+    // What the README promises: the message is in the queue, readable.
+    let db = rusqlite::Connection::open(dir.path().join("data/queue.db")).unwrap();
+    let (recipient, status): (String, String) = db
+        .query_row("SELECT recipient, status FROM queue_status", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!(
+        (recipient.as_str(), status.as_str()),
+        ("alice@example.test", "queued")
+    );
+
+    let (code, log) = serving.terminate();
+    assert_eq!(code, 0, "{}", log.join("\n"));
+}
