@@ -189,10 +189,16 @@ impl Queue {
     /// Waits for the writer to drain. Handles held elsewhere keep it alive,
     /// so drop them first.
     pub fn close(self) {
+        let stats = Arc::clone(&self.handle.stats);
         drop(self.handle);
         if self.writer.join().is_err() {
             log::error!("queue writer thread panicked");
         }
+        log::info!(
+            "queue closed: {} messages stored in {} commits since start",
+            stats.messages(),
+            stats.commits()
+        );
     }
 }
 
