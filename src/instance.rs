@@ -4,10 +4,11 @@
 
 use std::sync::Arc;
 
+use crate::auth::Accounts;
 use crate::config::Config;
 use crate::protocol::session::ListenerKind;
-use crate::queue::{Queue, QueueHandle};
-use crate::server::directory::Directory;
+use crate::queue::{Queue, QueueHandle, ReadPool};
+use crate::server::directory::{self, Directory};
 use crate::server::{Server, ServerParts};
 use crate::tls::ServerTls;
 
@@ -34,10 +35,18 @@ impl Instance {
         let config = Arc::new(config);
         let queue = Queue::open(&config.data_dir).map_err(|e| InstanceError(e.to_string()))?;
         let tls = Arc::new(ServerTls::load(&config).map_err(|e| InstanceError(e.to_string()))?);
+        let accounts = Accounts::new(ReadPool::new(queue.handle().path()));
+        let services = Directory::new(Arc::clone(&config), accounts);
+        let warnings = directory::deliverability_warnings(&config, |address| {
+            services.accounts().exists(address).unwrap_or(false)
+        });
+        for warning in warnings {
+            log::warn!("config: {warning}");
+        }
         let parts = ServerParts {
             queue: queue.handle(),
             tls: Some(Arc::clone(&tls)),
-            services: Directory::new(Arc::clone(&config)),
+            services,
             on_queued: None,
         };
         let server =

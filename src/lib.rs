@@ -5,12 +5,14 @@
 //! - [`server`]: listeners, acceptor, worker pool, the per-connection IO loop
 //! - [`queue`]: the SQLite queue and its group-commit writer thread
 //! - [`policy`]: relay and sender decisions as pure functions
+//! - [`auth`]: accounts, password policy and hashing, brute-force limiter
 //! - [`tls`]: certificates and rustls configurations
 //! - [`config`]: the TOML config file, defaults and validation
 //! - [`cli`]: the `petrel` command line
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod instance;

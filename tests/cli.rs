@@ -105,6 +105,134 @@ fn usage_errors_exit_2() {
     assert_eq!(output.status.code(), Some(2));
 }
 
+/// Runs `petrel user ...` with `stdin` as its input; Ok(stdout) on exit 0,
+/// Err((code, stderr)) otherwise.
+fn user(config: &Path, args: &[&str], stdin: &str) -> Result<String, (i32, String)> {
+    use std::io::Write as _;
+    let mut child = petrel()
+        .arg("user")
+        .args(args)
+        .arg("-c")
+        .arg(config)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // petrel may exit before reading (a refused address): ignore EPIPE.
+    let _ = child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{stdin}\n").as_bytes());
+    let output = child.wait_with_output().unwrap();
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err((
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        ))
+    }
+}
+
+#[test]
+fn user_commands_manage_accounts_with_the_password_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "[domains]\nlocal = [\"example.test\"]\n");
+    let add = ["add", "alice@example.test", "--password-stdin"];
+
+    let (code, message) = user(&config, &add, "Password123!").unwrap_err();
+    assert_eq!(code, 2);
+    assert!(message.contains("too easy to guess"), "{message}");
+    let (code, message) = user(&config, &add, "short").unwrap_err();
+    assert_eq!(code, 2);
+    assert!(message.contains("at least 12 characters"), "{message}");
+    assert!(message.contains("add an upper-case letter"), "{message}");
+
+    let added = user(&config, &add, "Quiet-Lantern-42!").unwrap();
+    assert!(added.contains("added alice@example.test"), "{added}");
+    let (code, message) = user(&config, &add, "Quiet-Lantern-42!").unwrap_err();
+    assert_eq!(code, 1);
+    assert!(message.contains("already exists"), "{message}");
+
+    let (code, message) = user(
+        &config,
+        &["add", "eve@elsewhere.example", "--password-stdin"],
+        "Quiet-Lantern-42!",
+    )
+    .unwrap_err();
+    assert_eq!(code, 2);
+    assert!(message.contains("not a local domain"), "{message}");
+
+    // Stored as argon2id PHC, never in clear.
+    let db = rusqlite::Connection::open(dir.path().join("data/queue.db")).unwrap();
+    let hash: String = db
+        .query_row(
+            "SELECT password_hash FROM users WHERE address = 'alice@example.test'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(hash.starts_with("$argon2id$v=19$"), "{hash}");
+    assert!(!hash.contains("Quiet-Lantern"));
+
+    user(
+        &config,
+        &["passwd", "Alice@Example.test", "--password-stdin"],
+        "Brighter-Lantern-43?",
+    )
+    .unwrap();
+    let changed: String = db
+        .query_row(
+            "SELECT password_hash FROM users WHERE address = 'alice@example.test'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_ne!(changed, hash);
+    assert!(petrel::auth::password::verify(
+        "Brighter-Lantern-43?",
+        &changed
+    ));
+
+    let listed = user(&config, &["list"], "").unwrap();
+    assert!(listed.starts_with("alice@example.test\t"), "{listed}");
+    user(&config, &["del", "alice@example.test"], "").unwrap();
+    assert_eq!(user(&config, &["list"], "").unwrap(), "");
+    let (code, _) = user(&config, &["del", "alice@example.test"], "").unwrap_err();
+    assert_eq!(code, 1);
+}
+
+#[test]
+fn check_config_warns_about_an_undeliverable_postmaster() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), "[domains]\nlocal = [\"example.test\"]\n");
+    let output = petrel()
+        .args(["check-config", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("postmaster@example.test is neither an account nor an alias"),
+        "{stderr}"
+    );
+
+    let path = write_config(
+        dir.path(),
+        "[domains]\nlocal = [\"example.test\"]\n[aliases]\n\"postmaster@example.test\" = \"admin@elsewhere.example\"\n",
+    );
+    let output = petrel()
+        .args(["check-config", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    assert!(!String::from_utf8_lossy(&output.stderr).contains("warning"));
+}
+
 /// A `petrel serve` child whose log is read line by line.
 struct Serving {
     child: Child,
@@ -189,6 +317,12 @@ impl Serving {
 fn serve_accepts_mail_from_swaks_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), "[domains]\nlocal = [\"example.test\"]\n");
+    user(
+        &config,
+        &["add", "alice@example.test", "--password-stdin"],
+        "Quiet-Lantern-42!",
+    )
+    .expect("account created");
     let mut serving = Serving::start(&config);
     let smtp = serving.listen_address("smtp");
     let output = Command::new("swaks")

@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::io::Write as _;
-use std::net::TcpStream;
 use std::sync::{Arc, Barrier};
 
 use common::*;
@@ -423,27 +421,13 @@ fn per_address_and_total_session_limits_answer_421() {
     third.expect_closed();
 
     // Another loopback address still gets in, until the total is reached.
-    let other = connect_from("127.0.0.2", addr);
+    let other = RawClient::connect_from("127.0.0.2", addr);
     let mut other = other;
     assert_eq!(other.reply().code, 220);
-    let mut busy = connect_from("127.0.0.3", addr);
+    let mut busy = RawClient::connect_from("127.0.0.3", addr);
     let refused = busy.reply();
     assert_eq!(refused.code, 421);
     assert!(refused.text().starts_with("4.3.2"), "{refused:?}");
-}
-
-fn connect_from(source: &str, addr: std::net::SocketAddr) -> RawClient {
-    use socket2::{Domain, Socket, Type};
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    let source: std::net::SocketAddr = format!("{source}:0").parse().unwrap();
-    socket.bind(&source.into()).unwrap();
-    socket.connect(&addr.into()).unwrap();
-    let stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    RawClient {
-        writer: stream.try_clone().unwrap(),
-        reader: std::io::BufReader::new(stream),
-    }
 }
 
 #[test]
@@ -548,8 +532,7 @@ fn stream_writes_survive_partial_reads() {
     let server = TestServer::start(|_| {});
     let mut client = RawClient::greeted(server.smtp());
     for byte in b"EHLO slow.test\r\n" {
-        client.writer.write_all(&[*byte]).unwrap();
-        client.writer.flush().unwrap();
+        client.send_raw(&[*byte]);
     }
     assert_eq!(client.reply().code, 250);
 }

@@ -2,6 +2,7 @@
 //! command. Exit codes: 0 ok, 1 runtime failure, 2 usage or config error.
 
 mod serve;
+mod user;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,6 +32,11 @@ pub enum Command {
     Serve,
     /// Validate the config and print the effective settings
     CheckConfig,
+    /// Manage accounts (AUTH logins and local mailboxes)
+    User {
+        #[command(subcommand)]
+        command: user::UserCommand,
+    },
 }
 
 /// How a command ended; mapped to the documented exit codes.
@@ -81,13 +87,42 @@ fn run(cli: Cli) -> Result<(), Failure> {
             check_config(&config, &source);
             Ok(())
         }
+        Command::User { command } => {
+            let (config, _) = Config::load(cli.config.as_deref())?;
+            user::run(&config, command)
+        }
     }
 }
 
 fn check_config(config: &Config, source: &ConfigSource) {
     println!("# petrel: configuration OK ({source})");
+    let existing = existing_accounts(config);
+    let warnings =
+        crate::server::directory::deliverability_warnings(config, |a| existing.contains(a));
+    for warning in &warnings {
+        println!("# warning: {warning}");
+        eprintln!("petrel: warning: {warning}");
+    }
     println!("# effective settings:");
     print!("{}", config.to_toml());
+}
+
+/// Accounts in an existing queue database, read without creating or
+/// migrating anything: check-config must not write.
+fn existing_accounts(config: &Config) -> std::collections::HashSet<String> {
+    use rusqlite::OpenFlags;
+    let path = config.data_dir.join(crate::queue::QUEUE_FILE);
+    let Ok(conn) = rusqlite::Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+    else {
+        return Default::default();
+    };
+    let Ok(mut statement) = conn.prepare("SELECT address FROM users") else {
+        return Default::default();
+    };
+    statement
+        .query_map([], |row| row.get::<_, String>(0))
+        .map(|rows| rows.filter_map(Result::ok).collect())
+        .unwrap_or_default()
 }
 
 /// Logging for long-running commands: `RUST_LOG` wins, `info` by default.

@@ -508,7 +508,7 @@ impl Config {
             if normalized.is_empty() {
                 return Err(ConfigError::at(&key, "needs at least one target address"));
             }
-            aliases.insert(source.to_string(), AliasTargets::Many(normalized));
+            aliases.insert(source.lookup_key(), AliasTargets::Many(normalized));
         }
         self.aliases = aliases;
 

@@ -11,8 +11,8 @@ mod writer;
 use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::Sender;
@@ -202,8 +202,58 @@ impl Queue {
     }
 }
 
+/// Read connections shared by the worker threads (account and alias
+/// lookups). Connections are reused; at most `MAX_IDLE` are kept open.
+pub struct ReadPool {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl ReadPool {
+    const MAX_IDLE: usize = 16;
+
+    pub fn new(path: &Path) -> ReadPool {
+        ReadPool {
+            path: path.to_path_buf(),
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn with<T>(
+        &self,
+        what: &str,
+        query: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, QueueError> {
+        let pooled = self
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        let conn = match pooled {
+            Some(conn) => conn,
+            None => schema::open_connection(&self.path)?,
+        };
+        let result = query(&conn).map_err(QueueError::sqlite(what.to_string()));
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < Self::MAX_IDLE {
+            idle.push(conn);
+        }
+        result
+    }
+}
+
 /// Opens the queue database of `data_dir` for reading and one-off writes
 /// (the CLI), migrating it if needed. Works while a server runs.
 pub fn open_direct(data_dir: &Path) -> Result<Connection, QueueError> {
+    create_data_dir(data_dir)?;
     schema::open(&data_dir.join(QUEUE_FILE))
+}
+
+fn create_data_dir(data_dir: &Path) -> Result<(), QueueError> {
+    std::fs::create_dir_all(data_dir).map_err(|e| {
+        QueueError::new(format!(
+            "cannot create data_dir {}: {e}",
+            data_dir.display()
+        ))
+    })
 }

@@ -9,7 +9,10 @@ use rusqlite::Connection;
 use super::QueueError;
 
 /// Applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[(&str, &str)] = &[("0001_queue.sql", include_str!("../../sql/0001_queue.sql"))];
+const MIGRATIONS: &[(&str, &str)] = &[
+    ("0001_queue.sql", include_str!("../../sql/0001_queue.sql")),
+    ("0002_users.sql", include_str!("../../sql/0002_users.sql")),
+];
 
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
 

@@ -4,7 +4,7 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -14,6 +14,29 @@ use petrel::instance::Instance;
 use petrel::protocol::session::ListenerKind;
 
 pub const WAIT: Duration = Duration::from_secs(30);
+
+/// The password of the accounts every test server has.
+pub const PASSWORD: &str = "Test-Password-42!";
+/// Accounts (logins and mailboxes) every test server has.
+pub const ACCOUNTS: &[&str] = &[
+    "alice@example.test",
+    "bob@example.test",
+    "carol@example.test",
+];
+
+/// argon2id is slow on purpose; hash the shared test password once.
+fn password_hash() -> &'static str {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| petrel::auth::password::hash(PASSWORD).unwrap())
+}
+
+/// Creates accounts in a data dir's queue database (as `petrel user add` does).
+pub fn add_accounts(data_dir: &Path, addresses: &[&str]) {
+    let conn = petrel::queue::open_direct(data_dir).unwrap();
+    for address in addresses {
+        petrel::auth::accounts::add(&conn, address, password_hash()).unwrap();
+    }
+}
 
 /// A config for tests: every listener on 127.0.0.1:0, data in `dir`.
 pub fn test_config(dir: &Path) -> Config {
@@ -40,6 +63,7 @@ impl TestServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = test_config(dir.path());
         adjust(&mut config);
+        add_accounts(&config.data_dir, ACCOUNTS);
         let instance = Instance::start(config).expect("petrel starts");
         TestServer {
             dir,
@@ -57,6 +81,14 @@ impl TestServer {
 
     pub fn smtp(&self) -> SocketAddr {
         self.addr(ListenerKind::Smtp)
+    }
+
+    /// The generated self-signed certificate, for clients to trust.
+    pub fn cert_path(&self) -> PathBuf {
+        self.instance()
+            .config()
+            .data_dir
+            .join("tls/selfsigned-cert.pem")
     }
 
     pub fn db_path(&self) -> PathBuf {
@@ -158,10 +190,48 @@ pub fn queue_id_from(text: &str) -> String {
     text.rsplit(' ').next().unwrap().trim().to_string()
 }
 
-/// A bare SMTP client speaking over a plain TCP socket.
+enum Transport {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Transport {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Transport::Plain(tcp) => tcp,
+            Transport::Tls(tls) => &tls.sock,
+        }
+    }
+}
+
+impl Read for Transport {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Transport::Plain(tcp) => tcp.read(buf),
+            Transport::Tls(tls) => tls.read(buf),
+        }
+    }
+}
+
+impl Write for Transport {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Transport::Plain(tcp) => tcp.write(buf),
+            Transport::Tls(tls) => tls.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Transport::Plain(tcp) => tcp.flush(),
+            Transport::Tls(tls) => tls.flush(),
+        }
+    }
+}
+
+/// A bare SMTP client over TCP, optionally upgraded to TLS.
 pub struct RawClient {
-    pub reader: BufReader<TcpStream>,
-    pub writer: TcpStream,
+    transport: Transport,
+    buffer: Vec<u8>,
 }
 
 #[derive(Debug, Clone)]
@@ -178,25 +248,97 @@ impl Reply {
 
 impl RawClient {
     pub fn connect(addr: SocketAddr) -> RawClient {
-        let stream = TcpStream::connect(addr).expect("connect");
+        RawClient::over(TcpStream::connect(addr).expect("connect"))
+    }
+
+    /// Connects from a chosen loopback address (127.0.0.2, ...), so tests can
+    /// play several clients.
+    pub fn connect_from(source: &str, addr: SocketAddr) -> RawClient {
+        use socket2::{Domain, Socket, Type};
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        let source: SocketAddr = format!("{source}:0").parse().unwrap();
+        socket.bind(&source.into()).unwrap();
+        socket.connect(&addr.into()).unwrap();
+        RawClient::over(socket.into())
+    }
+
+    fn over(stream: TcpStream) -> RawClient {
         stream.set_read_timeout(Some(WAIT)).unwrap();
-        let writer = stream.try_clone().unwrap();
         RawClient {
-            reader: BufReader::new(stream),
-            writer,
+            transport: Transport::Plain(stream),
+            buffer: Vec::new(),
         }
     }
 
     /// Connects and reads the greeting, asserting it is 220.
     pub fn greeted(addr: SocketAddr) -> RawClient {
         let mut client = RawClient::connect(addr);
-        let greeting = client.reply();
-        assert_eq!(greeting.code, 220, "{greeting:?}");
+        client.expect_greeting();
         client
     }
 
+    pub fn expect_greeting(&mut self) {
+        let greeting = self.reply();
+        assert_eq!(greeting.code, 220, "{greeting:?}");
+    }
+
+    /// Implicit TLS (port 465 style): handshake first, then the greeting.
+    pub fn implicit_tls(addr: SocketAddr, trust: &Path) -> RawClient {
+        let mut client = RawClient::connect(addr);
+        client.upgrade_tls(trust);
+        client.expect_greeting();
+        client
+    }
+
+    /// Runs the TLS handshake now, trusting the PEM certificate at `trust`.
+    /// Anything the server sent before it that we have not read is a bug.
+    pub fn upgrade_tls(&mut self, trust: &Path) {
+        self.try_upgrade_tls(trust).expect("TLS handshake");
+    }
+
+    pub fn try_upgrade_tls(&mut self, trust: &Path) -> std::io::Result<()> {
+        assert!(
+            self.buffer.is_empty(),
+            "plaintext left over before TLS: {:?}",
+            String::from_utf8_lossy(&self.buffer)
+        );
+        let config = client_tls_config(trust);
+        let name = rustls::pki_types::ServerName::try_from("mx.test").unwrap();
+        let connection = rustls::ClientConnection::new(config, name).unwrap();
+        let tcp = self.transport.tcp().try_clone().unwrap();
+        let mut stream = rustls::StreamOwned::new(connection, tcp);
+        while stream.conn.is_handshaking() {
+            stream.conn.complete_io(&mut stream.sock)?;
+        }
+        self.transport = Transport::Tls(Box::new(stream));
+        Ok(())
+    }
+
+    /// The DER certificate the server presented.
+    pub fn peer_certificate(&self) -> Vec<u8> {
+        match &self.transport {
+            Transport::Tls(tls) => tls.conn.peer_certificates().expect("certificate")[0].to_vec(),
+            Transport::Plain(_) => panic!("not in TLS"),
+        }
+    }
+
+    /// STARTTLS, then the handshake; the caller must EHLO again.
+    pub fn starttls(&mut self, trust: &Path) {
+        let reply = self.command("STARTTLS");
+        assert_eq!(reply.code, 220, "{reply:?}");
+        self.upgrade_tls(trust);
+    }
+
+    pub fn tls_version(&self) -> Option<rustls::ProtocolVersion> {
+        match &self.transport {
+            Transport::Tls(tls) => tls.conn.protocol_version(),
+            Transport::Plain(_) => None,
+        }
+    }
+
     pub fn send_raw(&mut self, bytes: &[u8]) {
-        self.writer.write_all(bytes).expect("write");
+        self.transport.write_all(bytes).expect("write");
+        self.transport.flush().expect("flush");
     }
 
     pub fn send(&mut self, line: &str) {
@@ -208,16 +350,29 @@ impl RawClient {
         self.try_reply().expect("reply from server")
     }
 
+    fn read_line(&mut self) -> Option<String> {
+        loop {
+            if let Some(end) = self.buffer.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buffer.drain(..=end).collect();
+                return Some(
+                    String::from_utf8_lossy(&line)
+                        .trim_end_matches(['\r', '\n'])
+                        .to_string(),
+                );
+            }
+            let mut chunk = [0u8; 4096];
+            match self.transport.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buffer.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
     /// `None` when the server closed the connection.
     pub fn try_reply(&mut self) -> Option<Reply> {
         let mut lines = Vec::new();
         loop {
-            let mut line = String::new();
-            match self.reader.read_line(&mut line) {
-                Ok(0) | Err(_) => return None,
-                Ok(_) => {}
-            }
-            let line = line.trim_end_matches(['\r', '\n']).to_string();
+            let line = self.read_line()?;
             assert!(line.len() >= 3, "short reply line {line:?}");
             let code: u16 = line[..3].parse().expect("reply code");
             let last = line.as_bytes().get(3) != Some(&b'-');
@@ -233,10 +388,10 @@ impl RawClient {
         self.reply()
     }
 
-    /// Asserts the server closed the connection.
+    /// Asserts the server closed the connection without saying more.
     pub fn expect_closed(&mut self) {
-        let mut rest = Vec::new();
-        let _ = self.reader.read_to_end(&mut rest);
+        let mut rest = std::mem::take(&mut self.buffer);
+        let _ = self.transport.read_to_end(&mut rest);
         assert!(
             rest.is_empty(),
             "unexpected bytes: {:?}",
@@ -244,11 +399,24 @@ impl RawClient {
         );
     }
 
+    /// AUTH PLAIN with an initial response.
+    pub fn auth_plain(&mut self, user: &str, password: &str) -> Reply {
+        use base64::Engine as _;
+        let token =
+            base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
+        self.command(&format!("AUTH PLAIN {token}"))
+    }
+
     /// EHLO, MAIL, RCPT..., DATA, body (already dot-stuffed, ending CRLF),
     /// and the final reply.
     pub fn send_message(&mut self, from: &str, to: &[&str], body: &[u8]) -> Reply {
         let ehlo = self.command("EHLO client.test");
         assert_eq!(ehlo.code, 250, "{ehlo:?}");
+        self.send_transaction(from, to, body)
+    }
+
+    /// MAIL, RCPT..., DATA and body, after EHLO.
+    pub fn send_transaction(&mut self, from: &str, to: &[&str], body: &[u8]) -> Reply {
         let mail = self.command(&format!("MAIL FROM:<{from}>"));
         assert_eq!(mail.code, 250, "{mail:?}");
         for rcpt in to {
@@ -261,6 +429,25 @@ impl RawClient {
         self.send_raw(b".\r\n");
         self.reply()
     }
+}
+
+/// A rustls client configuration that trusts exactly the PEM certificate
+/// at `trust` (the test server's self-signed one).
+pub fn client_tls_config(trust: &Path) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(trust).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    std::sync::Arc::new(config)
 }
 
 /// Dot-stuffs a message for DATA (RFC 5321 4.5.2).
