@@ -1,16 +1,26 @@
-//! A whole running petrel: queue, TLS, listeners (and, when enabled,
-//! delivery), started and stopped in the right order. `petrel serve` runs
-//! one until a signal; tests run several side by side in one process.
+//! A whole running petrel: queue, DNS, TLS, listeners and delivery,
+//! started and stopped in the right order. `petrel serve` runs one until a
+//! signal; tests run several side by side in one process.
 
+use std::fs::File;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::auth::Accounts;
 use crate::config::Config;
+use crate::delivery::Delivery;
+use crate::dns::Dns;
 use crate::protocol::session::ListenerKind;
 use crate::queue::{Queue, QueueHandle, ReadPool};
 use crate::server::directory::{self, Directory};
 use crate::server::{Server, ServerParts};
 use crate::tls::ServerTls;
+
+/// Held while a server runs: two servers on one queue would each think
+/// the other's in-flight deliveries were abandoned.
+const LOCK_FILE: &str = "petrel.lock";
+/// Running deliveries get this long to finish at shutdown.
+const DELIVERY_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 pub struct InstanceError(pub String);
@@ -23,39 +33,82 @@ impl std::fmt::Display for InstanceError {
 
 impl std::error::Error for InstanceError {}
 
+fn error(e: impl std::fmt::Display) -> InstanceError {
+    InstanceError(e.to_string())
+}
+
+/// Which parts to run.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Run the scheduler and delivery workers (off: accept and queue only).
+    pub delivery: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { delivery: true }
+    }
+}
+
 pub struct Instance {
     config: Arc<Config>,
     queue: Queue,
     tls: Arc<ServerTls>,
     server: Server,
+    delivery: Option<Delivery>,
+    _lock: File,
 }
 
 impl Instance {
     pub fn start(config: Config) -> Result<Instance, InstanceError> {
+        Instance::start_with(config, Options::default())
+    }
+
+    pub fn start_with(config: Config, options: Options) -> Result<Instance, InstanceError> {
         let config = Arc::new(config);
-        let queue = Queue::open(&config.data_dir).map_err(|e| InstanceError(e.to_string()))?;
-        let tls = Arc::new(ServerTls::load(&config).map_err(|e| InstanceError(e.to_string()))?);
+        let queue = Queue::open(&config.data_dir).map_err(error)?;
+        let lock = lock_data_dir(&config)?;
+        let dns = Arc::new(Dns::new(&config.dns).map_err(error)?);
+        let tls = Arc::new(ServerTls::load(&config).map_err(error)?);
         let accounts = Accounts::new(ReadPool::new(queue.handle().path()));
-        let services = Directory::new(Arc::clone(&config), accounts);
+        let services = Directory::new(Arc::clone(&config), accounts, Some(Arc::clone(&dns)));
         let warnings = directory::deliverability_warnings(&config, |address| {
             services.accounts().exists(address).unwrap_or(false)
         });
         for warning in warnings {
             log::warn!("config: {warning}");
         }
+        let delivery = if options.delivery {
+            Some(Delivery::start(Arc::clone(&config), queue.handle(), dns).map_err(error)?)
+        } else {
+            None
+        };
+        let on_queued: Option<Box<dyn Fn() + Send + Sync>> = delivery.as_ref().map(|d| {
+            let waker = d.waker();
+            Box::new(move || waker.wake()) as Box<dyn Fn() + Send + Sync>
+        });
         let parts = ServerParts {
             queue: queue.handle(),
             tls: Some(Arc::clone(&tls)),
             services,
-            on_queued: None,
+            on_queued,
         };
-        let server =
-            Server::start(Arc::clone(&config), parts).map_err(|e| InstanceError(e.to_string()))?;
+        let server = match Server::start(Arc::clone(&config), parts) {
+            Ok(server) => server,
+            Err(e) => {
+                if let Some(delivery) = delivery {
+                    delivery.shutdown(DELIVERY_GRACE);
+                }
+                return Err(error(e));
+            }
+        };
         Ok(Instance {
             config,
             queue,
             tls,
             server,
+            delivery,
+            _lock: lock,
         })
     }
 
@@ -79,9 +132,31 @@ impl Instance {
         &self.tls
     }
 
-    /// Graceful: listeners close, sessions end, the queue writer drains.
+    /// Graceful: listeners close, sessions end, deliveries get a grace
+    /// period, the queue writer drains.
     pub fn shutdown(self) {
         self.server.shutdown();
+        if let Some(delivery) = self.delivery {
+            delivery.shutdown(DELIVERY_GRACE);
+        }
         self.queue.close();
+    }
+}
+
+fn lock_data_dir(config: &Config) -> Result<File, InstanceError> {
+    let path = config.data_dir.join(LOCK_FILE);
+    let file = File::create(&path)
+        .map_err(|e| InstanceError(format!("cannot create {}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(InstanceError(format!(
+            "another petrel is already running on {} (it holds {})",
+            config.data_dir.display(),
+            path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(InstanceError(format!(
+            "cannot lock {}: {e}",
+            path.display()
+        ))),
     }
 }

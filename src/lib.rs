@@ -15,6 +15,8 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod delivery;
+pub mod dns;
 pub mod instance;
 pub mod policy;
 pub mod protocol;

@@ -316,7 +316,14 @@ impl Serving {
 #[test]
 fn serve_accepts_mail_from_swaks_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "[domains]\nlocal = [\"example.test\"]\n");
+    let dns = common::standard_dns();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[domains]\nlocal = [\"example.test\"]\n[dns]\nnameservers = [\"{}\"]\n",
+            dns.addr
+        ),
+    );
     user(
         &config,
         &["add", "alice@example.test", "--password-stdin"],
@@ -341,17 +348,18 @@ fn serve_accepts_mail_from_swaks_and_stops_on_sigterm() {
     let accepted = serving.wait_for_log("accepted from=<sender@example.org>");
     assert!(accepted.contains("to=<alice@example.test>"), "{accepted}");
 
-    // What the README promises: the message is in the queue, readable.
-    let db = rusqlite::Connection::open(dir.path().join("data/queue.db")).unwrap();
-    let (recipient, status): (String, String) = db
-        .query_row("SELECT recipient, status FROM queue_status", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .unwrap();
-    assert_eq!(
-        (recipient.as_str(), status.as_str()),
-        ("alice@example.test", "queued")
+    // serve also delivers: the message reaches alice's Maildir.
+    let delivered = serving.wait_for_log("to=<alice@example.test>, relay=local");
+    assert!(delivered.contains("status=sent"), "{delivered}");
+    let new = dir.path().join("data/mail/example.test/alice/new");
+    let files: Vec<_> = std::fs::read_dir(&new).unwrap().collect();
+    assert_eq!(files.len(), 1);
+    let message = std::fs::read_to_string(files[0].as_ref().unwrap().path()).unwrap();
+    assert!(
+        message
+            .starts_with("Return-Path: <sender@example.org>\nDelivered-To: alice@example.test\n")
     );
+    assert!(message.contains("Subject: hello from swaks\n"), "{message}");
 
     let (code, log) = serving.terminate();
     assert_eq!(code, 0, "{}", log.join("\n"));

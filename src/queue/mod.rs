@@ -4,6 +4,7 @@
 //! batches (group commit); readers open their own connections. It must never
 //! report a message as stored before its transaction is committed on disk.
 
+pub mod delivery;
 mod id;
 mod schema;
 mod writer;
@@ -18,9 +19,10 @@ use std::thread::JoinHandle;
 use crossbeam_channel::Sender;
 use rusqlite::Connection;
 
+use delivery::{ClaimedRecipient, DeliveryReport};
 pub use id::QueueId;
 pub use schema::SCHEMA_VERSION;
-use writer::{WriteOp, WriteRequest};
+use writer::{Request, WriteOp, WriteOutput, WriteRequest};
 
 pub const QUEUE_FILE: &str = "queue.db";
 
@@ -116,7 +118,7 @@ impl QueueStats {
 /// A cheap, clonable handle for submitting writes.
 #[derive(Clone)]
 pub struct QueueHandle {
-    requests: Sender<WriteRequest>,
+    requests: Sender<Request>,
     stats: Arc<QueueStats>,
     path: Arc<PathBuf>,
 }
@@ -124,13 +126,50 @@ pub struct QueueHandle {
 impl QueueHandle {
     /// Commits the message and returns only once it is on disk.
     pub fn insert(&self, message: NewMessage) -> Result<(), QueueError> {
-        self.submit(WriteOp::Insert(Box::new(message)))
+        self.submit(WriteOp::Insert(Box::new(message))).map(|_| ())
     }
 
-    fn submit(&self, op: WriteOp) -> Result<(), QueueError> {
+    /// Marks up to `limit` due recipients as being delivered.
+    pub fn claim_due(&self, limit: usize) -> Result<Vec<ClaimedRecipient>, QueueError> {
+        match self.submit(WriteOp::Claim { limit })? {
+            WriteOutput::Claimed(claimed) => Ok(claimed),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    pub fn record(&self, report: DeliveryReport) -> Result<(), QueueError> {
+        self.submit(WriteOp::Record(Box::new(report))).map(|_| ())
+    }
+
+    /// Puts every in-flight recipient back in the queue (crash recovery).
+    pub fn requeue_all(&self) -> Result<usize, QueueError> {
+        self.requeue(None, None)
+    }
+
+    /// Puts these in-flight recipients back, due at `retry_at`.
+    pub fn requeue_at(
+        &self,
+        ids: Vec<i64>,
+        retry_at: std::time::SystemTime,
+    ) -> Result<usize, QueueError> {
+        self.requeue(Some(ids), Some(crate::timefmt::sql_timestamp(retry_at)))
+    }
+
+    fn requeue(
+        &self,
+        ids: Option<Vec<i64>>,
+        retry_at: Option<String>,
+    ) -> Result<usize, QueueError> {
+        match self.submit(WriteOp::Requeue { ids, retry_at })? {
+            WriteOutput::Count(count) => Ok(count),
+            _ => Ok(0),
+        }
+    }
+
+    fn submit(&self, op: WriteOp) -> Result<WriteOutput, QueueError> {
         let (done, result) = crossbeam_channel::bounded(1);
         self.requests
-            .send(WriteRequest { op, done })
+            .send(Request::Write(WriteRequest { op, done }))
             .map_err(|_| QueueError::new("queue writer has stopped"))?;
         result
             .recv()
@@ -186,10 +225,11 @@ impl Queue {
         self.handle.clone()
     }
 
-    /// Waits for the writer to drain. Handles held elsewhere keep it alive,
-    /// so drop them first.
+    /// Lets the writer finish every request sent before this call, then
+    /// stops it; later requests through other handles get an error.
     pub fn close(self) {
         let stats = Arc::clone(&self.handle.stats);
+        let _ = self.handle.requests.send(Request::Stop);
         drop(self.handle);
         if self.writer.join().is_err() {
             log::error!("queue writer thread panicked");
@@ -224,6 +264,14 @@ impl ReadPool {
         what: &str,
         query: impl FnOnce(&Connection) -> rusqlite::Result<T>,
     ) -> Result<T, QueueError> {
+        self.run(|conn| query(conn).map_err(QueueError::sqlite(what.to_string())))
+    }
+
+    /// Runs `work` on a pooled connection.
+    pub fn run<T>(
+        &self,
+        work: impl FnOnce(&Connection) -> Result<T, QueueError>,
+    ) -> Result<T, QueueError> {
         let pooled = self
             .idle
             .lock()
@@ -233,7 +281,7 @@ impl ReadPool {
             Some(conn) => conn,
             None => schema::open_connection(&self.path)?,
         };
-        let result = query(&conn).map_err(QueueError::sqlite(what.to_string()));
+        let result = work(&conn);
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         if idle.len() < Self::MAX_IDLE {
             idle.push(conn);

@@ -12,6 +12,10 @@ use super::QueueError;
 const MIGRATIONS: &[(&str, &str)] = &[
     ("0001_queue.sql", include_str!("../../sql/0001_queue.sql")),
     ("0002_users.sql", include_str!("../../sql/0002_users.sql")),
+    (
+        "0003_delivery.sql",
+        include_str!("../../sql/0003_delivery.sql"),
+    ),
 ];
 
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;

@@ -11,6 +11,7 @@ use std::time::SystemTime;
 use crossbeam_channel::{Receiver, Sender};
 use rusqlite::{Connection, TransactionBehavior, params};
 
+use super::delivery::{self, ClaimedRecipient, DeliveryReport};
 use super::{NewMessage, QueueError, QueueStats};
 use crate::timefmt::sql_timestamp;
 
@@ -24,16 +25,41 @@ const MAX_BATCH: usize = 256;
 
 pub enum WriteOp {
     Insert(Box<NewMessage>),
+    /// Take up to this many due recipients for delivery.
+    Claim {
+        limit: usize,
+    },
+    Record(Box<DeliveryReport>),
+    /// Put recipients stuck "delivering" back: these, or all when `None`;
+    /// due at `retry_at` if given, else when they were due before.
+    Requeue {
+        ids: Option<Vec<i64>>,
+        retry_at: Option<String>,
+    },
+}
+
+pub enum WriteOutput {
+    Done,
+    Claimed(Vec<ClaimedRecipient>),
+    Count(usize),
 }
 
 pub struct WriteRequest {
     pub op: WriteOp,
-    pub done: Sender<Result<(), QueueError>>,
+    pub done: Sender<Result<WriteOutput, QueueError>>,
+}
+
+/// What the writer thread receives.
+pub enum Request {
+    Write(WriteRequest),
+    /// Finish what came before, then stop; handles still held elsewhere
+    /// (a delivery worker that outlives shutdown) get errors, not a hang.
+    Stop,
 }
 
 pub fn spawn(
     conn: Connection,
-    requests: Receiver<WriteRequest>,
+    requests: Receiver<Request>,
     stats: Arc<QueueStats>,
 ) -> Result<JoinHandle<()>, QueueError> {
     std::thread::Builder::new()
@@ -42,12 +68,21 @@ pub fn spawn(
         .map_err(|e| QueueError::new(format!("cannot start queue writer thread: {e}")))
 }
 
-fn run(mut conn: Connection, requests: Receiver<WriteRequest>, stats: Arc<QueueStats>) {
-    while let Ok(first) = requests.recv() {
+fn run(mut conn: Connection, requests: Receiver<Request>, stats: Arc<QueueStats>) {
+    let mut stopping = false;
+    while !stopping {
+        let first = match requests.recv() {
+            Ok(Request::Write(request)) => request,
+            Ok(Request::Stop) | Err(_) => break,
+        };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match requests.try_recv() {
-                Ok(request) => batch.push(request),
+                Ok(Request::Write(request)) => batch.push(request),
+                Ok(Request::Stop) => {
+                    stopping = true;
+                    break;
+                }
                 Err(_) => break,
             }
         }
@@ -63,7 +98,7 @@ fn commit_batch(
     conn: &mut Connection,
     batch: &[WriteRequest],
     stats: &QueueStats,
-) -> Vec<Result<(), QueueError>> {
+) -> Vec<Result<WriteOutput, QueueError>> {
     let fail_all = |error: QueueError| {
         log::error!("queue: {error}");
         batch
@@ -83,8 +118,9 @@ fn commit_batch(
             Ok(mut savepoint) => {
                 let applied = apply(&savepoint, &request.op, &now);
                 match applied {
-                    Ok(()) => savepoint
+                    Ok(output) => savepoint
                         .commit()
+                        .map(|()| output)
                         .map_err(QueueError::sqlite("cannot release savepoint")),
                     Err(error) => {
                         let _ = savepoint.rollback();
@@ -107,9 +143,17 @@ fn commit_batch(
     results
 }
 
-fn apply(conn: &Connection, op: &WriteOp, now: &str) -> Result<(), QueueError> {
+fn apply(conn: &Connection, op: &WriteOp, now: &str) -> Result<WriteOutput, QueueError> {
     match op {
-        WriteOp::Insert(message) => insert_message(conn, message, now),
+        WriteOp::Insert(message) => insert_message(conn, message, now).map(|()| WriteOutput::Done),
+        WriteOp::Claim { limit } => {
+            delivery::claim_due(conn, now, *limit).map(WriteOutput::Claimed)
+        }
+        WriteOp::Record(report) => delivery::record(conn, report, now).map(|()| WriteOutput::Done),
+        WriteOp::Requeue { ids, retry_at } => {
+            delivery::requeue(conn, ids.as_deref(), now, retry_at.as_deref())
+                .map(WriteOutput::Count)
+        }
     }
 }
 

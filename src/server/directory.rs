@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use crate::auth::{Accounts, AuthLimiter, FailureOutcome, password};
 use crate::config::Config;
+use crate::dns::Dns;
 use crate::policy::{self, DomainStatus, RecipientDecision, RecipientFacts, SenderFacts};
 use crate::protocol::address::{Address, ReversePath};
 use crate::protocol::reply::{self, Reply};
@@ -20,15 +21,28 @@ pub struct Directory {
     config: Arc<Config>,
     accounts: Accounts,
     limiter: AuthLimiter,
+    /// Address verification; without it domains are not checked.
+    dns: Option<Arc<Dns>>,
 }
 
 impl Directory {
-    pub fn new(config: Arc<Config>, accounts: Accounts) -> Directory {
+    pub fn new(config: Arc<Config>, accounts: Accounts, dns: Option<Arc<Dns>>) -> Directory {
         let limiter = AuthLimiter::new(&config.auth);
         Directory {
             config,
             accounts,
             limiter,
+            dns,
+        }
+    }
+
+    fn domain_status(&self, address: &Address) -> DomainStatus {
+        if address.domain().literal_ip().is_some() {
+            return DomainStatus::Exists;
+        }
+        match &self.dns {
+            Some(dns) => dns.domain_status(address.domain().as_str()),
+            None => DomainStatus::NotChecked,
         }
     }
 
@@ -135,7 +149,7 @@ impl Services for Directory {
             }
             _ => false,
         };
-        let facts = SenderFacts {
+        let mut facts = SenderFacts {
             null_sender: address.is_none(),
             authenticated_as: client.user.map(str::to_string),
             owned_by_user,
@@ -144,6 +158,11 @@ impl Services for Directory {
             local_domain: address.is_some_and(|a| self.config.is_local_domain(a.domain())),
             domain: DomainStatus::NotChecked,
         };
+        if let Some(address) = address
+            && policy::sender_needs_dns(&facts)
+        {
+            facts.domain = self.domain_status(address);
+        }
         policy::decide_sender(&facts)
     }
 
@@ -163,13 +182,16 @@ impl Services for Directory {
                     Err(error) => return Err(self.local_error("recipient lookup", error)),
                 };
         }
-        let facts = RecipientFacts {
+        let mut facts = RecipientFacts {
             local_domain,
             mailbox_exists,
             authenticated: client.user.is_some(),
             trusted_network: self.config.relay.is_trusted(client.ip),
             domain: DomainStatus::NotChecked,
         };
+        if policy::recipient_needs_dns(&facts) {
+            facts.domain = self.domain_status(recipient);
+        }
         match policy::decide_recipient(&facts) {
             RecipientDecision::DeliverLocally => {
                 Ok(aliases.unwrap_or_else(|| vec![recipient.clone()]))

@@ -5,6 +5,8 @@
 //!
 //! Never falls back to anything older than TLS 1.2.
 
+pub mod client;
+
 use std::fs;
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;

@@ -4,13 +4,15 @@
 
 #![allow(dead_code)]
 
+pub mod dns;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use petrel::config::Config;
-use petrel::instance::Instance;
+use petrel::instance::{Instance, Options};
 use petrel::protocol::session::ListenerKind;
 
 pub const WAIT: Duration = Duration::from_secs(30);
@@ -53,21 +55,50 @@ pub fn test_config(dir: &Path) -> Config {
     config
 }
 
+/// The DNS every test server sees: the sender domains tests use exist,
+/// and so does the foreign domain they relay to.
+pub fn standard_dns() -> dns::TestDns {
+    let dns = dns::TestDns::start();
+    dns.mx("example.org", 10, "mx.example.org")
+        .a("mx.example.org", "127.0.0.1")
+        .mx("elsewhere.example", 10, "mx.elsewhere.example")
+        .a("mx.elsewhere.example", "127.0.0.1");
+    dns
+}
+
 pub struct TestServer {
-    pub dir: tempfile::TempDir,
+    // Dropped in order: the server stops before its DNS and data dir go.
     pub instance: Option<Instance>,
+    pub dns: dns::TestDns,
+    pub dir: tempfile::TempDir,
 }
 
 impl TestServer {
+    /// Accepts and queues, but does not deliver: tests look at the queue.
     pub fn start(adjust: impl FnOnce(&mut Config)) -> TestServer {
+        TestServer::start_with(standard_dns(), Options { delivery: false }, adjust)
+    }
+
+    /// A complete MTA, delivering what it accepts.
+    pub fn start_delivering(dns: dns::TestDns, adjust: impl FnOnce(&mut Config)) -> TestServer {
+        TestServer::start_with(dns, Options { delivery: true }, adjust)
+    }
+
+    pub fn start_with(
+        dns: dns::TestDns,
+        options: Options,
+        adjust: impl FnOnce(&mut Config),
+    ) -> TestServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = test_config(dir.path());
+        config.dns.nameservers = vec![dns.addr];
         adjust(&mut config);
         add_accounts(&config.data_dir, ACCOUNTS);
-        let instance = Instance::start(config).expect("petrel starts");
+        let instance = Instance::start_with(config, options).expect("petrel starts");
         TestServer {
-            dir,
             instance: Some(instance),
+            dns,
+            dir,
         }
     }
 

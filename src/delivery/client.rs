@@ -1,0 +1,477 @@
+//! The SMTP client connection used for delivery: blocking IO with the
+//! RFC 5321 4.5.3.2 timeouts, STARTTLS with rustls, AUTH, and a reply
+//! parser that never buffers more than a bounded amount from a remote
+//! server.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
+
+/// RFC 5321 4.5.3.2 timeouts.
+pub const GREETING_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+pub const DATA_START_TIMEOUT: Duration = Duration::from_secs(2 * 60);
+pub const DATA_BLOCK_TIMEOUT: Duration = Duration::from_secs(3 * 60);
+pub const DATA_END_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+
+/// A remote server's reply lines are short; anything longer is garbage.
+const MAX_REPLY_LINE: usize = 4096;
+const MAX_REPLY_LINES: usize = 200;
+
+/// One reply from the remote server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerReply {
+    pub code: u16,
+    pub lines: Vec<String>,
+}
+
+impl ServerReply {
+    pub fn is_positive(&self) -> bool {
+        (200..400).contains(&self.code)
+    }
+
+    pub fn is_transient(&self) -> bool {
+        (400..500).contains(&self.code)
+    }
+
+    /// The enhanced status code (RFC 3463) if the server gave one.
+    pub fn enhanced(&self) -> Option<&str> {
+        let first = self.lines.first()?;
+        let token = first.split(' ').next()?;
+        let mut parts = token.split('.');
+        let class = parts.next()?;
+        let valid = matches!(class, "2" | "4" | "5")
+            && parts.clone().count() == 2
+            && parts
+                .all(|p| !p.is_empty() && p.len() <= 3 && p.chars().all(|c| c.is_ascii_digit()));
+        valid.then_some(token)
+    }
+}
+
+impl std::fmt::Display for ServerReply {
+    /// "550 5.1.1 No such user" with continuation lines joined by spaces,
+    /// as Postfix logs remote replies.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.code)?;
+        for line in &self.lines {
+            write!(f, " {line}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses reply lines as bytes arrive (sans-IO).
+#[derive(Debug, Default)]
+pub struct ReplyParser {
+    lines: Vec<String>,
+    code: Option<u16>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum ParseStep {
+    More,
+    Done(ServerReply),
+}
+
+impl ReplyParser {
+    /// Takes one line without its CRLF.
+    pub fn line(&mut self, line: &[u8]) -> Result<ParseStep, String> {
+        let text = String::from_utf8_lossy(line);
+        let bad = || {
+            format!(
+                "malformed reply line {:?}",
+                text.chars().take(80).collect::<String>()
+            )
+        };
+        if text.len() < 3 {
+            return Err(bad());
+        }
+        let code: u16 = text[..3].parse().map_err(|_| bad())?;
+        if !(200..600).contains(&code) {
+            return Err(bad());
+        }
+        if self.code.is_some_and(|c| c != code) {
+            return Err(format!("reply code changed within a reply ({code})"));
+        }
+        self.code = Some(code);
+        let separator = text.as_bytes().get(3).copied();
+        let rest = text.get(4..).unwrap_or("").to_string();
+        self.lines.push(rest);
+        if self.lines.len() > MAX_REPLY_LINES {
+            return Err("reply has too many lines".into());
+        }
+        match separator {
+            Some(b'-') => Ok(ParseStep::More),
+            None | Some(b' ') => Ok(ParseStep::Done(ServerReply {
+                code,
+                lines: std::mem::take(&mut self.lines),
+            })),
+            Some(_) => Err(bad()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Extensions {
+    pub pipelining: bool,
+    pub starttls: bool,
+    pub eight_bit_mime: bool,
+    pub smtputf8: bool,
+    /// SIZE limit; 0 or absent means none announced.
+    pub size: Option<u64>,
+    pub auth: Vec<String>,
+}
+
+impl Extensions {
+    /// From the lines of an EHLO reply (the first line is the greeting).
+    pub fn parse(reply: &ServerReply) -> Extensions {
+        let mut extensions = Extensions::default();
+        for line in reply.lines.iter().skip(1) {
+            let mut words = line.split_whitespace();
+            let Some(keyword) = words.next() else {
+                continue;
+            };
+            match keyword.to_ascii_uppercase().as_str() {
+                "PIPELINING" => extensions.pipelining = true,
+                "STARTTLS" => extensions.starttls = true,
+                "8BITMIME" => extensions.eight_bit_mime = true,
+                "SMTPUTF8" => extensions.smtputf8 = true,
+                "SIZE" => {
+                    extensions.size = words.next().and_then(|n| n.parse().ok()).filter(|&n| n > 0)
+                }
+                "AUTH" => extensions.auth = words.map(|w| w.to_ascii_uppercase()).collect(),
+                _ => {}
+            }
+        }
+        extensions
+    }
+}
+
+#[derive(Debug)]
+pub enum ClientError {
+    Io(io::Error),
+    /// The server said something we cannot parse.
+    Protocol(String),
+    Tls(String),
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientError::Io(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                f.write_str("timed out")
+            }
+            ClientError::Io(error) => write!(f, "{error}"),
+            ClientError::Protocol(why) => write!(f, "protocol error: {why}"),
+            ClientError::Tls(why) => write!(f, "TLS failed: {why}"),
+        }
+    }
+}
+
+impl From<io::Error> for ClientError {
+    fn from(error: io::Error) -> Self {
+        ClientError::Io(error)
+    }
+}
+
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
+}
+
+pub struct SmtpClient {
+    conn: Conn,
+    buffer: Vec<u8>,
+    pub peer: SocketAddr,
+}
+
+impl SmtpClient {
+    /// Connects and reads the greeting.
+    pub fn connect(
+        peer: SocketAddr,
+        timeout: Duration,
+    ) -> Result<(SmtpClient, ServerReply), ClientError> {
+        let tcp = TcpStream::connect_timeout(&peer, timeout)?;
+        tcp.set_nodelay(true)?;
+        tcp.set_write_timeout(Some(DATA_BLOCK_TIMEOUT))?;
+        let mut client = SmtpClient {
+            conn: Conn::Plain(tcp),
+            buffer: Vec::new(),
+            peer,
+        };
+        let greeting = client.read_reply(GREETING_TIMEOUT)?;
+        Ok((client, greeting))
+    }
+
+    /// Connects with implicit TLS (port 465) and reads the greeting.
+    pub fn connect_tls(
+        peer: SocketAddr,
+        timeout: Duration,
+        config: Arc<ClientConfig>,
+        server_name: &str,
+    ) -> Result<(SmtpClient, ServerReply), ClientError> {
+        let tcp = TcpStream::connect_timeout(&peer, timeout)?;
+        tcp.set_nodelay(true)?;
+        tcp.set_write_timeout(Some(DATA_BLOCK_TIMEOUT))?;
+        let mut client = SmtpClient {
+            conn: Conn::Plain(tcp),
+            buffer: Vec::new(),
+            peer,
+        };
+        client.handshake(config, server_name)?;
+        let greeting = client.read_reply(GREETING_TIMEOUT)?;
+        Ok((client, greeting))
+    }
+
+    fn handshake(
+        &mut self,
+        config: Arc<ClientConfig>,
+        server_name: &str,
+    ) -> Result<(), ClientError> {
+        let name = match server_name.parse::<std::net::IpAddr>() {
+            Ok(ip) => ServerName::IpAddress(ip.into()),
+            Err(_) => ServerName::try_from(server_name.to_string())
+                .map_err(|e| ClientError::Tls(format!("bad server name {server_name:?}: {e}")))?,
+        };
+        let connection =
+            ClientConnection::new(config, name).map_err(|e| ClientError::Tls(e.to_string()))?;
+        let tcp = self.tcp().try_clone()?;
+        tcp.set_read_timeout(Some(COMMAND_TIMEOUT))?;
+        let mut stream = StreamOwned::new(connection, tcp);
+        while stream.conn.is_handshaking() {
+            stream
+                .conn
+                .complete_io(&mut stream.sock)
+                .map_err(|e| ClientError::Tls(e.to_string()))?;
+        }
+        self.conn = Conn::Tls(Box::new(stream));
+        Ok(())
+    }
+
+    fn tcp(&self) -> &TcpStream {
+        match &self.conn {
+            Conn::Plain(tcp) => tcp,
+            Conn::Tls(tls) => &tls.sock,
+        }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self.conn, Conn::Tls(_))
+    }
+
+    /// "TLSv1.3 TLS13_AES_256_GCM_SHA384", for logs.
+    pub fn tls_description(&self) -> Option<String> {
+        match &self.conn {
+            Conn::Plain(_) => None,
+            Conn::Tls(tls) => Some(format!(
+                "{} {}",
+                crate::tls::version_name(tls.conn.protocol_version()),
+                crate::tls::cipher_name(tls.conn.negotiated_cipher_suite())
+            )),
+        }
+    }
+
+    pub fn send(&mut self, data: &[u8]) -> Result<(), ClientError> {
+        match &mut self.conn {
+            Conn::Plain(tcp) => tcp.write_all(data)?,
+            Conn::Tls(tls) => {
+                tls.write_all(data)?;
+                tls.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn read_some(&mut self) -> Result<(), ClientError> {
+        let mut chunk = [0u8; 4096];
+        let n = match &mut self.conn {
+            Conn::Plain(tcp) => tcp.read(&mut chunk)?,
+            Conn::Tls(tls) => tls.read(&mut chunk)?,
+        };
+        if n == 0 {
+            return Err(ClientError::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed by the remote server",
+            )));
+        }
+        self.buffer.extend_from_slice(&chunk[..n]);
+        Ok(())
+    }
+
+    pub fn read_reply(&mut self, timeout: Duration) -> Result<ServerReply, ClientError> {
+        self.tcp().set_read_timeout(Some(timeout))?;
+        let mut parser = ReplyParser::default();
+        loop {
+            let Some(end) = self.buffer.iter().position(|&b| b == b'\n') else {
+                if self.buffer.len() > MAX_REPLY_LINE {
+                    return Err(ClientError::Protocol("reply line too long".into()));
+                }
+                self.read_some()?;
+                continue;
+            };
+            let mut line: Vec<u8> = self.buffer.drain(..=end).collect();
+            line.pop();
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            match parser.line(&line).map_err(ClientError::Protocol)? {
+                ParseStep::More => {}
+                ParseStep::Done(reply) => return Ok(reply),
+            }
+        }
+    }
+
+    pub fn command(&mut self, line: &str, timeout: Duration) -> Result<ServerReply, ClientError> {
+        self.send(format!("{line}\r\n").as_bytes())?;
+        self.read_reply(timeout)
+    }
+
+    /// EHLO, falling back to HELO when the server does not know EHLO.
+    pub fn hello(&mut self, name: &str) -> Result<(ServerReply, Extensions), ClientError> {
+        let reply = self.command(&format!("EHLO {name}"), COMMAND_TIMEOUT)?;
+        if reply.is_positive() {
+            let extensions = Extensions::parse(&reply);
+            return Ok((reply, extensions));
+        }
+        if reply.code >= 500 {
+            let reply = self.command(&format!("HELO {name}"), COMMAND_TIMEOUT)?;
+            return Ok((reply, Extensions::default()));
+        }
+        Ok((reply, Extensions::default()))
+    }
+
+    /// STARTTLS and the handshake. `Ok(Err(reply))` when the server
+    /// refused the command (the connection is still usable in plaintext).
+    pub fn starttls(
+        &mut self,
+        config: Arc<ClientConfig>,
+        server_name: &str,
+    ) -> Result<Result<(), ServerReply>, ClientError> {
+        let reply = self.command("STARTTLS", COMMAND_TIMEOUT)?;
+        if reply.code != 220 {
+            return Ok(Err(reply));
+        }
+        if !self.buffer.is_empty() {
+            return Err(ClientError::Protocol(
+                "data pipelined after the STARTTLS reply".into(),
+            ));
+        }
+        self.handshake(config, server_name)?;
+        Ok(Ok(()))
+    }
+
+    /// AUTH PLAIN if offered, else LOGIN (RFC 4954).
+    pub fn authenticate(
+        &mut self,
+        extensions: &Extensions,
+        user: &str,
+        password: &str,
+    ) -> Result<ServerReply, ClientError> {
+        if extensions.auth.iter().any(|m| m == "PLAIN")
+            || !extensions.auth.iter().any(|m| m == "LOGIN")
+        {
+            let token = BASE64.encode(format!("\0{user}\0{password}"));
+            return self.command(&format!("AUTH PLAIN {token}"), COMMAND_TIMEOUT);
+        }
+        let reply = self.command("AUTH LOGIN", COMMAND_TIMEOUT)?;
+        if reply.code != 334 {
+            return Ok(reply);
+        }
+        let reply = self.command(&BASE64.encode(user), COMMAND_TIMEOUT)?;
+        if reply.code != 334 {
+            return Ok(reply);
+        }
+        self.command(&BASE64.encode(password), COMMAND_TIMEOUT)
+    }
+
+    /// Best effort: the transaction's outcome is already known.
+    pub fn quit(mut self) {
+        if self.send(b"QUIT\r\n").is_ok() {
+            let _ = self.read_reply(Duration::from_secs(10));
+        }
+    }
+}
+
+/// Dot-stuffs a message for DATA and makes sure it ends with CRLF.
+pub fn dot_stuff(content: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(content.len() + content.len() / 64 + 8);
+    let mut at_line_start = true;
+    for &byte in content {
+        if at_line_start && byte == b'.' {
+            out.push(b'.');
+        }
+        out.push(byte);
+        at_line_start = byte == b'\n';
+    }
+    if !out.ends_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(lines: &[&str]) -> Result<ServerReply, String> {
+        let mut parser = ReplyParser::default();
+        for line in lines {
+            if let ParseStep::Done(reply) = parser.line(line.as_bytes())? {
+                return Ok(reply);
+            }
+        }
+        Err("incomplete".into())
+    }
+
+    #[test]
+    fn replies_parse() {
+        let reply = parse(&["250-mx.example Hello", "250-PIPELINING", "250 SIZE 1000"]).unwrap();
+        assert_eq!(reply.code, 250);
+        assert_eq!(reply.lines.len(), 3);
+        let extensions = Extensions::parse(&reply);
+        assert!(extensions.pipelining);
+        assert_eq!(extensions.size, Some(1000));
+        let reply = parse(&["550 5.1.1 No such user"]).unwrap();
+        assert_eq!(reply.enhanced(), Some("5.1.1"));
+        assert_eq!(reply.to_string(), "550 5.1.1 No such user");
+        assert_eq!(parse(&["354 go ahead"]).unwrap().enhanced(), None);
+        assert_eq!(parse(&["250"]).unwrap().lines, vec![""]);
+    }
+
+    #[test]
+    fn bad_replies_are_errors() {
+        assert!(parse(&["hello"]).is_err());
+        assert!(parse(&["999 what"]).is_err());
+        assert!(parse(&["250-a", "251 b"]).is_err());
+        assert!(parse(&["250xhello"]).is_err());
+    }
+
+    #[test]
+    fn extensions() {
+        let reply = parse(&[
+            "250-mx",
+            "250-STARTTLS",
+            "250-8BITMIME",
+            "250-SMTPUTF8",
+            "250-AUTH PLAIN login",
+            "250 SIZE",
+        ])
+        .unwrap();
+        let extensions = Extensions::parse(&reply);
+        assert!(extensions.starttls && extensions.eight_bit_mime && extensions.smtputf8);
+        assert_eq!(extensions.auth, vec!["PLAIN", "LOGIN"]);
+        assert_eq!(extensions.size, None);
+    }
+
+    #[test]
+    fn dot_stuffing() {
+        assert_eq!(dot_stuff(b".a\r\nb\r\n..c\r\n"), b"..a\r\nb\r\n...c\r\n");
+        assert_eq!(dot_stuff(b"no newline"), b"no newline\r\n");
+    }
+}

@@ -1,0 +1,382 @@
+//! DNS for mail routing and address verification: a small blocking facade
+//! over `hickory-resolver` (the maintained successor of
+//! `trust-dns-resolver`). hickory is async-only, so one small tokio
+//! runtime with a single thread serves every lookup; callers on worker
+//! threads block on the result.
+//!
+//! Owns the rules of RFC 5321 5.1 (MX, then A/AAAA as an implicit MX) and
+//! RFC 7505 (null MX). Never decides policy.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use hickory_resolver::TokioResolver;
+use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::{DnsError, NetError};
+use hickory_resolver::proto::op::ResponseCode;
+use hickory_resolver::proto::rr::RData;
+
+use crate::config::{AddressFamily, DnsConfig};
+use crate::policy::DomainStatus;
+
+/// How long a verification verdict is reused; short, so a fixed DNS
+/// problem stops causing refusals quickly.
+const VERDICT_CACHE_TIME: Duration = Duration::from_secs(60);
+const VERDICT_CACHE_MAX: usize = 10_000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DnsFailure {
+    /// NXDOMAIN: permanent.
+    NoSuchDomain,
+    /// The domain exists but has no MX and no address: permanent.
+    NoMailHosts,
+    /// RFC 7505: the domain says it accepts no mail. Permanent.
+    NullMx,
+    /// SERVFAIL, timeout, unreachable resolver: try again later.
+    Temporary(String),
+}
+
+impl DnsFailure {
+    pub fn is_permanent(&self) -> bool {
+        !matches!(self, DnsFailure::Temporary(_))
+    }
+}
+
+impl std::fmt::Display for DnsFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DnsFailure::NoSuchDomain => f.write_str("domain does not exist (NXDOMAIN)"),
+            DnsFailure::NoMailHosts => f.write_str("domain has no MX and no address records"),
+            DnsFailure::NullMx => f.write_str("domain accepts no mail (null MX, RFC 7505)"),
+            DnsFailure::Temporary(why) => write!(f, "temporary DNS failure: {why}"),
+        }
+    }
+}
+
+/// One host to try for a domain, in the order to try them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MailHost {
+    pub name: String,
+    pub preference: u16,
+}
+
+#[derive(Debug)]
+pub struct DnsSetupError(pub String);
+
+impl std::fmt::Display for DnsSetupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for DnsSetupError {}
+
+pub struct Dns {
+    runtime: tokio::runtime::Runtime,
+    resolver: TokioResolver,
+    /// Bounds one lookup including retries, whatever the resolver does.
+    deadline: Duration,
+    verdicts: Mutex<HashMap<String, (DomainStatus, Instant)>>,
+}
+
+/// Classification of one resolver error.
+enum LookupError {
+    NxDomain,
+    NoRecords,
+    Temporary(String),
+}
+
+fn classify(error: &NetError) -> LookupError {
+    match error {
+        NetError::Dns(DnsError::NoRecordsFound(no_records)) => {
+            if no_records.response_code == ResponseCode::NXDomain {
+                LookupError::NxDomain
+            } else {
+                LookupError::NoRecords
+            }
+        }
+        other => LookupError::Temporary(other.to_string()),
+    }
+}
+
+impl Dns {
+    /// `dns.nameservers`, or the system's resolv.conf when that is empty.
+    pub fn new(config: &DnsConfig) -> Result<Dns, DnsSetupError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("dns")
+            .enable_all()
+            .build()
+            .map_err(|e| DnsSetupError(format!("cannot start the DNS runtime: {e}")))?;
+        let resolver = {
+            let _context = runtime.enter();
+            let provider = TokioRuntimeProvider::default();
+            let mut builder = if config.nameservers.is_empty() {
+                TokioResolver::builder(provider).map_err(|e| {
+                    DnsSetupError(format!(
+                        "cannot read the system resolver configuration: {e}"
+                    ))
+                })?
+            } else {
+                let servers = config
+                    .nameservers
+                    .iter()
+                    .map(|address| {
+                        let mut server = NameServerConfig::udp_and_tcp(address.ip());
+                        for connection in &mut server.connections {
+                            connection.port = address.port();
+                        }
+                        server
+                    })
+                    .collect();
+                TokioResolver::builder_with_config(
+                    ResolverConfig::from_name_servers(servers),
+                    provider,
+                )
+            };
+            let options: &mut ResolverOpts = builder.options_mut();
+            options.timeout = config.timeout.get();
+            options.attempts = 2;
+            // Mail routing follows DNS alone, as Postfix's smtp_host_lookup=dns.
+            options.use_hosts_file = ResolveHosts::Never;
+            options.ndots = 0;
+            builder
+                .build()
+                .map_err(|e| DnsSetupError(format!("cannot build the resolver: {e}")))?
+        };
+        Ok(Dns {
+            runtime,
+            resolver,
+            deadline: config.timeout.get() * 3,
+            verdicts: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Runs a lookup on the DNS thread (whose stack suits hickory's large
+    /// futures) and waits for it, within the deadline.
+    fn run<T: Send + 'static>(
+        &self,
+        lookup: impl Future<Output = Result<T, NetError>> + Send + 'static,
+    ) -> Result<T, LookupError> {
+        let deadline = self.deadline;
+        let task = self
+            .runtime
+            .spawn(async move { tokio::time::timeout(deadline, lookup).await });
+        match self.runtime.block_on(task) {
+            Ok(Ok(Ok(value))) => Ok(value),
+            Ok(Ok(Err(error))) => Err(classify(&error)),
+            Ok(Err(_elapsed)) => Err(LookupError::Temporary("lookup timed out".into())),
+            Err(join) => Err(LookupError::Temporary(format!(
+                "lookup task failed: {join}"
+            ))),
+        }
+    }
+
+    /// Where mail for `domain` goes: MX hosts by preference (random order
+    /// among equal preferences), or the domain itself when it has no MX but
+    /// has an address (RFC 5321 5.1).
+    pub fn mail_hosts(&self, domain: &str) -> Result<Vec<MailHost>, DnsFailure> {
+        let name = fqdn(domain);
+        let resolver = self.resolver.clone();
+        let lookup = self.run(async move { resolver.mx_lookup(name).await });
+        match lookup {
+            Ok(lookup) => {
+                let mut hosts: Vec<MailHost> = lookup
+                    .answers()
+                    .iter()
+                    .filter_map(|record| match &record.data {
+                        RData::MX(mx) => Some(MailHost {
+                            name: mx.exchange.to_utf8().trim_end_matches('.').to_string(),
+                            preference: mx.preference,
+                        }),
+                        _ => None,
+                    })
+                    .collect();
+                // RFC 7505: a lone MX with an empty target (".") means
+                // "no mail here"; mixed with real MXes it is ignored.
+                let null = |host: &MailHost| host.name.is_empty();
+                if !hosts.is_empty() && hosts.iter().all(null) {
+                    return Err(DnsFailure::NullMx);
+                }
+                hosts.retain(|host| !null(host));
+                if hosts.is_empty() {
+                    return self.implicit_mx(domain);
+                }
+                order_by_preference(&mut hosts, random_u64);
+                Ok(hosts)
+            }
+            Err(LookupError::NxDomain) => Err(DnsFailure::NoSuchDomain),
+            Err(LookupError::NoRecords) => self.implicit_mx(domain),
+            Err(LookupError::Temporary(why)) => Err(DnsFailure::Temporary(why)),
+        }
+    }
+
+    fn implicit_mx(&self, domain: &str) -> Result<Vec<MailHost>, DnsFailure> {
+        match self.addresses(domain, AddressFamily::Any) {
+            Ok(_) => Ok(vec![MailHost {
+                name: domain.to_string(),
+                preference: 0,
+            }]),
+            Err(DnsFailure::NoMailHosts) => Err(DnsFailure::NoMailHosts),
+            Err(other) => Err(other),
+        }
+    }
+
+    /// Addresses of a host: IPv6 first, then IPv4, unless the family is
+    /// restricted. An address literal is returned as is.
+    pub fn addresses(&self, host: &str, family: AddressFamily) -> Result<Vec<IpAddr>, DnsFailure> {
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Ok(vec![ip]);
+        }
+        let mut found = Vec::new();
+        let mut temporary = None;
+        let mut nxdomain = false;
+        if family != AddressFamily::Ipv4 {
+            let resolver = self.resolver.clone();
+            let name = fqdn(host);
+            match self.run(async move { resolver.ipv6_lookup(name).await }) {
+                Ok(lookup) => found.extend(lookup.answers().iter().filter_map(|r| match &r.data {
+                    RData::AAAA(aaaa) => Some(IpAddr::V6(aaaa.0)),
+                    _ => None,
+                })),
+                Err(LookupError::NxDomain) => nxdomain = true,
+                Err(LookupError::NoRecords) => {}
+                Err(LookupError::Temporary(why)) => temporary = Some(why),
+            }
+        }
+        if family != AddressFamily::Ipv6 && !nxdomain {
+            let resolver = self.resolver.clone();
+            let name = fqdn(host);
+            match self.run(async move { resolver.ipv4_lookup(name).await }) {
+                Ok(lookup) => found.extend(lookup.answers().iter().filter_map(|r| match &r.data {
+                    RData::A(a) => Some(IpAddr::V4(a.0)),
+                    _ => None,
+                })),
+                Err(LookupError::NxDomain) => nxdomain = true,
+                Err(LookupError::NoRecords) => {}
+                Err(LookupError::Temporary(why)) => temporary = Some(why),
+            }
+        }
+        if !found.is_empty() {
+            return Ok(found);
+        }
+        match (temporary, nxdomain) {
+            (Some(why), _) => Err(DnsFailure::Temporary(why)),
+            (None, true) => Err(DnsFailure::NoSuchDomain),
+            (None, false) => Err(DnsFailure::NoMailHosts),
+        }
+    }
+
+    /// Does the domain accept mail? For address verification at MAIL and
+    /// RCPT time; verdicts other than temporary failures are cached briefly.
+    pub fn domain_status(&self, domain: &str) -> DomainStatus {
+        let key = domain.to_ascii_lowercase();
+        let now = Instant::now();
+        {
+            let verdicts = self.verdicts.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some((status, at)) = verdicts.get(&key)
+                && now.duration_since(*at) < VERDICT_CACHE_TIME
+            {
+                return *status;
+            }
+        }
+        let status = match self.mail_hosts(domain) {
+            Ok(_) => DomainStatus::Exists,
+            Err(DnsFailure::NoSuchDomain | DnsFailure::NoMailHosts) => DomainStatus::DoesNotExist,
+            Err(DnsFailure::NullMx) => DomainStatus::NullMx,
+            Err(DnsFailure::Temporary(why)) => {
+                log::warn!("dns: {domain}: {why}");
+                return DomainStatus::TemporaryFailure;
+            }
+        };
+        let mut verdicts = self.verdicts.lock().unwrap_or_else(PoisonError::into_inner);
+        if verdicts.len() >= VERDICT_CACHE_MAX {
+            verdicts.retain(|_, (_, at)| now.duration_since(*at) < VERDICT_CACHE_TIME);
+        }
+        verdicts.insert(key, (status, now));
+        status
+    }
+}
+
+/// A trailing dot makes the name absolute: no search domains are tried.
+fn fqdn(name: &str) -> String {
+    if name.ends_with('.') {
+        name.to_string()
+    } else {
+        format!("{name}.")
+    }
+}
+
+/// Sorts by preference and shuffles hosts of equal preference (RFC 5321
+/// 5.1: spread the load), with `random` as the source of randomness.
+pub fn order_by_preference(hosts: &mut [MailHost], mut random: impl FnMut() -> u64) {
+    hosts.sort_by_key(|host| host.preference);
+    let mut start = 0;
+    while start < hosts.len() {
+        let preference = hosts[start].preference;
+        let end = hosts[start..]
+            .iter()
+            .position(|h| h.preference != preference)
+            .map_or(hosts.len(), |offset| start + offset);
+        // Fisher-Yates within the group.
+        for i in (start + 1..end).rev() {
+            let j = start + (random() % (i - start + 1) as u64) as usize;
+            hosts.swap(i, j);
+        }
+        start = end;
+    }
+}
+
+pub fn random_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    let random = ring::rand::SystemRandom::new();
+    if ring::rand::SecureRandom::fill(&random, &mut bytes).is_err() {
+        // Ordering and jitter only; the clock is random enough.
+        return std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() as u64)
+            .unwrap_or(0);
+    }
+    u64::from_le_bytes(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(name: &str, preference: u16) -> MailHost {
+        MailHost {
+            name: name.into(),
+            preference,
+        }
+    }
+
+    #[test]
+    fn preference_order_with_shuffled_ties() {
+        let mut seen_first = std::collections::HashSet::new();
+        let mut counter = 0u64;
+        for _ in 0..50 {
+            let mut hosts = vec![host("c", 20), host("a1", 10), host("b", 30), host("a2", 10)];
+            order_by_preference(&mut hosts, || {
+                counter = counter
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                counter >> 33
+            });
+            let names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+            assert_eq!(&names[2..], &["c", "b"]);
+            assert!(names[..2].contains(&"a1") && names[..2].contains(&"a2"));
+            seen_first.insert(names[0].to_string());
+        }
+        assert_eq!(seen_first.len(), 2, "equal preferences are shuffled");
+    }
+
+    #[test]
+    fn fqdn_adds_one_dot() {
+        assert_eq!(fqdn("example.org"), "example.org.");
+        assert_eq!(fqdn("example.org."), "example.org.");
+    }
+}
