@@ -3,31 +3,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Instant;
+use std::process::{Command, Stdio};
 
-use common::WAIT;
-
-fn petrel() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_petrel"))
-}
-
-fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
-    let path = dir.join("petrel.toml");
-    let text = format!(
-        "hostname = \"mx.test\"\ndata_dir = \"{}\"\n\
-         [smtp]\nlisten = [\"127.0.0.1:0\"]\n\
-         [submission]\nlisten = [\"127.0.0.1:0\"]\n\
-         [smtps]\nlisten = [\"127.0.0.1:0\"]\n{extra}",
-        dir.join("data").display()
-    );
-    std::fs::write(&path, text).unwrap();
-    path
-}
+use common::serving::{Serving, petrel, write_config};
 
 #[test]
 fn check_config_prints_effective_settings() {
@@ -231,86 +210,6 @@ fn check_config_warns_about_an_undeliverable_postmaster() {
         .unwrap();
     assert_eq!(output.status.code(), Some(0));
     assert!(!String::from_utf8_lossy(&output.stderr).contains("warning"));
-}
-
-/// A `petrel serve` child whose log is read line by line.
-struct Serving {
-    child: Child,
-    log: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Serving {
-    fn start(config: &Path) -> Serving {
-        let mut child = petrel()
-            .arg("serve")
-            .arg("-c")
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (sender, log) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if sender.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut serving = Serving {
-            child,
-            log,
-            seen: Vec::new(),
-        };
-        serving.wait_for_log("petrel ready");
-        serving
-    }
-
-    fn wait_for_log(&mut self, fragment: &str) -> String {
-        let deadline = Instant::now() + WAIT;
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.log.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(fragment) {
-                        return line;
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        panic!(
-            "log never said {fragment:?}; it said:\n{}",
-            self.seen.join("\n")
-        );
-    }
-
-    fn listen_address(&self, kind: &str) -> SocketAddr {
-        let suffix = format!("({kind})");
-        let line = self
-            .seen
-            .iter()
-            .find(|l| l.contains("listening on") && l.ends_with(&suffix))
-            .expect("listen line");
-        line.split("listening on ")
-            .nth(1)
-            .and_then(|rest| rest.split(' ').next())
-            .and_then(|addr| addr.parse().ok())
-            .expect("address in listen line")
-    }
-
-    fn terminate(mut self) -> (i32, Vec<String>) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        self.wait_for_log("petrel stopped");
-        let exit = self.child.wait().unwrap();
-        (exit.code().unwrap_or(-1), self.seen)
-    }
 }
 
 #[test]

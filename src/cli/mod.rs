@@ -1,6 +1,7 @@
 //! The `petrel` command line: argument parsing and one function per
 //! command. Exit codes: 0 ok, 1 runtime failure, 2 usage or config error.
 
+mod queue;
 mod serve;
 mod user;
 
@@ -32,6 +33,11 @@ pub enum Command {
     Serve,
     /// Validate the config and print the effective settings
     CheckConfig,
+    /// Inspect and act on the queue (also while the server runs)
+    Queue {
+        #[command(subcommand)]
+        command: queue::QueueCommand,
+    },
     /// Manage accounts (AUTH logins and local mailboxes)
     User {
         #[command(subcommand)]
@@ -86,6 +92,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let (config, source) = Config::load(cli.config.as_deref())?;
             check_config(&config, &source);
             Ok(())
+        }
+        Command::Queue { command } => {
+            let (config, _) = Config::load(cli.config.as_deref())?;
+            queue::run(&config, command)
         }
         Command::User { command } => {
             let (config, _) = Config::load(cli.config.as_deref())?;

@@ -5,6 +5,8 @@
 #![allow(dead_code)]
 
 pub mod dns;
+pub mod serving;
+pub mod sink;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -61,6 +63,8 @@ pub fn standard_dns() -> dns::TestDns {
     let dns = dns::TestDns::start();
     dns.mx("example.org", 10, "mx.example.org")
         .a("mx.example.org", "127.0.0.1")
+        .mx("example.test", 10, "mx.example.test")
+        .a("mx.example.test", "127.0.0.1")
         .mx("elsewhere.example", 10, "mx.elsewhere.example")
         .a("mx.elsewhere.example", "127.0.0.1");
     dns

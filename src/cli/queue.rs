@@ -1,0 +1,292 @@
+//! `petrel queue list|show|retry|delete|bounce`: look at the queue and act
+//! on it, also while the server runs (the server is woken through its
+//! control socket and notices at once).
+
+use std::time::SystemTime;
+
+use clap::Subcommand;
+use rusqlite::Connection;
+
+use super::Failure;
+use crate::config::Config;
+use crate::delivery::{control, dsn};
+use crate::queue::{self, QueueId, delivery};
+use crate::timefmt::sql_timestamp;
+
+#[derive(Debug, Subcommand)]
+pub enum QueueCommand {
+    /// List waiting messages and where each recipient stands
+    List,
+    /// Show one message: envelope, recipients and headers
+    Show { id: String },
+    /// Make waiting recipients due now
+    Retry {
+        /// Queue id of one message
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        /// Every waiting message
+        #[arg(long)]
+        all: bool,
+    },
+    /// Remove a message without delivering it and without telling the sender
+    Delete { id: String },
+    /// Give up on a message now: its waiting recipients bounce to the sender
+    Bounce { id: String },
+}
+
+pub fn run(config: &Config, command: QueueCommand) -> Result<(), Failure> {
+    let mut conn = queue::open_direct(&config.data_dir).map_err(runtime)?;
+    match command {
+        QueueCommand::List => list(&conn),
+        QueueCommand::Show { id } => show(&conn, &parse_id(&id)?),
+        QueueCommand::Retry { id, all } => {
+            let id = match (id, all) {
+                (Some(id), false) => Some(parse_id(&id)?),
+                _ => None,
+            };
+            let now = sql_timestamp(SystemTime::now());
+            let count = delivery::retry_now(&conn, id.as_ref().map(QueueId::as_str), &now)
+                .map_err(runtime)?;
+            if let Some(id) = &id
+                && count == 0
+            {
+                return Err(Failure::Runtime(format!(
+                    "{id}: no waiting recipients (not in the queue?)"
+                )));
+            }
+            println!("{count} recipients due now{}", wake(config));
+            Ok(())
+        }
+        QueueCommand::Delete { id } => {
+            let id = parse_id(&id)?;
+            if !delivery::delete_message(&conn, id.as_str()).map_err(runtime)? {
+                return Err(Failure::Runtime(format!("{id}: not in the queue")));
+            }
+            log_action(&format!("{id}: deleted by the operator"));
+            println!("{id}: deleted");
+            Ok(())
+        }
+        QueueCommand::Bounce { id } => bounce(config, &mut conn, &parse_id(&id)?),
+    }
+}
+
+fn runtime(error: impl std::fmt::Display) -> Failure {
+    Failure::Runtime(error.to_string())
+}
+
+fn parse_id(text: &str) -> Result<QueueId, Failure> {
+    QueueId::parse(text).ok_or_else(|| {
+        Failure::Usage(format!(
+            "{text:?} is not a queue id (16 hex digits, as `petrel queue list` shows)"
+        ))
+    })
+}
+
+fn wake(config: &Config) -> &'static str {
+    if control::poke(&config.data_dir) {
+        " (the running server was told)"
+    } else {
+        " (no running server was reached; it will see this when it starts)"
+    }
+}
+
+/// Operator actions leave a trace in syslog-style output as well.
+fn log_action(what: &str) {
+    eprintln!("petrel: {what}");
+}
+
+fn list(conn: &Connection) -> Result<(), Failure> {
+    let mut statement = conn
+        .prepare(
+            "SELECT m.id, m.size, m.received_at, m.sender, r.address, r.status, r.attempts,
+                    q.waiting, r.last_reply
+             FROM recipients r
+             JOIN messages m ON m.id = r.message_id
+             LEFT JOIN queue_status q ON q.queue_id = m.id AND q.recipient = r.address
+             WHERE r.status IN ('queued', 'delivering')
+             ORDER BY m.id, r.id",
+        )
+        .map_err(runtime)?;
+    let rows = statement
+        .query_map([], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, i64>(1)?,
+                row.get::<_, String>(2)?,
+                row.get::<_, String>(3)?,
+                row.get::<_, String>(4)?,
+                row.get::<_, String>(5)?,
+                row.get::<_, i64>(6)?,
+                row.get::<_, Option<String>>(7)?,
+                row.get::<_, Option<String>>(8)?,
+            ))
+        })
+        .map_err(runtime)?;
+    let mut current = String::new();
+    let (mut messages, mut recipients) = (0, 0);
+    for row in rows {
+        let (id, size, received, sender, address, status, attempts, waiting, reply) =
+            row.map_err(runtime)?;
+        if id != current {
+            if messages == 0 {
+                println!(
+                    "{:<16}  {:>9}  {:<19}  SENDER",
+                    "QUEUE ID", "SIZE", "RECEIVED"
+                );
+            }
+            println!("{id}  {size:>9}  {received}  <{sender}>");
+            current = id;
+            messages += 1;
+        }
+        recipients += 1;
+        let waiting = waiting.unwrap_or_else(|| status.clone());
+        let reply = reply
+            .map(|r| format!("; last reply: {r}"))
+            .unwrap_or_default();
+        println!("    <{address}>  {status}, {attempts} attempts, {waiting}{reply}");
+    }
+    if messages == 0 {
+        println!("the queue is empty");
+    } else {
+        println!("{messages} messages, {recipients} recipients waiting");
+    }
+    Ok(())
+}
+
+fn show(conn: &Connection, id: &QueueId) -> Result<(), Failure> {
+    let Some(message) = delivery::load_message(conn, id.as_str()).map_err(runtime)? else {
+        return Err(Failure::Runtime(format!("{id}: not in the queue")));
+    };
+    let (received, listener, client, helo, user): (
+        String,
+        String,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    ) = conn
+        .query_row(
+            "SELECT received_at, listener, client_ip, helo, auth_user FROM messages WHERE id = ?1",
+            [id.as_str()],
+            |row| {
+                Ok((
+                    row.get(0)?,
+                    row.get(1)?,
+                    row.get(2)?,
+                    row.get(3)?,
+                    row.get(4)?,
+                ))
+            },
+        )
+        .map_err(runtime)?;
+    println!("queue id:  {id}");
+    println!("received:  {received} UTC via {listener}");
+    if let Some(client) = client {
+        println!("client:    {}[{client}]", helo.unwrap_or_default());
+    }
+    if let Some(user) = user {
+        println!("auth user: {user}");
+    }
+    println!("sender:    <{}>", message.sender);
+    println!("size:      {} octets", message.content.len());
+    println!("kind:      {}", message.kind.as_str());
+    let mut statement = conn
+        .prepare(
+            "SELECT address, original_address, status, attempts, next_attempt_at, last_attempt_at,
+                    last_reply, relay
+             FROM recipients WHERE message_id = ?1 ORDER BY id",
+        )
+        .map_err(runtime)?;
+    let rows = statement
+        .query_map([id.as_str()], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, Option<String>>(1)?,
+                row.get::<_, String>(2)?,
+                row.get::<_, i64>(3)?,
+                row.get::<_, String>(4)?,
+                row.get::<_, Option<String>>(5)?,
+                row.get::<_, Option<String>>(6)?,
+                row.get::<_, Option<String>>(7)?,
+            ))
+        })
+        .map_err(runtime)?;
+    println!("recipients:");
+    for row in rows {
+        let (address, original, status, attempts, next, last, reply, relay) =
+            row.map_err(runtime)?;
+        let original = original
+            .map(|o| format!(" (sent to {o})"))
+            .unwrap_or_default();
+        println!("  <{address}>{original}: {status}, {attempts} attempts");
+        if status == "queued" {
+            println!("      next attempt: {next} UTC");
+        }
+        if let Some(last) = last {
+            println!(
+                "      last attempt: {last} UTC via {}",
+                relay.unwrap_or_default()
+            );
+        }
+        if let Some(reply) = reply {
+            println!("      last reply:   {reply}");
+        }
+    }
+    println!("headers:");
+    let end = message
+        .content
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(message.content.len());
+    for line in String::from_utf8_lossy(&message.content[..end]).lines() {
+        println!("  {line}");
+    }
+    Ok(())
+}
+
+fn bounce(config: &Config, conn: &mut Connection, id: &QueueId) -> Result<(), Failure> {
+    let Some(message) = delivery::load_message(conn, id.as_str()).map_err(runtime)? else {
+        return Err(Failure::Runtime(format!("{id}: not in the queue")));
+    };
+    let waiting = delivery::waiting_recipients(conn, id.as_str()).map_err(runtime)?;
+    if waiting.is_empty() {
+        return Err(Failure::Runtime(format!("{id}: no waiting recipients")));
+    }
+    let reason = "550 5.0.0 Delivery cancelled by the mail administrator";
+    let problems: Vec<dsn::Problem> = waiting
+        .iter()
+        .map(|r| dsn::Problem {
+            address: r.address.clone(),
+            original: r.original.clone(),
+            diagnostic: reason.to_string(),
+            remote_mta: None,
+        })
+        .collect();
+    let notice = dsn::notice(
+        &config.hostname,
+        &message,
+        dsn::NoticeKind::Failed,
+        &problems,
+        SystemTime::now(),
+        None,
+    );
+    delivery::bounce_now(conn, id.as_str(), &waiting, reason, notice.as_slice())
+        .map_err(runtime)?;
+    log_action(&format!(
+        "{id}: bounced by the operator ({} recipients)",
+        waiting.len()
+    ));
+    match &notice {
+        Some(notice) => println!(
+            "{id}: {} recipients bounced; notice {} queued to <{}>{}",
+            waiting.len(),
+            notice.id,
+            message.sender,
+            wake(config)
+        ),
+        None => println!(
+            "{id}: {} recipients bounced; no notice (null sender or a notice itself)",
+            waiting.len()
+        ),
+    }
+    Ok(())
+}

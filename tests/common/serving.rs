@@ -1,0 +1,116 @@
+//! The real `petrel` binary as a child process, for tests that need a
+//! separate process: signals, crashes, the command line.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Instant;
+
+use super::WAIT;
+
+/// A config file in `dir` with every listener on a free port, data in
+/// `dir/data`, and `extra` appended.
+pub fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
+    let path = dir.join("petrel.toml");
+    let text = format!(
+        "hostname = \"mx.test\"\ndata_dir = \"{}\"\n\
+         [smtp]\nlisten = [\"127.0.0.1:0\"]\n\
+         [submission]\nlisten = [\"127.0.0.1:0\"]\n\
+         [smtps]\nlisten = [\"127.0.0.1:0\"]\n{extra}",
+        dir.join("data").display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+pub fn petrel() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_petrel"))
+}
+
+/// A `petrel serve` child whose log is read line by line.
+pub struct Serving {
+    child: Child,
+    log: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Serving {
+    pub fn start(config: &Path) -> Serving {
+        let mut child = petrel()
+            .arg("serve")
+            .arg("-c")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (sender, log) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut serving = Serving {
+            child,
+            log,
+            seen: Vec::new(),
+        };
+        serving.wait_for_log("petrel ready");
+        serving
+    }
+
+    pub fn wait_for_log(&mut self, fragment: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.log.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(fragment) {
+                        return line;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!(
+            "log never said {fragment:?}; it said:\n{}",
+            self.seen.join("\n")
+        );
+    }
+
+    pub fn listen_address(&self, kind: &str) -> SocketAddr {
+        let suffix = format!("({kind})");
+        let line = self
+            .seen
+            .iter()
+            .find(|l| l.contains("listening on") && l.ends_with(&suffix))
+            .expect("listen line");
+        line.split("listening on ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|addr| addr.parse().ok())
+            .expect("address in listen line")
+    }
+
+    pub fn terminate(mut self) -> (i32, Vec<String>) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        self.wait_for_log("petrel stopped");
+        let exit = self.child.wait().unwrap();
+        (exit.code().unwrap_or(-1), self.seen)
+    }
+
+    /// SIGKILL: no shutdown code runs, as in a crash or power cut.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}

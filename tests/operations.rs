@@ -1,0 +1,201 @@
+//! What an operator lives through: a crash in the middle of deliveries,
+//! and steering the queue with `petrel queue` while the server runs.
+
+mod common;
+
+use common::serving::{Serving, petrel, write_config};
+use common::sink::{Sink, free_port};
+use common::*;
+
+fn queue_count(data_dir: &std::path::Path, sql: &str) -> i64 {
+    let db = rusqlite::Connection::open(data_dir.join("queue.db")).unwrap();
+    db.busy_timeout(WAIT).unwrap();
+    db.query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+#[test]
+fn killed_mid_delivery_every_recipient_still_arrives() {
+    const MESSAGES: usize = 20;
+    let dns = standard_dns();
+    let sink = Sink::start("slow", 0);
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[domains]\nlocal = [\"example.test\"]\n\
+             [relay]\ntrusted_networks = [\"127.0.0.0/8\"]\n\
+             [dns]\nnameservers = [\"{}\"]\n\
+             [delivery]\nport = {}\nworkers = 2\n",
+            dns.addr, sink.port
+        ),
+    );
+    let serving = Serving::start(&config);
+    let smtp = serving.listen_address("smtp");
+    let mut client = RawClient::greeted(smtp);
+    client.command("EHLO client.test");
+    for n in 0..MESSAGES {
+        let body = format!("Subject: crash {n}\r\n\r\nmessage {n}\r\n");
+        let to = format!("friend{n}@elsewhere.example");
+        let reply = client.send_transaction("sender@example.org", &[&to], body.as_bytes());
+        assert_eq!(reply.code, 250, "{reply:?}");
+    }
+    // Some are delivered, most are not: pull the plug.
+    sink.wait_for_messages(2);
+    serving.kill();
+    let delivered_before = sink.messages().len();
+    assert!(
+        delivered_before < MESSAGES,
+        "the crash came too late to test anything"
+    );
+    let waiting = queue_count(
+        &data_dir,
+        "SELECT count(*) FROM recipients WHERE status IN ('queued', 'delivering')",
+    );
+    let in_flight = queue_count(
+        &data_dir,
+        "SELECT count(*) FROM recipients WHERE status = 'delivering'",
+    );
+    assert!(in_flight > 0, "the crash should catch deliveries in flight");
+    assert!(waiting > 0);
+
+    let serving = Serving::start(&config);
+    wait_for("the queue to empty after restart", || {
+        queue_count(&data_dir, "SELECT count(*) FROM messages") == 0
+    });
+    let received = sink.messages();
+    for n in 0..MESSAGES {
+        let subject = format!("Subject: crash {n}\r\n");
+        let copies = received
+            .iter()
+            .filter(|m| String::from_utf8_lossy(&m.content).contains(&subject))
+            .count();
+        assert!(copies >= 1, "message {n} was lost");
+        assert!(copies <= 2, "message {n} arrived {copies} times");
+    }
+    assert_eq!(
+        queue_count(
+            &data_dir,
+            "SELECT count(*) FROM recipients WHERE status = 'delivering'"
+        ),
+        0,
+        "nothing stuck in flight"
+    );
+    let (code, log) = serving.terminate();
+    assert_eq!(code, 0, "{}", log.join("\n"));
+}
+
+fn queue_cli(config: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let output = petrel()
+        .arg("queue")
+        .args(args)
+        .arg("-c")
+        .arg(config)
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn queue_commands_steer_a_running_server() {
+    // The destination is down at first; retries are an hour apart, so only
+    // the operator's commands can make anything happen within the test.
+    let port = free_port();
+    let server = TestServer::start_delivering(standard_dns(), |config| {
+        config.delivery.port = port;
+        config.queue.retry_min = petrel::config::HumanDuration::secs(3600);
+        config.queue.retry_max = petrel::config::HumanDuration::secs(3600);
+    });
+    let data_dir = server.instance().config().data_dir.clone();
+    let config = server.dir.path().join("petrel.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "hostname = \"mx.test\"\ndata_dir = \"{}\"\n[domains]\nlocal = [\"localhost\", \"example.test\"]\n",
+            data_dir.display()
+        ),
+    )
+    .unwrap();
+
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let mut client = RawClient::implicit_tls(
+            server.addr(petrel::protocol::session::ListenerKind::Smtps),
+            &server.cert_path(),
+        );
+        client.command("EHLO client.test");
+        client.auth_plain("alice@example.test", PASSWORD);
+        let reply = client.send_transaction(
+            "alice@example.test",
+            &["friend@elsewhere.example"],
+            format!("Subject: operator test {n}\r\n\r\nx\r\n").as_bytes(),
+        );
+        ids.push(queue_id_from(&reply.text()));
+    }
+    wait_for("three deferred attempts", || {
+        queue_count(
+            &data_dir,
+            "SELECT count(*) FROM recipients WHERE attempts = 1 AND status = 'queued'",
+        ) == 3
+    });
+
+    let (code, list, _) = queue_cli(&config, &["list"]);
+    assert_eq!(code, 0);
+    for id in &ids {
+        assert!(list.contains(id.as_str()), "{list}");
+    }
+    assert!(
+        list.contains("<friend@elsewhere.example>  queued, 1 attempts, retry at"),
+        "{list}"
+    );
+    assert!(list.contains("3 messages, 3 recipients waiting"), "{list}");
+
+    let (code, show, _) = queue_cli(&config, &["show", &ids[0]]);
+    assert_eq!(code, 0);
+    assert!(show.contains("sender:    <alice@example.test>"), "{show}");
+    assert!(show.contains("last reply:   451 4.4.1"), "{show}");
+    assert!(show.contains("connect failed"), "{show}");
+    assert!(show.contains("Subject: operator test 0"), "{show}");
+
+    // bounce: the sender hears at once (the server is woken to deliver it).
+    let (code, out, _) = queue_cli(&config, &["bounce", &ids[0]]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("the running server was told"), "{out}");
+    wait_for("the bounce in alice's Maildir", || {
+        std::fs::read_dir(data_dir.join("mail/example.test/alice/new"))
+            .map(|d| d.count() == 1)
+            .unwrap_or(false)
+    });
+
+    // delete: gone, no notice.
+    let (code, _, _) = queue_cli(&config, &["delete", &ids[1]]);
+    assert_eq!(code, 0);
+    let (code, _, err) = queue_cli(&config, &["show", &ids[1]]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not in the queue"), "{err}");
+
+    // retry: once the destination is up, the message goes at once.
+    let sink = Sink::start("accept", port);
+    let (code, out, _) = queue_cli(&config, &["retry", &ids[2]]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("1 recipients due now"), "{out}");
+    let delivered = sink.wait_for_messages(1);
+    assert!(String::from_utf8_lossy(&delivered[0].content).contains("Subject: operator test 2"));
+    wait_for("the queue to empty", || server.message_count() == 0);
+    let (_, list, _) = queue_cli(&config, &["list"]);
+    assert!(list.contains("the queue is empty"), "{list}");
+
+    // Bad input gets clear errors.
+    let (code, _, err) = queue_cli(&config, &["show", "not-an-id"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("is not a queue id"), "{err}");
+    let (code, _, _) = queue_cli(&config, &["retry"]);
+    assert_eq!(code, 2, "retry needs an id or --all");
+    let (code, out, _) = queue_cli(&config, &["retry", "--all"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("0 recipients due now"), "{out}");
+}

@@ -1,0 +1,69 @@
+"""A receiving SMTP server (aiosmtpd) that records what it is given.
+
+usage: sink.py MODE OUTDIR [PORT]
+Prints the port it listens on (127.0.0.1), then serves until killed. Each
+accepted message is written as OUTDIR/<n>.env (the envelope sender, then
+one recipient per line) and OUTDIR/<n>.eml (the content, byte for byte,
+written last). Every DATA attempt, accepted or not, is appended to
+OUTDIR/attempts.log.
+
+MODE:
+  accept         take everything
+  tempfail-once  answer the first DATA with 451, then accept
+  tempfail       answer every DATA with 451
+  reject-rcpt    550 for recipients whose local part starts with "reject"
+  slow           accept, after a 0.3 s pause per message
+"""
+import asyncio
+import os
+import sys
+import time
+
+from aiosmtpd.smtp import SMTP
+
+mode, outdir = sys.argv[1], sys.argv[2]
+port = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+
+
+class Handler:
+    def __init__(self):
+        self.data_attempts = 0
+        self.stored = 0
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if mode == "reject-rcpt" and address.lower().startswith("reject"):
+            return "550 5.1.1 <%s>: no such user here" % address
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        self.data_attempts += 1
+        with open(os.path.join(outdir, "attempts.log"), "a") as log:
+            log.write("%f %s\n" % (time.time(), ",".join(envelope.rcpt_tos)))
+        if mode == "tempfail" or (mode == "tempfail-once" and self.data_attempts == 1):
+            return "451 4.3.0 Please try again later"
+        if mode == "slow":
+            await asyncio.sleep(0.3)
+        self.stored += 1
+        base = os.path.join(outdir, "%06d" % self.stored)
+        with open(base + ".env", "w") as out:
+            out.write("\n".join([envelope.mail_from] + envelope.rcpt_tos) + "\n")
+        with open(base + ".tmp", "wb") as out:
+            out.write(envelope.original_content)
+        os.rename(base + ".tmp", base + ".eml")
+        return "250 2.0.0 stored as %d" % self.stored
+
+
+async def main():
+    handler = Handler()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: SMTP(handler, hostname="sink.test", enable_SMTPUTF8=True, decode_data=False),
+        "127.0.0.1",
+        port,
+    )
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await server.serve_forever()
+
+
+asyncio.run(main())
