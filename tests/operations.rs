@@ -199,3 +199,119 @@ fn queue_commands_steer_a_running_server() {
     assert_eq!(code, 0);
     assert!(out.starts_with("0 recipients due now"), "{out}");
 }
+
+fn sendmail(
+    program: &std::path::Path,
+    config: &std::path::Path,
+    args: &[&str],
+    stdin: &[u8],
+) -> (i32, String) {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(program)
+        .args(args)
+        .arg("-c")
+        .arg(config)
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _ = child.stdin.take().unwrap().write_all(stdin);
+    let output = child.wait_with_output().unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn sendmail_submits_locally_and_wakes_the_server() {
+    let server = TestServer::start_delivering(standard_dns(), |config| {
+        // Without the wake-up through the control socket nothing would be
+        // looked at for a minute; the test waits far less than that.
+        config.queue.retry_min = petrel::config::HumanDuration::secs(3600);
+    });
+    let data_dir = server.instance().config().data_dir.clone();
+    let config = server.dir.path().join("petrel.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "hostname = \"mx.test\"\ndata_dir = \"{}\"\n[domains]\nlocal = [\"example.test\", \"localhost\"]\n",
+            data_dir.display()
+        ),
+    )
+    .unwrap();
+    let petrel_binary = std::path::PathBuf::from(env!("CARGO_BIN_EXE_petrel"));
+
+    // -t: recipients from the headers; Bcc removed; LF turned into CRLF.
+    let (code, err) = sendmail(
+        &petrel_binary,
+        &config,
+        &["sendmail", "-t", "-f", "cron@example.test"],
+        b"To: Alice <alice@example.test>\nCc: bob@example.test\nBcc: carol@example.test\nSubject: nightly report\n\nAll good.\n.\nnot part of it\n",
+    );
+    assert_eq!(code, 0, "{err}");
+    for (user, count) in [("alice", 1), ("bob", 1), ("carol", 1)] {
+        let dir = data_dir.join(format!("mail/example.test/{user}/new"));
+        wait_for(&format!("{user}'s copy"), || {
+            std::fs::read_dir(&dir)
+                .map(|d| d.count() == count)
+                .unwrap_or(false)
+        });
+        let file = std::fs::read_dir(&dir)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let text = std::fs::read_to_string(file).unwrap();
+        assert!(text.contains("Return-Path: <cron@example.test>"), "{text}");
+        assert!(text.contains("Subject: nightly report\n"), "{text}");
+        assert!(text.contains("Date: "), "a Date header is added: {text}");
+        assert!(text.contains("Message-ID: <"), "{text}");
+        assert!(!text.contains("Bcc:"), "{text}");
+        assert!(
+            text.ends_with("\nAll good.\n"),
+            "a lone dot ends the message without -i: {text:?}"
+        );
+    }
+
+    // Invoked under the name `sendmail`, with -i and a bare user name.
+    let links = tempfile::tempdir().unwrap();
+    let link = links.path().join("sendmail");
+    std::os::unix::fs::symlink(&petrel_binary, &link).unwrap();
+    let (code, err) = sendmail(
+        &link,
+        &config,
+        &["-i", "bob"],
+        b"Subject: dots\n\n.\nstill here\n",
+    );
+    assert_eq!(code, 0, "{err}");
+    let dir = data_dir.join("mail/example.test/bob/new");
+    wait_for("bob's second message", || {
+        std::fs::read_dir(&dir)
+            .map(|d| d.count() == 2)
+            .unwrap_or(false)
+    });
+    let texts: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    assert!(
+        texts.iter().any(|t| t.ends_with("\n.\nstill here\n")),
+        "{texts:?}"
+    );
+
+    // An unknown local mailbox is refused at once; nothing is queued.
+    let before = server.message_count();
+    let (code, err) = sendmail(
+        &petrel_binary,
+        &config,
+        &["sendmail", "nobody@example.test"],
+        b"x\n",
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("no such local mailbox"), "{err}");
+    assert_eq!(server.message_count(), before);
+    let (code, err) = sendmail(&petrel_binary, &config, &["sendmail"], b"x\n");
+    assert_eq!(code, 2, "no recipients: {err}");
+}

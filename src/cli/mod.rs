@@ -2,6 +2,7 @@
 //! command. Exit codes: 0 ok, 1 runtime failure, 2 usage or config error.
 
 mod queue;
+mod sendmail;
 mod serve;
 mod user;
 
@@ -38,6 +39,12 @@ pub enum Command {
         #[command(subcommand)]
         command: queue::QueueCommand,
     },
+    /// Submit a message from stdin, sendmail-style: [-t] [-i] [-f FROM] [RCPT...]
+    Sendmail {
+        /// sendmail options and recipients
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Manage accounts (AUTH logins and local mailboxes)
     User {
         #[command(subcommand)]
@@ -61,6 +68,19 @@ impl From<ConfigError> for Failure {
 }
 
 pub fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    // Invoked as `sendmail` (a symlink), or as `petrel sendmail`: sendmail
+    // options do not fit clap's conventions, so they are parsed by hand.
+    let invoked_as = args
+        .first()
+        .map(|a| a.rsplit('/').next().unwrap_or(a).to_string())
+        .unwrap_or_default();
+    if invoked_as == "sendmail" {
+        return exit(run_sendmail(&args[1..]));
+    }
+    if args.get(1).map(String::as_str) == Some("sendmail") {
+        return exit(run_sendmail(&args[2..]));
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(error) => {
@@ -69,7 +89,30 @@ pub fn main() -> ExitCode {
             return ExitCode::from(if error.use_stderr() { 2 } else { 0 });
         }
     };
-    match run(cli) {
+    exit(run(cli))
+}
+
+/// `-c FILE` (petrel's) may appear anywhere among sendmail's arguments.
+fn run_sendmail(args: &[String]) -> Result<(), Failure> {
+    let mut config_file = None;
+    let mut rest = Vec::new();
+    let mut iter = args.iter();
+    while let Some(arg) = iter.next() {
+        if arg == "-c" || arg == "--config" {
+            let file = iter
+                .next()
+                .ok_or_else(|| Failure::Usage("-c needs a file".into()))?;
+            config_file = Some(PathBuf::from(file));
+        } else {
+            rest.push(arg.clone());
+        }
+    }
+    let (config, _) = Config::load(config_file.as_deref())?;
+    sendmail::run(&config, &rest)
+}
+
+fn exit(result: Result<(), Failure>) -> ExitCode {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(message)) => {
             eprintln!("petrel: {message}");
@@ -96,6 +139,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Queue { command } => {
             let (config, _) = Config::load(cli.config.as_deref())?;
             queue::run(&config, command)
+        }
+        Command::Sendmail { args } => {
+            let (config, _) = Config::load(cli.config.as_deref())?;
+            sendmail::run(&config, &args)
         }
         Command::User { command } => {
             let (config, _) = Config::load(cli.config.as_deref())?;

@@ -297,6 +297,19 @@ pub fn open_direct(data_dir: &Path) -> Result<Connection, QueueError> {
     schema::open(&data_dir.join(QUEUE_FILE))
 }
 
+/// Commits one message with a connection of its own, for `petrel
+/// sendmail`, which runs in another process than the server.
+pub fn insert_direct(data_dir: &Path, message: &NewMessage) -> Result<(), QueueError> {
+    let mut conn = open_direct(data_dir)?;
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(QueueError::sqlite("cannot begin transaction"))?;
+    let now = crate::timefmt::sql_timestamp(std::time::SystemTime::now());
+    writer::insert_message(&tx, message, &now)?;
+    tx.commit()
+        .map_err(QueueError::sqlite("cannot commit the message"))
+}
+
 fn create_data_dir(data_dir: &Path) -> Result<(), QueueError> {
     std::fs::create_dir_all(data_dir).map_err(|e| {
         QueueError::new(format!(
