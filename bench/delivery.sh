@@ -17,13 +17,8 @@ workers=${3:-8}
 port=${PORT:-25261}
 sink_port=${SINK_PORT:-25262}
 
-cargo build --release --quiet
-work=$(mktemp -d "${TMPDIR:-/tmp}/petrel-bench.XXXXXX")
-cleanup() {
-    kill "$server" "${sink:-}" 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+. bench/common.sh
+extra_cleanup='kill "${sink:-}" 2>/dev/null || true'
 cat >"$work/petrel.toml" <<TOML
 hostname = "bench.test"
 data_dir = "$work/data"
@@ -48,13 +43,7 @@ delay_warning = "0"
 [limits]
 max_sessions_per_ip = 64
 TOML
-RUST_LOG=${RUST_LOG:-warn,petrel::cli=info,petrel::delivery::worker=info} \
-    target/release/petrel serve -c "$work/petrel.toml" 2>"$work/serve.log" &
-server=$!
-for _ in $(seq 1 100); do
-    grep -q "petrel ready" "$work/serve.log" && break
-    sleep 0.1
-done
+start_petrel "${RUST_LOG:-warn,petrel::cli=info,petrel::delivery::worker=info}"
 
 db="$work/data/queue.db"
 count() { sqlite3 "$db" "$1"; }

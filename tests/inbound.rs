@@ -373,7 +373,7 @@ fn concurrent_senders_share_commits() {
         config.limits.max_sessions_per_ip = SENDERS;
     });
     let addr = server.smtp();
-    let stats_before = server.instance().queue().stats().commits();
+    let stats_before = server.instance().queue().stats().insert_commits();
     let barrier = Arc::new(Barrier::new(SENDERS));
     let threads: Vec<_> = (0..SENDERS)
         .map(|n| {
@@ -396,7 +396,7 @@ fn concurrent_senders_share_commits() {
         thread.join().expect("sender thread");
     }
     let stats = server.instance().queue();
-    let commits = stats.stats().commits() - stats_before;
+    let commits = stats.stats().insert_commits() - stats_before;
     let messages = stats.stats().messages();
     assert_eq!(messages, SENDERS as u64);
     assert!(

@@ -197,14 +197,7 @@ impl SmtpClient {
         peer: SocketAddr,
         timeout: Duration,
     ) -> Result<(SmtpClient, ServerReply), ClientError> {
-        let tcp = TcpStream::connect_timeout(&peer, timeout)?;
-        tcp.set_nodelay(true)?;
-        tcp.set_write_timeout(Some(DATA_BLOCK_TIMEOUT))?;
-        let mut client = SmtpClient {
-            conn: Conn::Plain(tcp),
-            buffer: Vec::new(),
-            peer,
-        };
+        let mut client = SmtpClient::open(peer, timeout)?;
         let greeting = client.read_reply(GREETING_TIMEOUT)?;
         Ok((client, greeting))
     }
@@ -216,17 +209,21 @@ impl SmtpClient {
         config: Arc<ClientConfig>,
         server_name: &str,
     ) -> Result<(SmtpClient, ServerReply), ClientError> {
-        let tcp = TcpStream::connect_timeout(&peer, timeout)?;
-        tcp.set_nodelay(true)?;
-        tcp.set_write_timeout(Some(DATA_BLOCK_TIMEOUT))?;
-        let mut client = SmtpClient {
-            conn: Conn::Plain(tcp),
-            buffer: Vec::new(),
-            peer,
-        };
+        let mut client = SmtpClient::open(peer, timeout)?;
         client.handshake(config, server_name)?;
         let greeting = client.read_reply(GREETING_TIMEOUT)?;
         Ok((client, greeting))
+    }
+
+    fn open(peer: SocketAddr, timeout: Duration) -> Result<SmtpClient, ClientError> {
+        let tcp = TcpStream::connect_timeout(&peer, timeout)?;
+        tcp.set_nodelay(true)?;
+        tcp.set_write_timeout(Some(DATA_BLOCK_TIMEOUT))?;
+        Ok(SmtpClient {
+            conn: Conn::Plain(tcp),
+            buffer: Vec::new(),
+            peer,
+        })
     }
 
     fn handshake(

@@ -1,7 +1,7 @@
 //! The scheduler thread: sleeps until the next recipient is due or until
 //! woken (new mail, a worker freed, an operator's retry), then claims what
-//! is due and hands it out. Claims only as much as free workers can take,
-//! so nothing sits "delivering" in a channel for long.
+//! is due and hands it out. Claims only a few messages per free worker,
+//! so little sits "delivering" in the channel while workers are busy.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,8 +16,9 @@ use crate::queue::delivery::{self, ClaimedRecipient};
 /// Longest sleep without a reason: a safety net for changes made while no
 /// control socket could tell us (it is one indexed query, not polling work).
 const IDLE_RESCAN: Duration = Duration::from_secs(60);
-/// Recipients claimed per free worker in one go.
-const RECIPIENTS_PER_SLOT: usize = 50;
+/// Messages claimed per free worker in one go: enough to keep workers fed
+/// between scheduler turns, few enough that a crash has little to redo.
+const MESSAGES_PER_SLOT: usize = 4;
 /// When something is due but nothing could be claimed (another process
 /// holds it), wait this long rather than spin.
 const CLAIM_RETRY: Duration = Duration::from_secs(1);
@@ -67,7 +68,7 @@ impl Scheduler {
             // A worker finishing wakes us.
             return IDLE_RESCAN;
         }
-        let claimed = match self.context.queue.claim_due(free * RECIPIENTS_PER_SLOT) {
+        let claimed = match self.context.queue.claim_due(free * MESSAGES_PER_SLOT) {
             Ok(claimed) => claimed,
             Err(error) => {
                 log::error!("scheduler: cannot claim due recipients: {error}");

@@ -231,31 +231,21 @@ impl Dns {
         if let Ok(ip) = host.parse::<IpAddr>() {
             return Ok(vec![ip]);
         }
+        let families: &[bool] = match family {
+            AddressFamily::Any => &[true, false],
+            AddressFamily::Ipv6 => &[true],
+            AddressFamily::Ipv4 => &[false],
+        };
         let mut found = Vec::new();
         let mut temporary = None;
         let mut nxdomain = false;
-        if family != AddressFamily::Ipv4 {
-            let resolver = self.resolver.clone();
-            let name = fqdn(host);
-            match self.run(async move { resolver.ipv6_lookup(name).await }) {
-                Ok(lookup) => found.extend(lookup.answers().iter().filter_map(|r| match &r.data {
-                    RData::AAAA(aaaa) => Some(IpAddr::V6(aaaa.0)),
-                    _ => None,
-                })),
-                Err(LookupError::NxDomain) => nxdomain = true,
-                Err(LookupError::NoRecords) => {}
-                Err(LookupError::Temporary(why)) => temporary = Some(why),
-            }
-        }
-        if family != AddressFamily::Ipv6 && !nxdomain {
-            let resolver = self.resolver.clone();
-            let name = fqdn(host);
-            match self.run(async move { resolver.ipv4_lookup(name).await }) {
-                Ok(lookup) => found.extend(lookup.answers().iter().filter_map(|r| match &r.data {
-                    RData::A(a) => Some(IpAddr::V4(a.0)),
-                    _ => None,
-                })),
-                Err(LookupError::NxDomain) => nxdomain = true,
+        for &ipv6 in families {
+            match self.lookup_addresses(host, ipv6) {
+                Ok(addresses) => found.extend(addresses),
+                Err(LookupError::NxDomain) => {
+                    nxdomain = true;
+                    break;
+                }
                 Err(LookupError::NoRecords) => {}
                 Err(LookupError::Temporary(why)) => temporary = Some(why),
             }
@@ -268,6 +258,26 @@ impl Dns {
             (None, true) => Err(DnsFailure::NoSuchDomain),
             (None, false) => Err(DnsFailure::NoMailHosts),
         }
+    }
+
+    /// AAAA (`ipv6`) or A records of one host.
+    fn lookup_addresses(&self, host: &str, ipv6: bool) -> Result<Vec<IpAddr>, LookupError> {
+        let resolver = self.resolver.clone();
+        let name = fqdn(host);
+        let records = if ipv6 {
+            self.run(async move { resolver.ipv6_lookup(name).await })?
+        } else {
+            self.run(async move { resolver.ipv4_lookup(name).await })?
+        };
+        Ok(records
+            .answers()
+            .iter()
+            .filter_map(|record| match &record.data {
+                RData::AAAA(aaaa) => Some(IpAddr::V6(aaaa.0)),
+                RData::A(a) => Some(IpAddr::V4(a.0)),
+                _ => None,
+            })
+            .collect())
     }
 
     /// Does the domain accept mail? For address verification at MAIL and

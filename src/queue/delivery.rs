@@ -71,31 +71,37 @@ fn kind_from(text: &str) -> MessageKind {
     }
 }
 
-/// Marks up to `limit` due recipients as being delivered and returns them.
+fn claimed_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ClaimedRecipient> {
+    Ok(ClaimedRecipient {
+        id: row.get(0)?,
+        message_id: row.get(1)?,
+        address: row.get(2)?,
+        original: row.get(3)?,
+        attempts: row.get(4)?,
+    })
+}
+
+/// Marks the due recipients of up to `messages` messages (those due
+/// longest first) as being delivered and returns them. Claiming whole
+/// messages keeps one message's recipients at one domain in one job.
 pub fn claim_due(
     conn: &Connection,
     now: &str,
-    limit: usize,
+    messages: usize,
 ) -> Result<Vec<ClaimedRecipient>, QueueError> {
     let mut statement = conn
         .prepare_cached(
             "UPDATE recipients SET status = 'delivering', updated_at = ?1
-             WHERE id IN (SELECT id FROM recipients
-                          WHERE status = 'queued' AND next_attempt_at <= ?1
-                          ORDER BY next_attempt_at, id LIMIT ?2)
+             WHERE status = 'queued' AND next_attempt_at <= ?1
+               AND message_id IN (SELECT message_id FROM recipients
+                                  WHERE status = 'queued' AND next_attempt_at <= ?1
+                                  GROUP BY message_id
+                                  ORDER BY min(next_attempt_at), message_id LIMIT ?2)
              RETURNING id, message_id, address, original_address, attempts",
         )
         .map_err(QueueError::sqlite("cannot prepare claim"))?;
     let rows = statement
-        .query_map(params![now, limit as i64], |row| {
-            Ok(ClaimedRecipient {
-                id: row.get(0)?,
-                message_id: row.get(1)?,
-                address: row.get(2)?,
-                original: row.get(3)?,
-                attempts: row.get(4)?,
-            })
-        })
+        .query_map(params![now, messages as i64], claimed_from_row)
         .map_err(QueueError::sqlite("cannot claim recipients"))?;
     let mut claimed = rows
         .collect::<rusqlite::Result<Vec<_>>>()
@@ -262,15 +268,7 @@ pub fn waiting_recipients(
         )
         .map_err(QueueError::sqlite("cannot read recipients"))?;
     let rows = statement
-        .query_map([message_id], |row| {
-            Ok(ClaimedRecipient {
-                id: row.get(0)?,
-                message_id: row.get(1)?,
-                address: row.get(2)?,
-                original: row.get(3)?,
-                attempts: row.get(4)?,
-            })
-        })
+        .query_map([message_id], claimed_from_row)
         .map_err(QueueError::sqlite("cannot read recipients"))?;
     rows.collect::<rusqlite::Result<Vec<_>>>()
         .map_err(QueueError::sqlite("cannot read recipients"))

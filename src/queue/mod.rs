@@ -100,6 +100,7 @@ pub struct NewRecipient {
 #[derive(Debug, Default)]
 pub struct QueueStats {
     commits: AtomicU64,
+    insert_commits: AtomicU64,
     messages: AtomicU64,
 }
 
@@ -107,6 +108,12 @@ impl QueueStats {
     /// Transactions committed by the writer.
     pub fn commits(&self) -> u64 {
         self.commits.load(Ordering::Relaxed)
+    }
+
+    /// Transactions that stored at least one new message: with group
+    /// commit, fewer than `messages()` under concurrent load.
+    pub fn insert_commits(&self) -> u64 {
+        self.insert_commits.load(Ordering::Relaxed)
     }
 
     /// Messages inserted by the writer.
@@ -129,9 +136,9 @@ impl QueueHandle {
         self.submit(WriteOp::Insert(Box::new(message))).map(|_| ())
     }
 
-    /// Marks up to `limit` due recipients as being delivered.
-    pub fn claim_due(&self, limit: usize) -> Result<Vec<ClaimedRecipient>, QueueError> {
-        match self.submit(WriteOp::Claim { limit })? {
+    /// Marks the due recipients of up to `messages` messages as being delivered.
+    pub fn claim_due(&self, messages: usize) -> Result<Vec<ClaimedRecipient>, QueueError> {
+        match self.submit(WriteOp::Claim { messages })? {
             WriteOutput::Claimed(claimed) => Ok(claimed),
             _ => Ok(Vec::new()),
         }
@@ -235,8 +242,9 @@ impl Queue {
             log::error!("queue writer thread panicked");
         }
         log::info!(
-            "queue closed: {} messages stored in {} commits since start",
+            "queue closed: {} messages stored in {} commits since start ({} commits in all)",
             stats.messages(),
+            stats.insert_commits(),
             stats.commits()
         );
     }

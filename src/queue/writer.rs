@@ -25,9 +25,9 @@ const MAX_BATCH: usize = 256;
 
 pub enum WriteOp {
     Insert(Box<NewMessage>),
-    /// Take up to this many due recipients for delivery.
+    /// Take the due recipients of up to this many messages for delivery.
     Claim {
-        limit: usize,
+        messages: usize,
     },
     Record(Box<DeliveryReport>),
     /// Put recipients stuck "delivering" back: these, or all when `None`;
@@ -139,15 +139,18 @@ fn commit_batch(
         return fail_all(QueueError::new(format!("commit failed: {e}")));
     }
     stats.commits.fetch_add(1, Ordering::Relaxed);
-    stats.messages.fetch_add(inserted, Ordering::Relaxed);
+    if inserted > 0 {
+        stats.insert_commits.fetch_add(1, Ordering::Relaxed);
+        stats.messages.fetch_add(inserted, Ordering::Relaxed);
+    }
     results
 }
 
 fn apply(conn: &Connection, op: &WriteOp, now: &str) -> Result<WriteOutput, QueueError> {
     match op {
         WriteOp::Insert(message) => insert_message(conn, message, now).map(|()| WriteOutput::Done),
-        WriteOp::Claim { limit } => {
-            delivery::claim_due(conn, now, *limit).map(WriteOutput::Claimed)
+        WriteOp::Claim { messages } => {
+            delivery::claim_due(conn, now, *messages).map(WriteOutput::Claimed)
         }
         WriteOp::Record(report) => delivery::record(conn, report, now).map(|()| WriteOutput::Done),
         WriteOp::Requeue { ids, retry_at } => {

@@ -1,0 +1,27 @@
+# Shared by the benchmark scripts (sourced, not run): a release build, a
+# work directory removed on exit, and petrel started on its config there.
+
+cargo build --release --quiet
+work=$(mktemp -d "${TMPDIR:-/tmp}/petrel-bench.XXXXXX")
+server=""
+extra_cleanup=""
+cleanup() {
+    if [ -n "$extra_cleanup" ]; then eval "$extra_cleanup"; fi
+    if [ -n "$server" ]; then kill "$server" 2>/dev/null || true; fi
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+# start_petrel LOG_FILTER: runs `petrel serve -c $work/petrel.toml` and
+# waits until it is ready.
+start_petrel() {
+    RUST_LOG=$1 target/release/petrel serve -c "$work/petrel.toml" 2>"$work/serve.log" &
+    server=$!
+    for _ in $(seq 1 100); do
+        grep -q "petrel ready" "$work/serve.log" && return 0
+        sleep 0.1
+    done
+    echo "petrel did not start:" >&2
+    cat "$work/serve.log" >&2
+    exit 1
+}
