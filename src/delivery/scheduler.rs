@@ -1,6 +1,6 @@
 //! The scheduler thread: sleeps until the next recipient is due or until
 //! woken (new mail, a worker freed, an operator's retry), then claims what
-//! is due and hands it out. Claims only a few messages per free worker,
+//! is due and hands it out. Keeps a few jobs ready per worker, no more,
 //! so little sits "delivering" in the channel while workers are busy.
 
 use std::collections::HashMap;
@@ -16,9 +16,9 @@ use crate::queue::delivery::{self, ClaimedRecipient};
 /// Longest sleep without a reason: a safety net for changes made while no
 /// control socket could tell us (it is one indexed query, not polling work).
 const IDLE_RESCAN: Duration = Duration::from_secs(60);
-/// Messages claimed per free worker in one go: enough to keep workers fed
-/// between scheduler turns, few enough that a crash has little to redo.
-const MESSAGES_PER_SLOT: usize = 4;
+/// Jobs kept ready per worker, so no worker waits for the scheduler's next
+/// claim; few enough that a crash has little to redo.
+const JOBS_PER_WORKER: usize = 8;
 /// When something is due but nothing could be claimed (another process
 /// holds it), wait this long rather than spin.
 const CLAIM_RETRY: Duration = Duration::from_secs(1);
@@ -61,14 +61,14 @@ impl Scheduler {
         {
             return wait.min(IDLE_RESCAN);
         }
-        let free = self
-            .capacity
-            .saturating_sub(self.in_flight.load(Ordering::SeqCst));
-        if free == 0 {
+        let budget = self.capacity * JOBS_PER_WORKER;
+        let free = budget.saturating_sub(self.in_flight.load(Ordering::SeqCst));
+        // Refill in batches (each claim is a commit), before workers run dry.
+        if free < budget / 2 {
             // A worker finishing wakes us.
             return IDLE_RESCAN;
         }
-        let claimed = match self.context.queue.claim_due(free * MESSAGES_PER_SLOT) {
+        let claimed = match self.context.queue.claim_due(free) {
             Ok(claimed) => claimed,
             Err(error) => {
                 log::error!("scheduler: cannot claim due recipients: {error}");
