@@ -83,6 +83,16 @@ fn mx_a_fallback_null_mx_nxdomain_and_servfail() {
         resolver.mail_hosts("servfail.test"),
         Err(DnsFailure::Temporary(_))
     ));
+    // Literals and localhost need no query.
+    assert_eq!(
+        resolver.addresses("192.0.2.9", AddressFamily::Any).unwrap(),
+        ips(&["192.0.2.9"])
+    );
+    assert_eq!(
+        resolver.addresses("localhost", AddressFamily::Any).unwrap(),
+        ips(&["127.0.0.1", "::1"])
+    );
+    assert_eq!(dns.queries_for("localhost"), 0);
 
     assert_eq!(resolver.domain_status("mx.test"), DomainStatus::Exists);
     assert_eq!(resolver.domain_status("nullmx.test"), DomainStatus::NullMx);

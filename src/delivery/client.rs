@@ -89,10 +89,15 @@ impl ReplyParser {
                 text.chars().take(80).collect::<String>()
             )
         };
-        if text.len() < 3 {
-            return Err(bad());
-        }
-        let code: u16 = text[..3].parse().map_err(|_| bad())?;
+        // Work on bytes: a hostile server's text need not be ASCII, and
+        // slicing a str inside a character would panic.
+        let digits = line
+            .get(..3)
+            .filter(|d| d.iter().all(u8::is_ascii_digit))
+            .ok_or_else(bad)?;
+        let code = digits
+            .iter()
+            .fold(0u16, |code, digit| code * 10 + u16::from(digit - b'0'));
         if !(200..600).contains(&code) {
             return Err(bad());
         }
@@ -100,8 +105,8 @@ impl ReplyParser {
             return Err(format!("reply code changed within a reply ({code})"));
         }
         self.code = Some(code);
-        let separator = text.as_bytes().get(3).copied();
-        let rest = text.get(4..).unwrap_or("").to_string();
+        let separator = line.get(3).copied();
+        let rest = String::from_utf8_lossy(line.get(4..).unwrap_or_default()).into_owned();
         self.lines.push(rest);
         if self.lines.len() > MAX_REPLY_LINES {
             return Err("reply has too many lines".into());
@@ -444,6 +449,11 @@ mod tests {
     #[test]
     fn bad_replies_are_errors() {
         assert!(parse(&["hello"]).is_err());
+        assert!(
+            parse(&["\u{e9}\u{e9}\u{e9}"]).is_err(),
+            "non-ASCII never panics"
+        );
+        assert!(parse(&["25"]).is_err());
         assert!(parse(&["999 what"]).is_err());
         assert!(parse(&["250-a", "251 b"]).is_err());
         assert!(parse(&["250xhello"]).is_err());

@@ -231,6 +231,17 @@ impl Dns {
         if let Ok(ip) = host.parse::<IpAddr>() {
             return Ok(vec![ip]);
         }
+        // RFC 6761 6.3: "localhost" is loopback without asking anyone
+        // (a smart host on the same machine is a common setup).
+        if host.trim_end_matches('.').eq_ignore_ascii_case("localhost") {
+            let v4 = IpAddr::from([127, 0, 0, 1]);
+            let v6 = IpAddr::from(std::net::Ipv6Addr::LOCALHOST);
+            return Ok(match family {
+                AddressFamily::Any => vec![v4, v6],
+                AddressFamily::Ipv4 => vec![v4],
+                AddressFamily::Ipv6 => vec![v6],
+            });
+        }
         let families: &[bool] = match family {
             AddressFamily::Any => &[true, false],
             AddressFamily::Ipv6 => &[true],
