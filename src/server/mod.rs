@@ -313,6 +313,11 @@ fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
         Some(Protocol::TCP),
     )?;
     socket.set_reuse_address(true)?;
+    if address.is_ipv6() {
+        // "[::]:25" serves IPv6 only, so it can be listed next to
+        // "0.0.0.0:25" without the two colliding.
+        socket.set_only_v6(true)?;
+    }
     socket.bind(&address.into())?;
     socket.listen(LISTEN_BACKLOG)?;
     Ok(socket.into())
