@@ -12,6 +12,26 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# write_config: $work/petrel.toml with SMTP alone on 127.0.0.1:$port, data in
+# $work/data, local domain localhost, then whatever comes on stdin.
+write_config() {
+    {
+        cat <<TOML
+hostname = "bench.test"
+data_dir = "$work/data"
+[smtp]
+listen = ["127.0.0.1:$port"]
+[submission]
+listen = []
+[smtps]
+listen = []
+[domains]
+local = ["localhost"]
+TOML
+        cat
+    } >"$work/petrel.toml"
+}
+
 # start_petrel LOG_FILTER: runs `petrel serve -c $work/petrel.toml` and
 # waits until it is ready.
 start_petrel() {

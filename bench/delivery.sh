@@ -19,17 +19,7 @@ sink_port=${SINK_PORT:-25262}
 
 . bench/common.sh
 extra_cleanup='kill "${sink:-}" 2>/dev/null || true'
-cat >"$work/petrel.toml" <<TOML
-hostname = "bench.test"
-data_dir = "$work/data"
-[smtp]
-listen = ["127.0.0.1:$port"]
-[submission]
-listen = []
-[smtps]
-listen = []
-[domains]
-local = ["localhost"]
+write_config <<TOML
 [relay]
 trusted_networks = ["127.0.0.0/8"]
 [delivery]

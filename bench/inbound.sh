@@ -14,17 +14,7 @@ size=${3:-1024}
 port=${PORT:-25251}
 
 . bench/common.sh
-cat >"$work/petrel.toml" <<TOML
-hostname = "bench.test"
-data_dir = "$work/data"
-[smtp]
-listen = ["127.0.0.1:$port"]
-[submission]
-listen = []
-[smtps]
-listen = []
-[domains]
-local = ["localhost"]
+write_config <<TOML
 [aliases]
 "postmaster@localhost" = "sink@localhost"
 [relay]

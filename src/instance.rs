@@ -22,16 +22,7 @@ const LOCK_FILE: &str = "petrel.lock";
 /// Running deliveries get this long to finish at shutdown.
 const DELIVERY_GRACE: Duration = Duration::from_secs(10);
 
-#[derive(Debug)]
-pub struct InstanceError(pub String);
-
-impl std::fmt::Display for InstanceError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for InstanceError {}
+crate::error::message_error!(InstanceError, "petrel could not start.");
 
 fn error(e: impl std::fmt::Display) -> InstanceError {
     InstanceError(e.to_string())

@@ -17,6 +17,7 @@ pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod dns;
+mod error;
 pub mod instance;
 pub mod policy;
 pub mod protocol;

@@ -8,15 +8,19 @@ use std::process::{Command, Stdio};
 
 use common::serving::{Serving, petrel, write_config};
 
+fn check_config(config: &Path) -> std::process::Output {
+    petrel()
+        .args(["check-config", "-c"])
+        .arg(config)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn check_config_prints_effective_settings() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), "[domains]\nlocal = [\"example.test\"]\n");
-    let output = petrel()
-        .args(["check-config", "-c"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let output = check_config(&path);
     assert_eq!(output.status.code(), Some(0), "{output:?}");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("configuration OK"), "{stdout}");
@@ -187,11 +191,7 @@ fn user_commands_manage_accounts_with_the_password_policy() {
 fn check_config_warns_about_an_undeliverable_postmaster() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), "[domains]\nlocal = [\"example.test\"]\n");
-    let output = petrel()
-        .args(["check-config", "-c"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let output = check_config(&path);
     assert_eq!(output.status.code(), Some(0));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -203,11 +203,7 @@ fn check_config_warns_about_an_undeliverable_postmaster() {
         dir.path(),
         "[domains]\nlocal = [\"example.test\"]\n[aliases]\n\"postmaster@example.test\" = \"admin@elsewhere.example\"\n",
     );
-    let output = petrel()
-        .args(["check-config", "-c"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let output = check_config(&path);
     assert_eq!(output.status.code(), Some(0));
     assert!(!String::from_utf8_lossy(&output.stderr).contains("warning"));
 }

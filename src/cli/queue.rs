@@ -10,6 +10,7 @@ use rusqlite::Connection;
 use super::Failure;
 use crate::config::Config;
 use crate::delivery::{control, dsn};
+use crate::protocol::data::header_section_len;
 use crate::queue::{self, QueueId, delivery};
 use crate::timefmt::sql_timestamp;
 
@@ -232,11 +233,7 @@ fn show(conn: &Connection, id: &QueueId) -> Result<(), Failure> {
         }
     }
     println!("headers:");
-    let end = message
-        .content
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or(message.content.len());
+    let end = header_section_len(&message.content);
     for line in String::from_utf8_lossy(&message.content[..end]).lines() {
         println!("  {line}");
     }

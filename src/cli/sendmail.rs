@@ -12,6 +12,7 @@ use super::Failure;
 use crate::config::Config;
 use crate::delivery::control;
 use crate::protocol::address::Address;
+use crate::protocol::data::header_section_len;
 use crate::queue::{self, MessageKind, NewMessage, NewRecipient, QueueId};
 use crate::server::directory::expand_alias;
 use crate::timefmt::rfc5322_date;
@@ -91,11 +92,7 @@ fn read_message(ignore_dots: bool) -> Result<Vec<u8>, Failure> {
 
 /// The header section as (name, value) pairs with folded lines joined.
 fn headers(content: &[u8]) -> Vec<(String, String)> {
-    let end = content
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map_or(content.len(), |p| p + 2);
-    let text = String::from_utf8_lossy(&content[..end]);
+    let text = String::from_utf8_lossy(&content[..header_section_len(content)]);
     let mut headers: Vec<(String, String)> = Vec::new();
     for line in text.split("\r\n").filter(|l| !l.is_empty()) {
         if line.starts_with([' ', '\t']) {
@@ -141,10 +138,7 @@ fn addresses_in(value: &str) -> Vec<String> {
 
 /// Removes every `Bcc:` header (with its folded lines).
 fn without_bcc(content: &[u8]) -> Vec<u8> {
-    let end = content
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map_or(content.len(), |p| p + 2);
+    let end = header_section_len(content);
     let mut out = Vec::with_capacity(content.len());
     let mut dropping = false;
     for line in content[..end].split_inclusive(|&b| b == b'\n') {

@@ -5,6 +5,7 @@
 
 use std::time::SystemTime;
 
+use crate::protocol::data::header_section_len;
 use crate::queue::delivery::StoredMessage;
 use crate::queue::{MessageKind, NewMessage, NewRecipient, QueueId};
 use crate::timefmt::rfc5322_date;
@@ -189,12 +190,7 @@ fn one_line(text: &str) -> String {
 /// The header section of a message (up to the first empty line), without
 /// the trailing line break; CRLF turned into LF for embedding.
 fn original_headers(content: &[u8]) -> &[u8] {
-    let end = content
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|p| p + 2)
-        .unwrap_or(content.len());
-    let headers = &content[..end];
+    let headers = &content[..header_section_len(content)];
     headers.strip_suffix(b"\r\n").unwrap_or(headers)
 }
 

@@ -94,16 +94,7 @@ impl Waker {
     }
 }
 
-#[derive(Debug)]
-pub struct DeliveryError(pub String);
-
-impl std::fmt::Display for DeliveryError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for DeliveryError {}
+crate::error::message_error!(DeliveryError, "Delivery could not start.");
 
 pub struct Delivery {
     waker: Waker,

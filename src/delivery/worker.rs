@@ -14,6 +14,7 @@ use super::dsn::{self, NoticeKind, Problem};
 use super::remote::{self, Envelope};
 use super::{Attempt, DeliveryContext, Job, Route, Waker, maildir};
 use crate::config::Config;
+use crate::protocol::data::header_section_len;
 use crate::queue::QueueError;
 use crate::queue::delivery::{
     self, ClaimedRecipient, DeliveryReport, RecipientStatus, RecipientUpdate, StoredMessage,
@@ -133,11 +134,7 @@ fn deliver_locally(
 }
 
 fn count_received(content: &[u8]) -> usize {
-    let headers_end = content
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or(content.len());
-    content[..headers_end]
+    content[..header_section_len(content)]
         .split(|&b| b == b'\n')
         .filter(|line| line.len() >= 9 && line[..9].eq_ignore_ascii_case(b"received:"))
         .count()

@@ -63,16 +63,7 @@ pub struct MailHost {
     pub preference: u16,
 }
 
-#[derive(Debug)]
-pub struct DnsSetupError(pub String);
-
-impl std::fmt::Display for DnsSetupError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for DnsSetupError {}
+crate::error::message_error!(DnsSetupError, "The resolver could not be set up.");
 
 pub struct Dns {
     runtime: tokio::runtime::Runtime,

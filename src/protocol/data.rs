@@ -168,6 +168,15 @@ impl DataDecoder {
     }
 }
 
+/// Length of a message's header section, up to and including the CRLF of
+/// its last header line (the whole message when there is no empty line).
+pub fn header_section_len(content: &[u8]) -> usize {
+    content
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(content.len(), |p| p + 2)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,6 +275,13 @@ mod tests {
             Progress::Done { .. }
         ));
         assert!(decoder.finish().is_ok());
+    }
+
+    #[test]
+    fn header_section() {
+        assert_eq!(header_section_len(b"A: 1\r\nB: 2\r\n\r\nbody\r\n"), 12);
+        assert_eq!(header_section_len(b"A: 1\r\n"), 6);
+        assert_eq!(header_section_len(b"\r\n\r\nbody"), 2);
     }
 
     #[test]

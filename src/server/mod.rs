@@ -12,7 +12,6 @@ pub mod directory;
 mod limits;
 
 use std::collections::HashMap;
-use std::fmt;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -38,16 +37,7 @@ const ACCEPTOR_STACK: usize = 128 * 1024;
 /// drop bursts of connects and stall clients for seconds in SYN retries.
 const LISTEN_BACKLOG: i32 = 1024;
 
-#[derive(Debug)]
-pub struct StartError(pub String);
-
-impl fmt::Display for StartError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for StartError {}
+crate::error::message_error!(StartError, "The listeners could not start.");
 
 /// Sessions that are open now, so shutdown can end them.
 #[derive(Default)]

@@ -35,16 +35,7 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 pub const PROTOCOL_VERSIONS: &[&rustls::SupportedProtocolVersion] =
     &[&rustls::version::TLS13, &rustls::version::TLS12];
 
-#[derive(Debug)]
-pub struct TlsError(pub String);
-
-impl std::fmt::Display for TlsError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for TlsError {}
+crate::error::message_error!(TlsError, "A certificate, key or TLS configuration problem.");
 
 /// Identifies one version of the certificate files.
 #[derive(Debug, Clone, PartialEq, Eq)]
