@@ -10,10 +10,11 @@ use crate::auth::Accounts;
 use crate::config::Config;
 use crate::delivery::Delivery;
 use crate::dns::Dns;
+use crate::policy::outbound::OutboundPolicy;
 use crate::protocol::session::ListenerKind;
 use crate::queue::{Queue, QueueHandle, ReadPool};
 use crate::server::directory::{self, Directory};
-use crate::server::{Server, ServerParts};
+use crate::server::{Bound, Server, ServerParts};
 use crate::tls::ServerTls;
 
 /// Held while a server runs: two servers on one queue would each think
@@ -61,8 +62,16 @@ impl Instance {
         let lock = lock_data_dir(&config)?;
         let dns = Arc::new(Dns::new(&config.dns).map_err(error)?);
         let tls = Arc::new(ServerTls::load(&config).map_err(error)?);
+        // Listeners first: delivery must know every address we answer on.
+        let bound = Bound::bind(&config, true).map_err(error)?;
+        let outbound = OutboundPolicy::from_config(&config).with_listeners(bound.addresses());
         let accounts = Accounts::new(ReadPool::new(queue.handle().path()));
-        let services = Directory::new(Arc::clone(&config), accounts, Some(Arc::clone(&dns)));
+        let services = Directory::new(
+            Arc::clone(&config),
+            accounts,
+            Some(Arc::clone(&dns)),
+            outbound.clone(),
+        );
         let warnings = directory::deliverability_warnings(&config, |address| {
             services.accounts().exists(address).unwrap_or(false)
         });
@@ -70,7 +79,10 @@ impl Instance {
             log::warn!("config: {warning}");
         }
         let delivery = if options.delivery {
-            Some(Delivery::start(Arc::clone(&config), queue.handle(), dns).map_err(error)?)
+            Some(
+                Delivery::start(Arc::clone(&config), queue.handle(), dns, outbound)
+                    .map_err(error)?,
+            )
         } else {
             None
         };
@@ -84,7 +96,7 @@ impl Instance {
             services,
             on_queued,
         };
-        let server = match Server::start(Arc::clone(&config), parts) {
+        let server = match Server::start(Arc::clone(&config), bound, parts) {
             Ok(server) => server,
             Err(e) => {
                 if let Some(delivery) = delivery {

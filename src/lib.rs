@@ -4,7 +4,8 @@
 //! - [`protocol`]: SMTP parsing and the session state machine (no IO)
 //! - [`server`]: listeners, acceptor, worker pool, the per-connection IO loop
 //! - [`queue`]: the SQLite queue and its group-commit writer thread
-//! - [`policy`]: relay and sender decisions as pure functions
+//! - [`routing`]: where a recipient's mail goes, decided once at acceptance
+//! - [`policy`]: relay, sender and outbound-address decisions as pure functions
 //! - [`auth`]: accounts, password policy and hashing, brute-force limiter
 //! - [`tls`]: certificates and rustls configurations
 //! - [`config`]: the TOML config file, defaults and validation
@@ -22,6 +23,7 @@ pub mod instance;
 pub mod policy;
 pub mod protocol;
 pub mod queue;
+pub mod routing;
 pub mod server;
 pub mod timefmt;
 pub mod tls;

@@ -310,7 +310,7 @@ fn sendmail_submits_locally_and_wakes_the_server() {
         b"x\n",
     );
     assert_eq!(code, 1);
-    assert!(err.contains("no such local mailbox"), "{err}");
+    assert!(err.contains("no such mailbox"), "{err}");
     assert_eq!(server.message_count(), before);
     let (code, err) = sendmail(&petrel_binary, &config, &["sendmail"], b"x\n");
     assert_eq!(code, 2, "no recipients: {err}");

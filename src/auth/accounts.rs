@@ -18,7 +18,7 @@ impl Accounts {
         Accounts { pool }
     }
 
-    /// `address` in lookup form (`Address::lookup_key`).
+    /// `address` is a canonical mailbox key (`Address::mailbox_key`).
     pub fn exists(&self, address: &str) -> Result<bool, QueueError> {
         self.pool
             .with("cannot look up account", |conn| exists(conn, address))
@@ -36,6 +36,21 @@ impl Accounts {
     }
 }
 
+impl crate::routing::Mailboxes for Accounts {
+    fn mailbox_exists(&self, mailbox: &str) -> Result<bool, String> {
+        self.exists(mailbox).map_err(|e| e.to_string())
+    }
+}
+
+/// For the command line (`petrel sendmail`, `petrel queue`), which reads
+/// the queue database directly.
+impl crate::routing::Mailboxes for Connection {
+    fn mailbox_exists(&self, mailbox: &str) -> Result<bool, String> {
+        exists(self, mailbox).map_err(|e| format!("cannot look up account: {e}"))
+    }
+}
+
+/// `address` is a canonical mailbox key ([`crate::protocol::address::Address::mailbox_key`]).
 pub fn exists(conn: &Connection, address: &str) -> rusqlite::Result<bool> {
     conn.query_row(
         "SELECT EXISTS (SELECT 1 FROM users WHERE address = ?1)",

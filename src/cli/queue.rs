@@ -9,9 +9,11 @@ use rusqlite::Connection;
 
 use super::Failure;
 use crate::config::Config;
+use crate::delivery::outcome::{self, Attempt, Stage};
 use crate::delivery::{control, dsn};
 use crate::protocol::data::header_section_len;
 use crate::queue::{self, QueueId, delivery};
+use crate::routing;
 use crate::timefmt::sql_timestamp;
 
 #[derive(Debug, Subcommand)]
@@ -248,26 +250,48 @@ fn bounce(config: &Config, conn: &mut Connection, id: &QueueId) -> Result<(), Fa
     if waiting.is_empty() {
         return Err(Failure::Runtime(format!("{id}: no waiting recipients")));
     }
-    let reason = "550 5.0.0 Delivery cancelled by the mail administrator";
+    let reason = Attempt::local(
+        outcome::CANCELLED_BY_OPERATOR,
+        Stage::Routing,
+        "Delivery cancelled by the mail administrator",
+    );
+    // The sender learns why delivery was failing, not only that it stopped.
     let problems: Vec<dsn::Problem> = waiting
         .iter()
+        .filter(|r| r.notify().failure)
         .map(|r| dsn::Problem {
             address: r.address.clone(),
-            original: r.original.clone(),
-            diagnostic: reason.to_string(),
+            original: dsn::original_recipient(r.orcpt.as_deref(), r.original.as_deref()),
+            diagnostic: match &r.last_reply {
+                Some(last) => format!("{last} (then cancelled by the mail administrator)"),
+                None => reason.to_string(),
+            },
+            status: r
+                .last_status
+                .clone()
+                .unwrap_or_else(|| reason.status.clone()),
             remote_mta: None,
+            relayed: false,
         })
         .collect();
+    let to = routing::notice_route(config, &*conn, &message.sender);
     let notice = dsn::notice(
         &config.hostname,
         &message,
         dsn::NoticeKind::Failed,
         &problems,
+        to,
         SystemTime::now(),
         None,
     );
-    delivery::bounce_now(conn, id.as_str(), &waiting, reason, notice.as_slice())
-        .map_err(runtime)?;
+    delivery::bounce_now(
+        conn,
+        id.as_str(),
+        &waiting,
+        &reason.to_string(),
+        notice.as_slice(),
+    )
+    .map_err(runtime)?;
     log_action(&format!(
         "{id}: bounced by the operator ({} recipients)",
         waiting.len()
@@ -281,7 +305,7 @@ fn bounce(config: &Config, conn: &mut Connection, id: &QueueId) -> Result<(), Fa
             wake(config)
         ),
         None => println!(
-            "{id}: {} recipients bounced; no notice (null sender or a notice itself)",
+            "{id}: {} recipients bounced; no notice (null sender, a notice itself, or NOTIFY)",
             waiting.len()
         ),
     }

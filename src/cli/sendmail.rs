@@ -11,10 +11,11 @@ use std::time::SystemTime;
 use super::Failure;
 use crate::config::Config;
 use crate::delivery::control;
+use crate::policy::{self, DomainStatus, RecipientDecision, RecipientFacts};
 use crate::protocol::address::Address;
-use crate::protocol::data::header_section_len;
+use crate::protocol::data::{ContentLimits, HeaderSummary, content_refusal, header_section_len};
 use crate::queue::{self, MessageKind, NewMessage, NewRecipient, QueueId};
-use crate::server::directory::expand_alias;
+use crate::routing::{self, Route, RouteError};
 use crate::timefmt::rfc5322_date;
 
 /// What the sendmail command line asked for.
@@ -205,45 +206,7 @@ pub fn run(config: &Config, args: &[String]) -> Result<(), Failure> {
 
     let accounts =
         queue::open_direct(&config.data_dir).map_err(|e| Failure::Runtime(e.to_string()))?;
-    let mut recipients: Vec<NewRecipient> = Vec::new();
-    for text in &wanted {
-        // A bare user name means a local mailbox, as with any sendmail.
-        let text = if text.contains('@') {
-            text.clone()
-        } else {
-            format!("{text}@{local_domain}")
-        };
-        let address = parse(&text)?;
-        let targets = if config.is_local_domain(address.domain()) {
-            let targets = expand_alias(config, &address).unwrap_or_else(|| vec![address.clone()]);
-            for target in &targets {
-                let key = target.lookup_key();
-                let exists = crate::auth::accounts::exists(&accounts, &key)
-                    .map_err(|e| Failure::Runtime(format!("cannot look up {key}: {e}")))?;
-                if config.is_local_domain(target.domain()) && !exists {
-                    return Err(Failure::Runtime(format!("{target}: no such local mailbox")));
-                }
-            }
-            targets
-        } else {
-            vec![address.clone()]
-        };
-        for target in targets {
-            let final_address = if config.is_local_domain(target.domain()) {
-                target.lookup_key()
-            } else {
-                target.to_string()
-            };
-            if recipients.iter().any(|r| r.address == final_address) {
-                continue;
-            }
-            let original = address.to_string();
-            recipients.push(NewRecipient {
-                original: (original != final_address).then_some(original),
-                address: final_address,
-            });
-        }
-    }
+    let recipients = route_recipients(config, &accounts, &wanted, &local_domain)?;
 
     let id = QueueId::generate();
     let now = SystemTime::now();
@@ -266,6 +229,7 @@ pub fn run(config: &Config, args: &[String]) -> Result<(), Failure> {
     if !has("Message-ID") {
         content.extend_from_slice(format!("Message-ID: <{id}@{}>\r\n", config.hostname).as_bytes());
     }
+    let raw_for_checks = raw.clone();
     let body = if request.from_headers {
         without_bcc(&raw)
     } else {
@@ -282,6 +246,26 @@ pub fn run(config: &Config, args: &[String]) -> Result<(), Failure> {
             config.limits.max_message_size
         )));
     }
+    // The same end-of-data checks as SMTP, on what the user gave us (our
+    // own Received header not counted, as a session does not count it).
+    let limits = ContentLimits {
+        max_header_size: config.limits.max_header_size.bytes(),
+        max_hops: config.limits.max_hops,
+    };
+    let local_mailboxes = recipients.iter().filter_map(|r| match &r.route {
+        Route::Local { mailbox } => Some(mailbox.as_str()),
+        _ => None,
+    });
+    if let Some(refusal) = content_refusal(
+        &HeaderSummary::of(&raw_for_checks),
+        &limits,
+        local_mailboxes,
+    ) {
+        return Err(Failure::Runtime(format!(
+            "message refused: {}",
+            refusal.lines.join(" ")
+        )));
+    }
 
     let message = NewMessage {
         id: id.clone(),
@@ -295,6 +279,8 @@ pub fn run(config: &Config, args: &[String]) -> Result<(), Failure> {
         auth_user: Some(current_user()),
         listener: "local".into(),
         kind: MessageKind::Normal,
+        ret: None,
+        envid: None,
     };
     let count = message.recipients.len();
     queue::insert_direct(&config.data_dir, &message)
@@ -302,6 +288,82 @@ pub fn run(config: &Config, args: &[String]) -> Result<(), Failure> {
     control::poke(&config.data_dir);
     eprintln!("petrel: {id}: queued from=<{sender}>, nrcpt={count}");
     Ok(())
+}
+
+/// Routes each wanted recipient exactly as an SMTP session would for an
+/// authenticated user: [`routing::resolve`], then [`policy`].
+pub fn route_recipients(
+    config: &Config,
+    accounts: &rusqlite::Connection,
+    wanted: &[String],
+    local_domain: &str,
+) -> Result<Vec<NewRecipient>, Failure> {
+    let mut recipients: Vec<NewRecipient> = Vec::new();
+    for text in wanted {
+        // A bare user name means a local mailbox, as with any sendmail.
+        let text = if text.contains('@') {
+            text.clone()
+        } else {
+            format!("{text}@{local_domain}")
+        };
+        let address = parse(&text)?;
+        let (resolution, mailbox_exists) = match routing::resolve(config, accounts, &address) {
+            Ok(resolution) => (Some(resolution), true),
+            Err(RouteError::NoSuchMailbox) => (None, false),
+            Err(RouteError::Unavailable(error)) => {
+                return Err(Failure::Runtime(format!(
+                    "cannot look up {address}: {error}"
+                )));
+            }
+            Err(error) => {
+                return Err(Failure::Runtime(format!(
+                    "{address}: alias expansion failed ({error:?}); fix [aliases]"
+                )));
+            }
+        };
+        // A local user is accountable, like an authenticated one.
+        let facts = RecipientFacts {
+            local_domain: resolution.as_ref().is_none_or(|r| r.local_domain),
+            mailbox_exists,
+            authenticated: true,
+            trusted_network: false,
+            domain: DomainStatus::NotChecked,
+        };
+        if let RecipientDecision::Refuse(reply) = policy::decide_recipient(&facts) {
+            return Err(Failure::Runtime(format!(
+                "{address}: {}",
+                reply.lines.join(" ")
+            )));
+        }
+        let Some(resolution) = resolution else {
+            return Err(Failure::Runtime(format!(
+                "{address}: no such local mailbox"
+            )));
+        };
+        for skipped in &resolution.skipped {
+            eprintln!(
+                "petrel: warning: alias {address}: target {skipped} is not an account; skipped"
+            );
+        }
+        for target in resolution.targets {
+            if recipients
+                .iter()
+                .any(|r| r.route == target.route && r.address == target.address)
+            {
+                continue;
+            }
+            let original = address.to_string();
+            recipients.push(NewRecipient {
+                original: (original != target.address).then_some(original),
+                address: target.address,
+                route: target.route,
+                domain: target.domain,
+                notify: None,
+                orcpt: None,
+            });
+        }
+    }
+    Ok(recipients)
 }
 
 fn parse(text: &str) -> Result<Address, Failure> {

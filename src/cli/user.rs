@@ -93,7 +93,7 @@ fn exists(conn: &rusqlite::Connection, address: &str) -> Result<bool, Failure> {
 
 fn parse(text: &str) -> Result<String, Failure> {
     Address::parse(text)
-        .map(|address| address.lookup_key())
+        .map(|address| address.mailbox_key())
         .map_err(|e| Failure::Usage(format!("{text:?} is not an address: {e}")))
 }
 
@@ -108,7 +108,7 @@ fn local_address(config: &Config, text: &str) -> Result<String, Failure> {
             config.domains.local.join(", ")
         )));
     }
-    Ok(address.lookup_key())
+    Ok(address.mailbox_key())
 }
 
 fn new_password_hash(config: &Config, address: &str, from_stdin: bool) -> Result<String, Failure> {

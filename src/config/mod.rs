@@ -199,6 +199,11 @@ pub struct DeliveryConfig {
     pub smarthost_ca: Option<PathBuf>,
     /// Port of remote MX hosts. 25 everywhere in the real world; tests change it.
     pub port: u16,
+    /// Special-purpose networks (loopback, private, link-local ...) that MX,
+    /// address and literal delivery may connect to, e.g. an internal MX.
+    /// Empty by default: DNS is controlled by strangers, and without this
+    /// rule they could point petrel at services behind the firewall.
+    pub allowed_networks: Vec<IpNet>,
     /// Operators whose IPv6 has no reverse DNS need "ipv4".
     pub address_family: AddressFamily,
     /// Opportunistic STARTTLS to MX hosts: when the handshake fails, retry
@@ -221,6 +226,7 @@ impl Default for DeliveryConfig {
             smarthost_tls: SmarthostTls::Verify,
             smarthost_ca: None,
             port: 25,
+            allowed_networks: Vec::new(),
             address_family: AddressFamily::Any,
             plaintext_fallback: true,
             workers: 8,
@@ -277,6 +283,14 @@ impl Default for QueueConfig {
 pub struct LimitsConfig {
     /// Advertised in EHLO SIZE and enforced while DATA streams in.
     pub max_message_size: ByteSize,
+    /// Largest header section accepted (refused at end of DATA with 552).
+    /// Real mail has a few KiB of headers; a huge header section is what a
+    /// stranger would want reflected in a bounce.
+    pub max_header_size: ByteSize,
+    /// `Received:` fields a message may carry when it arrives; more is a
+    /// mail loop (RFC 5321 6.3), refused at end of DATA. Postfix's
+    /// hopcount_limit is 50 too.
+    pub max_hops: usize,
     /// RFC 5321 4.5.3.1.8 asks servers to take at least 100.
     pub max_recipients: usize,
     /// Worker threads, hence concurrent sessions.
@@ -295,6 +309,8 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_message_size: ByteSize::mib(25),
+            max_header_size: ByteSize::mib(1),
+            max_hops: 50,
             max_recipients: 100,
             max_sessions: 256,
             max_sessions_per_ip: 20,
@@ -508,7 +524,7 @@ impl Config {
             if normalized.is_empty() {
                 return Err(ConfigError::at(&key, "needs at least one target address"));
             }
-            aliases.insert(source.lookup_key(), AliasTargets::Many(normalized));
+            aliases.insert(source.mailbox_key(), AliasTargets::Many(normalized));
         }
         self.aliases = aliases;
 
@@ -592,6 +608,15 @@ impl Config {
                 "limits.max_sessions",
                 "more than 10000 threads is not what this server is built for",
             ));
+        }
+        if limits.max_header_size.bytes() < 1024 {
+            return Err(ConfigError::at(
+                "limits.max_header_size",
+                "must be at least 1KiB",
+            ));
+        }
+        if limits.max_hops == 0 {
+            return Err(ConfigError::at("limits.max_hops", "must be at least 1"));
         }
         if limits.max_message_size.bytes() < 1024 {
             return Err(ConfigError::at(

@@ -3,7 +3,7 @@
 //! parser that never buffers more than a bounded amount from a remote
 //! server.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +11,9 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use rustls::pki_types::ServerName;
-use rustls::{ClientConfig, ClientConnection, StreamOwned};
+use rustls::{ClientConfig, ClientConnection};
+
+use crate::tls::Transport;
 
 /// RFC 5321 4.5.3.2 timeouts.
 pub const GREETING_TIMEOUT: Duration = Duration::from_secs(5 * 60);
@@ -128,6 +130,8 @@ pub struct Extensions {
     pub starttls: bool,
     pub eight_bit_mime: bool,
     pub smtputf8: bool,
+    /// RFC 3461 delivery status notifications.
+    pub dsn: bool,
     /// SIZE limit; 0 or absent means none announced.
     pub size: Option<u64>,
     pub auth: Vec<String>,
@@ -147,6 +151,7 @@ impl Extensions {
                 "STARTTLS" => extensions.starttls = true,
                 "8BITMIME" => extensions.eight_bit_mime = true,
                 "SMTPUTF8" => extensions.smtputf8 = true,
+                "DSN" => extensions.dsn = true,
                 "SIZE" => {
                     extensions.size = words.next().and_then(|n| n.parse().ok()).filter(|&n| n > 0)
                 }
@@ -185,13 +190,8 @@ impl From<io::Error> for ClientError {
     }
 }
 
-enum Conn {
-    Plain(TcpStream),
-    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
-}
-
 pub struct SmtpClient {
-    conn: Conn,
+    conn: Transport<ClientConnection>,
     buffer: Vec<u8>,
     pub peer: SocketAddr,
 }
@@ -225,7 +225,7 @@ impl SmtpClient {
         tcp.set_nodelay(true)?;
         tcp.set_write_timeout(Some(DATA_BLOCK_TIMEOUT))?;
         Ok(SmtpClient {
-            conn: Conn::Plain(tcp),
+            conn: Transport::Plain(tcp),
             buffer: Vec::new(),
             peer,
         })
@@ -243,59 +243,37 @@ impl SmtpClient {
         };
         let connection =
             ClientConnection::new(config, name).map_err(|e| ClientError::Tls(e.to_string()))?;
-        let tcp = self.tcp().try_clone()?;
-        tcp.set_read_timeout(Some(COMMAND_TIMEOUT))?;
-        let mut stream = StreamOwned::new(connection, tcp);
-        while stream.conn.is_handshaking() {
-            stream
-                .conn
-                .complete_io(&mut stream.sock)
-                .map_err(|e| ClientError::Tls(e.to_string()))?;
-        }
-        self.conn = Conn::Tls(Box::new(stream));
+        self.conn.tcp().set_read_timeout(Some(COMMAND_TIMEOUT))?;
+        let placeholder = Transport::Plain(self.conn.tcp().try_clone()?);
+        let plain = std::mem::replace(&mut self.conn, placeholder);
+        self.conn = plain
+            .upgrade(connection)
+            .map_err(|e| ClientError::Tls(e.to_string()))?;
         Ok(())
     }
 
     fn tcp(&self) -> &TcpStream {
-        match &self.conn {
-            Conn::Plain(tcp) => tcp,
-            Conn::Tls(tls) => &tls.sock,
-        }
+        self.conn.tcp()
     }
 
     pub fn is_tls(&self) -> bool {
-        matches!(self.conn, Conn::Tls(_))
+        self.conn.is_tls()
     }
 
-    /// "TLSv1.3 TLS13_AES_256_GCM_SHA384", for logs.
+    /// "TLSv1_3 TLS13_AES_256_GCM_SHA384", for logs.
     pub fn tls_description(&self) -> Option<String> {
-        match &self.conn {
-            Conn::Plain(_) => None,
-            Conn::Tls(tls) => Some(format!(
-                "{} {}",
-                crate::tls::version_name(tls.conn.protocol_version()),
-                crate::tls::cipher_name(tls.conn.negotiated_cipher_suite())
-            )),
-        }
+        self.conn
+            .summary()
+            .map(|tls| format!("{} {}", tls.version, tls.cipher))
     }
 
     pub fn send(&mut self, data: &[u8]) -> Result<(), ClientError> {
-        match &mut self.conn {
-            Conn::Plain(tcp) => tcp.write_all(data)?,
-            Conn::Tls(tls) => {
-                tls.write_all(data)?;
-                tls.flush()?;
-            }
-        }
-        Ok(())
+        Ok(self.conn.send(data)?)
     }
 
     fn read_some(&mut self) -> Result<(), ClientError> {
         let mut chunk = [0u8; 4096];
-        let n = match &mut self.conn {
-            Conn::Plain(tcp) => tcp.read(&mut chunk)?,
-            Conn::Tls(tls) => tls.read(&mut chunk)?,
-        };
+        let n = self.conn.read(&mut chunk)?;
         if n == 0 {
             return Err(ClientError::Io(io::Error::new(
                 io::ErrorKind::UnexpectedEof,

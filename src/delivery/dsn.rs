@@ -1,53 +1,68 @@
-//! Delivery status notifications (RFC 3464): bounces for recipients that
-//! failed for good and the one "still trying" warning for delayed ones.
-//! Sent from the null sender, so they are never bounced themselves, and
-//! never sent to the null sender or about a notice (RFC 5321 6.1, 4.5.5).
+//! Delivery status notifications (RFC 3464, RFC 6533 for SMTPUTF8 mail):
+//! bounces for recipients that failed for good, the one "still trying"
+//! warning for delayed ones, and success reports where the sender asked
+//! for them (RFC 3461). Sent from the null sender, so they are never
+//! bounced themselves, and never sent to the null sender or about a
+//! notice (RFC 5321 6.1, 4.5.5).
+//!
+//! A notice goes to the envelope sender, which anyone can forge; so it
+//! must not be a way to mail arbitrary content to anyone. It carries the
+//! original header section only, capped at [`MAX_RETURNED_HEADERS`] and cut
+//! at a field boundary; the whole message only when the sender asked for it
+//! (RET=FULL) and it fits in [`MAX_RETURNED_MESSAGE`]. MIME boundaries are
+//! random, so no client can predict one and forge parts.
 
 use std::time::SystemTime;
 
 use crate::protocol::data::header_section_len;
+use crate::protocol::dsn::Notify;
+use crate::protocol::dsn::Ret;
 use crate::queue::delivery::StoredMessage;
 use crate::queue::{MessageKind, NewMessage, NewRecipient, QueueId};
+use crate::routing::Routed;
 use crate::timefmt::rfc5322_date;
+
+/// Most of the original header section a notice returns.
+pub const MAX_RETURNED_HEADERS: usize = 64 * 1024;
+/// Largest original message returned whole (RET=FULL); bigger ones are
+/// returned as headers only. Postfix's bounce_size_limit is 50 kB; this
+/// leaves room for a small attachment.
+pub const MAX_RETURNED_MESSAGE: usize = 256 * 1024;
 
 /// One recipient the notice is about.
 #[derive(Debug, Clone)]
 pub struct Problem {
     pub address: String,
+    /// The Original-Recipient field (see [`original_recipient`]).
     pub original: Option<String>,
-    /// The reply or reason, e.g. "550 5.1.1 No such user".
+    /// The reply or reason, as logged: "550 5.1.1 No such user (in reply to RCPT TO)".
     pub diagnostic: String,
+    /// Its RFC 3463 status, e.g. "5.1.1".
+    pub status: String,
     /// host[ip]:port when a remote server gave the answer.
     pub remote_mta: Option<String>,
-}
-
-impl Problem {
-    /// RFC 3463 status: the reply's enhanced code, else one derived from
-    /// the basic code.
-    fn status(&self, failed: bool) -> String {
-        let mut words = self.diagnostic.split_whitespace();
-        let code = words.next().unwrap_or("");
-        if let Some(enhanced) = words.next()
-            && enhanced.split('.').count() == 3
-            && enhanced
-                .split('.')
-                .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
-            && matches!(enhanced.as_bytes()[0], b'2' | b'4' | b'5')
-        {
-            return enhanced.to_string();
-        }
-        match (code.as_bytes().first(), failed) {
-            (Some(b'5'), _) => "5.0.0".into(),
-            (_, true) => "4.4.7".into(),
-            _ => "4.0.0".into(),
-        }
-    }
+    /// For success reports: handed to a server that does not report
+    /// further (RFC 3464 "relayed") rather than delivered here.
+    pub relayed: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NoticeKind {
     Failed,
     Delayed,
+    /// Delivered or relayed, for recipients that asked (NOTIFY=SUCCESS).
+    Success,
+}
+
+impl NoticeKind {
+    /// Whether a recipient's NOTIFY asks for this kind of notice.
+    pub fn wanted_by(self, notify: Notify) -> bool {
+        match self {
+            NoticeKind::Failed => notify.failure,
+            NoticeKind::Delayed => notify.delay,
+            NoticeKind::Success => notify.success,
+        }
+    }
 }
 
 /// Whether a notice may be sent about `message` at all.
@@ -55,21 +70,28 @@ pub fn may_notify(message: &StoredMessage) -> bool {
     !message.sender.is_empty() && message.kind == MessageKind::Normal
 }
 
-/// Builds the notice, or `None` when none may be sent.
+/// Builds the notice, to `to` (the sender, routed), or `None` when none
+/// may be sent.
 pub fn notice(
     hostname: &str,
     message: &StoredMessage,
     kind: NoticeKind,
     problems: &[Problem],
+    to: Vec<Routed>,
     now: SystemTime,
     retry_until: Option<SystemTime>,
 ) -> Option<NewMessage> {
-    if problems.is_empty() || !may_notify(message) {
+    if problems.is_empty() || to.is_empty() || !may_notify(message) {
         return None;
     }
     let id = QueueId::generate();
-    let boundary = format!("{id}.petrel/{hostname}");
+    let boundary = format!(
+        "=_{:016x}{:016x}",
+        crate::dns::random_u64(),
+        crate::dns::random_u64()
+    );
     let date = rfc5322_date(now);
+    let global = message.smtputf8;
     let (subject, intro) = match kind {
         NoticeKind::Failed => (
             "Undelivered Mail Returned to Sender",
@@ -81,10 +103,18 @@ pub fn notice(
             "Your message has not been delivered yet to one or more recipients.\n\
              It is still being retried; you do not need to send it again.",
         ),
+        NoticeKind::Success => (
+            "Successful Mail Delivery Report",
+            "Your message was delivered to the recipients below, as you asked to be told.",
+        ),
     };
     let mut human = format!("This is the mail system at host {hostname}.\n\n{intro}\n\n");
     for problem in problems {
-        human.push_str(&format!("<{}>: {}\n", problem.address, problem.diagnostic));
+        human.push_str(&format!(
+            "<{}>: {}\n",
+            one_line(&problem.address),
+            one_line(&problem.diagnostic)
+        ));
     }
     if let (NoticeKind::Delayed, Some(until)) = (kind, retry_until) {
         human.push_str(&format!(
@@ -93,28 +123,37 @@ pub fn notice(
         ));
     }
 
-    let mut status = format!(
-        "Reporting-MTA: dns; {hostname}\nX-Petrel-Queue-ID: {}\nArrival-Date: {}\n",
+    let mut status = format!("Reporting-MTA: dns; {hostname}\n");
+    if let Some(envid) = &message.envid {
+        status.push_str(&format!("Original-Envelope-Id: {}\n", one_line(envid)));
+    }
+    status.push_str(&format!(
+        "X-Petrel-Queue-ID: {}\nArrival-Date: {}\n",
         message.id,
         rfc5322_date(message.received_at)
-    );
+    ));
     for problem in problems {
         status.push('\n');
         if let Some(original) = &problem.original {
-            status.push_str(&format!("Original-Recipient: rfc822; {original}\n"));
+            status.push_str(&format!("Original-Recipient: {}\n", one_line(original)));
         }
-        status.push_str(&format!("Final-Recipient: rfc822; {}\n", problem.address));
-        let (action, failed) = match kind {
-            NoticeKind::Failed => ("failed", true),
-            NoticeKind::Delayed => ("delayed", false),
+        status.push_str(&format!(
+            "Final-Recipient: {}\n",
+            one_line(&address_field(&problem.address))
+        ));
+        let action = match kind {
+            NoticeKind::Failed => "failed",
+            NoticeKind::Delayed => "delayed",
+            NoticeKind::Success if problem.relayed => "relayed",
+            NoticeKind::Success => "delivered",
         };
         status.push_str(&format!(
             "Action: {action}\nStatus: {}\n",
-            problem.status(failed)
+            one_line(&problem.status)
         ));
         if let Some(remote) = &problem.remote_mta {
             let host = remote.split('[').next().unwrap_or(remote);
-            status.push_str(&format!("Remote-MTA: dns; {host}\n"));
+            status.push_str(&format!("Remote-MTA: dns; {}\n", one_line(host)));
         }
         status.push_str(&format!(
             "Diagnostic-Code: smtp; {}\nLast-Attempt-Date: {date}\n",
@@ -125,7 +164,16 @@ pub fn notice(
         }
     }
 
-    let body = format!(
+    let (returned_type, returned, note) = returned_content(message, kind, global);
+    if let Some(note) = note {
+        human.push_str(&format!("\n{note}\n"));
+    }
+    let (report_type, status_type) = if global {
+        ("global-delivery-status", "message/global-delivery-status")
+    } else {
+        ("delivery-status", "message/delivery-status")
+    };
+    let mut body = format!(
         "From: Mail Delivery System <MAILER-DAEMON@{hostname}>\n\
          To: <{sender}>\n\
          Subject: {subject}\n\
@@ -133,7 +181,7 @@ pub fn notice(
          Message-ID: <{id}@{hostname}>\n\
          Auto-Submitted: auto-replied\n\
          MIME-Version: 1.0\n\
-         Content-Type: multipart/report; report-type=delivery-status;\n\
+         Content-Type: multipart/report; report-type={report_type};\n\
          \tboundary=\"{boundary}\"\n\
          \n\
          This is a MIME-encapsulated message.\n\
@@ -144,59 +192,152 @@ pub fn notice(
          \n\
          {human}\n\
          --{boundary}\n\
-         Content-Type: message/delivery-status\n\
+         Content-Type: {status_type}\n\
          Content-Description: Delivery report\n\
          \n\
          {status}\n\
          --{boundary}\n\
-         Content-Type: text/rfc822-headers\n\
-         Content-Description: Headers of the original message\n\
-         \n\
-         {headers}\n\
-         --{boundary}--\n",
+         Content-Type: {returned_type}\n\
+         Content-Description: {description}\n\
+         \n",
         sender = message.sender,
-        headers = String::from_utf8_lossy(original_headers(&message.content))
-            .replace("\r\n", "\n")
-            .replace('\r', ""),
-    );
-    let content = body.replace('\n', "\r\n").into_bytes();
-    let eight_bit = !content.is_ascii();
+        description = if returned_type.ends_with("headers") {
+            "Headers of the original message"
+        } else {
+            "The original message"
+        },
+    )
+    .replace('\n', "\r\n")
+    .into_bytes();
+    body.extend_from_slice(&returned);
+    if !body.ends_with(b"\r\n") {
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+
+    let eight_bit = !body.is_ascii();
     Some(NewMessage {
         id,
         sender: String::new(),
-        recipients: vec![NewRecipient {
-            address: message.sender.clone(),
-            original: None,
-        }],
-        content,
+        recipients: to
+            .into_iter()
+            .map(|routed| NewRecipient {
+                address: routed.address,
+                original: None,
+                route: routed.route,
+                domain: routed.domain,
+                notify: None,
+                orcpt: None,
+            })
+            .collect(),
+        content: body,
         client_ip: None,
         helo: None,
         auth_user: None,
         listener: "local".into(),
         eight_bit,
-        smtputf8: message.smtputf8,
+        smtputf8: global,
         kind: match kind {
-            NoticeKind::Failed => MessageKind::Bounce,
+            NoticeKind::Failed | NoticeKind::Success => MessageKind::Bounce,
             NoticeKind::Delayed => MessageKind::DelayWarning,
         },
+        ret: None,
+        envid: None,
     })
 }
 
-fn one_line(text: &str) -> String {
-    // Remote replies end up in a header-like field; keep them on one line.
-    text.replace(['\r', '\n'], " ")
+/// The third part of a notice: the whole original when RET=FULL asked for
+/// it on a failure report and it fits, else its header section, capped.
+/// Returns the part's content type, its bytes and a note for the reader.
+fn returned_content(
+    message: &StoredMessage,
+    kind: NoticeKind,
+    global: bool,
+) -> (&'static str, Vec<u8>, Option<String>) {
+    let full_wanted = kind == NoticeKind::Failed && message.ret == Some(Ret::Full);
+    if full_wanted && message.content.len() <= MAX_RETURNED_MESSAGE {
+        let content_type = if global {
+            "message/global"
+        } else {
+            "message/rfc822"
+        };
+        return (content_type, message.content.clone(), None);
+    }
+    let headers_type = if global {
+        "message/global-headers"
+    } else {
+        "text/rfc822-headers"
+    };
+    let (headers, cut) = capped_headers(&message.content, MAX_RETURNED_HEADERS);
+    let mut note = None;
+    if full_wanted {
+        note = Some(format!(
+            "The message was larger than {} KiB, so only its headers are returned.",
+            MAX_RETURNED_MESSAGE / 1024
+        ));
+    } else if cut {
+        note = Some(format!(
+            "The original header section was longer than {} KiB; only its start is returned.",
+            MAX_RETURNED_HEADERS / 1024
+        ));
+    }
+    (headers_type, headers.to_vec(), note)
 }
 
-/// The header section of a message (up to the first empty line), without
-/// the trailing line break; CRLF turned into LF for embedding.
-fn original_headers(content: &[u8]) -> &[u8] {
-    let headers = &content[..header_section_len(content)];
-    headers.strip_suffix(b"\r\n").unwrap_or(headers)
+/// The header section of a message, at most `limit` octets, cut at the end
+/// of a header field (a line not followed by a continuation line). Returns
+/// whether anything was cut.
+pub fn capped_headers(content: &[u8], limit: usize) -> (&[u8], bool) {
+    let section = &content[..header_section_len(content)];
+    if section.len() <= limit {
+        return (section, false);
+    }
+    let mut end = 0;
+    let mut position = 0;
+    while let Some(offset) = section[position..].iter().position(|&b| b == b'\n') {
+        let line_end = position + offset + 1;
+        if line_end > limit {
+            break;
+        }
+        let next = section.get(line_end).copied();
+        if !matches!(next, Some(b' ') | Some(b'\t')) {
+            end = line_end;
+        }
+        position = line_end;
+    }
+    (&section[..end], true)
+}
+
+/// The Original-Recipient field: ORCPT as the client gave it ("rfc822;a@b"),
+/// else the RCPT TO address when an alias or case change made the final one.
+pub fn original_recipient(orcpt: Option<&str>, rcpt: Option<&str>) -> Option<String> {
+    orcpt
+        .map(str::to_string)
+        .or_else(|| rcpt.map(address_field))
+}
+
+/// "rfc822; addr", or "utf-8; addr" for an internationalised address
+/// (RFC 6533 3).
+fn address_field(address: &str) -> String {
+    if address.is_ascii() {
+        format!("rfc822; {address}")
+    } else {
+        format!("utf-8; {address}")
+    }
+}
+
+/// Text from the network ends up in header-like fields: one line, and no
+/// control characters.
+fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::routing::Route;
     use std::time::Duration;
 
     fn message(sender: &str, kind: MessageKind) -> StoredMessage {
@@ -208,6 +349,8 @@ mod tests {
             eight_bit: false,
             smtputf8: false,
             delay_warning_sent: false,
+            ret: None,
+            envid: None,
             content:
                 b"Received: from x\r\nSubject: Hello\r\nFrom: a@example.org\r\n\r\nsecret body\r\n"
                     .to_vec(),
@@ -217,28 +360,58 @@ mod tests {
     fn problem() -> Problem {
         Problem {
             address: "bob@example.net".into(),
-            original: Some("team@example.org".into()),
+            original: original_recipient(None, Some("team@example.org")),
             diagnostic: "550 5.1.1 <bob@example.net>: no such user (in reply to RCPT TO)".into(),
+            status: "5.1.1".into(),
             remote_mta: Some("mx.example.net[192.0.2.1]:25".into()),
+            relayed: false,
         }
     }
 
-    #[test]
-    fn bounce_is_a_multipart_report() {
+    fn to(address: &str) -> Vec<Routed> {
+        let domain = address.rsplit_once('@').unwrap().1.to_string();
+        vec![Routed {
+            address: address.into(),
+            route: Route::Remote {
+                domain: domain.clone(),
+            },
+            domain,
+        }]
+    }
+
+    fn build(
+        message: &StoredMessage,
+        kind: NoticeKind,
+        problems: &[Problem],
+    ) -> Option<NewMessage> {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_890_000);
-        let notice = notice(
+        notice(
             "mx.test",
+            message,
+            kind,
+            problems,
+            to(&message.sender),
+            now,
+            Some(now),
+        )
+    }
+
+    fn text_of(notice: &NewMessage) -> String {
+        String::from_utf8(notice.content.clone()).unwrap()
+    }
+
+    #[test]
+    fn bounce_is_a_multipart_report_with_headers_only() {
+        let notice = build(
             &message("a@example.org", MessageKind::Normal),
             NoticeKind::Failed,
             &[problem()],
-            now,
-            None,
         )
         .unwrap();
         assert_eq!(notice.sender, "");
         assert_eq!(notice.kind, MessageKind::Bounce);
         assert_eq!(notice.recipients[0].address, "a@example.org");
-        let text = String::from_utf8(notice.content).unwrap();
+        let text = text_of(&notice);
         assert!(
             !text.replace("\r\n", "").contains('\n'),
             "CRLF line ends only"
@@ -265,73 +438,136 @@ mod tests {
     }
 
     #[test]
-    fn delay_warning() {
-        let now = SystemTime::now();
-        let notice = notice(
-            "mx.test",
+    fn boundaries_are_unpredictable() {
+        let message = message("a@example.org", MessageKind::Normal);
+        let boundary = |n: &NewMessage| {
+            let text = text_of(n);
+            let start = text.find("boundary=\"").unwrap() + 10;
+            text[start..start + text[start..].find('"').unwrap()].to_string()
+        };
+        let one = build(&message, NoticeKind::Failed, &[problem()]).unwrap();
+        let two = build(&message, NoticeKind::Failed, &[problem()]).unwrap();
+        assert_ne!(boundary(&one), boundary(&two));
+        assert!(!boundary(&one).contains(&message.id));
+        assert!(!boundary(&one).contains(one.id.as_str()));
+    }
+
+    #[test]
+    fn returned_headers_are_capped_at_a_field_boundary() {
+        let mut original = message("a@example.org", MessageKind::Normal);
+        let mut headers = Vec::new();
+        for n in 0..5000 {
+            headers.extend_from_slice(
+                format!("X-Filler-{n}: {}\r\n\tfolded\r\n", "z".repeat(40)).as_bytes(),
+            );
+        }
+        original.content = headers.clone();
+        let notice = build(&original, NoticeKind::Failed, &[problem()]).unwrap();
+        assert!(
+            notice.content.len() < MAX_RETURNED_HEADERS + 4096,
+            "{}",
+            notice.content.len()
+        );
+        let text = text_of(&notice);
+        let returned = &text[text.find("X-Filler-0:").unwrap()..text.rfind("\r\n--").unwrap()];
+        assert!(
+            returned.ends_with("\tfolded\r\n"),
+            "cut after a whole field"
+        );
+        assert!(text.contains("only its start is returned"));
+    }
+
+    #[test]
+    fn ret_full_returns_the_message_when_it_fits() {
+        let mut original = message("a@example.org", MessageKind::Normal);
+        original.ret = Some(Ret::Full);
+        original.envid = Some("QQ314159".into());
+        let text = text_of(&build(&original, NoticeKind::Failed, &[problem()]).unwrap());
+        assert!(text.contains("Content-Type: message/rfc822"));
+        assert!(text.contains("secret body"));
+        assert!(text.contains("Original-Envelope-Id: QQ314159"));
+        // Too big: headers only, and the reader is told why.
+        original
+            .content
+            .extend(std::iter::repeat_n(b'x', MAX_RETURNED_MESSAGE));
+        let text = text_of(&build(&original, NoticeKind::Failed, &[problem()]).unwrap());
+        assert!(text.contains("Content-Type: text/rfc822-headers"));
+        assert!(!text.contains("secret body"));
+        assert!(text.contains("only its headers are returned"));
+        // Delay warnings never carry the body.
+        let text = text_of(&build(&original, NoticeKind::Delayed, &[problem()]).unwrap());
+        assert!(!text.contains("secret body"));
+    }
+
+    #[test]
+    fn smtputf8_messages_get_global_reports() {
+        let mut original = message("josé@example.org", MessageKind::Normal);
+        original.smtputf8 = true;
+        let mut p = problem();
+        p.address = "bøb@example.net".into();
+        let notice = build(&original, NoticeKind::Failed, &[p]).unwrap();
+        assert!(notice.smtputf8);
+        let text = text_of(&notice);
+        assert!(text.contains("report-type=global-delivery-status"));
+        assert!(text.contains("Content-Type: message/global-delivery-status"));
+        assert!(text.contains("Content-Type: message/global-headers"));
+        assert!(text.contains("Final-Recipient: utf-8; bøb@example.net"));
+    }
+
+    #[test]
+    fn delay_warning_and_success_report() {
+        let notice = build(
             &message("a@example.org", MessageKind::Normal),
             NoticeKind::Delayed,
             &[Problem {
                 diagnostic: "451 4.4.1 connection refused".into(),
+                status: "4.4.1".into(),
                 remote_mta: None,
                 ..problem()
             }],
-            now,
-            Some(now),
         )
         .unwrap();
         assert_eq!(notice.kind, MessageKind::DelayWarning);
-        let text = String::from_utf8(notice.content).unwrap();
+        let text = text_of(&notice);
         assert!(text.contains("Action: delayed"));
         assert!(text.contains("Status: 4.4.1"));
         assert!(text.contains("Will-Retry-Until: "));
+
+        let relayed = Problem {
+            relayed: true,
+            status: "2.0.0".into(),
+            ..problem()
+        };
+        let text = text_of(
+            &build(
+                &message("a@example.org", MessageKind::Normal),
+                NoticeKind::Success,
+                &[relayed],
+            )
+            .unwrap(),
+        );
+        assert!(text.contains("Action: relayed"));
     }
 
     #[test]
     fn never_to_the_null_sender_nor_about_a_notice() {
-        let now = SystemTime::now();
-        assert!(
-            notice(
+        for (sender, kind) in [
+            ("", MessageKind::Normal),
+            ("a@example.org", MessageKind::Bounce),
+            ("a@example.org", MessageKind::DelayWarning),
+        ] {
+            let now = SystemTime::now();
+            let message = message(sender, kind);
+            let notice = notice(
                 "mx.test",
-                &message("", MessageKind::Normal),
+                &message,
                 NoticeKind::Failed,
                 &[problem()],
+                to("a@example.org"),
                 now,
-                None
-            )
-            .is_none()
-        );
-        assert!(
-            notice(
-                "mx.test",
-                &message("a@example.org", MessageKind::Bounce),
-                NoticeKind::Failed,
-                &[problem()],
-                now,
-                None
-            )
-            .is_none()
-        );
-        assert!(
-            notice(
-                "mx.test",
-                &message("a@example.org", MessageKind::DelayWarning),
-                NoticeKind::Failed,
-                &[problem()],
-                now,
-                None
-            )
-            .is_none()
-        );
-    }
-
-    #[test]
-    fn status_codes_without_enhanced_code() {
-        let mut p = problem();
-        p.diagnostic = "550 no such user".into();
-        assert_eq!(p.status(true), "5.0.0");
-        p.diagnostic = "421 busy".into();
-        assert_eq!(p.status(true), "4.4.7");
-        assert_eq!(p.status(false), "4.0.0");
+                None,
+            );
+            assert!(notice.is_none(), "{sender:?} {kind:?}");
+        }
     }
 }

@@ -11,6 +11,7 @@ pub mod client;
 pub mod control;
 pub mod dsn;
 pub mod maildir;
+pub mod outcome;
 mod remote;
 mod scheduler;
 mod worker;
@@ -26,39 +27,26 @@ use rustls::ClientConfig;
 use crate::auth::Accounts;
 use crate::config::Config;
 use crate::dns::Dns;
+use crate::policy::outbound::OutboundPolicy;
 use crate::queue::delivery::ClaimedRecipient;
 use crate::queue::{QueueHandle, ReadPool};
+use crate::routing::Route;
 
-/// What one attempt did for one recipient, with the reply or reason.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Attempt {
-    Delivered(String),
-    /// 4xx, connection trouble, temporary DNS failure: retry later.
-    Temporary(String),
-    /// 5xx or a permanent DNS verdict: bounce.
-    Permanent(String),
-}
-
-/// Where a recipient's mail goes.
+/// What a worker connects to for a job: recipients of one message that
+/// share a destination share one transaction.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Route {
+pub enum Destination {
     Local,
-    Smarthost,
+    SmartHost,
     Domain(String),
 }
 
-impl Route {
-    pub fn for_address(config: &Config, address: &str) -> Route {
-        let domain = address
-            .rsplit_once('@')
-            .map(|(_, d)| d.to_lowercase())
-            .unwrap_or_default();
-        if config.domains.local.contains(&domain) {
-            Route::Local
-        } else if config.delivery.smarthost.is_some() {
-            Route::Smarthost
-        } else {
-            Route::Domain(domain)
+impl Destination {
+    pub fn of(route: &Route) -> Destination {
+        match route {
+            Route::Local { .. } => Destination::Local,
+            Route::SmartHost => Destination::SmartHost,
+            Route::Remote { domain } => Destination::Domain(domain.clone()),
         }
     }
 }
@@ -67,7 +55,7 @@ impl Route {
 #[derive(Debug, Clone)]
 pub struct Job {
     pub message_id: String,
-    pub route: Route,
+    pub destination: Destination,
     pub recipients: Vec<ClaimedRecipient>,
 }
 
@@ -78,6 +66,8 @@ pub struct DeliveryContext {
     pub reads: ReadPool,
     pub accounts: Accounts,
     pub dns: Arc<Dns>,
+    /// Which hosts MX and literal delivery may connect to.
+    pub outbound: OutboundPolicy,
     pub tls_unverified: Arc<ClientConfig>,
     /// `None` when the smart host's trust anchors could not be loaded.
     pub tls_smarthost: Option<Arc<ClientConfig>>,
@@ -112,6 +102,7 @@ impl Delivery {
         config: Arc<Config>,
         queue: QueueHandle,
         dns: Arc<Dns>,
+        outbound: OutboundPolicy,
     ) -> Result<Delivery, DeliveryError> {
         let requeued = queue
             .requeue_all()
@@ -121,6 +112,7 @@ impl Delivery {
                 "delivery: {requeued} recipients were in flight at the last stop; retrying them"
             );
         }
+        assign_routes(&config, &queue)?;
         let tls_unverified =
             crate::tls::client::unverified().map_err(|e| DeliveryError(e.to_string()))?;
         let tls_smarthost =
@@ -141,6 +133,7 @@ impl Delivery {
             reads,
             accounts,
             dns,
+            outbound,
             tls_unverified,
             tls_smarthost,
         });
@@ -242,4 +235,39 @@ impl Delivery {
             let _ = worker.join();
         }
     }
+}
+
+/// Routes recipients queued by an older petrel and lets waiting remote
+/// recipients follow a changed smart host setting (see
+/// [`crate::queue::delivery::assign_routes`]).
+fn assign_routes(config: &Config, queue: &QueueHandle) -> Result<(), DeliveryError> {
+    let mut conn = queue
+        .reader()
+        .map_err(|e| DeliveryError(format!("cannot open the queue to route it: {e}")))?;
+    let changes = crate::queue::delivery::assign_routes(&mut conn, config)
+        .map_err(|e| DeliveryError(format!("cannot route queued recipients: {e}")))?;
+    if changes.routed > 0 {
+        log::info!(
+            "delivery: {} recipients queued by an older petrel were given their route",
+            changes.routed
+        );
+    }
+    if changes.rerouted > 0 {
+        log::info!(
+            "delivery: {} waiting recipients now go {} (delivery.smarthost changed)",
+            changes.rerouted,
+            if config.delivery.smarthost.is_some() {
+                "through the smart host"
+            } else {
+                "to their MX hosts"
+            }
+        );
+    }
+    for id in changes.unroutable {
+        log::error!(
+            "delivery: recipient row {id} has an address that cannot be parsed; it stays in \
+             the queue undelivered (see `petrel queue list`; delete or bounce its message)"
+        );
+    }
+    Ok(())
 }

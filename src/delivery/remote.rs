@@ -8,18 +8,30 @@ use std::sync::Arc;
 
 use rustls::ClientConfig;
 
+use super::DeliveryContext;
 use super::client::{self, ClientError, Extensions, ServerReply, SmtpClient};
-use super::{Attempt, DeliveryContext};
+use super::outcome::{self, Attempt, Stage};
 use crate::config::SmarthostTls;
 use crate::dns::DnsFailure;
+use crate::policy::outbound::{Forbidden, assigned_here};
+use crate::protocol::dsn::{self, Notify, Ret};
 
 /// The message as the remote side needs it.
 pub struct Envelope<'a> {
     pub sender: &'a str,
-    pub recipients: Vec<&'a str>,
+    pub recipients: Vec<RemoteRecipient<'a>>,
     pub content: &'a [u8],
     pub eight_bit: bool,
     pub smtputf8: bool,
+    /// RFC 3461 requests, passed on when the next hop speaks DSN.
+    pub ret: Option<Ret>,
+    pub envid: Option<&'a str>,
+}
+
+pub struct RemoteRecipient<'a> {
+    pub address: &'a str,
+    pub notify: Option<Notify>,
+    pub orcpt: Option<&'a str>,
 }
 
 /// How TLS is handled with one destination.
@@ -39,8 +51,9 @@ enum TlsPolicy {
 
 /// What one host did with the message.
 enum HostResult {
-    /// The host answered for every recipient (in envelope order).
-    Answered(Vec<Attempt>),
+    /// The host answered for every recipient (in envelope order); `true`
+    /// when it took the DSN requests along.
+    Answered(Vec<Attempt>, bool),
     /// Could not hand the message to this host; try the next one.
     TryNext(String),
     /// TLS handshake failed: retry this host in plaintext.
@@ -51,6 +64,18 @@ enum HostResult {
 pub struct RemoteOutcome {
     pub attempts: Vec<Attempt>,
     pub relay: Option<String>,
+    /// The host that took the message speaks DSN and got the requests.
+    pub peer_reports: bool,
+}
+
+impl RemoteOutcome {
+    fn all(envelope: &Envelope, attempt: Attempt) -> RemoteOutcome {
+        RemoteOutcome {
+            attempts: all(envelope, attempt),
+            relay: None,
+            peer_reports: false,
+        }
+    }
 }
 
 fn all(envelope: &Envelope, attempt: Attempt) -> Vec<Attempt> {
@@ -61,64 +86,57 @@ fn all(envelope: &Envelope, attempt: Attempt) -> Vec<Attempt> {
         .collect()
 }
 
-/// Delivers to the MX hosts of `domain`.
+/// Delivers to the MX hosts of `domain`, or to the host an address
+/// literal names, at addresses the outbound policy allows.
 pub fn to_domain(ctx: &DeliveryContext, domain: &str, envelope: &Envelope) -> RemoteOutcome {
     let config = &ctx.config.delivery;
-    // A domain literal names the host directly (RFC 5321 4.1.3).
-    let hosts: Vec<String> = if let Some(ip) = domain
-        .strip_prefix('[')
-        .and_then(|d| d.strip_suffix(']'))
-        .map(|d| d.trim_start_matches("IPv6:").trim_start_matches("ipv6:"))
-    {
+    let literal = crate::protocol::address::Domain::parse(domain)
+        .ok()
+        .and_then(|d| d.literal_ip());
+    let hosts: Vec<String> = if let Some(ip) = literal {
         vec![ip.to_string()]
     } else {
         match ctx.dns.mail_hosts(domain) {
             Ok(hosts) => hosts.into_iter().map(|h| h.name).collect(),
             Err(failure) => {
-                let attempt = match &failure {
-                    DnsFailure::NullMx => Attempt::Permanent(format!(
-                        "556 5.1.10 Domain {domain} does not accept mail (null MX)"
-                    )),
-                    DnsFailure::NoSuchDomain | DnsFailure::NoMailHosts => {
-                        Attempt::Permanent(format!("550 5.1.2 Domain {domain}: {failure}"))
-                    }
-                    DnsFailure::Temporary(_) => {
-                        Attempt::Temporary(format!("451 4.4.3 Domain {domain}: {failure}"))
-                    }
+                let status = match &failure {
+                    DnsFailure::NullMx => outcome::NULL_MX,
+                    DnsFailure::NoSuchDomain | DnsFailure::NoMailHosts => outcome::NO_SUCH_DOMAIN,
+                    DnsFailure::Temporary(_) => outcome::DNS_TEMPORARY,
                 };
-                return RemoteOutcome {
-                    attempts: all(envelope, attempt),
-                    relay: None,
-                };
+                let text = format!("Domain {domain}: {failure}");
+                return RemoteOutcome::all(envelope, Attempt::local(status, Stage::Routing, text));
             }
         }
     };
     let policy = TlsPolicy::Opportunistic {
         fallback: config.plaintext_fallback,
     };
-    try_hosts(ctx, &hosts, config.port, &policy, None, envelope)
+    let route = Hosts {
+        hosts: &hosts,
+        port: config.port,
+        checked: true,
+        tls: &policy,
+        credentials: None,
+    };
+    try_hosts(ctx, &route, envelope)
 }
 
 /// Delivers to the smart host.
 pub fn to_smarthost(ctx: &DeliveryContext, envelope: &Envelope) -> RemoteOutcome {
     let config = &ctx.config.delivery;
+    let misconfigured = |text: String| {
+        RemoteOutcome::all(
+            envelope,
+            Attempt::local(outcome::SMARTHOST_MISCONFIGURED, Stage::Routing, text),
+        )
+    };
     let Some(smarthost) = &config.smarthost else {
-        return RemoteOutcome {
-            attempts: all(
-                envelope,
-                Attempt::Temporary("451 4.3.5 No smart host configured".into()),
-            ),
-            relay: None,
-        };
+        return misconfigured("No smart host configured".into());
     };
     let (host, port) = match crate::config::parse_host_port(smarthost) {
         Ok(parsed) => parsed,
-        Err(error) => {
-            return RemoteOutcome {
-                attempts: all(envelope, Attempt::Temporary(format!("451 4.3.5 {error}"))),
-                relay: None,
-            };
-        }
+        Err(error) => return misconfigured(error),
     };
     let policy = match config.smarthost_tls {
         SmarthostTls::None => TlsPolicy::Plaintext,
@@ -132,13 +150,14 @@ pub fn to_smarthost(ctx: &DeliveryContext, envelope: &Envelope) -> RemoteOutcome
                 implicit: port == 465,
             },
             None => {
-                return RemoteOutcome {
-                    attempts: all(
-                        envelope,
-                        Attempt::Temporary("451 4.7.5 Smart host TLS configuration failed".into()),
+                return RemoteOutcome::all(
+                    envelope,
+                    Attempt::local(
+                        outcome::SMARTHOST_TLS_UNAVAILABLE,
+                        Stage::Routing,
+                        "Smart host TLS configuration failed",
                     ),
-                    relay: None,
-                };
+                );
             }
         },
     };
@@ -150,34 +169,43 @@ pub fn to_smarthost(ctx: &DeliveryContext, envelope: &Envelope) -> RemoteOutcome
                 password.trim_end_matches(['\n', '\r']).to_string(),
             )),
             Err(error) => {
-                return RemoteOutcome {
-                    attempts: all(
-                        envelope,
-                        Attempt::Temporary(format!(
-                            "451 4.3.5 Cannot read smarthost_password_file {}: {error}",
-                            file.display()
-                        )),
-                    ),
-                    relay: None,
-                };
+                return misconfigured(format!(
+                    "Cannot read smarthost_password_file {}: {error}",
+                    file.display()
+                ));
             }
         },
         _ => None,
     };
-    try_hosts(ctx, &[host], port, &policy, credentials.as_ref(), envelope)
+    // The smart host is the operator's choice: trusted as given, wherever it is.
+    let hosts = [host];
+    let route = Hosts {
+        hosts: &hosts,
+        port,
+        checked: false,
+        tls: &policy,
+        credentials: credentials.as_ref(),
+    };
+    try_hosts(ctx, &route, envelope)
 }
 
-fn try_hosts(
-    ctx: &DeliveryContext,
-    hosts: &[String],
+/// The hosts to try for one job and how to talk to them.
+struct Hosts<'a> {
+    hosts: &'a [String],
     port: u16,
-    policy: &TlsPolicy,
-    credentials: Option<&(String, String)>,
-    envelope: &Envelope,
-) -> RemoteOutcome {
+    /// Subject to the outbound address policy (MX and literal delivery).
+    checked: bool,
+    tls: &'a TlsPolicy,
+    credentials: Option<&'a (String, String)>,
+}
+
+fn try_hosts(ctx: &DeliveryContext, route: &Hosts, envelope: &Envelope) -> RemoteOutcome {
+    let port = route.port;
     let mut last_error = String::from("no host could be tried");
     let mut last_relay = None;
-    for host in hosts {
+    let mut forbidden: Option<Forbidden> = None;
+    let mut tried = false;
+    for host in route.hosts {
         let addresses = match ctx.dns.addresses(host, ctx.config.delivery.address_family) {
             Ok(addresses) => addresses,
             Err(failure) => {
@@ -188,24 +216,27 @@ fn try_hosts(
         for ip in addresses {
             let peer = SocketAddr::new(ip, port);
             let relay = format!("{host}[{ip}]:{port}");
+            if route.checked
+                && let Err(why) = ctx.outbound.check(peer, assigned_here)
+            {
+                log::info!("{relay}: not connecting: {why}");
+                last_error = format!("{relay}: {why}");
+                forbidden = forbidden.or(Some(why));
+                continue;
+            }
+            tried = true;
             last_relay = Some(relay.clone());
-            let mut result = deliver_to_host(ctx, host, peer, policy, credentials, envelope);
+            let mut result = deliver_to_host(ctx, host, peer, route, route.tls, envelope);
             if let HostResult::TlsFailed(why) = &result {
                 log::info!("{relay}: TLS handshake failed ({why}); retrying in plaintext");
-                result = deliver_to_host(
-                    ctx,
-                    host,
-                    peer,
-                    &TlsPolicy::Plaintext,
-                    credentials,
-                    envelope,
-                );
+                result = deliver_to_host(ctx, host, peer, route, &TlsPolicy::Plaintext, envelope);
             }
             match result {
-                HostResult::Answered(attempts) => {
+                HostResult::Answered(attempts, peer_reports) => {
                     return RemoteOutcome {
                         attempts,
                         relay: Some(relay),
+                        peer_reports,
                     };
                 }
                 HostResult::TryNext(why) | HostResult::TlsFailed(why) => {
@@ -215,12 +246,26 @@ fn try_hosts(
             }
         }
     }
-    RemoteOutcome {
-        attempts: all(
-            envelope,
-            Attempt::Temporary(format!("451 4.4.1 {last_error}")),
+    // Every address the domain's DNS named was refused by policy: the mail
+    // can never be delivered from here, so say so now rather than in 5 days.
+    let attempt = match (tried, forbidden) {
+        (false, Some(Forbidden::OwnListener)) => Attempt::local(
+            outcome::LOOPS_BACK,
+            Stage::Routing,
+            format!(
+                "mail for {} loops back to myself ({last_error})",
+                route.hosts.join(", ")
+            ),
         ),
+        (false, Some(Forbidden::SpecialPurpose(_))) => {
+            Attempt::local(outcome::DESTINATION_NOT_ALLOWED, Stage::Routing, last_error)
+        }
+        _ => Attempt::local(outcome::NO_ANSWER, Stage::Connect, last_error),
+    };
+    RemoteOutcome {
+        attempts: all(envelope, attempt),
         relay: last_relay,
+        peer_reports: false,
     }
 }
 
@@ -229,10 +274,11 @@ fn deliver_to_host(
     ctx: &DeliveryContext,
     host: &str,
     peer: SocketAddr,
+    route: &Hosts,
     policy: &TlsPolicy,
-    credentials: Option<&(String, String)>,
     envelope: &Envelope,
 ) -> HostResult {
+    let credentials = route.credentials;
     let connect_timeout = ctx.config.delivery.connect_timeout.get();
     let implicit = matches!(policy, TlsPolicy::Required { implicit: true, .. });
     let connected = if implicit {
@@ -333,41 +379,48 @@ fn transaction(
         }
         let reply = client.authenticate(&extensions, user, password)?;
         if !reply.is_positive() {
-            let attempt = if reply.is_transient() {
-                Attempt::Temporary(format!("smart host refused AUTH: {reply}"))
-            } else {
-                // A wrong password is the operator's to fix; keep the mail.
-                Attempt::Temporary(format!(
-                    "smart host refused AUTH (check smarthost_user and the password file): {reply}"
-                ))
-            };
-            return Ok(HostResult::Answered(all(envelope, attempt)));
+            // A wrong password is the operator's to fix; keep the mail.
+            let refused = Attempt::from_reply(&reply, Stage::Auth);
+            let text = format!(
+                "smart host refused AUTH (check smarthost_user and the password file): {}",
+                refused.text
+            );
+            let attempt = refused.with_text(text).retried();
+            return Ok(HostResult::Answered(all(envelope, attempt), false));
         }
     }
     if let Some(refusal) = unsendable(&extensions, envelope) {
-        return Ok(HostResult::Answered(all(
-            envelope,
-            Attempt::Permanent(refusal),
-        )));
+        return Ok(HostResult::Answered(all(envelope, refusal), false));
     }
-    send_message(client, &extensions, envelope).map(HostResult::Answered)
+    let attempts = send_message(client, &extensions, envelope)?;
+    Ok(HostResult::Answered(attempts, extensions.dsn))
 }
 
 /// Messages the server cannot take as they are (RFC 1870, 6152, 6531).
-fn unsendable(extensions: &Extensions, envelope: &Envelope) -> Option<String> {
+fn unsendable(extensions: &Extensions, envelope: &Envelope) -> Option<Attempt> {
+    let refuse = |status, text: String| Some(Attempt::local(status, Stage::Hello, text));
     if let Some(limit) = extensions.size
         && envelope.content.len() as u64 > limit
     {
-        return Some(format!(
-            "552 5.3.4 Message size {} exceeds the remote server's limit of {limit}",
-            envelope.content.len()
-        ));
+        return refuse(
+            outcome::TOO_BIG_FOR_PEER,
+            format!(
+                "Message size {} exceeds the remote server's limit of {limit}",
+                envelope.content.len()
+            ),
+        );
     }
     if envelope.smtputf8 && !extensions.smtputf8 {
-        return Some("553 5.6.7 The remote server does not support SMTPUTF8".into());
+        return refuse(
+            outcome::PEER_LACKS_SMTPUTF8,
+            "The remote server does not support SMTPUTF8".into(),
+        );
     }
     if envelope.eight_bit && !extensions.eight_bit_mime {
-        return Some("554 5.6.3 The remote server does not accept 8-bit data (no 8BITMIME)".into());
+        return refuse(
+            outcome::PEER_LACKS_8BITMIME,
+            "The remote server does not accept 8-bit data (no 8BITMIME)".into(),
+        );
     }
     None
 }
@@ -387,10 +440,30 @@ fn send_message(
     if envelope.smtputf8 {
         mail.push_str(" SMTPUTF8");
     }
+    // RFC 3461 6.2: DSN requests travel on to a next hop that speaks DSN.
+    if extensions.dsn {
+        if let Some(ret) = envelope.ret {
+            mail.push_str(&format!(" RET={}", ret.as_str()));
+        }
+        if let Some(envid) = envelope.envid {
+            mail.push_str(&format!(" ENVID={}", dsn::xtext_encode(envid)));
+        }
+    }
     let rcpts: Vec<String> = envelope
         .recipients
         .iter()
-        .map(|r| format!("RCPT TO:<{r}>"))
+        .map(|r| {
+            let mut rcpt = format!("RCPT TO:<{}>", r.address);
+            if extensions.dsn {
+                if let Some(notify) = r.notify {
+                    rcpt.push_str(&format!(" NOTIFY={}", notify.to_param()));
+                }
+                if let Some((kind, address)) = r.orcpt.and_then(|o| o.split_once(';')) {
+                    rcpt.push_str(&format!(" ORCPT={kind};{}", dsn::xtext_encode(address)));
+                }
+            }
+            rcpt
+        })
         .collect();
 
     let (mail_reply, rcpt_replies, data_reply) = if extensions.pipelining {
@@ -421,7 +494,7 @@ fn send_message(
     };
 
     if !mail_reply.is_positive() {
-        let attempt = reply_attempt(&mail_reply, "MAIL FROM");
+        let attempt = Attempt::from_reply(&mail_reply, Stage::MailFrom);
         if data_reply.as_ref().is_some_and(|r| r.code == 354) {
             client.send(b".\r\n")?;
             let _ = client.read_reply(client::DATA_END_TIMEOUT)?;
@@ -430,7 +503,7 @@ fn send_message(
     }
     let mut attempts: Vec<Option<Attempt>> = rcpt_replies
         .iter()
-        .map(|reply| (!reply.is_positive()).then(|| reply_attempt(reply, "RCPT TO")))
+        .map(|reply| (!reply.is_positive()).then(|| Attempt::from_reply(reply, Stage::RcptTo)))
         .collect();
     let accepted = attempts.iter().filter(|a| a.is_none()).count();
     let data_reply = match data_reply {
@@ -449,7 +522,7 @@ fn send_message(
         return Ok(attempts.into_iter().flatten().collect());
     }
     if data_reply.code != 354 {
-        let attempt = reply_attempt(&data_reply, "DATA");
+        let attempt = Attempt::from_reply(&data_reply, Stage::Data);
         return Ok(attempts
             .into_iter()
             .map(|a| a.unwrap_or_else(|| attempt.clone()))
@@ -458,24 +531,11 @@ fn send_message(
     client.send(&client::dot_stuff(envelope.content))?;
     client.send(b".\r\n")?;
     let final_reply = client.read_reply(client::DATA_END_TIMEOUT)?;
-    let outcome = if final_reply.is_positive() {
-        Attempt::Delivered(final_reply.to_string())
-    } else {
-        reply_attempt(&final_reply, "end of DATA")
-    };
+    let outcome = Attempt::from_reply(&final_reply, Stage::EndOfData);
     for attempt in &mut attempts {
         if attempt.is_none() {
             *attempt = Some(outcome.clone());
         }
     }
     Ok(attempts.into_iter().flatten().collect())
-}
-
-fn reply_attempt(reply: &ServerReply, after: &str) -> Attempt {
-    let text = format!("{reply} (in reply to {after})");
-    if reply.is_transient() {
-        Attempt::Temporary(text)
-    } else {
-        Attempt::Permanent(text)
-    }
 }

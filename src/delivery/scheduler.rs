@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-use super::{DeliveryContext, Job, Route};
+use super::{DeliveryContext, Destination, Job};
 use crate::queue::delivery::{self, ClaimedRecipient};
 
 /// Longest sleep without a reason: a safety net for changes made while no
@@ -78,7 +78,7 @@ impl Scheduler {
         if claimed.is_empty() {
             return CLAIM_RETRY;
         }
-        for job in group(&self.context.config, claimed) {
+        for job in group(claimed) {
             self.in_flight.fetch_add(1, Ordering::SeqCst);
             if self.jobs.send(job).is_err() {
                 self.in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -90,20 +90,21 @@ impl Scheduler {
 }
 
 /// One job per message and destination, so recipients at the same domain
-/// share one SMTP transaction.
-pub fn group(config: &crate::config::Config, claimed: Vec<ClaimedRecipient>) -> Vec<Job> {
+/// share one SMTP transaction. Destinations come from the routes stored
+/// when the message was accepted.
+pub fn group(claimed: Vec<ClaimedRecipient>) -> Vec<Job> {
     let mut jobs: Vec<Job> = Vec::new();
-    let mut index: HashMap<(String, Route), usize> = HashMap::new();
+    let mut index: HashMap<(String, Destination), usize> = HashMap::new();
     for recipient in claimed {
-        let route = Route::for_address(config, &recipient.address);
-        let key = (recipient.message_id.clone(), route.clone());
+        let destination = Destination::of(&recipient.route);
+        let key = (recipient.message_id.clone(), destination.clone());
         match index.get(&key) {
             Some(&at) => jobs[at].recipients.push(recipient),
             None => {
                 index.insert(key, jobs.len());
                 jobs.push(Job {
                     message_id: recipient.message_id.clone(),
-                    route,
+                    destination,
                     recipients: vec![recipient],
                 });
             }
@@ -115,37 +116,52 @@ pub fn group(config: &crate::config::Config, claimed: Vec<ClaimedRecipient>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::routing::Route;
 
-    fn claimed(id: i64, message: &str, address: &str) -> ClaimedRecipient {
+    fn claimed(id: i64, message: &str, route: Route) -> ClaimedRecipient {
         ClaimedRecipient {
             id,
             message_id: message.into(),
-            address: address.into(),
+            address: format!("r{id}@example"),
             original: None,
             attempts: 0,
+            route,
+            notify: None,
+            orcpt: None,
+            last_reply: None,
+            last_status: None,
+        }
+    }
+
+    fn mx(domain: &str) -> Route {
+        Route::Remote {
+            domain: domain.into(),
+        }
+    }
+
+    fn local(mailbox: &str) -> Route {
+        Route::Local {
+            mailbox: mailbox.into(),
         }
     }
 
     #[test]
     fn groups_per_message_and_destination() {
-        let config = crate::config::Config::parse("[domains]\nlocal = [\"example.com\"]").unwrap();
-        let jobs = group(
-            &config,
-            vec![
-                claimed(1, "A", "x@example.org"),
-                claimed(2, "A", "alice@example.com"),
-                claimed(3, "A", "y@EXAMPLE.org"),
-                claimed(4, "B", "z@example.org"),
-                claimed(5, "A", "bob@example.com"),
-                claimed(6, "A", "w@example.net"),
-            ],
-        );
-        let summary: Vec<(String, Route, Vec<i64>)> = jobs
+        let jobs = group(vec![
+            claimed(1, "A", mx("example.org")),
+            claimed(2, "A", local("alice@example.com")),
+            claimed(3, "A", mx("example.org")),
+            claimed(4, "B", mx("example.org")),
+            claimed(5, "A", local("bob@example.com")),
+            claimed(6, "A", mx("example.net")),
+            claimed(7, "A", Route::SmartHost),
+        ]);
+        let summary: Vec<(String, Destination, Vec<i64>)> = jobs
             .iter()
             .map(|j| {
                 (
                     j.message_id.clone(),
-                    j.route.clone(),
+                    j.destination.clone(),
                     j.recipients.iter().map(|r| r.id).collect(),
                 )
             })
@@ -153,31 +169,24 @@ mod tests {
         assert_eq!(
             summary,
             vec![
-                ("A".into(), Route::Domain("example.org".into()), vec![1, 3]),
-                ("A".into(), Route::Local, vec![2, 5]),
-                ("B".into(), Route::Domain("example.org".into()), vec![4]),
-                ("A".into(), Route::Domain("example.net".into()), vec![6]),
+                (
+                    "A".into(),
+                    Destination::Domain("example.org".into()),
+                    vec![1, 3]
+                ),
+                ("A".into(), Destination::Local, vec![2, 5]),
+                (
+                    "B".into(),
+                    Destination::Domain("example.org".into()),
+                    vec![4]
+                ),
+                (
+                    "A".into(),
+                    Destination::Domain("example.net".into()),
+                    vec![6]
+                ),
+                ("A".into(), Destination::SmartHost, vec![7]),
             ]
         );
-    }
-
-    #[test]
-    fn smarthost_takes_all_non_local_mail() {
-        let config = crate::config::Config::parse(
-            "[domains]\nlocal = [\"example.com\"]\n[delivery]\nsmarthost = \"relay.example.net:587\"",
-        )
-        .unwrap();
-        let jobs = group(
-            &config,
-            vec![
-                claimed(1, "A", "x@example.org"),
-                claimed(2, "A", "y@example.net"),
-                claimed(3, "A", "a@example.com"),
-            ],
-        );
-        assert_eq!(jobs.len(), 2);
-        assert_eq!(jobs[0].route, Route::Smarthost);
-        assert_eq!(jobs[0].recipients.len(), 2);
-        assert_eq!(jobs[1].route, Route::Local);
     }
 }

@@ -11,18 +11,17 @@ use crossbeam_channel::Receiver;
 
 use super::backoff::{random_fraction, retry_delay};
 use super::dsn::{self, NoticeKind, Problem};
-use super::remote::{self, Envelope};
-use super::{Attempt, DeliveryContext, Job, Route, Waker, maildir};
+use super::outcome::{self, Attempt, Stage, Verdict};
+use super::remote::{self, Envelope, RemoteRecipient};
+use super::{DeliveryContext, Destination, Job, Waker, maildir};
 use crate::config::Config;
-use crate::protocol::data::header_section_len;
 use crate::queue::QueueError;
 use crate::queue::delivery::{
     self, ClaimedRecipient, DeliveryReport, RecipientStatus, RecipientUpdate, StoredMessage,
 };
+use crate::routing::{self, Route, Routed};
 use crate::timefmt::short_duration;
 
-/// RFC 5321 6.3: a message that passed this many hosts is looping.
-const MAX_HOPS: usize = 50;
 /// After a worker fails internally, its recipients wait this long.
 const FAILED_JOB_RETRY: Duration = Duration::from_secs(60);
 
@@ -62,43 +61,59 @@ fn deliver(ctx: &DeliveryContext, job: &Job) -> Result<(), QueueError> {
         log::info!("{}: no longer in the queue; skipped", job.message_id);
         return Ok(());
     };
-    let hops = count_received(&message.content);
-    let (attempts, relay) = if hops > MAX_HOPS {
-        let reason = format!("554 5.4.6 Too many hops ({hops} Received headers): mail loop?");
-        (vec![Attempt::Permanent(reason); job.recipients.len()], None)
-    } else {
-        match &job.route {
-            Route::Local => (
-                deliver_locally(ctx, &message, &job.recipients),
-                Some("local".to_string()),
-            ),
-            route => {
-                let envelope = Envelope {
-                    sender: &message.sender,
-                    recipients: job.recipients.iter().map(|r| r.address.as_str()).collect(),
-                    content: &message.content,
-                    eight_bit: message.eight_bit,
-                    smtputf8: message.smtputf8,
-                };
-                let outcome = match route {
-                    Route::Domain(domain) => remote::to_domain(ctx, domain, &envelope),
-                    _ => remote::to_smarthost(ctx, &envelope),
-                };
-                (outcome.attempts, outcome.relay)
-            }
+    let (attempts, relay, peer_reports) = match &job.destination {
+        Destination::Local => (
+            deliver_locally(ctx, &message, &job.recipients),
+            Some("local".to_string()),
+            false,
+        ),
+        destination => {
+            let envelope = Envelope {
+                sender: &message.sender,
+                recipients: job
+                    .recipients
+                    .iter()
+                    .map(|r| RemoteRecipient {
+                        address: &r.address,
+                        notify: r.notify,
+                        orcpt: r.orcpt.as_deref(),
+                    })
+                    .collect(),
+                content: &message.content,
+                eight_bit: message.eight_bit,
+                smtputf8: message.smtputf8,
+                ret: message.ret,
+                envid: message.envid.as_deref(),
+            };
+            let outcome = match destination {
+                Destination::Domain(domain) => remote::to_domain(ctx, domain, &envelope),
+                _ => remote::to_smarthost(ctx, &envelope),
+            };
+            (outcome.attempts, outcome.relay, outcome.peer_reports)
         }
+    };
+    let notices_to = if dsn::may_notify(&message) {
+        routing::notice_route(&ctx.config, &ctx.accounts, &message.sender)
+    } else {
+        Vec::new()
     };
     let report = settle(
         &ctx.config,
         &message,
         &job.recipients,
         attempts,
-        relay.as_deref(),
+        &Settlement {
+            relay: relay.as_deref(),
+            peer_reports,
+            notices_to,
+        },
         SystemTime::now(),
     );
     ctx.queue.record(report)
 }
 
+/// Writes the message into each recipient's Maildir. The mailbox was
+/// decided when the message was accepted; it can only have gone away since.
 fn deliver_locally(
     ctx: &DeliveryContext,
     message: &StoredMessage,
@@ -106,38 +121,57 @@ fn deliver_locally(
 ) -> Vec<Attempt> {
     recipients
         .iter()
-        .map(|recipient| match ctx.accounts.exists(&recipient.address) {
-            Ok(false) => Attempt::Permanent(format!(
-                "550 5.1.1 <{}>: no such mailbox here",
-                recipient.address
-            )),
-            Err(error) => {
-                Attempt::Temporary(format!("451 4.3.0 cannot look up the account: {error}"))
+        .map(|recipient| {
+            let Route::Local { mailbox } = &recipient.route else {
+                return Attempt::local(
+                    outcome::MAILBOX_UNAVAILABLE,
+                    Stage::Mailbox,
+                    "not a local route (internal error)",
+                );
+            };
+            match ctx.accounts.exists(mailbox) {
+                Ok(false) => Attempt::local(
+                    outcome::MAILBOX_GONE,
+                    Stage::Mailbox,
+                    format!("<{mailbox}>: the mailbox was removed after the message was accepted"),
+                ),
+                Err(error) => Attempt::local(
+                    outcome::MAILBOX_UNAVAILABLE,
+                    Stage::Mailbox,
+                    format!("cannot look up the account: {error}"),
+                ),
+                Ok(true) => match maildir::deliver(
+                    &ctx.config.data_dir,
+                    &ctx.config.hostname,
+                    mailbox,
+                    &message.sender,
+                    &message.content,
+                ) {
+                    Ok(path) => Attempt::local(
+                        outcome::DELIVERED_TO_MAILDIR,
+                        Stage::Mailbox,
+                        format!("delivered to maildir ({})", path.display()),
+                    ),
+                    Err(error) => Attempt::local(
+                        outcome::MAILBOX_UNAVAILABLE,
+                        Stage::Mailbox,
+                        format!("cannot write to the Maildir: {error}"),
+                    ),
+                },
             }
-            Ok(true) => match maildir::deliver(
-                &ctx.config.data_dir,
-                &ctx.config.hostname,
-                &recipient.address,
-                &message.sender,
-                &message.content,
-            ) {
-                Ok(path) => Attempt::Delivered(format!(
-                    "250 2.0.0 delivered to maildir ({})",
-                    path.display()
-                )),
-                Err(error) => {
-                    Attempt::Temporary(format!("451 4.3.0 cannot write to the Maildir: {error}"))
-                }
-            },
         })
         .collect()
 }
 
-fn count_received(content: &[u8]) -> usize {
-    content[..header_section_len(content)]
-        .split(|&b| b == b'\n')
-        .filter(|line| line.len() >= 9 && line[..9].eq_ignore_ascii_case(b"received:"))
-        .count()
+/// How an attempt went, beyond the per-recipient results.
+pub struct Settlement<'a> {
+    /// host[ip]:port, or "local".
+    pub relay: Option<&'a str>,
+    /// The next hop took the DSN requests along (RFC 3461), so success
+    /// reports are its job now.
+    pub peer_reports: bool,
+    /// The sender's route, for notices (empty: none can be sent).
+    pub notices_to: Vec<Routed>,
 }
 
 /// Turns the attempts into queue updates and notices, and logs them.
@@ -146,29 +180,45 @@ pub fn settle(
     message: &StoredMessage,
     recipients: &[ClaimedRecipient],
     attempts: Vec<Attempt>,
-    relay: Option<&str>,
+    how: &Settlement,
     now: SystemTime,
 ) -> DeliveryReport {
     let queue = &config.queue;
+    let relay = how.relay;
     let age = now.duration_since(message.received_at).unwrap_or_default();
     let expires = message.received_at + queue.max_age.get();
     let mut updates = Vec::new();
     let mut failed = Vec::new();
     let mut delayed = Vec::new();
+    let mut succeeded = Vec::new();
     for (recipient, attempt) in recipients.iter().zip(attempts) {
         let attempt_number = recipient.attempts + 1;
-        let (status, reply, word) = match attempt {
-            Attempt::Delivered(reply) => (RecipientStatus::Sent, reply, "sent"),
-            Attempt::Permanent(reply) => {
-                failed.push(problem(recipient, &reply, relay));
-                (RecipientStatus::Bounced, reply, "bounced")
+        let notify = recipient.notify();
+        let mut reply = attempt.to_string();
+        let (status, word) = match attempt.verdict {
+            Verdict::Delivered => {
+                let relayed = relay != Some("local");
+                if notify.success && !(relayed && how.peer_reports) {
+                    let mut problem = problem(recipient, &attempt, &reply, relay);
+                    problem.relayed = relayed;
+                    succeeded.push(problem);
+                }
+                (RecipientStatus::Sent, "sent")
             }
-            Attempt::Temporary(reply) if now >= expires => {
-                let reply = format!("{reply} (gave up after {})", short_duration(age));
-                failed.push(problem(recipient, &reply, relay));
-                (RecipientStatus::Bounced, reply, "expired")
+            Verdict::Permanent => {
+                if notify.failure {
+                    failed.push(problem(recipient, &attempt, &reply, relay));
+                }
+                (RecipientStatus::Bounced, "bounced")
             }
-            Attempt::Temporary(reply) => {
+            Verdict::Temporary if now >= expires => {
+                reply = format!("{reply} (gave up after {})", short_duration(age));
+                if notify.failure {
+                    failed.push(problem(recipient, &attempt, &reply, relay));
+                }
+                (RecipientStatus::Bounced, "expired")
+            }
+            Verdict::Temporary => {
                 let delay = retry_delay(
                     attempt_number,
                     queue.retry_min.get(),
@@ -177,12 +227,10 @@ pub fn settle(
                 );
                 // The last try happens at expiry, not a backoff later.
                 let next_attempt = (now + delay).min(expires.max(now));
-                delayed.push(problem(recipient, &reply, relay));
-                (
-                    RecipientStatus::Deferred { next_attempt },
-                    reply,
-                    "deferred",
-                )
+                if notify.delay {
+                    delayed.push(problem(recipient, &attempt, &reply, relay));
+                }
+                (RecipientStatus::Deferred { next_attempt }, "deferred")
             }
         };
         let original = recipient
@@ -202,13 +250,25 @@ pub fn settle(
             recipient_id: recipient.id,
             status,
             reply,
+            reply_status: attempt.status.clone(),
             relay: relay.map(str::to_string),
         });
     }
 
     let hostname = &config.hostname;
     let mut notices = Vec::new();
-    if let Some(bounce) = dsn::notice(hostname, message, NoticeKind::Failed, &failed, now, None) {
+    let notice = |kind, problems: &[Problem], until| {
+        dsn::notice(
+            hostname,
+            message,
+            kind,
+            problems,
+            how.notices_to.clone(),
+            now,
+            until,
+        )
+    };
+    if let Some(bounce) = notice(NoticeKind::Failed, &failed, None) {
         log::info!(
             "{}: sender non-delivery notification: {}",
             message.id,
@@ -216,19 +276,20 @@ pub fn settle(
         );
         notices.push(bounce);
     }
+    if let Some(report) = notice(NoticeKind::Success, &succeeded, None) {
+        log::info!(
+            "{}: sender delivery status notification: {}",
+            message.id,
+            report.id
+        );
+        notices.push(report);
+    }
     let warn_after = queue.delay_warning.get();
     let mut delay_warning_sent = false;
     if !warn_after.is_zero()
         && age >= warn_after
         && !message.delay_warning_sent
-        && let Some(warning) = dsn::notice(
-            hostname,
-            message,
-            NoticeKind::Delayed,
-            &delayed,
-            now,
-            Some(expires),
-        )
+        && let Some(warning) = notice(NoticeKind::Delayed, &delayed, Some(expires))
     {
         log::info!("{}: sender delay notification: {}", message.id, warning.id);
         notices.push(warning);
@@ -242,23 +303,21 @@ pub fn settle(
     }
 }
 
-fn problem(recipient: &ClaimedRecipient, reply: &str, relay: Option<&str>) -> Problem {
+fn problem(
+    recipient: &ClaimedRecipient,
+    attempt: &Attempt,
+    diagnostic: &str,
+    relay: Option<&str>,
+) -> Problem {
     Problem {
         address: recipient.address.clone(),
-        original: recipient.original.clone(),
-        diagnostic: reply.to_string(),
-        remote_mta: relay.filter(|r| *r != "local").map(str::to_string),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn counts_received_headers_only_in_the_header_section() {
-        let content =
-            b"Received: a\r\nreceived: b\r\n\tfolded\r\nSubject: x\r\n\r\nReceived: in body\r\n";
-        assert_eq!(count_received(content), 2);
+        original: dsn::original_recipient(
+            recipient.orcpt.as_deref(),
+            recipient.original.as_deref(),
+        ),
+        diagnostic: diagnostic.to_string(),
+        status: attempt.status.clone(),
+        remote_mta: relay.filter(|_| attempt.remote).map(str::to_string),
+        relayed: false,
     }
 }

@@ -20,12 +20,14 @@ use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::RData;
 
 use crate::config::{AddressFamily, DnsConfig};
-use crate::policy::DomainStatus;
 
 /// How long a verification verdict is reused; short, so a fixed DNS
 /// problem stops causing refusals quickly.
 const VERDICT_CACHE_TIME: Duration = Duration::from_secs(60);
 const VERDICT_CACHE_MAX: usize = 10_000;
+/// Verification looks at the addresses of this many mail hosts at most, so
+/// one MAIL FROM cannot make us send a long list of queries.
+const MAX_VERIFIED_HOSTS: usize = 5;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DnsFailure {
@@ -63,6 +65,9 @@ pub struct MailHost {
     pub preference: u16,
 }
 
+/// The addresses of a domain's mail hosts, or why there are none.
+pub type MailAddresses = Result<Vec<IpAddr>, DnsFailure>;
+
 crate::error::message_error!(DnsSetupError, "The resolver could not be set up.");
 
 pub struct Dns {
@@ -70,7 +75,7 @@ pub struct Dns {
     resolver: TokioResolver,
     /// Bounds one lookup including retries, whatever the resolver does.
     deadline: Duration,
-    verdicts: Mutex<HashMap<String, (DomainStatus, Instant)>>,
+    verdicts: Mutex<HashMap<String, (MailAddresses, Instant)>>,
 }
 
 /// Classification of one resolver error.
@@ -282,34 +287,51 @@ impl Dns {
             .collect())
     }
 
-    /// Does the domain accept mail? For address verification at MAIL and
-    /// RCPT time; verdicts other than temporary failures are cached briefly.
-    pub fn domain_status(&self, domain: &str) -> DomainStatus {
-        let key = domain.to_ascii_lowercase();
+    /// The addresses of a domain's mail hosts (the first few hosts), for
+    /// address verification at MAIL and RCPT time: does the domain accept
+    /// mail, and could we ever deliver to it? Verdicts other than temporary
+    /// failures are cached briefly.
+    pub fn mail_addresses(&self, domain: &str) -> MailAddresses {
+        let key = domain.to_lowercase();
         let now = Instant::now();
         {
             let verdicts = self.verdicts.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some((status, at)) = verdicts.get(&key)
+            if let Some((verdict, at)) = verdicts.get(&key)
                 && now.duration_since(*at) < VERDICT_CACHE_TIME
             {
-                return *status;
+                return verdict.clone();
             }
         }
-        let status = match self.mail_hosts(domain) {
-            Ok(_) => DomainStatus::Exists,
-            Err(DnsFailure::NoSuchDomain | DnsFailure::NoMailHosts) => DomainStatus::DoesNotExist,
-            Err(DnsFailure::NullMx) => DomainStatus::NullMx,
-            Err(DnsFailure::Temporary(why)) => {
-                log::warn!("dns: {domain}: {why}");
-                return DomainStatus::TemporaryFailure;
-            }
-        };
+        let verdict = self.look_up_mail_addresses(domain);
+        if let Err(DnsFailure::Temporary(why)) = &verdict {
+            log::warn!("dns: {domain}: {why}");
+            return verdict;
+        }
         let mut verdicts = self.verdicts.lock().unwrap_or_else(PoisonError::into_inner);
         if verdicts.len() >= VERDICT_CACHE_MAX {
             verdicts.retain(|_, (_, at)| now.duration_since(*at) < VERDICT_CACHE_TIME);
         }
-        verdicts.insert(key, (status, now));
-        status
+        verdicts.insert(key, (verdict.clone(), now));
+        verdict
+    }
+
+    fn look_up_mail_addresses(&self, domain: &str) -> MailAddresses {
+        let hosts = self.mail_hosts(domain)?;
+        let mut found = Vec::new();
+        let mut temporary = None;
+        for host in hosts.iter().take(MAX_VERIFIED_HOSTS) {
+            match self.addresses(&host.name, AddressFamily::Any) {
+                Ok(addresses) => found.extend(addresses),
+                Err(DnsFailure::Temporary(why)) => temporary = Some(why),
+                Err(_) => {}
+            }
+        }
+        match (found.is_empty(), temporary) {
+            (false, _) => Ok(found),
+            (true, Some(why)) => Err(DnsFailure::Temporary(why)),
+            // MX records naming hosts that do not exist.
+            (true, None) => Err(DnsFailure::NoMailHosts),
+        }
     }
 }
 

@@ -7,6 +7,8 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use unicode_normalization::UnicodeNormalization as _;
+
 pub const MAX_LOCAL_PART: usize = 64;
 pub const MAX_DOMAIN: usize = 255;
 pub const MAX_PATH: usize = 256;
@@ -62,7 +64,7 @@ impl Domain {
         for label in text.split('.') {
             check_label(label)?;
         }
-        Ok(Domain(text.to_lowercase()))
+        Ok(Domain(text.nfc().collect::<String>().to_lowercase()))
     }
 
     pub fn as_str(&self) -> &str {
@@ -184,10 +186,17 @@ impl Address {
         self.local.is_ascii() && self.domain.is_ascii()
     }
 
-    /// The form used to look up accounts and aliases: local parts of our
-    /// own mailboxes are case-insensitive, as users expect.
-    pub fn lookup_key(&self) -> String {
-        format!("{}@{}", self.local.to_lowercase(), self.domain)
+    /// The canonical mailbox key of this address: the one form in which
+    /// accounts, aliases, Maildirs and stored routes name a mailbox of ours.
+    /// The local part loses quotes it did not need (`"alice"@` is `alice@`,
+    /// RFC 5321 4.1.2), is put in Unicode NFC (RFC 5198) and lower-cased
+    /// with Unicode rules, so `ALICE@`, `Alice@` and `JÖSÉ@` reach `alice@`
+    /// and `jösé@`. Nothing else in petrel normalises an address.
+    pub fn mailbox_key(&self) -> String {
+        let local = unquoted(&self.local).unwrap_or_else(|| self.local.clone());
+        let local: String = local.nfc().collect::<String>().to_lowercase();
+        let domain: String = self.domain.0.nfc().collect();
+        format!("{local}@{domain}")
     }
 
     /// True for `postmaster@…` in any case (RFC 5321 4.5.1).
@@ -200,6 +209,21 @@ impl fmt::Display for Address {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}@{}", self.local, self.domain)
     }
+}
+
+/// The dot-string a quoted local part stands for, when it needs no quotes
+/// (`"john.doe"` is `john.doe`; `"john doe"` stays quoted).
+fn unquoted(local: &str) -> Option<String> {
+    let body = local.strip_prefix('"')?.strip_suffix('"')?;
+    let mut plain = String::with_capacity(body.len());
+    let mut chars = body.chars();
+    while let Some(c) = chars.next() {
+        plain.push(if c == '\\' { chars.next()? } else { c });
+    }
+    let is_dot_string = plain
+        .split('.')
+        .all(|atom| !atom.is_empty() && atom.chars().all(is_atext));
+    is_dot_string.then_some(plain)
 }
 
 /// The `@` that separates local part and domain: the last one outside a
@@ -393,7 +417,24 @@ mod tests {
     fn domains_are_lower_cased_local_parts_are_not() {
         let address = Address::parse("Alice@Example.COM").unwrap();
         assert_eq!(address.to_string(), "Alice@example.com");
-        assert_eq!(address.lookup_key(), "alice@example.com");
+        assert_eq!(address.mailbox_key(), "alice@example.com");
+    }
+
+    #[test]
+    fn mailbox_keys_are_canonical() {
+        for (text, key) in [
+            ("ALICE@Example.COM", "alice@example.com"),
+            ("\"alice\"@example.com", "alice@example.com"),
+            ("\"john.doe\"@example.com", "john.doe@example.com"),
+            ("\"john doe\"@example.com", "\"john doe\"@example.com"),
+            ("\"a\\lice\"@example.com", "alice@example.com"),
+            ("JÖSÉ@example.com", "jösé@example.com"),
+            // Decomposed (NFD) input: O + combining diaeresis.
+            ("JO\u{308}SE\u{301}@example.com", "jösé@example.com"),
+            ("ÄRGER@BÜCHER.example", "ärger@bücher.example"),
+        ] {
+            assert_eq!(Address::parse(text).unwrap().mailbox_key(), key, "{text}");
+        }
     }
 
     #[test]

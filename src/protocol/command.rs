@@ -3,6 +3,7 @@
 //! carrying the reply the client should get.
 
 use super::address::{self, Address, AddressError, ReversePath};
+use super::dsn::{self, Notify, Ret};
 use super::reply::{self, Reply, Status};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,6 +16,7 @@ pub enum Command {
     },
     Rcpt {
         to: ForwardPath,
+        params: RcptParams,
     },
     Data,
     Rset,
@@ -51,6 +53,18 @@ pub struct MailParams {
     pub body: BodyType,
     /// RFC 6531: the envelope or headers may contain UTF-8.
     pub smtputf8: bool,
+    /// RFC 3461 RET: what a failure report returns.
+    pub ret: Option<Ret>,
+    /// RFC 3461 ENVID, decoded from xtext.
+    pub envid: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RcptParams {
+    /// RFC 3461 NOTIFY; `None` when not given.
+    pub notify: Option<Notify>,
+    /// RFC 3461 ORCPT as "addr-type;address", decoded.
+    pub orcpt: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -223,6 +237,15 @@ fn parse_mail(argument: &str) -> Result<Command, ParseError> {
                 }
             }
             ("SMTPUTF8", None) => params.smtputf8 = true,
+            ("RET", Some(value)) if params.ret.is_none() => {
+                params.ret = Some(Ret::parse(value).map_err(dsn_error)?);
+            }
+            ("ENVID", Some(value)) if params.envid.is_none() => {
+                if value.len() > dsn::MAX_ENVID {
+                    return Err(dsn_error("ENVID is longer than 100 characters"));
+                }
+                params.envid = Some(dsn::xtext_decode(value).map_err(dsn_error)?);
+            }
             // RFC 4954 5: AUTH=<> or AUTH=addr from a trusted relay; we
             // record our own authenticated identity instead, so it is ignored.
             ("AUTH", Some(_)) => {}
@@ -238,22 +261,38 @@ fn parse_mail(argument: &str) -> Result<Command, ParseError> {
 }
 
 fn parse_rcpt(argument: &str) -> Result<Command, ParseError> {
-    let (path, params) = split_path(argument, "TO")?;
-    if let Some(param) = params.split_whitespace().next() {
-        return Err(ParseError::new(
-            reply::UNKNOWN_PARAMETER,
-            format!("Unsupported RCPT parameter {param}"),
-        ));
+    let (path, params_text) = split_path(argument, "TO")?;
+    let mut params = RcptParams::default();
+    for param in params_text.split_whitespace() {
+        let (key, value) = match param.split_once('=') {
+            Some((key, value)) => (key, Some(value)),
+            None => (param, None),
+        };
+        match (key.to_ascii_uppercase().as_str(), value) {
+            ("NOTIFY", Some(value)) if params.notify.is_none() => {
+                params.notify = Some(Notify::parse(value).map_err(dsn_error)?);
+            }
+            ("ORCPT", Some(value)) if params.orcpt.is_none() => {
+                params.orcpt = Some(dsn::parse_orcpt(value).map_err(dsn_error)?);
+            }
+            _ => {
+                return Err(ParseError::new(
+                    reply::UNKNOWN_PARAMETER,
+                    format!("Unsupported RCPT parameter {key}"),
+                ));
+            }
+        }
     }
-    if path.eq_ignore_ascii_case("<postmaster>") {
-        return Ok(Command::Rcpt {
-            to: ForwardPath::Postmaster,
-        });
-    }
-    let address = address::parse_path(path).map_err(|e| address_error(e, false))?;
-    Ok(Command::Rcpt {
-        to: ForwardPath::Mailbox(address),
-    })
+    let to = if path.eq_ignore_ascii_case("<postmaster>") {
+        ForwardPath::Postmaster
+    } else {
+        ForwardPath::Mailbox(address::parse_path(path).map_err(|e| address_error(e, false))?)
+    };
+    Ok(Command::Rcpt { to, params })
+}
+
+fn dsn_error(why: &str) -> ParseError {
+    ParseError::new(reply::PARAMETER_SYNTAX, why)
 }
 
 fn parse_auth(argument: &str) -> Result<Command, ParseError> {
@@ -315,6 +354,18 @@ mod tests {
                     size: Some(1000),
                     body: BodyType::EightBitMime,
                     smtputf8: true,
+                    ..MailParams::default()
+                },
+            })
+        );
+        assert_eq!(
+            parse("MAIL FROM:<a@example.org> RET=hdrs ENVID=QQ+2B314"),
+            Ok(Command::Mail {
+                from: ReversePath::Mailbox(mailbox("a@example.org")),
+                params: MailParams {
+                    ret: Some(Ret::Headers),
+                    envid: Some("QQ+314".into()),
+                    ..MailParams::default()
                 },
             })
         );
@@ -339,13 +390,29 @@ mod tests {
         assert_eq!(
             parse("RCPT TO:<b@example.com>"),
             Ok(Command::Rcpt {
-                to: ForwardPath::Mailbox(mailbox("b@example.com"))
+                to: ForwardPath::Mailbox(mailbox("b@example.com")),
+                params: RcptParams::default(),
             })
         );
         assert_eq!(
             parse("RCPT TO:<Postmaster>"),
             Ok(Command::Rcpt {
-                to: ForwardPath::Postmaster
+                to: ForwardPath::Postmaster,
+                params: RcptParams::default(),
+            })
+        );
+        assert_eq!(
+            parse("RCPT TO:<b@example.com> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;B+40example.com"),
+            Ok(Command::Rcpt {
+                to: ForwardPath::Mailbox(mailbox("b@example.com")),
+                params: RcptParams {
+                    notify: Some(Notify {
+                        success: true,
+                        failure: true,
+                        delay: false
+                    }),
+                    orcpt: Some("rfc822;B@example.com".into()),
+                },
             })
         );
     }
@@ -364,16 +431,25 @@ mod tests {
             reply::BAD_SENDER_ADDRESS_SYNTAX
         );
         assert_eq!(code("MAIL FROM:<a@b.c> SIZE=big"), reply::PARAMETER_SYNTAX);
-        assert_eq!(code("MAIL FROM:<a@b.c> RET=FULL"), reply::UNKNOWN_PARAMETER);
+        assert_eq!(code("MAIL FROM:<a@b.c> RET=ALL"), reply::PARAMETER_SYNTAX);
+        assert_eq!(
+            code("MAIL FROM:<a@b.c> RET=FULL RET=HDRS"),
+            reply::UNKNOWN_PARAMETER
+        );
+        assert_eq!(
+            code(&format!("MAIL FROM:<a@b.c> ENVID={}", "x".repeat(101))),
+            reply::PARAMETER_SYNTAX
+        );
         assert_eq!(
             code("MAIL FROM:<a@b.c> BODY=BINARYMIME"),
             reply::UNKNOWN_PARAMETER
         );
         assert_eq!(code("RCPT TO:<nobody>"), reply::BAD_ADDRESS_SYNTAX);
         assert_eq!(
-            code("RCPT TO:<a@b.c> NOTIFY=NEVER"),
-            reply::UNKNOWN_PARAMETER
+            code("RCPT TO:<a@b.c> NOTIFY=NEVER,DELAY"),
+            reply::PARAMETER_SYNTAX
         );
+        assert_eq!(code("RCPT TO:<a@b.c> FOO=BAR"), reply::UNKNOWN_PARAMETER);
         assert_eq!(code("DATA now"), reply::PARAMETER_SYNTAX);
         assert_eq!(code("EHLO"), reply::PARAMETER_SYNTAX);
         assert_eq!(code("VRFY"), reply::PARAMETER_SYNTAX);

@@ -9,6 +9,11 @@
 
 /// RFC 5321 4.5.3.1.6: a text line is at most 1000 octets including CRLF.
 pub const MAX_TEXT_LINE: usize = 1000;
+/// Delivered-To values kept for loop detection; more are counted, not kept.
+const MAX_DELIVERED_TO: usize = 100;
+
+use super::address::Address;
+use super::reply::{self, Reply};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataError {
@@ -51,6 +56,7 @@ enum State {
 #[derive(Debug)]
 pub struct DataDecoder {
     body: Vec<u8>,
+    headers: HeaderScan,
     state: State,
     line_length: usize,
     max_size: usize,
@@ -71,6 +77,7 @@ impl DataDecoder {
     pub fn new(max_size: usize) -> DataDecoder {
         DataDecoder {
             body: Vec::new(),
+            headers: HeaderScan::default(),
             state: State::LineStart,
             line_length: 0,
             max_size,
@@ -137,6 +144,7 @@ impl DataDecoder {
 
     fn emit(&mut self, byte: u8) {
         self.size += 1;
+        self.headers.push(byte);
         if self.error.is_none() {
             if self.body.len() >= self.max_size {
                 self.fail(DataError::TooLarge);
@@ -156,15 +164,157 @@ impl DataDecoder {
     }
 
     /// The decoded message (with CRLF line ends), or why it is refused.
-    pub fn finish(self) -> Result<Vec<u8>, DataError> {
+    pub fn finish(self) -> Result<DecodedMessage, DataError> {
         match self.error {
             Some(error) => Err(error),
-            None => Ok(self.body),
+            None => Ok(DecodedMessage {
+                headers: self.headers.finish(),
+                content: self.body,
+            }),
         }
     }
 
     pub fn size(&self) -> u64 {
         self.size
+    }
+}
+
+/// A message as DATA delivered it, with what end-of-data checks need to
+/// know about its header section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodedMessage {
+    pub content: Vec<u8>,
+    pub headers: HeaderSummary,
+}
+
+/// What the header section says about the message's travels, gathered
+/// while the bytes stream past (so nothing has to be held to know it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeaderSummary {
+    /// Octets of the header section: up to the empty line, or the whole
+    /// message when there is none.
+    pub section_len: u64,
+    /// `Received:` fields: the hops the message has made.
+    pub received: usize,
+    /// `Delivered-To:` values (the first few), for mail loop detection.
+    pub delivered_to: Vec<String>,
+}
+
+impl HeaderSummary {
+    /// The summary of a complete message (`petrel sendmail`, tests).
+    pub fn of(content: &[u8]) -> HeaderSummary {
+        let mut scan = HeaderScan::default();
+        for &byte in &content[..header_section_len(content)] {
+            scan.push(byte);
+        }
+        scan.finish()
+    }
+}
+
+/// The limits a message's header section must keep.
+#[derive(Debug, Clone, Copy)]
+pub struct ContentLimits {
+    pub max_header_size: u64,
+    pub max_hops: usize,
+}
+
+/// Refusals that depend on the header section, decided when the message
+/// is accepted (SMTP end of DATA, `petrel sendmail`) so that none of them
+/// can turn into a bounce later: its size, its hop count, and a loop back
+/// into a local mailbox it was delivered to before.
+pub fn content_refusal<'a>(
+    headers: &HeaderSummary,
+    limits: &ContentLimits,
+    local_mailboxes: impl IntoIterator<Item = &'a str>,
+) -> Option<Reply> {
+    if headers.section_len > limits.max_header_size {
+        return Some(Reply::new(
+            reply::HEADER_TOO_BIG,
+            format!(
+                "Message header section exceeds the limit of {} octets",
+                limits.max_header_size
+            ),
+        ));
+    }
+    if headers.received >= limits.max_hops {
+        return Some(Reply::new(
+            reply::TOO_MANY_HOPS,
+            format!(
+                "Too many hops ({} Received headers, limit {}): mail loop?",
+                headers.received, limits.max_hops
+            ),
+        ));
+    }
+    let delivered_before: Vec<String> = headers
+        .delivered_to
+        .iter()
+        .filter_map(|value| {
+            Address::parse(value.trim_start_matches('<').trim_end_matches('>'))
+                .ok()
+                .map(|address| address.mailbox_key())
+        })
+        .collect();
+    for mailbox in local_mailboxes {
+        if delivered_before.iter().any(|seen| seen == mailbox) {
+            return Some(Reply::new(
+                reply::MAIL_LOOP,
+                format!("Mail loop: this message was already delivered to <{mailbox}>"),
+            ));
+        }
+    }
+    None
+}
+
+/// Watches decoded bytes line by line until the empty line that ends the
+/// header section; keeps at most one line's start.
+#[derive(Debug, Default)]
+struct HeaderScan {
+    summary: HeaderSummary,
+    line: Vec<u8>,
+    done: bool,
+}
+
+impl HeaderScan {
+    fn push(&mut self, byte: u8) {
+        if self.done {
+            return;
+        }
+        self.summary.section_len += 1;
+        if self.line.len() < MAX_TEXT_LINE {
+            self.line.push(byte);
+        }
+        if byte == b'\n' {
+            let line = std::mem::take(&mut self.line);
+            if line == b"\r\n" || line == b"\n" {
+                // The empty line ends the section and is not part of it.
+                self.summary.section_len -= line.len() as u64;
+                self.done = true;
+            } else {
+                self.header_line(&line);
+            }
+            self.line = line;
+            self.line.clear();
+        }
+    }
+
+    fn header_line(&mut self, line: &[u8]) {
+        let starts =
+            |name: &[u8]| line.len() >= name.len() && line[..name.len()].eq_ignore_ascii_case(name);
+        if starts(b"received:") {
+            self.summary.received += 1;
+        } else if starts(b"delivered-to:") && self.summary.delivered_to.len() < MAX_DELIVERED_TO {
+            let value = String::from_utf8_lossy(&line[b"delivered-to:".len()..]);
+            self.summary.delivered_to.push(value.trim().to_string());
+        }
+    }
+
+    fn finish(mut self) -> HeaderSummary {
+        if !self.done && !self.line.is_empty() {
+            // A last line without CRLF still belongs to the header section.
+            let line = std::mem::take(&mut self.line);
+            self.header_line(&line);
+        }
+        self.summary
     }
 }
 
@@ -187,7 +337,7 @@ mod tests {
             Progress::Done { consumed } => Some(consumed),
             Progress::NeedMore => None,
         };
-        (decoder.finish(), done)
+        (decoder.finish().map(|m| m.content), done)
     }
 
     #[test]
@@ -224,7 +374,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(decoder.finish().unwrap(), b"line\r\n");
+        assert_eq!(decoder.finish().unwrap().content, b"line\r\n");
     }
 
     #[test]
@@ -275,6 +425,33 @@ mod tests {
             Progress::Done { .. }
         ));
         assert!(decoder.finish().is_ok());
+    }
+
+    #[test]
+    fn header_summary_while_streaming() {
+        let message = b"Received: from a\r\n\tby b\r\nDelivered-To: alice@example.com\r\n\
+            RECEIVED: from c\r\nSubject: x\r\n\r\nReceived: in the body\r\n";
+        let mut input = message.to_vec();
+        input.extend_from_slice(b".\r\n");
+        let mut decoder = DataDecoder::new(1 << 20);
+        for chunk in input.chunks(7) {
+            decoder.feed(chunk);
+        }
+        let decoded = decoder.finish().unwrap();
+        let expected = HeaderSummary {
+            section_len: header_section_len(message) as u64,
+            received: 2,
+            delivered_to: vec!["alice@example.com".into()],
+        };
+        assert_eq!(decoded.headers, expected);
+        assert_eq!(HeaderSummary::of(message), expected);
+        // No empty line: everything is header section.
+        let headers_only = b"Received: x\r\nSubject: y";
+        let all = HeaderSummary::of(headers_only);
+        assert_eq!(
+            (all.section_len, all.received),
+            (headers_only.len() as u64, 1)
+        );
     }
 
     #[test]

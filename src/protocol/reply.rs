@@ -11,14 +11,14 @@ pub struct Status {
     pub enhanced: Option<&'static str>,
 }
 
-const fn plain(code: u16) -> Status {
+pub(crate) const fn plain(code: u16) -> Status {
     Status {
         code,
         enhanced: None,
     }
 }
 
-const fn enhanced(code: u16, enhanced: &'static str) -> Status {
+pub(crate) const fn enhanced(code: u16, enhanced: &'static str) -> Status {
     Status {
         code,
         enhanced: Some(enhanced),
@@ -70,6 +70,10 @@ pub const AUTH_INVALID_CREDENTIALS: Status = enhanced(535, "5.7.8");
 pub const NO_SUCH_USER: Status = enhanced(550, "5.1.1");
 pub const NO_SUCH_DOMAIN: Status = enhanced(550, "5.1.2");
 pub const MESSAGE_TOO_BIG: Status = enhanced(552, "5.3.4");
+pub const HEADER_TOO_BIG: Status = enhanced(552, "5.3.4");
+pub const TOO_MANY_HOPS: Status = enhanced(554, "5.4.6");
+pub const MAIL_LOOP: Status = enhanced(554, "5.4.6");
+pub const ALIAS_LOOP: Status = enhanced(550, "5.4.6");
 pub const SENDER_NOT_OWNED: Status = enhanced(553, "5.7.1");
 pub const SENDER_DOMAIN_UNKNOWN: Status = enhanced(553, "5.1.8");
 pub const NON_ASCII_WITHOUT_SMTPUTF8: Status = enhanced(553, "5.6.7");
@@ -78,6 +82,7 @@ pub const BAD_MESSAGE_DATA: Status = enhanced(554, "5.6.0");
 pub const TRANSACTION_FAILED: Status = enhanced(554, "5.3.0");
 pub const UNKNOWN_PARAMETER: Status = enhanced(555, "5.5.4");
 pub const DOMAIN_ACCEPTS_NO_MAIL: Status = enhanced(556, "5.1.10");
+pub const DESTINATION_NOT_ALLOWED: Status = enhanced(550, "5.4.4");
 
 /// One reply, possibly multi-line.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -18,10 +18,11 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 
 use super::address::{Address, ReversePath};
-use super::command::{BodyType, Command, ForwardPath, MailParams, parse_command};
-use super::data::DataError;
+use super::command::{BodyType, Command, ForwardPath, MailParams, RcptParams, parse_command};
+use super::data::{ContentLimits, DataError, DecodedMessage, content_refusal};
+use super::dsn::{Notify, Ret};
 use super::reply::{self, Reply};
-use crate::queue::{NewMessage, NewRecipient, QueueId};
+use crate::routing::{Route, Routed};
 
 /// RFC 5321 4.5.3.1.4: 512 octets including the CRLF.
 pub const MAX_COMMAND_LINE: usize = 510;
@@ -62,6 +63,10 @@ pub struct SessionConfig {
     pub tls_available: bool,
     /// Where `RCPT TO:<Postmaster>` goes (RFC 5321 4.1.1.3).
     pub postmaster: Option<Address>,
+    /// Largest header section accepted, in octets.
+    pub max_header_size: u64,
+    /// `Received:` fields a message may already carry (hop count).
+    pub max_hops: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,7 +88,47 @@ pub enum Action {
     /// [`Session::data_finished`].
     ReceiveData,
     /// Commit this message to the queue, then call [`Session::enqueued`].
-    Enqueue(Box<NewMessage>),
+    Enqueue(Box<Envelope>),
+}
+
+/// A message the session has accepted, as it hands it over to be queued.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    /// The queue id the connection gave it (see [`Stamp`]).
+    pub id: String,
+    /// The reverse path; empty for the null sender.
+    pub sender: String,
+    pub recipients: Vec<EnvelopeRecipient>,
+    /// The message, starting with our Received header.
+    pub content: Vec<u8>,
+    pub client_ip: IpAddr,
+    pub helo: Option<String>,
+    pub auth_user: Option<String>,
+    pub listener: ListenerKind,
+    pub eight_bit: bool,
+    pub smtputf8: bool,
+    /// RFC 3461 RET and ENVID.
+    pub ret: Option<Ret>,
+    pub envid: Option<String>,
+}
+
+/// One final recipient, routed when it was accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvelopeRecipient {
+    pub target: Routed,
+    /// The RCPT TO address, when it differs from `target.address`.
+    pub original: Option<String>,
+    /// RFC 3461 NOTIFY as it will be honoured; `None` when not given.
+    pub notify: Option<Notify>,
+    pub orcpt: Option<String>,
+}
+
+/// What the connection provides when DATA ends: the session never makes
+/// ids or reads the clock itself.
+#[derive(Debug, Clone)]
+pub struct Stamp {
+    pub id: String,
+    pub now: SystemTime,
 }
 
 #[derive(Debug)]
@@ -137,16 +182,30 @@ pub enum AuthVerdict {
     Unavailable,
 }
 
+/// How far the server trusts the client that gave a sender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SenderStanding {
+    /// An authenticated user or a trusted network: accountable for what it
+    /// sends, so it may ask for success reports (RFC 3461 NOTIFY=SUCCESS).
+    /// A stranger may not: a report to a forged sender is backscatter.
+    pub accountable: bool,
+}
+
 /// The outside world as the session sees it.
 pub trait Services {
     /// `Err` carries the refusal reply.
-    fn check_sender(&self, client: &ClientView, sender: &ReversePath) -> Result<(), Reply>;
-    /// The final addresses to deliver to (aliases expanded), or the refusal.
+    fn check_sender(
+        &self,
+        client: &ClientView,
+        sender: &ReversePath,
+    ) -> Result<SenderStanding, Reply>;
+    /// The final recipients with their routes (aliases expanded), or the
+    /// refusal.
     fn check_recipient(
         &self,
         client: &ClientView,
         recipient: &Address,
-    ) -> Result<Vec<Address>, Reply>;
+    ) -> Result<Vec<Routed>, Reply>;
     fn authenticate(&self, ip: IpAddr, username: &str, password: &str) -> AuthVerdict;
     fn is_locked_out(&self, ip: IpAddr) -> bool;
 }
@@ -155,13 +214,16 @@ pub trait Services {
 struct Transaction {
     sender: ReversePath,
     params: MailParams,
+    standing: SenderStanding,
     recipients: Vec<AcceptedRecipient>,
 }
 
 #[derive(Debug)]
 struct AcceptedRecipient {
     envelope: Address,
-    deliver_to: Vec<Address>,
+    targets: Vec<Routed>,
+    notify: Option<Notify>,
+    orcpt: Option<String>,
 }
 
 #[derive(Debug)]
@@ -182,7 +244,7 @@ pub struct Session {
     transaction: Option<Transaction>,
     auth: Option<AuthExchange>,
     /// A message went to the queue and its fate is not known yet.
-    awaiting_queue: Option<QueueId>,
+    awaiting_queue: Option<String>,
     errors: u32,
 }
 
@@ -254,7 +316,7 @@ impl Session {
             Command::Ehlo(name) => self.ehlo(name, true),
             Command::Helo(name) => self.ehlo(name, false),
             Command::Mail { from, params } => self.mail(from, params, services),
-            Command::Rcpt { to } => self.rcpt(to, services),
+            Command::Rcpt { to, params } => self.rcpt(to, params, services),
             Command::Data => self.data(),
             Command::Rset => {
                 self.transaction = None;
@@ -318,6 +380,7 @@ impl Session {
             format!("SIZE {}", self.config.max_message_size),
             "8BITMIME".to_string(),
             "ENHANCEDSTATUSCODES".to_string(),
+            "DSN".to_string(),
             "SMTPUTF8".to_string(),
         ];
         if self.tls.is_none() && self.config.tls_available {
@@ -372,18 +435,20 @@ impl Session {
                 "Non-ASCII sender address needs the SMTPUTF8 parameter",
             ));
         }
-        if let Err(refusal) = services.check_sender(&self.view(), &from) {
-            return Step::reply(refusal);
-        }
+        let standing = match services.check_sender(&self.view(), &from) {
+            Ok(standing) => standing,
+            Err(refusal) => return Step::reply(refusal),
+        };
         self.transaction = Some(Transaction {
             sender: from,
             params,
+            standing,
             recipients: Vec::new(),
         });
         Step::reply(Reply::new(reply::SENDER_OK, "Sender OK"))
     }
 
-    fn rcpt(&mut self, to: ForwardPath, services: &dyn Services) -> Step {
+    fn rcpt(&mut self, to: ForwardPath, params: RcptParams, services: &dyn Services) -> Step {
         let view = ClientView {
             ip: self.client_ip,
             user: self.user.as_deref(),
@@ -413,11 +478,25 @@ impl Session {
                 "Non-ASCII recipient address needs SMTPUTF8 in MAIL FROM",
             ));
         }
+        if !self.esmtp && params != RcptParams::default() {
+            return Step::reply(Reply::new(
+                reply::UNKNOWN_PARAMETER,
+                "RCPT parameters need EHLO",
+            ));
+        }
         match services.check_recipient(&view, &address) {
-            Ok(deliver_to) => {
+            Ok(targets) => {
+                let mut notify = params.notify;
+                if let Some(notify) = &mut notify
+                    && !transaction.standing.accountable
+                {
+                    notify.success = false;
+                }
                 transaction.recipients.push(AcceptedRecipient {
                     envelope: address,
-                    deliver_to,
+                    targets,
+                    notify,
+                    orcpt: params.orcpt,
                 });
                 Step::reply(Reply::new(reply::RECIPIENT_OK, "Recipient OK"))
             }
@@ -440,13 +519,19 @@ impl Session {
         }
     }
 
-    /// The DATA stream ended (at `<CRLF>.<CRLF>`).
-    pub fn data_finished(&mut self, result: Result<Vec<u8>, DataError>, now: SystemTime) -> Step {
+    /// The DATA stream ended (at `<CRLF>.<CRLF>`). Whatever can be known
+    /// about the message now is checked now, so that nothing accepted can
+    /// turn into a bounce later for a reason the client could have been told.
+    pub fn data_finished(
+        &mut self,
+        result: Result<DecodedMessage, DataError>,
+        stamp: Stamp,
+    ) -> Step {
         let Some(transaction) = self.transaction.take() else {
             return Step::reply(Reply::new(reply::BAD_SEQUENCE, "No transaction"));
         };
-        let body = match result {
-            Ok(body) => body,
+        let message = match result {
+            Ok(message) => message,
             Err(DataError::TooLarge) => {
                 return self.finish(Reply::new(
                     reply::MESSAGE_TOO_BIG,
@@ -466,40 +551,66 @@ impl Session {
                 return self.finish(Reply::new(reply::BAD_MESSAGE_DATA, error.describe()));
             }
         };
-        let id = QueueId::generate();
-        let mut content = self.received_header(&id, &transaction, now).into_bytes();
-        content.extend_from_slice(&body);
+        if let Some(refusal) = self.refuse_content(&transaction, &message) {
+            return self.finish(refusal);
+        }
+        let id = stamp.id;
+        let mut content = self
+            .received_header(&id, &transaction, stamp.now)
+            .into_bytes();
+        content.extend_from_slice(&message.content);
 
-        let mut recipients: Vec<NewRecipient> = Vec::new();
+        let mut recipients: Vec<EnvelopeRecipient> = Vec::new();
         for accepted in &transaction.recipients {
-            for target in &accepted.deliver_to {
-                let address = target.to_string();
+            for target in &accepted.targets {
                 // Two aliases that end at the same mailbox deliver once.
-                if recipients.iter().any(|r| r.address == address) {
+                if recipients
+                    .iter()
+                    .any(|r| r.target.route == target.route && r.target.address == target.address)
+                {
                     continue;
                 }
                 let original = accepted.envelope.to_string();
-                recipients.push(NewRecipient {
-                    original: (original != address).then_some(original),
-                    address,
+                recipients.push(EnvelopeRecipient {
+                    original: (original != target.address).then_some(original),
+                    target: target.clone(),
+                    notify: accepted.notify,
+                    orcpt: accepted.orcpt.clone(),
                 });
             }
         }
         self.awaiting_queue = Some(id.clone());
-        let message = NewMessage {
+        let envelope = Envelope {
             id,
             sender: transaction.sender.to_string(),
             recipients,
             content,
-            client_ip: Some(self.client_ip),
+            client_ip: self.client_ip,
             helo: self.helo.clone(),
             auth_user: self.user.clone(),
-            listener: self.config.listener.name().to_string(),
+            listener: self.config.listener,
             eight_bit: transaction.params.body == BodyType::EightBitMime,
             smtputf8: transaction.params.smtputf8,
-            kind: crate::queue::MessageKind::Normal,
+            ret: transaction.params.ret,
+            envid: transaction.params.envid.clone(),
         };
-        Step::nothing(Action::Enqueue(Box::new(message)))
+        Step::nothing(Action::Enqueue(Box::new(envelope)))
+    }
+
+    fn refuse_content(&self, transaction: &Transaction, message: &DecodedMessage) -> Option<Reply> {
+        let local_mailboxes = transaction
+            .recipients
+            .iter()
+            .flat_map(|r| &r.targets)
+            .filter_map(|t| match &t.route {
+                Route::Local { mailbox } => Some(mailbox.as_str()),
+                _ => None,
+            });
+        let limits = ContentLimits {
+            max_header_size: self.config.max_header_size,
+            max_hops: self.config.max_hops,
+        };
+        content_refusal(&message.headers, &limits, local_mailboxes)
     }
 
     /// The queue's answer for the message from [`Action::Enqueue`]: only now
@@ -520,7 +631,7 @@ impl Session {
         }
     }
 
-    fn received_header(&self, id: &QueueId, transaction: &Transaction, now: SystemTime) -> String {
+    fn received_header(&self, id: &str, transaction: &Transaction, now: SystemTime) -> String {
         // RFC 3848 / RFC 6531 3.7.3 protocol names.
         let mut protocol = String::from(if transaction.params.smtputf8 {
             "UTF8SMTP"
@@ -722,13 +833,19 @@ mod tests {
     struct FakeServices;
 
     impl Services for FakeServices {
-        fn check_sender(&self, client: &ClientView, sender: &ReversePath) -> Result<(), Reply> {
+        fn check_sender(
+            &self,
+            client: &ClientView,
+            sender: &ReversePath,
+        ) -> Result<SenderStanding, Reply> {
             match (client.user, sender.address()) {
-                (Some(user), Some(address)) if address.lookup_key() != user => Err(Reply::new(
+                (Some(user), Some(address)) if address.mailbox_key() != user => Err(Reply::new(
                     reply::SENDER_NOT_OWNED,
                     "Sender address not owned by user",
                 )),
-                _ => Ok(()),
+                _ => Ok(SenderStanding {
+                    accountable: client.user.is_some(),
+                }),
             }
         }
 
@@ -736,18 +853,15 @@ mod tests {
             &self,
             client: &ClientView,
             recipient: &Address,
-        ) -> Result<Vec<Address>, Reply> {
+        ) -> Result<Vec<Routed>, Reply> {
             if recipient.domain().as_str() == "localhost" {
                 if recipient.local_part() == "team" {
-                    return Ok(vec![
-                        Address::parse("alice@localhost").unwrap(),
-                        Address::parse("bob@example.org").unwrap(),
-                    ]);
+                    return Ok(vec![local("alice@localhost"), remote("bob@example.org")]);
                 }
-                return Ok(vec![recipient.clone()]);
+                return Ok(vec![local(&recipient.mailbox_key())]);
             }
             if client.user.is_some() {
-                return Ok(vec![recipient.clone()]);
+                return Ok(vec![remote(&recipient.to_string())]);
             }
             Err(Reply::new(reply::RELAY_DENIED, "Relay access denied"))
         }
@@ -767,6 +881,34 @@ mod tests {
         }
     }
 
+    fn local(mailbox: &str) -> Routed {
+        Routed {
+            address: mailbox.to_string(),
+            domain: "localhost".into(),
+            route: Route::Local {
+                mailbox: mailbox.to_string(),
+            },
+        }
+    }
+
+    fn remote(address: &str) -> Routed {
+        let domain = address.rsplit_once('@').unwrap().1.to_string();
+        Routed {
+            address: address.to_string(),
+            route: Route::Remote {
+                domain: domain.clone(),
+            },
+            domain,
+        }
+    }
+
+    fn stamp() -> Stamp {
+        Stamp {
+            id: "0123456789ABCDEF".into(),
+            now: SystemTime::now(),
+        }
+    }
+
     fn config(listener: ListenerKind) -> Arc<SessionConfig> {
         Arc::new(SessionConfig {
             hostname: "mx.test".into(),
@@ -776,6 +918,8 @@ mod tests {
             max_errors: 10,
             tls_available: true,
             postmaster: Address::parse("postmaster@localhost").ok(),
+            max_header_size: 500,
+            max_hops: 5,
         })
     }
 
@@ -806,17 +950,21 @@ mod tests {
         codes[0]
     }
 
-    fn deliver(session: &mut Session, data: &[u8]) -> NewMessage {
+    fn finish_data(session: &mut Session, data: &[u8]) -> Step {
         let mut decoder = DataDecoder::new(1000);
         assert!(matches!(decoder.feed(data), Progress::Done { .. }));
-        let step = session.data_finished(decoder.finish(), SystemTime::now());
+        session.data_finished(decoder.finish(), stamp())
+    }
+
+    fn deliver(session: &mut Session, data: &[u8]) -> Envelope {
+        let step = finish_data(session, data);
         let Action::Enqueue(message) = step.action else {
             panic!("expected Enqueue, got {:?}", step.replies);
         };
         assert!(step.replies.is_empty(), "250 must wait for the queue");
         let step = session.enqueued(Ok(()));
         assert_eq!(step.replies[0].code(), 250);
-        assert!(step.replies[0].lines[0].contains(message.id.as_str()));
+        assert!(step.replies[0].lines[0].contains(&message.id));
         *message
     }
 
@@ -836,7 +984,7 @@ mod tests {
         let to: Vec<&str> = message
             .recipients
             .iter()
-            .map(|r| r.address.as_str())
+            .map(|r| r.target.address.as_str())
             .collect();
         assert_eq!(to, vec!["alice@localhost", "postmaster@localhost"]);
         let text = String::from_utf8(message.content).unwrap();
@@ -863,6 +1011,7 @@ mod tests {
             "8BITMIME",
             "ENHANCEDSTATUSCODES",
             "SMTPUTF8",
+            "DSN",
             "STARTTLS",
         ] {
             assert!(
@@ -930,12 +1079,12 @@ mod tests {
         code(&mut s, "MAIL FROM:<a@example.org>");
         code(&mut s, "RCPT TO:<alice@localhost>");
         code(&mut s, "DATA");
-        let step = s.data_finished(Err(DataError::TooLarge), SystemTime::now());
+        let step = s.data_finished(Err(DataError::TooLarge), stamp());
         assert_eq!(step.replies[0].code(), 552);
         code(&mut s, "MAIL FROM:<a@example.org>");
         code(&mut s, "RCPT TO:<alice@localhost>");
         code(&mut s, "DATA");
-        let step = s.data_finished(Err(DataError::BareLineFeed), SystemTime::now());
+        let step = s.data_finished(Err(DataError::BareLineFeed), stamp());
         assert_eq!(step.replies[0].code(), 554);
         assert_eq!(code(&mut s, "DATA"), 503);
     }
@@ -947,7 +1096,7 @@ mod tests {
         code(&mut s, "MAIL FROM:<a@example.org>");
         code(&mut s, "RCPT TO:<alice@localhost>");
         code(&mut s, "DATA");
-        let step = s.data_finished(Ok(b"x\r\n".to_vec()), SystemTime::now());
+        let step = finish_data(&mut s, b"x\r\n.\r\n");
         assert!(matches!(step.action, Action::Enqueue(_)));
         assert_eq!(s.enqueued(Err("disk full".into())).replies[0].code(), 451);
     }
@@ -983,7 +1132,7 @@ mod tests {
         let recipients: Vec<(&str, Option<&str>)> = message
             .recipients
             .iter()
-            .map(|r| (r.address.as_str(), r.original.as_deref()))
+            .map(|r| (r.target.address.as_str(), r.original.as_deref()))
             .collect();
         assert_eq!(
             recipients,
@@ -992,6 +1141,101 @@ mod tests {
                 ("bob@example.org", Some("team@localhost")),
             ]
         );
+    }
+
+    #[test]
+    fn mixed_case_local_recipients_become_their_mailbox() {
+        let mut s = session();
+        code(&mut s, "EHLO c");
+        code(&mut s, "MAIL FROM:<a@example.org>");
+        code(&mut s, "RCPT TO:<ALICE@localhost>");
+        code(&mut s, "RCPT TO:<alice@LOCALHOST>");
+        code(&mut s, "DATA");
+        let message = deliver(&mut s, b"x\r\n.\r\n");
+        assert_eq!(message.recipients.len(), 1, "one mailbox, delivered once");
+        let recipient = &message.recipients[0];
+        assert_eq!(recipient.target.address, "alice@localhost");
+        assert_eq!(
+            recipient.target.route,
+            Route::Local {
+                mailbox: "alice@localhost".into()
+            }
+        );
+        assert_eq!(recipient.original.as_deref(), Some("ALICE@localhost"));
+    }
+
+    fn refused_at_end_of_data(data: &[u8]) -> Reply {
+        let mut s = session();
+        code(&mut s, "EHLO c");
+        code(&mut s, "MAIL FROM:<a@example.org>");
+        code(&mut s, "RCPT TO:<alice@localhost>");
+        code(&mut s, "DATA");
+        let step = finish_data(&mut s, data);
+        assert!(matches!(step.action, Action::Continue), "nothing queued");
+        assert_eq!(code(&mut s, "DATA"), 503, "the transaction is over");
+        step.replies[0].clone()
+    }
+
+    #[test]
+    fn hop_count_header_size_and_loops_are_refused_at_end_of_data() {
+        let hops = "Received: x\r\n".repeat(5) + "\r\nbody\r\n.\r\n";
+        let reply = refused_at_end_of_data(hops.as_bytes());
+        assert_eq!(reply.to_wire().get(..10), Some("554 5.4.6 "), "{reply:?}");
+        assert!(reply.lines[0].contains("Too many hops"));
+
+        let big = format!("X-Big: {}\r\n\r\n.\r\n", "y".repeat(600));
+        let reply = refused_at_end_of_data(big.as_bytes());
+        assert_eq!(reply.to_wire().get(..10), Some("552 5.3.4 "), "{reply:?}");
+        assert!(reply.lines[0].contains("header section"));
+
+        let looped = b"Delivered-To: ALICE@localhost\r\n\r\nx\r\n.\r\n";
+        let reply = refused_at_end_of_data(looped);
+        assert_eq!(reply.to_wire().get(..10), Some("554 5.4.6 "), "{reply:?}");
+        assert!(reply.lines[0].contains("loop"));
+
+        // Just under every limit: accepted.
+        let mut s = session();
+        code(&mut s, "EHLO c");
+        code(&mut s, "MAIL FROM:<a@example.org>");
+        code(&mut s, "RCPT TO:<alice@localhost>");
+        code(&mut s, "DATA");
+        let fine = "Received: x\r\n".repeat(4) + "Delivered-To: bob@localhost\r\n\r\n.\r\n";
+        deliver(&mut s, fine.as_bytes());
+    }
+
+    #[test]
+    fn success_reports_only_for_accountable_senders() {
+        let mut s = session();
+        code(&mut s, "EHLO c");
+        code(&mut s, "MAIL FROM:<a@example.org> RET=FULL ENVID=abc");
+        code(
+            &mut s,
+            "RCPT TO:<alice@localhost> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;A+40localhost",
+        );
+        code(&mut s, "DATA");
+        let message = deliver(&mut s, b"x\r\n.\r\n");
+        assert_eq!(message.ret, Some(Ret::Full));
+        assert_eq!(message.envid.as_deref(), Some("abc"));
+        let recipient = &message.recipients[0];
+        assert_eq!(
+            recipient.notify,
+            Some(Notify {
+                success: false,
+                failure: true,
+                delay: false
+            }),
+            "a stranger cannot order success reports"
+        );
+        assert_eq!(recipient.orcpt.as_deref(), Some("rfc822;A@localhost"));
+
+        let mut s = tls_session(ListenerKind::Submission);
+        let plain = BASE64.encode("\0alice@localhost\0Correct-Horse-9");
+        code(&mut s, &format!("AUTH PLAIN {plain}"));
+        code(&mut s, "MAIL FROM:<alice@localhost>");
+        code(&mut s, "RCPT TO:<x@elsewhere.example> NOTIFY=SUCCESS");
+        code(&mut s, "DATA");
+        let message = deliver(&mut s, b"x\r\n.\r\n");
+        assert!(message.recipients[0].notify.is_some_and(|n| n.success));
     }
 
     #[test]

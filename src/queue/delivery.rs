@@ -10,6 +10,10 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::writer::insert_message;
 use super::{MessageKind, NewMessage, QueueError};
+use crate::config::Config;
+use crate::protocol::address::Address;
+use crate::protocol::dsn::{Notify, Ret};
+use crate::routing::{self, Route};
 use crate::timefmt::{parse_sql_timestamp, sql_timestamp};
 
 /// A recipient taken by the scheduler for one delivery attempt.
@@ -21,7 +25,31 @@ pub struct ClaimedRecipient {
     pub original: Option<String>,
     /// Attempts before this one.
     pub attempts: u32,
+    /// As stored when the message was accepted; never re-derived.
+    pub route: Route,
+    /// RFC 3461 NOTIFY as accepted (`None`: not given).
+    pub notify: Option<Notify>,
+    pub orcpt: Option<String>,
+    /// The last attempt's reply and its RFC 3463 status, if any.
+    pub last_reply: Option<String>,
+    pub last_status: Option<String>,
 }
+
+impl ClaimedRecipient {
+    /// What the sender asked to be told about this recipient.
+    pub fn notify(&self) -> Notify {
+        self.notify.unwrap_or(Notify::DEFAULT)
+    }
+}
+
+/// The columns [`claimed_from_row`] reads, in order.
+const CLAIMED_COLUMNS: &str = "id, message_id, address, original_address, attempts, route, \
+     mailbox, domain, notify, orcpt, last_reply, last_status";
+
+/// Rows whose stored route is complete; anything else (a corrupt row, a
+/// recipient not routed yet) is left alone for the operator to see.
+const ROUTED: &str = "CASE route WHEN 'local' THEN mailbox IS NOT NULL \
+     WHEN 'mx' THEN domain IS NOT NULL WHEN 'smarthost' THEN 1 ELSE 0 END";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RecipientStatus {
@@ -36,6 +64,8 @@ pub struct RecipientUpdate {
     pub status: RecipientStatus,
     /// The remote reply, or why we could not get one.
     pub reply: String,
+    /// Its RFC 3463 status code, e.g. "4.4.1".
+    pub reply_status: String,
     /// host[ip]:port, or "local".
     pub relay: Option<String>,
 }
@@ -60,6 +90,8 @@ pub struct StoredMessage {
     pub eight_bit: bool,
     pub smtputf8: bool,
     pub delay_warning_sent: bool,
+    pub ret: Option<Ret>,
+    pub envid: Option<String>,
     pub content: Vec<u8>,
 }
 
@@ -72,12 +104,33 @@ fn kind_from(text: &str) -> MessageKind {
 }
 
 fn claimed_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ClaimedRecipient> {
+    let kind: Option<String> = row.get(5)?;
+    let mailbox: Option<String> = row.get(6)?;
+    let domain: Option<String> = row.get(7)?;
+    let route = match (kind.as_deref(), mailbox, domain) {
+        (Some("local"), Some(mailbox), _) => Route::Local { mailbox },
+        (Some("mx"), _, Some(domain)) => Route::Remote { domain },
+        (Some("smarthost"), _, _) => Route::SmartHost,
+        (kind, _, _) => {
+            return Err(rusqlite::Error::InvalidColumnType(
+                5,
+                format!("route {kind:?} is incomplete"),
+                rusqlite::types::Type::Text,
+            ));
+        }
+    };
+    let notify: Option<String> = row.get(8)?;
     Ok(ClaimedRecipient {
         id: row.get(0)?,
         message_id: row.get(1)?,
         address: row.get(2)?,
         original: row.get(3)?,
         attempts: row.get(4)?,
+        route,
+        notify: notify.and_then(|n| Notify::parse(&n).ok()),
+        orcpt: row.get(9)?,
+        last_reply: row.get(10)?,
+        last_status: row.get(11)?,
     })
 }
 
@@ -90,15 +143,16 @@ pub fn claim_due(
     messages: usize,
 ) -> Result<Vec<ClaimedRecipient>, QueueError> {
     let mut statement = conn
-        .prepare_cached(
+        .prepare_cached(&format!(
             "UPDATE recipients SET status = 'delivering', updated_at = ?1
-             WHERE status = 'queued' AND next_attempt_at <= ?1
+             WHERE status = 'queued' AND next_attempt_at <= ?1 AND {ROUTED}
                AND message_id IN (SELECT message_id FROM recipients
                                   WHERE status = 'queued' AND next_attempt_at <= ?1
+                                    AND {ROUTED}
                                   GROUP BY message_id
                                   ORDER BY min(next_attempt_at), message_id LIMIT ?2)
-             RETURNING id, message_id, address, original_address, attempts",
-        )
+             RETURNING {CLAIMED_COLUMNS}"
+        ))
         .map_err(QueueError::sqlite("cannot prepare claim"))?;
     let rows = statement
         .query_map(params![now, messages as i64], claimed_from_row)
@@ -117,7 +171,8 @@ pub fn record(conn: &Connection, report: &DeliveryReport, now: &str) -> Result<(
         .prepare_cached(
             "UPDATE recipients
              SET status = ?2, attempts = attempts + 1, last_attempt_at = ?3,
-                 next_attempt_at = ?4, last_reply = ?5, relay = ?6, updated_at = ?3
+                 next_attempt_at = ?4, last_reply = ?5, relay = ?6, updated_at = ?3,
+                 last_status = ?7
              WHERE id = ?1 AND status = 'delivering'",
         )
         .map_err(QueueError::sqlite("cannot prepare recipient update"))?;
@@ -134,7 +189,8 @@ pub fn record(conn: &Connection, report: &DeliveryReport, now: &str) -> Result<(
                 now,
                 next,
                 change.reply,
-                change.relay
+                change.relay,
+                change.reply_status
             ])
             .map_err(QueueError::sqlite(format!(
                 "{}: cannot record attempt",
@@ -213,7 +269,7 @@ pub fn next_due(conn: &Connection) -> Result<Option<SystemTime>, QueueError> {
 pub fn load_message(conn: &Connection, id: &str) -> Result<Option<StoredMessage>, QueueError> {
     conn.query_row(
         "SELECT id, sender, kind, received_at, eight_bit, smtputf8,
-                delay_warning_sent_at IS NOT NULL, content
+                delay_warning_sent_at IS NOT NULL, content, dsn_ret, dsn_envid
          FROM messages WHERE id = ?1",
         [id],
         |row| {
@@ -228,6 +284,10 @@ pub fn load_message(conn: &Connection, id: &str) -> Result<Option<StoredMessage>
                 smtputf8: row.get(5)?,
                 delay_warning_sent: row.get(6)?,
                 content: row.get(7)?,
+                ret: row
+                    .get::<_, Option<String>>(8)?
+                    .and_then(|r| Ret::parse(&r).ok()),
+                envid: row.get(9)?,
             })
         },
     )
@@ -262,10 +322,11 @@ pub fn waiting_recipients(
     message_id: &str,
 ) -> Result<Vec<ClaimedRecipient>, QueueError> {
     let mut statement = conn
-        .prepare(
-            "SELECT id, message_id, address, original_address, attempts FROM recipients
-             WHERE message_id = ?1 AND status IN ('queued', 'delivering') ORDER BY id",
-        )
+        .prepare(&format!(
+            "SELECT {CLAIMED_COLUMNS} FROM recipients
+             WHERE message_id = ?1 AND status IN ('queued', 'delivering') AND {ROUTED}
+             ORDER BY id"
+        ))
         .map_err(QueueError::sqlite("cannot read recipients"))?;
     let rows = statement
         .query_map([message_id], claimed_from_row)
@@ -306,4 +367,83 @@ pub fn bounce_now(
     remove_if_finished(&tx, message_id)?;
     tx.commit()
         .map_err(QueueError::sqlite("cannot commit bounce"))
+}
+
+/// What [`assign_routes`] changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RouteChanges {
+    /// Recipients queued by petrel 0.1 (no stored route) that got one.
+    pub routed: usize,
+    /// Waiting recipients whose address cannot be parsed: left alone.
+    pub unroutable: Vec<i64>,
+    /// Waiting remote recipients moved between MX and smart host delivery
+    /// because `delivery.smarthost` was set or removed.
+    pub rerouted: usize,
+}
+
+/// Run at start, before delivery: recipients queued by an older petrel get
+/// the route [`routing::route_final`] gives their (final, already expanded)
+/// address, which also repairs mixed-case local addresses stored by 0.1;
+/// waiting remote recipients follow the current smart host setting. Local
+/// routes are never changed: the mailbox was decided at acceptance.
+pub fn assign_routes(conn: &mut Connection, config: &Config) -> Result<RouteChanges, QueueError> {
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(QueueError::sqlite("cannot begin transaction"))?;
+    let mut changes = RouteChanges::default();
+    let legacy: Vec<(i64, String)> = {
+        let mut statement = tx
+            .prepare("SELECT id, address FROM recipients WHERE route IS NULL AND status IN ('queued', 'delivering')")
+            .map_err(QueueError::sqlite("cannot read unrouted recipients"))?;
+        let rows = statement
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .map_err(QueueError::sqlite("cannot read unrouted recipients"))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(QueueError::sqlite("cannot read unrouted recipients"))?
+    };
+    {
+        let mut update = tx
+            .prepare(
+                "UPDATE recipients SET route = ?2, mailbox = ?3, domain = ?4, address = ?5,
+                     original_address = CASE WHEN address != ?5
+                         THEN coalesce(original_address, address) ELSE original_address END
+                 WHERE id = ?1",
+            )
+            .map_err(QueueError::sqlite("cannot prepare route update"))?;
+        for (id, text) in legacy {
+            let Ok(address) = Address::parse(&text) else {
+                changes.unroutable.push(id);
+                continue;
+            };
+            let routed = routing::route_final(config, &address);
+            let mailbox = match &routed.route {
+                Route::Local { mailbox } => Some(mailbox.clone()),
+                _ => None,
+            };
+            update
+                .execute(params![
+                    id,
+                    routed.route.kind(),
+                    mailbox,
+                    routed.domain,
+                    routed.address
+                ])
+                .map_err(QueueError::sqlite("cannot store a route"))?;
+            changes.routed += 1;
+        }
+    }
+    let (from, to) = match routing::remote_route(config, "") {
+        Route::SmartHost => ("mx", "smarthost"),
+        _ => ("smarthost", "mx"),
+    };
+    changes.rerouted = tx
+        .execute(
+            "UPDATE recipients SET route = ?2 WHERE route = ?1 AND status = 'queued'
+               AND domain IS NOT NULL",
+            params![from, to],
+        )
+        .map_err(QueueError::sqlite("cannot re-route remote recipients"))?;
+    tx.commit()
+        .map_err(QueueError::sqlite("cannot commit routes"))?;
+    Ok(changes)
 }

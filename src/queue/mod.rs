@@ -19,6 +19,8 @@ use std::thread::JoinHandle;
 use crossbeam_channel::Sender;
 use rusqlite::Connection;
 
+use crate::protocol::dsn::{Notify, Ret};
+use crate::routing::Route;
 use delivery::{ClaimedRecipient, DeliveryReport};
 pub use id::QueueId;
 pub use schema::SCHEMA_VERSION;
@@ -87,13 +89,23 @@ pub struct NewMessage {
     pub eight_bit: bool,
     pub smtputf8: bool,
     pub kind: MessageKind,
+    /// RFC 3461 RET and ENVID, as the client gave them.
+    pub ret: Option<Ret>,
+    pub envid: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewRecipient {
     pub address: String,
-    /// The RCPT TO address when an alias turned it into `address`.
+    /// The RCPT TO address when an alias (or case) turned it into `address`.
     pub original: Option<String>,
+    /// Decided by [`crate::routing`] when the message was accepted.
+    pub route: Route,
+    /// The recipient's domain, lower case.
+    pub domain: String,
+    /// RFC 3461 NOTIFY as accepted; `None` when not given.
+    pub notify: Option<Notify>,
+    pub orcpt: Option<String>,
 }
 
 /// Counters that show group commit at work.

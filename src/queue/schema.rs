@@ -16,6 +16,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0003_delivery.sql",
         include_str!("../../sql/0003_delivery.sql"),
     ),
+    ("0004_routes.sql", include_str!("../../sql/0004_routes.sql")),
 ];
 
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;

@@ -13,6 +13,7 @@ use rusqlite::{Connection, TransactionBehavior, params};
 
 use super::delivery::{self, ClaimedRecipient, DeliveryReport};
 use super::{NewMessage, QueueError, QueueStats};
+use crate::routing::Route;
 use crate::timefmt::sql_timestamp;
 
 /// Sessions waiting to be committed; beyond this, senders wait, which is
@@ -171,8 +172,8 @@ pub fn insert_message(
     }
     conn.execute(
         "INSERT INTO messages (id, received_at, sender, kind, listener, client_ip, helo, auth_user,
-                               eight_bit, smtputf8, size, content)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                               eight_bit, smtputf8, size, content, dsn_ret, dsn_envid)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
         params![
             id,
             now,
@@ -186,19 +187,36 @@ pub fn insert_message(
             message.smtputf8,
             message.content.len() as i64,
             message.content,
+            message.ret.map(|r| r.as_str()),
+            message.envid,
         ],
     )
     .map_err(QueueError::sqlite(format!("{id}: cannot insert message")))?;
     let mut insert = conn
         .prepare_cached(
             "INSERT INTO recipients (message_id, address, original_address, status,
-                                     next_attempt_at, updated_at)
-             VALUES (?1, ?2, ?3, 'queued', ?4, ?4)",
+                                     next_attempt_at, updated_at, route, mailbox, domain,
+                                     notify, orcpt)
+             VALUES (?1, ?2, ?3, 'queued', ?4, ?4, ?5, ?6, ?7, ?8, ?9)",
         )
         .map_err(QueueError::sqlite("cannot prepare recipient insert"))?;
     for recipient in &message.recipients {
+        let mailbox = match &recipient.route {
+            Route::Local { mailbox } => Some(mailbox.as_str()),
+            _ => None,
+        };
         insert
-            .execute(params![id, recipient.address, recipient.original, now])
+            .execute(params![
+                id,
+                recipient.address,
+                recipient.original,
+                now,
+                recipient.route.kind(),
+                mailbox,
+                recipient.domain,
+                recipient.notify.map(|n| n.to_param()),
+                recipient.orcpt,
+            ])
             .map_err(QueueError::sqlite(format!("{id}: cannot insert recipient")))?;
     }
     Ok(())

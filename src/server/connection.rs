@@ -3,20 +3,20 @@
 //! out its actions (TLS handshake, DATA, queue commit). Policy and protocol
 //! decisions are the session's; this file only does IO.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, SystemTime};
 
-use rustls::{ServerConnection, StreamOwned};
+use rustls::ServerConnection;
 
 use super::ServerContext;
 use super::limits::Permit;
-use crate::protocol::data::{DataDecoder, DataError, Progress};
+use crate::protocol::data::{DataDecoder, DataError, DecodedMessage, Progress};
 use crate::protocol::line::{Line, LineReader};
 use crate::protocol::reply::{self, Reply};
-use crate::protocol::session::{Action, ListenerKind, Session, Step, TlsInfo};
-use crate::queue::NewMessage;
-use crate::tls::{self, ServerTls};
+use crate::protocol::session::{Action, Envelope, ListenerKind, Session, Stamp, Step, TlsInfo};
+use crate::queue::{MessageKind, NewMessage, NewRecipient, QueueId};
+use crate::tls::{ServerTls, Transport};
 
 const READ_BUFFER: usize = 16 * 1024;
 
@@ -28,45 +28,14 @@ pub struct Job {
     pub permit: Permit,
 }
 
-enum Conn {
-    Plain(TcpStream),
-    Tls(Box<StreamOwned<ServerConnection, TcpStream>>),
-}
+/// The client's connection, plain or after STARTTLS / implicit TLS.
+type Conn = Transport<ServerConnection>;
 
-impl Conn {
-    fn tcp(&self) -> &TcpStream {
-        match self {
-            Conn::Plain(tcp) => tcp,
-            Conn::Tls(stream) => &stream.sock,
-        }
-    }
-
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Conn::Plain(tcp) => tcp.read(buf),
-            Conn::Tls(stream) => stream.read(buf),
-        }
-    }
-
-    fn send(&mut self, data: &[u8]) -> io::Result<()> {
-        match self {
-            Conn::Plain(tcp) => tcp.write_all(data),
-            Conn::Tls(stream) => {
-                stream.write_all(data)?;
-                stream.flush()
-            }
-        }
-    }
-
-    fn tls_info(&self) -> Option<TlsInfo> {
-        match self {
-            Conn::Plain(_) => None,
-            Conn::Tls(stream) => Some(TlsInfo {
-                version: tls::version_name(stream.conn.protocol_version()),
-                cipher: tls::cipher_name(stream.conn.negotiated_cipher_suite()),
-            }),
-        }
-    }
+fn tls_info(conn: &Conn) -> Option<TlsInfo> {
+    conn.summary().map(|summary| TlsInfo {
+        version: summary.version,
+        cipher: summary.cipher,
+    })
 }
 
 /// Why a session ended, for the log.
@@ -119,7 +88,7 @@ fn run(
     stream.set_read_timeout(Some(command_timeout))?;
     stream.set_write_timeout(Some(command_timeout))?;
     stream.set_nodelay(true)?;
-    let mut conn = Conn::Plain(stream);
+    let mut conn = Transport::Plain(stream);
     if listener == ListenerKind::Smtps {
         let Some(tls) = &ctx.tls else {
             return Err(io::Error::other(
@@ -128,7 +97,7 @@ fn run(
         };
         conn = start_tls(conn, tls)?;
     }
-    let mut session = Session::new(ctx.session_config(listener), peer.ip(), conn.tls_info());
+    let mut session = Session::new(ctx.session_config(listener), peer.ip(), tls_info(&conn));
     let mut out: Vec<u8> = Vec::new();
     if ctx.is_shutting_down() {
         conn.send(shutting_down_reply(ctx).as_bytes())?;
@@ -237,10 +206,10 @@ fn perform(
                 let Some(tls) = &ctx.tls else {
                     return Err(io::Error::other("STARTTLS accepted without a certificate"));
                 };
-                let placeholder = Conn::Plain(conn.tcp().try_clone()?);
+                let placeholder = Transport::Plain(conn.tcp().try_clone()?);
                 let plain = std::mem::replace(conn, placeholder);
                 *conn = start_tls(plain, tls)?;
-                if let Some(info) = conn.tls_info() {
+                if let Some(info) = tls_info(conn) {
                     session.tls_started(info);
                 }
                 return Ok(None);
@@ -277,7 +246,11 @@ fn perform(
                 if let Err(error) = &received.message {
                     log::info!("{peer}: message refused: {}", error.describe());
                 }
-                session.data_finished(received.message, SystemTime::now())
+                let stamp = Stamp {
+                    id: QueueId::generate().to_string(),
+                    now: SystemTime::now(),
+                };
+                session.data_finished(received.message, stamp)
             }
             Action::Enqueue(message) => {
                 let result = commit(*message, peer, ctx);
@@ -290,7 +263,7 @@ fn perform(
 /// The decoded message (or why it was refused) and the bytes that
 /// followed the terminator, which are the client's next commands.
 struct ReceivedData {
-    message: Result<Vec<u8>, DataError>,
+    message: Result<DecodedMessage, DataError>,
     rest: Vec<u8>,
 }
 
@@ -328,19 +301,45 @@ fn receive_data(
 }
 
 fn start_tls(conn: Conn, tls: &ServerTls) -> io::Result<Conn> {
-    let Conn::Plain(mut tcp) = conn else {
-        return Err(io::Error::other("TLS is already active"));
-    };
-    let mut server = ServerConnection::new(tls.server_config()).map_err(io::Error::other)?;
-    while server.is_handshaking() {
-        server.complete_io(&mut tcp)?;
-    }
-    Ok(Conn::Tls(Box::new(StreamOwned::new(server, tcp))))
+    let server = ServerConnection::new(tls.server_config()).map_err(io::Error::other)?;
+    conn.upgrade(server)
+}
+
+/// The queue's form of a message the session accepted.
+fn queued_form(envelope: Envelope) -> Result<NewMessage, String> {
+    let id = QueueId::parse(&envelope.id).ok_or("the session produced a bad queue id")?;
+    Ok(NewMessage {
+        id,
+        sender: envelope.sender,
+        recipients: envelope
+            .recipients
+            .into_iter()
+            .map(|r| NewRecipient {
+                address: r.target.address,
+                original: r.original,
+                route: r.target.route,
+                domain: r.target.domain,
+                notify: r.notify,
+                orcpt: r.orcpt,
+            })
+            .collect(),
+        content: envelope.content,
+        client_ip: Some(envelope.client_ip),
+        helo: envelope.helo,
+        auth_user: envelope.auth_user,
+        listener: envelope.listener.name().to_string(),
+        eight_bit: envelope.eight_bit,
+        smtputf8: envelope.smtputf8,
+        kind: MessageKind::Normal,
+        ret: envelope.ret,
+        envid: envelope.envid,
+    })
 }
 
 /// Hands the message to the queue writer and logs the outcome; the client
 /// hears 250 only if this returns `Ok`.
-fn commit(message: NewMessage, peer: SocketAddr, ctx: &ServerContext) -> Result<(), String> {
+fn commit(envelope: Envelope, peer: SocketAddr, ctx: &ServerContext) -> Result<(), String> {
+    let message = queued_form(envelope)?;
     let id = message.id.clone();
     let summary = format!(
         "from=<{}>, size={}, nrcpt={}, client={}[{}], listener={}{}, to={}",

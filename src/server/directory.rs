@@ -1,21 +1,20 @@
 //! The session's window on the rest of the server: gathers the facts a
-//! policy decision needs (config, accounts, aliases, the brute-force
-//! limiter) and asks [`crate::policy`] for the verdict.
+//! decision needs (config, accounts, DNS, the brute-force limiter), asks
+//! [`crate::routing`] where a recipient goes and [`crate::policy`] whether
+//! the client may send there.
 
-use std::collections::HashSet;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use crate::auth::{Accounts, AuthLimiter, FailureOutcome, password};
 use crate::config::Config;
-use crate::dns::Dns;
+use crate::dns::{Dns, DnsFailure};
+use crate::policy::outbound::{OutboundPolicy, assigned_here};
 use crate::policy::{self, DomainStatus, RecipientDecision, RecipientFacts, SenderFacts};
-use crate::protocol::address::{Address, ReversePath};
+use crate::protocol::address::{Address, Domain, ReversePath};
 use crate::protocol::reply::{self, Reply};
-use crate::protocol::session::{AuthVerdict, ClientView, Services};
-
-/// Alias chains longer than this are cut (and the last address used as is).
-const MAX_ALIAS_DEPTH: usize = 10;
+use crate::protocol::session::{AuthVerdict, ClientView, SenderStanding, Services};
+use crate::routing::{self, Route, RouteError, Routed};
 
 pub struct Directory {
     config: Arc<Config>,
@@ -23,37 +22,61 @@ pub struct Directory {
     limiter: AuthLimiter,
     /// Address verification; without it domains are not checked.
     dns: Option<Arc<Dns>>,
+    /// Where delivery may connect: a domain whose mail hosts are all
+    /// outside it can never be delivered to, nor receive a bounce.
+    outbound: OutboundPolicy,
 }
 
 impl Directory {
-    pub fn new(config: Arc<Config>, accounts: Accounts, dns: Option<Arc<Dns>>) -> Directory {
+    pub fn new(
+        config: Arc<Config>,
+        accounts: Accounts,
+        dns: Option<Arc<Dns>>,
+        outbound: OutboundPolicy,
+    ) -> Directory {
         let limiter = AuthLimiter::new(&config.auth);
         Directory {
             config,
             accounts,
             limiter,
             dns,
+            outbound,
         }
     }
 
-    fn domain_status(&self, address: &Address) -> DomainStatus {
-        if address.domain().literal_ip().is_some() {
-            return DomainStatus::Exists;
+    /// Does the domain accept mail, and (when `reachable` matters: MX
+    /// delivery, bounces) is one of its mail hosts at an address delivery
+    /// may connect to? An address literal is judged by the same rule.
+    fn domain_status(&self, domain: &Domain, reachable: bool) -> DomainStatus {
+        let port = self.config.delivery.port;
+        let allowed = |ip: &IpAddr| {
+            !reachable
+                || self
+                    .outbound
+                    .check(SocketAddr::new(*ip, port), assigned_here)
+                    .is_ok()
+        };
+        if let Some(ip) = domain.literal_ip() {
+            return if allowed(&ip) {
+                DomainStatus::Exists
+            } else {
+                DomainStatus::Unreachable
+            };
         }
-        match &self.dns {
-            Some(dns) => dns.domain_status(address.domain().as_str()),
-            None => DomainStatus::NotChecked,
+        let Some(dns) = &self.dns else {
+            return DomainStatus::NotChecked;
+        };
+        match dns.mail_addresses(domain.as_str()) {
+            Ok(addresses) if addresses.iter().any(allowed) => DomainStatus::Exists,
+            Ok(_) => DomainStatus::Unreachable,
+            Err(DnsFailure::NoSuchDomain | DnsFailure::NoMailHosts) => DomainStatus::DoesNotExist,
+            Err(DnsFailure::NullMx) => DomainStatus::NullMx,
+            Err(DnsFailure::Temporary(_)) => DomainStatus::TemporaryFailure,
         }
     }
 
     pub fn accounts(&self) -> &Accounts {
         &self.accounts
-    }
-
-    /// The final addresses a local alias leads to, or `None` when the
-    /// address is not an alias.
-    pub fn expand_alias(&self, address: &Address) -> Option<Vec<Address>> {
-        expand_alias(&self.config, address)
     }
 
     fn local_error(&self, what: &str, error: impl std::fmt::Display) -> Reply {
@@ -62,41 +85,6 @@ impl Directory {
             reply::LOCAL_ERROR,
             "Local error in processing, try again later",
         )
-    }
-}
-
-/// Recursive alias expansion. An address met again on its own chain is a
-/// mailbox, so `"alice" = ["alice", "archive"]` delivers to both.
-pub fn expand_alias(config: &Config, address: &Address) -> Option<Vec<Address>> {
-    config.aliases.get(&address.lookup_key())?;
-    let mut seen = HashSet::new();
-    let mut out = Vec::new();
-    expand_into(config, address, 0, &mut seen, &mut out);
-    Some(out)
-}
-
-fn expand_into(
-    config: &Config,
-    address: &Address,
-    depth: usize,
-    seen: &mut HashSet<String>,
-    out: &mut Vec<Address>,
-) {
-    let key = address.lookup_key();
-    let targets = config.aliases.get(&key);
-    match targets {
-        Some(targets) if depth < MAX_ALIAS_DEPTH && seen.insert(key) => {
-            for target in targets.as_slice() {
-                if let Ok(target) = Address::parse(target) {
-                    expand_into(config, &target, depth + 1, seen, out);
-                }
-            }
-        }
-        _ => {
-            if !out.contains(address) {
-                out.push(address.clone());
-            }
-        }
     }
 }
 
@@ -109,7 +97,7 @@ pub fn deliverability_warnings(
 ) -> Vec<String> {
     let mut warnings = Vec::new();
     let deliverable = |address: &Address| {
-        let key = address.lookup_key();
+        let key = address.mailbox_key();
         config.aliases.contains_key(&key) || account_exists(&key)
     };
     for domain in &config.domains.local {
@@ -126,26 +114,42 @@ pub fn deliverability_warnings(
         let Ok(address) = Address::parse(alias) else {
             continue;
         };
-        for target in expand_alias(config, &address).unwrap_or_default() {
-            if config.is_local_domain(target.domain()) && !account_exists(&target.lookup_key()) {
-                warnings.push(format!(
-                    "alias {alias} leads to {target}, which is not an account; mail to it would bounce"
-                ));
+        match routing::expand_alias(config, &address) {
+            Ok(targets) => {
+                for target in targets.unwrap_or_default() {
+                    if let Route::Local { mailbox } = routing::route_final(config, &target).route
+                        && !account_exists(&mailbox)
+                    {
+                        warnings.push(format!(
+                            "alias {alias} leads to {target}, which is not an account; \
+                             that target is skipped"
+                        ));
+                    }
+                }
             }
+            Err(error) => warnings.push(format!(
+                "alias {alias} cannot be expanded ({error:?}); mail to it is refused"
+            )),
         }
     }
     warnings
 }
 
 impl Services for Directory {
-    fn check_sender(&self, client: &ClientView, sender: &ReversePath) -> Result<(), Reply> {
+    fn check_sender(
+        &self,
+        client: &ClientView,
+        sender: &ReversePath,
+    ) -> Result<SenderStanding, Reply> {
         let address = sender.address();
+        let trusted_network = self.config.relay.is_trusted(client.ip);
         let owned_by_user = match (client.user, address) {
             (Some(user), Some(address)) => {
-                address.lookup_key() == user
-                    || self
-                        .expand_alias(address)
-                        .is_some_and(|targets| targets.iter().any(|t| t.lookup_key() == user))
+                address.mailbox_key() == user
+                    || routing::expand_alias(&self.config, address)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|targets| targets.iter().any(|t| t.mailbox_key() == user))
             }
             _ => false,
         };
@@ -154,34 +158,45 @@ impl Services for Directory {
             authenticated_as: client.user.map(str::to_string),
             owned_by_user,
             login_must_match: self.config.auth.sender_login_match,
-            trusted_network: self.config.relay.is_trusted(client.ip),
+            trusted_network,
             local_domain: address.is_some_and(|a| self.config.is_local_domain(a.domain())),
             domain: DomainStatus::NotChecked,
         };
         if let Some(address) = address
             && policy::sender_needs_dns(&facts)
         {
-            facts.domain = self.domain_status(address);
+            // Bounces go to the sender: it must be a place we could deliver to.
+            facts.domain = self.domain_status(address.domain(), true);
         }
-        policy::decide_sender(&facts)
+        policy::decide_sender(&facts)?;
+        Ok(SenderStanding {
+            accountable: client.user.is_some() || trusted_network,
+        })
     }
 
     fn check_recipient(
         &self,
         client: &ClientView,
         recipient: &Address,
-    ) -> Result<Vec<Address>, Reply> {
-        let local_domain = self.config.is_local_domain(recipient.domain());
-        let mut aliases = None;
-        let mut mailbox_exists = false;
-        if local_domain {
-            aliases = self.expand_alias(recipient);
-            mailbox_exists = aliases.is_some()
-                || match self.accounts.exists(&recipient.lookup_key()) {
-                    Ok(exists) => exists,
-                    Err(error) => return Err(self.local_error("recipient lookup", error)),
-                };
-        }
+    ) -> Result<Vec<Routed>, Reply> {
+        let resolution = routing::resolve(&self.config, &self.accounts, recipient);
+        let (local_domain, mailbox_exists) = match &resolution {
+            Ok(resolution) => (resolution.local_domain, resolution.local_domain),
+            Err(RouteError::NoSuchMailbox) => (true, false),
+            Err(RouteError::Unavailable(error)) => {
+                return Err(self.local_error("recipient lookup", error));
+            }
+            Err(RouteError::AliasTooDeep | RouteError::TooManyTargets) => {
+                log::error!(
+                    "alias {} cannot be expanded ({resolution:?}); fix [aliases]",
+                    recipient.mailbox_key()
+                );
+                return Err(Reply::new(
+                    reply::ALIAS_LOOP,
+                    "Recipient address rejected: alias expansion failed (loop or too many targets)",
+                ));
+            }
+        };
         let mut facts = RecipientFacts {
             local_domain,
             mailbox_exists,
@@ -190,14 +205,24 @@ impl Services for Directory {
             domain: DomainStatus::NotChecked,
         };
         if policy::recipient_needs_dns(&facts) {
-            facts.domain = self.domain_status(recipient);
+            let by_mx = matches!(
+                routing::remote_route(&self.config, ""),
+                Route::Remote { .. }
+            );
+            facts.domain = self.domain_status(recipient.domain(), by_mx);
         }
-        match policy::decide_recipient(&facts) {
-            RecipientDecision::DeliverLocally => {
-                Ok(aliases.unwrap_or_else(|| vec![recipient.clone()]))
+        match (policy::decide_recipient(&facts), resolution) {
+            (RecipientDecision::Refuse(reply), _) => Err(reply),
+            (_, Ok(resolution)) => {
+                for skipped in &resolution.skipped {
+                    log::warn!(
+                        "alias {}: target {skipped} is not an account; skipped (fix [aliases])",
+                        recipient.mailbox_key()
+                    );
+                }
+                Ok(resolution.targets)
             }
-            RecipientDecision::Relay => Ok(vec![recipient.clone()]),
-            RecipientDecision::Refuse(reply) => Err(reply),
+            (_, Err(error)) => Err(self.local_error("recipient routing", format!("{error:?}"))),
         }
     }
 
@@ -205,7 +230,7 @@ impl Services for Directory {
         if self.limiter.is_locked_out(ip) {
             return AuthVerdict::LockedOut;
         }
-        let key = Address::parse(username).map(|a| a.lookup_key()).ok();
+        let key = Address::parse(username).map(|a| a.mailbox_key()).ok();
         let stored = match &key {
             Some(key) => match self.accounts.password_hash(key) {
                 Ok(stored) => stored,
@@ -256,37 +281,6 @@ mod tests {
         .unwrap()
     }
 
-    fn expand(config: &Config, address: &str) -> Option<Vec<String>> {
-        expand_alias(config, &Address::parse(address).unwrap())
-            .map(|list| list.iter().map(ToString::to_string).collect())
-    }
-
-    #[test]
-    fn aliases_expand_recursively_without_loops() {
-        let config = config_with(
-            r#"
-"postmaster@example.com" = "abuse@example.com"
-"abuse@example.com" = ["alice@example.com", "bob@elsewhere.org"]
-"alice@example.com" = ["alice@example.com", "archive@example.com"]
-"loop1@example.com" = "loop2@example.com"
-"loop2@example.com" = "loop1@example.com"
-"#,
-        );
-        assert_eq!(
-            expand(&config, "Postmaster@EXAMPLE.com"),
-            Some(vec![
-                "alice@example.com".into(),
-                "archive@example.com".into(),
-                "bob@elsewhere.org".into()
-            ])
-        );
-        assert_eq!(
-            expand(&config, "loop1@example.com"),
-            Some(vec!["loop1@example.com".into()])
-        );
-        assert_eq!(expand(&config, "carol@example.com"), None);
-    }
-
     #[test]
     fn warnings_for_undeliverable_postmaster_and_aliases() {
         let config =
@@ -295,7 +289,7 @@ mod tests {
         assert_eq!(warnings.len(), 2, "{warnings:?}");
         assert!(warnings[0].contains("postmaster@example.com"));
         assert!(warnings[1].contains("ghost@example.com"));
-        let fixed = config_with("\"postmaster@example.com\" = \"alice@example.com\"\n");
+        let fixed = config_with("\"postmaster@example.com\" = \"Alice@example.com\"\n");
         assert!(deliverability_warnings(&fixed, |a| a == "alice@example.com").is_empty());
     }
 }

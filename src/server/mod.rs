@@ -134,6 +134,44 @@ fn session_config(config: &Config, listener: ListenerKind, tls_available: bool) 
             .local
             .first()
             .and_then(|domain| Address::parse(&format!("postmaster@{domain}")).ok()),
+        max_header_size: config.limits.max_header_size.bytes(),
+        max_hops: config.limits.max_hops,
+    }
+}
+
+/// Listening sockets, bound before anything else starts, so the addresses
+/// they got are known (delivery must never connect back to them).
+pub struct Bound {
+    listeners: Vec<(ListenerKind, TcpListener)>,
+}
+
+impl Bound {
+    /// Binds every configured listener, failing if any cannot be bound.
+    pub fn bind(config: &Config, tls_available: bool) -> Result<Bound, StartError> {
+        let mut listeners = Vec::new();
+        for (kind, addresses) in [
+            (ListenerKind::Smtp, &config.smtp.listen),
+            (ListenerKind::Submission, &config.submission.listen),
+            (ListenerKind::Smtps, &config.smtps.listen),
+        ] {
+            if kind == ListenerKind::Smtps && !tls_available && !addresses.is_empty() {
+                return Err(StartError("smtps needs a TLS certificate".into()));
+            }
+            for address in addresses {
+                let listener = bind(*address).map_err(|e| {
+                    StartError(format!("cannot listen on {address} ({}): {e}", kind.name()))
+                })?;
+                listeners.push((kind, listener));
+            }
+        }
+        Ok(Bound { listeners })
+    }
+
+    pub fn addresses(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|(_, listener)| listener.local_addr().ok())
+            .collect()
     }
 }
 
@@ -157,24 +195,19 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds every configured listener (failing if any cannot be bound)
-    /// and starts the acceptors and workers.
-    pub fn start(config: Arc<Config>, parts: ServerParts) -> Result<Server, StartError> {
-        let mut bound = Vec::new();
-        for (kind, addresses) in [
-            (ListenerKind::Smtp, &config.smtp.listen),
-            (ListenerKind::Submission, &config.submission.listen),
-            (ListenerKind::Smtps, &config.smtps.listen),
-        ] {
-            if kind == ListenerKind::Smtps && parts.tls.is_none() && !addresses.is_empty() {
-                return Err(StartError("smtps needs a TLS certificate".into()));
-            }
-            for address in addresses {
-                let listener = bind(*address).map_err(|e| {
-                    StartError(format!("cannot listen on {address} ({}): {e}", kind.name()))
-                })?;
-                bound.push((kind, listener));
-            }
+    /// Starts the acceptors and workers on listeners already bound.
+    pub fn start(
+        config: Arc<Config>,
+        bound: Bound,
+        parts: ServerParts,
+    ) -> Result<Server, StartError> {
+        if parts.tls.is_none()
+            && bound
+                .listeners
+                .iter()
+                .any(|(k, _)| *k == ListenerKind::Smtps)
+        {
+            return Err(StartError("smtps needs a TLS certificate".into()));
         }
 
         let tls_available = parts.tls.is_some();
@@ -214,7 +247,7 @@ impl Server {
         let limits = ConnectionLimits::new(max_sessions, config.limits.max_sessions_per_ip);
         let mut listeners = Vec::new();
         let mut acceptors = Vec::new();
-        for (kind, listener) in bound {
+        for (kind, listener) in bound.listeners {
             let address = listener
                 .local_addr()
                 .map_err(|e| StartError(format!("cannot read listen address: {e}")))?;

@@ -6,6 +6,9 @@
 //! Never falls back to anything older than TLS 1.2.
 
 pub mod client;
+mod stream;
+
+pub use stream::{TlsSummary, Transport};
 
 use std::fs;
 use std::io::Write as _;

@@ -8,7 +8,7 @@ pub mod dns;
 pub mod serving;
 pub mod sink;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -34,11 +34,16 @@ fn password_hash() -> &'static str {
     HASH.get_or_init(|| petrel::auth::password::hash(PASSWORD).unwrap())
 }
 
-/// Creates accounts in a data dir's queue database (as `petrel user add` does).
+/// Creates accounts in a data dir's queue database (as `petrel user add`
+/// does); accounts that exist already are left as they are.
 pub fn add_accounts(data_dir: &Path, addresses: &[&str]) {
+    use petrel::auth::accounts::{self, AccountError};
     let conn = petrel::queue::open_direct(data_dir).unwrap();
     for address in addresses {
-        petrel::auth::accounts::add(&conn, address, password_hash()).unwrap();
+        match accounts::add(&conn, address, password_hash()) {
+            Ok(()) | Err(AccountError::AlreadyExists(_)) => {}
+            Err(error) => panic!("cannot add {address}: {error}"),
+        }
     }
 }
 
@@ -54,6 +59,8 @@ pub fn test_config(dir: &Path) -> Config {
     config.submission.listen = vec![any_port];
     config.smtps.listen = vec![any_port];
     config.domains.local = vec!["localhost".into(), "example.test".into()];
+    // Every test host lives on loopback, which delivery refuses by default.
+    config.delivery.allowed_networks = vec!["127.0.0.0/8".parse().unwrap()];
     config
 }
 
@@ -225,43 +232,7 @@ pub fn queue_id_from(text: &str) -> String {
     text.rsplit(' ').next().unwrap().trim().to_string()
 }
 
-enum Transport {
-    Plain(TcpStream),
-    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
-}
-
-impl Transport {
-    fn tcp(&self) -> &TcpStream {
-        match self {
-            Transport::Plain(tcp) => tcp,
-            Transport::Tls(tls) => &tls.sock,
-        }
-    }
-}
-
-impl Read for Transport {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Transport::Plain(tcp) => tcp.read(buf),
-            Transport::Tls(tls) => tls.read(buf),
-        }
-    }
-}
-
-impl Write for Transport {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            Transport::Plain(tcp) => tcp.write(buf),
-            Transport::Tls(tls) => tls.write(buf),
-        }
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            Transport::Plain(tcp) => tcp.flush(),
-            Transport::Tls(tls) => tls.flush(),
-        }
-    }
-}
+type Transport = petrel::tls::Transport<rustls::ClientConnection>;
 
 /// A bare SMTP client over TCP, optionally upgraded to TLS.
 pub struct RawClient {
@@ -340,21 +311,16 @@ impl RawClient {
         let config = client_tls_config(trust);
         let name = rustls::pki_types::ServerName::try_from("mx.test").unwrap();
         let connection = rustls::ClientConnection::new(config, name).unwrap();
-        let tcp = self.transport.tcp().try_clone().unwrap();
-        let mut stream = rustls::StreamOwned::new(connection, tcp);
-        while stream.conn.is_handshaking() {
-            stream.conn.complete_io(&mut stream.sock)?;
-        }
-        self.transport = Transport::Tls(Box::new(stream));
+        let placeholder = Transport::Plain(self.transport.tcp().try_clone().unwrap());
+        let plain = std::mem::replace(&mut self.transport, placeholder);
+        self.transport = plain.upgrade(connection)?;
         Ok(())
     }
 
     /// The DER certificate the server presented.
     pub fn peer_certificate(&self) -> Vec<u8> {
-        match &self.transport {
-            Transport::Tls(tls) => tls.conn.peer_certificates().expect("certificate")[0].to_vec(),
-            Transport::Plain(_) => panic!("not in TLS"),
-        }
+        let tls = self.transport.tls().expect("in TLS");
+        tls.peer_certificates().expect("certificate")[0].to_vec()
     }
 
     /// STARTTLS, then the handshake; the caller must EHLO again.
@@ -365,15 +331,11 @@ impl RawClient {
     }
 
     pub fn tls_version(&self) -> Option<rustls::ProtocolVersion> {
-        match &self.transport {
-            Transport::Tls(tls) => tls.conn.protocol_version(),
-            Transport::Plain(_) => None,
-        }
+        self.transport.tls().and_then(|tls| tls.protocol_version())
     }
 
     pub fn send_raw(&mut self, bytes: &[u8]) {
-        self.transport.write_all(bytes).expect("write");
-        self.transport.flush().expect("flush");
+        self.transport.send(bytes).expect("write");
     }
 
     pub fn send(&mut self, line: &str) {

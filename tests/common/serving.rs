@@ -11,9 +11,16 @@ use std::time::Instant;
 use super::WAIT;
 
 /// A config file in `dir` with every listener on a free port, data in
-/// `dir/data`, and `extra` appended.
+/// `dir/data`, and `extra` appended. Delivery may reach loopback, where
+/// every test peer lives (in `extra`'s own `[delivery]` table if it has one).
 pub fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
     let path = dir.join("petrel.toml");
+    let loopback = "allowed_networks = [\"127.0.0.0/8\"]\n";
+    let extra = if extra.contains("[delivery]\n") {
+        extra.replace("[delivery]\n", &format!("[delivery]\n{loopback}"))
+    } else {
+        format!("{extra}\n[delivery]\n{loopback}")
+    };
     let text = format!(
         "hostname = \"mx.test\"\ndata_dir = \"{}\"\n\
          [smtp]\nlisten = [\"127.0.0.1:0\"]\n\

@@ -1,6 +1,9 @@
 //! Who may send what to whom: the relay and sender decisions as pure
-//! functions of facts gathered elsewhere. No lookups happen here, so every
-//! rule is a row in a table test.
+//! functions of facts gathered elsewhere, and ([`outbound`]) which hosts
+//! delivery may connect to. No lookups happen here, so every rule is a row
+//! in a table test.
+
+pub mod outbound;
 
 use crate::protocol::reply::{self, Reply};
 
@@ -29,6 +32,9 @@ pub enum DomainStatus {
     DoesNotExist,
     /// RFC 7505 null MX: the domain accepts no mail.
     NullMx,
+    /// Every mail host of the domain is at an address delivery may not
+    /// connect to ([`outbound`]): mail to it could never be delivered.
+    Unreachable,
     /// SERVFAIL or timeout: ask the client to try again later.
     TemporaryFailure,
 }
@@ -75,6 +81,11 @@ pub fn decide_recipient(facts: &RecipientFacts) -> RecipientDecision {
         DomainStatus::NullMx => Refuse(Reply::new(
             reply::DOMAIN_ACCEPTS_NO_MAIL,
             "Recipient address rejected: domain does not accept mail (null MX)",
+        )),
+        DomainStatus::Unreachable => Refuse(Reply::new(
+            reply::DESTINATION_NOT_ALLOWED,
+            "Recipient address rejected: its mail servers are at private or reserved \
+             addresses this server does not deliver to",
         )),
         DomainStatus::TemporaryFailure => Refuse(Reply::new(
             reply::DNS_TEMPORARY_FAILURE,
@@ -128,6 +139,11 @@ pub fn decide_sender(facts: &SenderFacts) -> Result<(), Reply> {
             reply::SENDER_DOMAIN_UNKNOWN,
             "Sender address rejected: domain accepts no mail (null MX), so it cannot receive replies",
         )),
+        DomainStatus::Unreachable => Err(Reply::new(
+            reply::SENDER_DOMAIN_UNKNOWN,
+            "Sender address rejected: its mail servers are at private or reserved addresses, \
+             so it cannot receive replies",
+        )),
         DomainStatus::TemporaryFailure => Err(Reply::new(
             reply::DNS_TEMPORARY_FAILURE,
             "Sender domain lookup failed temporarily, try again later",
@@ -178,6 +194,7 @@ mod tests {
             ((false, false, true, false, DoesNotExist), 550, false),
             ((false, false, false, true, NullMx), 556, false),
             ((false, false, true, false, TemporaryFailure), 451, false),
+            ((false, false, true, false, Unreachable), 550, false),
         ];
         for ((local, exists, auth, trusted, dns), code, relayed) in table {
             let f = facts(local, exists, auth, trusted, dns);
@@ -239,6 +256,7 @@ mod tests {
             (sender(None, false, false, false, DoesNotExist), 553),
             (sender(None, false, false, false, NullMx), 553),
             (sender(None, false, false, false, TemporaryFailure), 451),
+            (sender(None, false, false, false, Unreachable), 553),
             (sender(None, false, true, false, NotChecked), 0),
         ];
         for (facts, code) in table {

@@ -1,0 +1,73 @@
+//! Upgrades keep mail: a queue database written by petrel 0.1 (schema 3,
+//! made by tests/fixtures/make-queue-v3.sh with the 0.1 binary) is migrated
+//! when this petrel opens it, its recipients get their routes, and every
+//! message in it is delivered, including the mixed-case local recipient
+//! 0.1 would have bounced and the deliveries 0.1 had in flight when it died.
+
+mod common;
+
+use std::path::Path;
+
+use common::sink::Sink;
+use common::*;
+
+const FIXTURE: &str = include_str!("fixtures/queue-v3.sql");
+
+fn maildir_count(data_dir: &Path, local: &str) -> usize {
+    std::fs::read_dir(data_dir.join("mail/example.test").join(local).join("new"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_queue_from_the_previous_release_is_upgraded_and_delivered() {
+    let sink = Sink::start("accept", 0);
+    let port = sink.port;
+    let dns = standard_dns();
+    dns.mx("tarpit.example", 10, "mx.tarpit.example")
+        .a("mx.tarpit.example", "127.0.0.1");
+    let server = TestServer::start_delivering(dns, |config| {
+        config.domains.local = vec!["example.test".into()];
+        config.delivery.port = port;
+        // The old database, as 0.1 left it, where this petrel will look.
+        std::fs::create_dir_all(&config.data_dir).unwrap();
+        let old = rusqlite::Connection::open(config.data_dir.join("queue.db")).unwrap();
+        old.execute_batch(FIXTURE).unwrap();
+        let version: u32 = old
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 3, "the fixture is a 0.1 database");
+    });
+    let data_dir = server.instance().config().data_dir.clone();
+
+    sink.wait_for_messages(7);
+    wait_for("alice's two and carol's one", || {
+        maildir_count(&data_dir, "alice") == 2 && maildir_count(&data_dir, "carol") == 1
+    });
+    // A bounce would be queued with the failure and leave only once sent.
+    wait_for("the queue to empty", || server.message_count() == 0);
+    let received = sink.messages();
+    assert!(received.iter().all(|m| m.mail_from != "<>"), "no bounces");
+    assert_eq!(maildir_count(&data_dir, "alice"), 2);
+    assert_eq!(maildir_count(&data_dir, "ALICE"), 0);
+
+    let mut remote: Vec<String> = received.iter().flat_map(|m| m.rcpt_to.clone()).collect();
+    remote.sort();
+    assert_eq!(
+        remote,
+        vec![
+            "bob@elsewhere.example",
+            "bob@elsewhere.example",
+            "x1@tarpit.example",
+            "x2@tarpit.example",
+            "x3@tarpit.example",
+            "x4@tarpit.example",
+            "x5@tarpit.example",
+        ]
+    );
+    let db = server.db();
+    let version: u32 = db
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, petrel::queue::SCHEMA_VERSION);
+}
