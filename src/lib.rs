@@ -21,6 +21,7 @@ pub mod dns;
 mod error;
 pub mod instance;
 pub mod policy;
+pub mod printable;
 pub mod protocol;
 pub mod queue;
 pub mod routing;

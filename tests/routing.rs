@@ -448,3 +448,88 @@ fn mail_that_would_loop_back_to_ourselves_bounces_at_once() {
     assert!(bounce.contains("Status: 5.4.6"), "{bounce}");
     assert!(bounce.contains("loops back to myself"), "{bounce}");
 }
+
+/// The two cases of the report, against the real binary (`petrel serve`):
+/// ALICE@ is delivered to alice, 60 hops are refused and logged.
+#[test]
+fn against_petrel_serve_alice_is_delivered_and_sixty_hops_refused() {
+    use common::serving::{Serving, petrel, write_config};
+    let dns = standard_dns();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[domains]\nlocal = [\"example.test\"]\n[dns]\nnameservers = [\"{}\"]\n",
+            dns.addr
+        ),
+    );
+    let status = petrel()
+        .args([
+            "-c",
+            config.to_str().unwrap(),
+            "user",
+            "add",
+            "alice@example.test",
+        ])
+        .arg("--password-stdin")
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write as _;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(b"Quiet-Lantern-42!\n")?;
+            child.wait()
+        })
+        .unwrap();
+    assert!(status.success());
+    let mut serving = Serving::start(&config);
+    let smtp = serving.listen_address("smtp");
+
+    let mut client = RawClient::greeted(smtp);
+    let reply = client.send_message(
+        "victim@example.org",
+        &["ALICE@example.test"],
+        b"Subject: mixed case\r\n\r\nhello\r\n",
+    );
+    assert_eq!(reply.code, 250, "{reply:?}");
+    let id = queue_id_from(&reply.text());
+    let line = serving.wait_for_log(&format!("{id}: to=<alice@example.test>"));
+    assert!(line.contains("orig_to=<ALICE@example.test>"), "{line}");
+    assert!(line.contains("status=sent"), "{line}");
+
+    let hops = "Received: from somewhere\r\n".repeat(60) + "Subject: loop\r\n\r\nbody\r\n";
+    let reply = client.send_transaction(
+        "victim@example.org",
+        &["alice@example.test"],
+        hops.as_bytes(),
+    );
+    assert_eq!(reply.code, 554, "{reply:?}");
+    let line = serving.wait_for_log("NOQUEUE: reject: END-OF-MESSAGE");
+    assert!(
+        line.contains("from unknown[127.0.0.1]: 554 5.4.6 Too many hops (60 Received headers"),
+        "{line}"
+    );
+    assert!(
+        line.contains("from=<victim@example.org> to=<alice@example.test>"),
+        "{line}"
+    );
+    let reply = client.command("RCPT TO:<nobody@example.test>");
+    assert_eq!(reply.code, 503, "no transaction after the refusal");
+    client.command("MAIL FROM:<victim@example.org>");
+    assert_eq!(client.command("RCPT TO:<nobody@example.test>").code, 550);
+    let line = serving.wait_for_log("NOQUEUE: reject: RCPT");
+    assert!(line.contains("550 5.1.1"), "{line}");
+    client.command("QUIT");
+    let (code, log) = serving.terminate();
+    assert_eq!(code, 0);
+    let bounces = log
+        .iter()
+        .filter(|l| l.contains("non-delivery notification"))
+        .count();
+    assert_eq!(bounces, 0, "{}", log.join("\n"));
+    let data_dir = dir.path().join("data");
+    assert_eq!(maildir_count(&data_dir, "example.test", "alice"), 1);
+}

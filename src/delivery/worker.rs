@@ -15,6 +15,7 @@ use super::outcome::{self, Attempt, Stage, Verdict};
 use super::remote::{self, Envelope, RemoteRecipient};
 use super::{DeliveryContext, Destination, Job, Waker, maildir};
 use crate::config::Config;
+use crate::printable::escape;
 use crate::queue::QueueError;
 use crate::queue::delivery::{
     self, ClaimedRecipient, DeliveryReport, RecipientStatus, RecipientUpdate, StoredMessage,
@@ -236,15 +237,15 @@ pub fn settle(
         let original = recipient
             .original
             .as_deref()
-            .map(|o| format!(", orig_to=<{o}>"))
+            .map(|o| format!(", orig_to=<{}>", escape(o)))
             .unwrap_or_default();
         log::info!(
             "{}: to=<{}>{original}, relay={}, delay={}, attempt={attempt_number}, status={word} ({})",
             message.id,
-            recipient.address,
-            relay.unwrap_or("none"),
+            escape(&recipient.address),
+            escape(relay.unwrap_or("none")),
             short_duration(age),
-            reply
+            escape(&reply)
         );
         updates.push(RecipientUpdate {
             recipient_id: recipient.id,

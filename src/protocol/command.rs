@@ -39,6 +39,15 @@ pub enum ForwardPath {
     Mailbox(Address),
 }
 
+impl std::fmt::Display for ForwardPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ForwardPath::Postmaster => f.write_str("Postmaster"),
+            ForwardPath::Mailbox(address) => address.fmt(f),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BodyType {
     #[default]

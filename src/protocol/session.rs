@@ -137,6 +137,21 @@ pub struct Step {
     pub action: Action,
     /// Wait this long before sending the replies (slows password guessing).
     pub delay: Option<Duration>,
+    /// A mail transaction command was refused: the connection logs it.
+    pub rejected: Option<Rejection>,
+}
+
+/// A refused MAIL, RCPT, DATA or message, with what the log line needs
+/// (Postfix's "NOQUEUE: reject: RCPT from ...", which fail2ban reads).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// "MAIL", "RCPT", "DATA" or "END-OF-MESSAGE".
+    pub stage: &'static str,
+    pub reply: Reply,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub helo: Option<String>,
+    pub esmtp: bool,
 }
 
 impl Step {
@@ -145,6 +160,7 @@ impl Step {
             replies: vec![reply],
             action: Action::Continue,
             delay: None,
+            rejected: None,
         }
     }
 
@@ -158,6 +174,7 @@ impl Step {
             replies: Vec::new(),
             action,
             delay: None,
+            rejected: None,
         }
     }
 }
@@ -312,6 +329,45 @@ impl Session {
             Ok(command) => command,
             Err(error) => return Step::reply(error.reply()),
         };
+        let (stage, from, to) = match &command {
+            Command::Mail { from, .. } => (Some("MAIL"), Some(from.to_string()), None),
+            Command::Rcpt { to, .. } => (Some("RCPT"), None, Some(to.to_string())),
+            Command::Data => (Some("DATA"), None, None),
+            _ => (None, None, None),
+        };
+        let from = from.or_else(|| self.transaction.as_ref().map(|t| t.sender.to_string()));
+        let step = self.run_command(command, services);
+        match stage {
+            Some(stage) => self.note_rejection(step, stage, from, to),
+            None => step,
+        }
+    }
+
+    /// Marks a refused transaction command for the log.
+    fn note_rejection(
+        &self,
+        mut step: Step,
+        stage: &'static str,
+        from: Option<String>,
+        to: Option<String>,
+    ) -> Step {
+        // Policy refusals (4xx, 55x), not syntax or sequence errors (50x),
+        // as Postfix logs them.
+        let refusal = |r: &&Reply| (400..500).contains(&r.code()) || r.code() >= 550;
+        if let Some(reply) = step.replies.first().filter(refusal) {
+            step.rejected = Some(Rejection {
+                stage,
+                reply: reply.clone(),
+                from,
+                to,
+                helo: self.helo.clone(),
+                esmtp: self.esmtp,
+            });
+        }
+        step
+    }
+
+    fn run_command(&mut self, command: Command, services: &dyn Services) -> Step {
         match command {
             Command::Ehlo(name) => self.ehlo(name, true),
             Command::Helo(name) => self.ehlo(name, false),
@@ -530,6 +586,21 @@ impl Session {
         let Some(transaction) = self.transaction.take() else {
             return Step::reply(Reply::new(reply::BAD_SEQUENCE, "No transaction"));
         };
+        let from = Some(transaction.sender.to_string());
+        let to = transaction
+            .recipients
+            .first()
+            .map(|r| r.envelope.to_string());
+        let step = self.finish_message(transaction, result, stamp);
+        self.note_rejection(step, "END-OF-MESSAGE", from, to)
+    }
+
+    fn finish_message(
+        &mut self,
+        transaction: Transaction,
+        result: Result<DecodedMessage, DataError>,
+        stamp: Stamp,
+    ) -> Step {
         let message = match result {
             Ok(message) => message,
             Err(DataError::TooLarge) => {
@@ -1117,7 +1188,15 @@ mod tests {
         let mut s = session();
         code(&mut s, "EHLO c");
         code(&mut s, "MAIL FROM:<a@example.org>");
-        assert_eq!(code(&mut s, "RCPT TO:<x@elsewhere.example>"), 554);
+        let step = s.handle_line(b"RCPT TO:<x@elsewhere.example>", &FakeServices);
+        assert_eq!(step.replies[0].code(), 554);
+        let rejected = step.rejected.expect("refusals are marked for the log");
+        assert_eq!(rejected.stage, "RCPT");
+        assert_eq!(rejected.from.as_deref(), Some("a@example.org"));
+        assert_eq!(rejected.to.as_deref(), Some("x@elsewhere.example"));
+        assert_eq!(rejected.helo.as_deref(), Some("c"));
+        let accepted = s.handle_line(b"RCPT TO:<alice@localhost>", &FakeServices);
+        assert!(accepted.rejected.is_none());
     }
 
     #[test]

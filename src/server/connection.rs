@@ -11,10 +11,13 @@ use rustls::ServerConnection;
 
 use super::ServerContext;
 use super::limits::Permit;
+use crate::printable::escape;
 use crate::protocol::data::{DataDecoder, DataError, DecodedMessage, Progress};
 use crate::protocol::line::{Line, LineReader};
 use crate::protocol::reply::{self, Reply};
-use crate::protocol::session::{Action, Envelope, ListenerKind, Session, Stamp, Step, TlsInfo};
+use crate::protocol::session::{
+    Action, Envelope, ListenerKind, Rejection, Session, Stamp, Step, TlsInfo,
+};
 use crate::queue::{MessageKind, NewMessage, NewRecipient, QueueId};
 use crate::tls::{ServerTls, Transport};
 
@@ -184,6 +187,9 @@ fn perform(
     ctx: &ServerContext,
 ) -> io::Result<Option<End>> {
     loop {
+        if let Some(rejection) = &step.rejected {
+            log_rejection(rejection, peer);
+        }
         if let Some(delay) = step.delay {
             flush(conn, out)?;
             std::thread::sleep(delay);
@@ -258,6 +264,23 @@ fn perform(
             }
         };
     }
+}
+
+/// One line per refused transaction command, in Postfix's form, so
+/// fail2ban filters and an operator's grep work unchanged. We do not look
+/// up the client's reverse DNS name: "unknown" stands where Postfix puts it.
+fn log_rejection(rejection: &Rejection, peer: SocketAddr) {
+    let reply = rejection.reply.to_wire();
+    log::info!(
+        "NOQUEUE: reject: {} from unknown[{}]: {}; from=<{}> to=<{}> proto={} helo=<{}>",
+        rejection.stage,
+        peer.ip(),
+        escape(reply.trim_end()),
+        escape(rejection.from.as_deref().unwrap_or("")),
+        escape(rejection.to.as_deref().unwrap_or("")),
+        if rejection.esmtp { "ESMTP" } else { "SMTP" },
+        escape(rejection.helo.as_deref().unwrap_or("")),
+    );
 }
 
 /// The decoded message (or why it was refused) and the bytes that
