@@ -170,6 +170,21 @@ fn queue_commands_steer_a_running_server() {
             .map(|d| d.count() == 1)
             .unwrap_or(false)
     });
+    // It tells alice why delivery was failing, not only that it stopped.
+    let bounce: String = std::fs::read_dir(data_dir.join("mail/example.test/alice/new"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    assert!(bounce.contains("Status: 4.4.1"), "{bounce}");
+    assert!(
+        bounce.contains("Diagnostic-Code: smtp; 451 4.4.1"),
+        "{bounce}"
+    );
+    assert!(bounce.contains("connect failed"), "{bounce}");
+    assert!(
+        bounce.contains("cancelled by the mail administrator"),
+        "{bounce}"
+    );
 
     // delete: gone, no notice.
     let (code, _, _) = queue_cli(&config, &["delete", &ids[1]]);

@@ -533,3 +533,79 @@ fn against_petrel_serve_alice_is_delivered_and_sixty_hops_refused() {
     let data_dir = dir.path().join("data");
     assert_eq!(maildir_count(&data_dir, "example.test", "alice"), 1);
 }
+
+/// Reads every message in a local Maildir.
+fn maildir_texts(data_dir: &Path, local: &str) -> Vec<String> {
+    std::fs::read_dir(data_dir.join("mail/example.test").join(local).join("new"))
+        .map(|dir| {
+            dir.map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn dsn_requests_are_honoured() {
+    let sink = Sink::start("reject-rcpt", 0);
+    let port = sink.port;
+    let server = TestServer::start_delivering(standard_dns(), |config| {
+        config.delivery.port = port;
+    });
+    let data_dir = server.instance().config().data_dir.clone();
+    let mut client = RawClient::implicit_tls(server.addr(ListenerKind::Smtps), &server.cert_path());
+    client.command("EHLO client.test");
+    assert_eq!(client.auth_plain("alice@example.test", PASSWORD).code, 235);
+    assert_eq!(
+        client
+            .command("MAIL FROM:<alice@example.test> RET=HDRS ENVID=batch+2B7")
+            .code,
+        250
+    );
+    for rcpt in [
+        "RCPT TO:<bob@example.test> NOTIFY=SUCCESS",
+        "RCPT TO:<friend@elsewhere.example> NOTIFY=SUCCESS,FAILURE",
+        "RCPT TO:<rejected-quiet@elsewhere.example> NOTIFY=NEVER",
+        "RCPT TO:<rejected-loud@elsewhere.example> ORCPT=rfc822;Loud+40elsewhere.example",
+    ] {
+        assert_eq!(client.command(rcpt).code, 250, "{rcpt}");
+    }
+    assert_eq!(client.command("DATA").code, 354);
+    client.send_raw(b"Subject: reports\r\n\r\nbody\r\n.\r\n");
+    assert_eq!(client.reply().code, 250);
+    client.command("QUIT");
+
+    // bob's delivery and the hand-off to the sink (which has no DSN) are
+    // reported (one report per delivery); of the two refusals, only the
+    // one that did not say NEVER.
+    wait_for("the queue to empty", || server.message_count() == 0);
+    let reports = maildir_texts(&data_dir, "alice");
+    assert_eq!(reports.len(), 3, "{reports:?}");
+    let successes: String = reports
+        .iter()
+        .filter(|r| r.contains("Successful Mail Delivery Report"))
+        .cloned()
+        .collect();
+    assert!(successes.contains("Final-Recipient: rfc822; bob@example.test\nAction: delivered"));
+    assert!(
+        successes.contains("Final-Recipient: rfc822; friend@elsewhere.example\nAction: relayed")
+    );
+    assert!(
+        successes.contains("Original-Envelope-Id: batch+7"),
+        "{successes}"
+    );
+    assert!(
+        !successes.contains("/mail/example.test/"),
+        "no paths: {successes}"
+    );
+    let failure = reports
+        .iter()
+        .find(|r| r.contains("Undelivered Mail Returned to Sender"))
+        .expect("a failure report");
+    assert!(failure.contains("rejected-loud@elsewhere.example"));
+    assert!(failure.contains("Original-Recipient: rfc822;Loud@elsewhere.example"));
+    assert!(
+        !failure.contains("rejected-quiet"),
+        "NOTIFY=NEVER: {failure}"
+    );
+    assert!(!failure.contains("\nbody\n"), "RET=HDRS: {failure}");
+}

@@ -105,7 +105,8 @@ pub fn notice(
         ),
         NoticeKind::Success => (
             "Successful Mail Delivery Report",
-            "Your message was delivered to the recipients below, as you asked to be told.",
+            "Your message was delivered to the recipients below, or handed on to a mail\n\
+             system that does not report further, as you asked to be told.",
         ),
     };
     let mut human = format!("This is the mail system at host {hostname}.\n\n{intro}\n\n");

@@ -200,7 +200,17 @@ pub fn settle(
             Verdict::Delivered => {
                 let relayed = relay != Some("local");
                 if notify.success && !(relayed && how.peer_reports) {
-                    let mut problem = problem(recipient, &attempt, &reply, relay);
+                    // The sender learns that it arrived, not where our
+                    // Maildirs are on disk.
+                    let diagnostic = if relayed {
+                        reply.clone()
+                    } else {
+                        format!(
+                            "{} {} delivered to the mailbox",
+                            attempt.code, attempt.status
+                        )
+                    };
+                    let mut problem = problem(recipient, &attempt, &diagnostic, relay);
                     problem.relayed = relayed;
                     succeeded.push(problem);
                 }
