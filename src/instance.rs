@@ -123,6 +123,11 @@ impl Instance {
         self.server.local_addr(kind)
     }
 
+    /// Password checks (argon2) run since start: what AUTH has cost.
+    pub fn password_checks(&self) -> u64 {
+        self.server.context().services.password_checks()
+    }
+
     pub fn active_sessions(&self) -> usize {
         self.server.active_sessions()
     }

@@ -3,8 +3,10 @@
 //! compares a password in clear.
 
 pub mod accounts;
+pub mod hashing;
 pub mod limiter;
 pub mod password;
 
 pub use accounts::Accounts;
+pub use hashing::HashingPool;
 pub use limiter::{AuthLimiter, FailureOutcome};

@@ -3,11 +3,9 @@
 //! clear.
 
 use std::fmt;
-use std::sync::OnceLock;
 
 use argon2::Argon2;
-use argon2::password_hash::phc::PasswordHash;
-use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+use argon2::password_hash::PasswordHasher;
 
 use crate::config::PasswordPolicyConfig;
 
@@ -110,29 +108,11 @@ pub fn hash(password: &str) -> Result<String, String> {
         .map_err(|e| format!("cannot hash password: {e}"))
 }
 
-/// True when `password` matches the stored PHC string.
+/// True when `password` matches the stored PHC string (for the command
+/// line; the server checks through [`super::HashingPool`], which bounds
+/// how many run at once).
 pub fn verify(password: &str, stored: &str) -> bool {
-    if password.len() > MAX_PASSWORD_LENGTH * 4 {
-        return false;
-    }
-    match PasswordHash::new(stored) {
-        Ok(parsed) => Argon2::default()
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok(),
-        Err(error) => {
-            log::error!("auth: a stored password hash is not a valid PHC string: {error}");
-            false
-        }
-    }
-}
-
-/// Spends the same effort as a real check, so a login for an unknown user
-/// takes as long as a wrong password for a real one (no enumeration).
-pub fn verify_against_nothing(password: &str) {
-    static DUMMY: OnceLock<Option<String>> = OnceLock::new();
-    if let Some(dummy) = DUMMY.get_or_init(|| hash("petrel-timing-equaliser").ok()) {
-        let _ = verify(password, dummy);
-    }
+    super::hashing::matches(password, stored, &mut Vec::new())
 }
 
 #[cfg(test)]

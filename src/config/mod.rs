@@ -335,6 +335,11 @@ pub struct AuthConfig {
     pub lockout_after: u32,
     /// … for this long.
     pub lockout_duration: HumanDuration,
+    /// Password checks (argon2id, 19 MiB and ~50 ms each) running at once;
+    /// about the number of cores, so a burst of AUTH costs bounded memory.
+    pub max_parallel_checks: usize,
+    /// How long a login waits for a free check before getting 454.
+    pub check_wait: HumanDuration,
     pub password_policy: PasswordPolicyConfig,
 }
 
@@ -346,6 +351,10 @@ impl Default for AuthConfig {
             slowdown_step: HumanDuration::secs(1),
             lockout_after: 10,
             lockout_duration: HumanDuration::secs(15 * 60),
+            max_parallel_checks: std::thread::available_parallelism()
+                .map(usize::from)
+                .unwrap_or(2),
+            check_wait: HumanDuration::secs(10),
             password_policy: PasswordPolicyConfig::default(),
         }
     }
@@ -642,6 +651,12 @@ impl Config {
             return Err(ConfigError::at(
                 "auth.password_policy.min_strength",
                 "is a zxcvbn score from 0 to 4",
+            ));
+        }
+        if self.auth.max_parallel_checks == 0 {
+            return Err(ConfigError::at(
+                "auth.max_parallel_checks",
+                "must be at least 1",
             ));
         }
         if self.auth.lockout_after == 0 {

@@ -197,6 +197,8 @@ pub enum AuthVerdict {
     LockedOut,
     /// The account store could not be read.
     Unavailable,
+    /// Too many password checks in progress: try again in a moment.
+    Busy,
 }
 
 /// How far the server trusts the client that gave a sender.
@@ -223,7 +225,14 @@ pub trait Services {
         client: &ClientView,
         recipient: &Address,
     ) -> Result<Vec<Routed>, Reply>;
-    fn authenticate(&self, ip: IpAddr, username: &str, password: &str) -> AuthVerdict;
+    /// `mechanism` ("PLAIN", "LOGIN") is for the log.
+    fn authenticate(
+        &self,
+        ip: IpAddr,
+        mechanism: &str,
+        username: &str,
+        password: &str,
+    ) -> AuthVerdict;
     fn is_locked_out(&self, ip: IpAddr) -> bool;
 }
 
@@ -856,20 +865,26 @@ impl Session {
                         "Authentication credentials invalid",
                     ));
                 }
-                self.verify_password(username, password, services)
+                self.verify_password("PLAIN", username, password, services)
             }
             AuthExchange::LoginUsername => self.challenge(
                 AuthExchange::LoginPassword { username: decoded },
                 "UGFzc3dvcmQ6",
             ),
             AuthExchange::LoginPassword { username } => {
-                self.verify_password(&username, &decoded, services)
+                self.verify_password("LOGIN", &username, &decoded, services)
             }
         }
     }
 
-    fn verify_password(&mut self, username: &str, password: &str, services: &dyn Services) -> Step {
-        match services.authenticate(self.client_ip, username, password) {
+    fn verify_password(
+        &mut self,
+        mechanism: &str,
+        username: &str,
+        password: &str,
+        services: &dyn Services,
+    ) -> Step {
+        match services.authenticate(self.client_ip, mechanism, username, password) {
             AuthVerdict::Success(user) => {
                 self.user = Some(user);
                 Step::reply(Reply::new(
@@ -889,6 +904,10 @@ impl Session {
             AuthVerdict::Unavailable => Step::reply(Reply::new(
                 reply::AUTH_TEMPORARY_FAILURE,
                 "Temporary authentication failure",
+            )),
+            AuthVerdict::Busy => Step::reply(Reply::new(
+                reply::AUTH_TEMPORARY_FAILURE,
+                "Too many logins in progress, try again in a moment",
             )),
         }
     }
@@ -937,7 +956,13 @@ mod tests {
             Err(Reply::new(reply::RELAY_DENIED, "Relay access denied"))
         }
 
-        fn authenticate(&self, _ip: IpAddr, username: &str, password: &str) -> AuthVerdict {
+        fn authenticate(
+            &self,
+            _ip: IpAddr,
+            _mechanism: &str,
+            username: &str,
+            password: &str,
+        ) -> AuthVerdict {
             if username == "alice@localhost" && password == "Correct-Horse-9" {
                 AuthVerdict::Success(username.to_string())
             } else {

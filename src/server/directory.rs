@@ -6,11 +6,13 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use crate::auth::{Accounts, AuthLimiter, FailureOutcome, password};
+use crate::auth::hashing::{Busy, HashingPool};
+use crate::auth::{Accounts, AuthLimiter, FailureOutcome};
 use crate::config::Config;
 use crate::dns::{Dns, DnsFailure};
 use crate::policy::outbound::{OutboundPolicy, assigned_here};
 use crate::policy::{self, DomainStatus, RecipientDecision, RecipientFacts, SenderFacts};
+use crate::printable::escape;
 use crate::protocol::address::{Address, Domain, ReversePath};
 use crate::protocol::reply::{self, Reply};
 use crate::protocol::session::{AuthVerdict, ClientView, SenderStanding, Services};
@@ -20,6 +22,8 @@ pub struct Directory {
     config: Arc<Config>,
     accounts: Accounts,
     limiter: AuthLimiter,
+    /// Password checks: a bounded number at once.
+    hashing: HashingPool,
     /// Address verification; without it domains are not checked.
     dns: Option<Arc<Dns>>,
     /// Where delivery may connect: a domain whose mail hosts are all
@@ -35,10 +39,15 @@ impl Directory {
         outbound: OutboundPolicy,
     ) -> Directory {
         let limiter = AuthLimiter::new(&config.auth);
+        let hashing = HashingPool::new(
+            config.auth.max_parallel_checks,
+            config.auth.check_wait.get(),
+        );
         Directory {
             config,
             accounts,
             limiter,
+            hashing,
             dns,
             outbound,
         }
@@ -77,6 +86,10 @@ impl Directory {
 
     pub fn accounts(&self) -> &Accounts {
         &self.accounts
+    }
+
+    pub fn password_checks(&self) -> u64 {
+        self.hashing.checks()
     }
 
     fn local_error(&self, what: &str, error: impl std::fmt::Display) -> Reply {
@@ -226,10 +239,13 @@ impl Services for Directory {
         }
     }
 
-    fn authenticate(&self, ip: IpAddr, username: &str, password: &str) -> AuthVerdict {
-        if self.limiter.is_locked_out(ip) {
-            return AuthVerdict::LockedOut;
-        }
+    fn authenticate(
+        &self,
+        ip: IpAddr,
+        mechanism: &str,
+        username: &str,
+        password: &str,
+    ) -> AuthVerdict {
         let key = Address::parse(username).map(|a| a.mailbox_key()).ok();
         let stored = match &key {
             Some(key) => match self.accounts.password_hash(key) {
@@ -241,22 +257,51 @@ impl Services for Directory {
             },
             None => None,
         };
-        let valid = match &stored {
-            Some(stored) => password::verify(password, stored),
-            None => {
-                password::verify_against_nothing(password);
-                false
+        let account = key.as_deref().filter(|_| stored.is_some());
+        // Counted before the check: a locked-out address costs no hash.
+        let attempt = match self.limiter.begin(ip, account) {
+            Ok(attempt) => attempt,
+            Err(_) => {
+                log::warn!(
+                    "warning: unknown[{ip}]: SASL {mechanism} authentication refused: \
+                     too many failures from this address"
+                );
+                return AuthVerdict::LockedOut;
+            }
+        };
+        let valid = match self.hashing.verify(password, stored.as_deref()) {
+            Ok(valid) => valid,
+            Err(Busy) => {
+                self.limiter.abandoned(attempt);
+                log::warn!(
+                    "warning: unknown[{ip}]: SASL {mechanism} authentication deferred: \
+                     {} password checks already running",
+                    self.hashing.size()
+                );
+                return AuthVerdict::Busy;
             }
         };
         match (valid, key) {
             (true, Some(key)) => {
-                self.limiter.record_success(ip);
-                log::info!("{ip}: AUTH succeeded for {key}");
+                self.limiter.succeeded(attempt);
+                log::info!(
+                    "unknown[{ip}]: SASL {mechanism} authentication succeeded: sasl_username={key}"
+                );
                 AuthVerdict::Success(key)
             }
             _ => {
-                let outcome = self.limiter.record_failure(ip);
-                log::warn!("{ip}: AUTH failed for {username:?} ({outcome:?})");
+                let outcome = self.limiter.failed(attempt);
+                let then = match outcome {
+                    FailureOutcome::Delay(delay) if delay.is_zero() => String::new(),
+                    FailureOutcome::Delay(delay) => format!(", reply delayed {}s", delay.as_secs()),
+                    FailureOutcome::LockedOut => ", address now locked out".to_string(),
+                };
+                // Postfix's wording, which fail2ban's filters match.
+                log::warn!(
+                    "warning: unknown[{ip}]: SASL {mechanism} authentication failed: \
+                     sasl_username={}{then}",
+                    escape(username)
+                );
                 match outcome {
                     FailureOutcome::Delay(delay) => AuthVerdict::Failure { delay },
                     FailureOutcome::LockedOut => AuthVerdict::LockedOut,
