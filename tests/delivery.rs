@@ -250,8 +250,9 @@ fn smart_host_with_starttls_and_auth() {
     let (recipient, auth_user, listener, content): (String, String, String, Vec<u8>) = b
         .db()
         .query_row(
-            "SELECT r.address, m.auth_user, m.listener, m.content
-             FROM messages m JOIN recipients r ON r.message_id = m.id",
+            "SELECT r.address, m.auth_user, m.listener, c.content
+             FROM messages m JOIN recipients r ON r.message_id = m.id
+             JOIN message_contents c ON c.message_id = m.id",
             [],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
         )

@@ -76,9 +76,11 @@ fn lettre_starttls_and_implicit_tls_with_auth() {
         assert_eq!(listener, kind.name());
         let content: Vec<u8> = server
             .db()
-            .query_row("SELECT content FROM messages WHERE id = ?1", [&id], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT content FROM message_contents WHERE message_id = ?1",
+                [&id],
+                |r| r.get(0),
+            )
             .unwrap();
         let content = String::from_utf8(content).unwrap();
         assert!(content.contains("with ESMTPSA id"), "{content}");

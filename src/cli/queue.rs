@@ -11,7 +11,7 @@ use super::Failure;
 use crate::config::Config;
 use crate::delivery::outcome::{self, Attempt, Stage};
 use crate::delivery::{control, dsn};
-use crate::protocol::data::header_section_len;
+use crate::printable::{escape, escape_lines};
 use crate::queue::{self, QueueId, delivery};
 use crate::routing;
 use crate::timefmt::sql_timestamp;
@@ -137,16 +137,19 @@ fn list(conn: &Connection) -> Result<(), Failure> {
                     "QUEUE ID", "SIZE", "RECEIVED"
                 );
             }
-            println!("{id}  {size:>9}  {received}  <{sender}>");
+            println!("{id}  {size:>9}  {received}  <{}>", escape(&sender));
             current = id;
             messages += 1;
         }
         recipients += 1;
         let waiting = waiting.unwrap_or_else(|| status.clone());
         let reply = reply
-            .map(|r| format!("; last reply: {r}"))
+            .map(|r| format!("; last reply: {}", escape(&r)))
             .unwrap_or_default();
-        println!("    <{address}>  {status}, {attempts} attempts, {waiting}{reply}");
+        println!(
+            "    <{}>  {status}, {attempts} attempts, {waiting}{reply}",
+            escape(&address)
+        );
     }
     if messages == 0 {
         println!("the queue is empty");
@@ -157,7 +160,9 @@ fn list(conn: &Connection) -> Result<(), Failure> {
 }
 
 fn show(conn: &Connection, id: &QueueId) -> Result<(), Failure> {
-    let Some(message) = delivery::load_message(conn, id.as_str()).map_err(runtime)? else {
+    let Some(message) =
+        delivery::load_message(conn, id.as_str(), dsn::MAX_RETURNED_HEADERS).map_err(runtime)?
+    else {
         return Err(Failure::Runtime(format!("{id}: not in the queue")));
     };
     let (received, listener, client, helo, user): (
@@ -184,13 +189,13 @@ fn show(conn: &Connection, id: &QueueId) -> Result<(), Failure> {
     println!("queue id:  {id}");
     println!("received:  {received} UTC via {listener}");
     if let Some(client) = client {
-        println!("client:    {}[{client}]", helo.unwrap_or_default());
+        println!("client:    {}[{client}]", escape(&helo.unwrap_or_default()));
     }
     if let Some(user) = user {
         println!("auth user: {user}");
     }
-    println!("sender:    <{}>", message.sender);
-    println!("size:      {} octets", message.content.len());
+    println!("sender:    <{}>", escape(&message.sender));
+    println!("size:      {} octets", message.size);
     println!("kind:      {}", message.kind.as_str());
     let mut statement = conn
         .prepare(
@@ -218,32 +223,44 @@ fn show(conn: &Connection, id: &QueueId) -> Result<(), Failure> {
         let (address, original, status, attempts, next, last, reply, relay) =
             row.map_err(runtime)?;
         let original = original
-            .map(|o| format!(" (sent to {o})"))
+            .map(|o| format!(" (sent to {})", escape(&o)))
             .unwrap_or_default();
-        println!("  <{address}>{original}: {status}, {attempts} attempts");
+        println!(
+            "  <{}>{original}: {status}, {attempts} attempts",
+            escape(&address)
+        );
         if status == "queued" {
             println!("      next attempt: {next} UTC");
         }
         if let Some(last) = last {
             println!(
                 "      last attempt: {last} UTC via {}",
-                relay.unwrap_or_default()
+                escape(&relay.unwrap_or_default())
             );
         }
         if let Some(reply) = reply {
-            println!("      last reply:   {reply}");
+            println!("      last reply:   {}", escape(&reply));
         }
     }
     println!("headers:");
-    let end = header_section_len(&message.content);
-    for line in String::from_utf8_lossy(&message.content[..end]).lines() {
+    // Headers come from the network: control characters are escaped.
+    let (headers, cut) = dsn::capped_headers(&message.head, dsn::MAX_RETURNED_HEADERS);
+    for line in escape_lines(headers).lines() {
         println!("  {line}");
+    }
+    if cut {
+        println!(
+            "  ... (header section longer than {} KiB)",
+            dsn::MAX_RETURNED_HEADERS / 1024
+        );
     }
     Ok(())
 }
 
 fn bounce(config: &Config, conn: &mut Connection, id: &QueueId) -> Result<(), Failure> {
-    let Some(message) = delivery::load_message(conn, id.as_str()).map_err(runtime)? else {
+    let Some(message) =
+        delivery::load_message(conn, id.as_str(), dsn::MAX_RETURNED_MESSAGE).map_err(runtime)?
+    else {
         return Err(Failure::Runtime(format!("{id}: not in the queue")));
     };
     let waiting = delivery::waiting_recipients(conn, id.as_str()).map_err(runtime)?;

@@ -14,6 +14,7 @@ use crate::delivery::control;
 use crate::policy::{self, DomainStatus, RecipientDecision, RecipientFacts};
 use crate::protocol::address::Address;
 use crate::protocol::data::{ContentLimits, HeaderSummary, content_refusal, header_section_len};
+use crate::queue::content::Content;
 use crate::queue::{self, MessageKind, NewMessage, NewRecipient, QueueId};
 use crate::routing::{self, Route, RouteError};
 use crate::timefmt::rfc5322_date;
@@ -273,7 +274,7 @@ pub fn run(config: &Config, args: &[String]) -> Result<(), Failure> {
         recipients,
         eight_bit: !content.is_ascii(),
         smtputf8: false,
-        content,
+        content: Content::in_memory(content),
         client_ip: None,
         helo: None,
         auth_user: Some(current_user()),

@@ -265,6 +265,10 @@ pub struct QueueConfig {
     pub retry_max: HumanDuration,
     /// One "still trying" notice after this long; "0" turns it off.
     pub delay_warning: HumanDuration,
+    /// New mail is refused with 452 4.3.1 while less than this is free on
+    /// the filesystem of data_dir (Postfix's queue_minfree), so a full disk
+    /// turns into senders retrying later, not into failed commits.
+    pub min_free_space: ByteSize,
 }
 
 impl Default for QueueConfig {
@@ -274,6 +278,7 @@ impl Default for QueueConfig {
             retry_min: HumanDuration::secs(5 * 60),
             retry_max: HumanDuration::secs(3600),
             delay_warning: HumanDuration::secs(4 * 3600),
+            min_free_space: ByteSize::mib(100),
         }
     }
 }
@@ -301,8 +306,15 @@ pub struct LimitsConfig {
     pub max_errors: u32,
     /// Waiting for a command: RFC 5321 4.5.3.2.7 says at least 5 minutes.
     pub command_timeout: HumanDuration,
-    /// Waiting for each DATA block: RFC 5321 4.5.3.2.5 says 3 minutes.
+    /// DATA must start within this (RFC 5321 4.5.3.2.5 says 3 minutes) ...
     pub data_timeout: HumanDuration,
+    /// ... and then keep at least this many octets per second: each read
+    /// extends the deadline by its size over this rate, so a client that
+    /// trickles a byte every few seconds is cut off (Postfix's
+    /// smtpd_min_data_rate is 500).
+    pub min_data_rate: ByteSize,
+    /// A whole session, however busy, ends after this long.
+    pub session_timeout: HumanDuration,
 }
 
 impl Default for LimitsConfig {
@@ -317,6 +329,8 @@ impl Default for LimitsConfig {
             max_errors: 10,
             command_timeout: HumanDuration::secs(300),
             data_timeout: HumanDuration::secs(180),
+            min_data_rate: ByteSize(500),
+            session_timeout: HumanDuration::secs(3600),
         }
     }
 }
@@ -618,6 +632,12 @@ impl Config {
                 "more than 10000 threads is not what this server is built for",
             ));
         }
+        if limits.min_data_rate.bytes() == 0 {
+            return Err(ConfigError::at(
+                "limits.min_data_rate",
+                "must be more than 0",
+            ));
+        }
         if limits.max_header_size.bytes() < 1024 {
             return Err(ConfigError::at(
                 "limits.max_header_size",
@@ -642,6 +662,7 @@ impl Config {
         for (key, value) in [
             ("limits.command_timeout", limits.command_timeout),
             ("limits.data_timeout", limits.data_timeout),
+            ("limits.session_timeout", limits.session_timeout),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::at(key, "must be more than 0"));

@@ -378,20 +378,52 @@ impl SmtpClient {
     }
 }
 
-/// Dot-stuffs a message for DATA and makes sure it ends with CRLF.
-pub fn dot_stuff(content: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(content.len() + content.len() / 64 + 8);
-    let mut at_line_start = true;
-    for &byte in content {
-        if at_line_start && byte == b'.' {
-            out.push(b'.');
+/// Dot-stuffs a message for DATA (RFC 5321 4.5.2) a chunk at a time, and
+/// makes sure it ends with CRLF.
+#[derive(Debug)]
+pub struct DotStuffer {
+    at_line_start: bool,
+    /// The last two octets seen, to know how the message ends.
+    tail: [u8; 2],
+}
+
+impl Default for DotStuffer {
+    fn default() -> Self {
+        DotStuffer {
+            at_line_start: true,
+            tail: [0, 0],
         }
-        out.push(byte);
-        at_line_start = byte == b'\n';
     }
-    if !out.ends_with(b"\r\n") {
-        out.extend_from_slice(b"\r\n");
+}
+
+impl DotStuffer {
+    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        out.reserve(chunk.len() + chunk.len() / 64 + 2);
+        for &byte in chunk {
+            if self.at_line_start && byte == b'.' {
+                out.push(b'.');
+            }
+            out.push(byte);
+            self.at_line_start = byte == b'\n';
+            self.tail = [self.tail[1], byte];
+        }
     }
+
+    /// What must follow the last chunk before the terminating ".CRLF".
+    pub fn finish(&self, out: &mut Vec<u8>) {
+        if self.tail != *b"\r\n" {
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+}
+
+/// Dot-stuffs a whole message held in memory.
+#[cfg(test)]
+pub fn dot_stuff(content: &[u8]) -> Vec<u8> {
+    let mut stuffer = DotStuffer::default();
+    let mut out = Vec::new();
+    stuffer.push(content, &mut out);
+    stuffer.finish(&mut out);
     out
 }
 
@@ -458,5 +490,16 @@ mod tests {
     fn dot_stuffing() {
         assert_eq!(dot_stuff(b".a\r\nb\r\n..c\r\n"), b"..a\r\nb\r\n...c\r\n");
         assert_eq!(dot_stuff(b"no newline"), b"no newline\r\n");
+        assert_eq!(dot_stuff(b""), b"\r\n");
+        // Chunk boundaries anywhere give the same result.
+        let message = b"x\r\n.one\r\n..two\r\nend\r\n";
+        for split in 0..message.len() {
+            let mut stuffer = DotStuffer::default();
+            let mut out = Vec::new();
+            stuffer.push(&message[..split], &mut out);
+            stuffer.push(&message[split..], &mut out);
+            stuffer.finish(&mut out);
+            assert_eq!(out, dot_stuff(message), "split at {split}");
+        }
     }
 }

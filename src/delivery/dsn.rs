@@ -17,6 +17,7 @@ use std::time::SystemTime;
 use crate::protocol::data::header_section_len;
 use crate::protocol::dsn::Notify;
 use crate::protocol::dsn::Ret;
+use crate::queue::content::Content;
 use crate::queue::delivery::StoredMessage;
 use crate::queue::{MessageKind, NewMessage, NewRecipient, QueueId};
 use crate::routing::Routed;
@@ -231,7 +232,7 @@ pub fn notice(
                 orcpt: None,
             })
             .collect(),
-        content: body,
+        content: Content::in_memory(body),
         client_ip: None,
         helo: None,
         auth_user: None,
@@ -256,20 +257,21 @@ fn returned_content(
     global: bool,
 ) -> (&'static str, Vec<u8>, Option<String>) {
     let full_wanted = kind == NoticeKind::Failed && message.ret == Some(Ret::Full);
-    if full_wanted && message.content.len() <= MAX_RETURNED_MESSAGE {
+    let whole = message.head.len() as u64 == message.size;
+    if full_wanted && whole && message.head.len() <= MAX_RETURNED_MESSAGE {
         let content_type = if global {
             "message/global"
         } else {
             "message/rfc822"
         };
-        return (content_type, message.content.clone(), None);
+        return (content_type, message.head.clone(), None);
     }
     let headers_type = if global {
         "message/global-headers"
     } else {
         "text/rfc822-headers"
     };
-    let (headers, cut) = capped_headers(&message.content, MAX_RETURNED_HEADERS);
+    let (headers, cut) = capped_headers(&message.head, MAX_RETURNED_HEADERS);
     let mut note = None;
     if full_wanted {
         note = Some(format!(
@@ -341,6 +343,19 @@ mod tests {
     use crate::routing::Route;
     use std::time::Duration;
 
+    trait WithContent {
+        fn with_content(self, content: &[u8]) -> Self;
+    }
+
+    impl WithContent for StoredMessage {
+        /// As `load_message` would load it.
+        fn with_content(mut self, content: &[u8]) -> Self {
+            self.size = content.len() as u64;
+            self.head = content[..content.len().min(MAX_RETURNED_MESSAGE)].to_vec();
+            self
+        }
+    }
+
     fn message(sender: &str, kind: MessageKind) -> StoredMessage {
         StoredMessage {
             id: "0123456789ABCDEF".into(),
@@ -352,10 +367,12 @@ mod tests {
             delay_warning_sent: false,
             ret: None,
             envid: None,
-            content:
-                b"Received: from x\r\nSubject: Hello\r\nFrom: a@example.org\r\n\r\nsecret body\r\n"
-                    .to_vec(),
+            size: 0,
+            head: Vec::new(),
         }
+        .with_content(
+            b"Received: from x\r\nSubject: Hello\r\nFrom: a@example.org\r\n\r\nsecret body\r\n",
+        )
     }
 
     fn problem() -> Problem {
@@ -398,7 +415,11 @@ mod tests {
     }
 
     fn text_of(notice: &NewMessage) -> String {
-        String::from_utf8(notice.content.clone()).unwrap()
+        let crate::queue::content::Body::Memory(body) = &notice.content.body else {
+            panic!("notices are built in memory");
+        };
+        assert!(notice.content.prefix.is_empty());
+        String::from_utf8(body.clone()).unwrap()
     }
 
     #[test]
@@ -455,17 +476,17 @@ mod tests {
 
     #[test]
     fn returned_headers_are_capped_at_a_field_boundary() {
-        let mut original = message("a@example.org", MessageKind::Normal);
+        let original = message("a@example.org", MessageKind::Normal);
         let mut headers = Vec::new();
         for n in 0..5000 {
             headers.extend_from_slice(
                 format!("X-Filler-{n}: {}\r\n\tfolded\r\n", "z".repeat(40)).as_bytes(),
             );
         }
-        original.content = headers.clone();
+        let original = original.with_content(&headers);
         let notice = build(&original, NoticeKind::Failed, &[problem()]).unwrap();
         assert!(
-            notice.content.len() < MAX_RETURNED_HEADERS + 4096,
+            notice.content.len() < (MAX_RETURNED_HEADERS + 4096) as u64,
             "{}",
             notice.content.len()
         );
@@ -488,9 +509,9 @@ mod tests {
         assert!(text.contains("secret body"));
         assert!(text.contains("Original-Envelope-Id: QQ314159"));
         // Too big: headers only, and the reader is told why.
-        original
-            .content
-            .extend(std::iter::repeat_n(b'x', MAX_RETURNED_MESSAGE));
+        let mut big = original.head.clone();
+        big.extend(std::iter::repeat_n(b'x', MAX_RETURNED_MESSAGE));
+        let original = original.with_content(&big);
         let text = text_of(&build(&original, NoticeKind::Failed, &[problem()]).unwrap());
         assert!(text.contains("Content-Type: text/rfc822-headers"));
         assert!(!text.contains("secret body"));

@@ -1,10 +1,12 @@
 //! Local delivery into Maildirs under `data_dir/mail/<domain>/<user>/`.
 //! A message is written to `tmp/`, fsynced, and renamed into `new/` (then
 //! the directory is fsynced), so a reader never sees half a message and a
-//! crash never loses one the queue has let go of.
+//! crash never loses one the queue has let go of. Folders are 0700 and
+//! messages 0600, whatever the umask: mail is private.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write as _};
+use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -37,10 +39,16 @@ fn safe_component(text: &str) -> String {
     out
 }
 
-/// Creates `tmp/`, `new/` and `cur/` if needed.
+/// Creates `tmp/`, `new/` and `cur/` if needed, readable by us only.
 pub fn create(maildir: &Path) -> io::Result<()> {
     for sub in ["tmp", "new", "cur"] {
-        fs::create_dir_all(maildir.join(sub))?;
+        let dir = maildir.join(sub);
+        if !dir.is_dir() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)?;
+        }
     }
     Ok(())
 }
@@ -65,32 +73,32 @@ fn unique_name(hostname: &str) -> String {
 }
 
 /// Writes the message with `Return-Path:` and `Delivered-To:` on top.
-/// Maildir files use the local newline convention (LF), as Postfix and
-/// Dovecot write them.
+/// `write_body` writes the stored message (CRLF lines) into the writer it
+/// is given, in pieces; Maildir files use the local newline convention
+/// (LF), as Postfix and Dovecot write them.
 pub fn deliver(
     data_dir: &Path,
     hostname: &str,
     address: &str,
     sender: &str,
-    content: &[u8],
+    write_body: impl FnOnce(&mut dyn Write) -> io::Result<()>,
 ) -> io::Result<PathBuf> {
     let maildir = maildir_path(data_dir, address);
     create(&maildir)?;
     let name = unique_name(hostname);
     let tmp = maildir.join("tmp").join(&name);
     let new = maildir.join("new").join(&name);
-    let mut message = format!("Return-Path: <{sender}>\nDelivered-To: {address}\n").into_bytes();
-    message.reserve(content.len());
-    let mut rest = content;
-    while let Some(end) = rest.windows(2).position(|w| w == b"\r\n") {
-        message.extend_from_slice(&rest[..end]);
-        message.push(b'\n');
-        rest = &rest[end + 2..];
-    }
-    message.extend_from_slice(rest);
     let written = (|| {
-        let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-        file.write_all(&message)?;
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        let mut out = LineEnds::new(BufWriter::with_capacity(64 * 1024, file));
+        out.inner
+            .write_all(format!("Return-Path: <{sender}>\nDelivered-To: {address}\n").as_bytes())?;
+        write_body(&mut out)?;
+        let file = out.finish()?;
         file.sync_all()?;
         fs::rename(&tmp, &new)?;
         File::open(maildir.join("new"))?.sync_all()
@@ -100,6 +108,55 @@ pub fn deliver(
         return Err(error);
     }
     Ok(new)
+}
+
+/// Turns CRLF into LF on the way through, across write boundaries.
+struct LineEnds<W: Write> {
+    inner: BufWriter<W>,
+    pending_cr: bool,
+}
+
+impl<W: Write> LineEnds<W> {
+    fn new(inner: BufWriter<W>) -> LineEnds<W> {
+        LineEnds {
+            inner,
+            pending_cr: false,
+        }
+    }
+
+    fn finish(mut self) -> io::Result<W> {
+        if self.pending_cr {
+            self.inner.write_all(b"\r")?;
+        }
+        self.inner.into_inner().map_err(|e| e.into_error())
+    }
+}
+
+impl<W: Write> Write for LineEnds<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut rest = buf;
+        if self.pending_cr && !rest.is_empty() {
+            self.pending_cr = false;
+            if rest[0] != b'\n' {
+                self.inner.write_all(b"\r")?;
+            }
+        }
+        while let Some(cr) = rest.iter().position(|&b| b == b'\r') {
+            self.inner.write_all(&rest[..cr])?;
+            match rest.get(cr + 1) {
+                Some(b'\n') => {}
+                Some(_) => self.inner.write_all(b"\r")?,
+                None => self.pending_cr = true,
+            }
+            rest = &rest[cr + 1..];
+        }
+        self.inner.write_all(rest)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 #[cfg(test)]
@@ -114,7 +171,11 @@ mod tests {
             "mx.test",
             "alice@example.com",
             "bob@example.org",
-            b"Subject: hi\r\n\r\nbody\r\n",
+            // In pieces, with a CRLF split across two of them.
+            |out| {
+                out.write_all(b"Subject: hi\r")?;
+                out.write_all(b"\n\r\nbody\r\n")
+            },
         )
         .unwrap();
         assert!(path.starts_with(dir.path().join("mail/example.com/alice/new")));
@@ -124,8 +185,15 @@ mod tests {
         );
         let tmp = fs::read_dir(dir.path().join("mail/example.com/alice/tmp")).unwrap();
         assert_eq!(tmp.count(), 0);
-        let second = deliver(dir.path(), "mx.test", "alice@example.com", "", b"x\r\n").unwrap();
+        let second = deliver(dir.path(), "mx.test", "alice@example.com", "", |out| {
+            out.write_all(b"x\r\n")
+        })
+        .unwrap();
         assert_ne!(second, path);
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&dir.path().join("mail/example.com/alice/new")), 0o700);
     }
 
     #[test]

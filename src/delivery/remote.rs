@@ -15,12 +15,15 @@ use crate::config::SmarthostTls;
 use crate::dns::DnsFailure;
 use crate::policy::outbound::{Forbidden, assigned_here};
 use crate::protocol::dsn::{self, Notify, Ret};
+use crate::queue::content::ContentReader;
 
 /// The message as the remote side needs it.
 pub struct Envelope<'a> {
     pub sender: &'a str,
     pub recipients: Vec<RemoteRecipient<'a>>,
-    pub content: &'a [u8],
+    /// The queued message, read a chunk at a time while it is sent.
+    pub message_id: &'a str,
+    pub size: u64,
     pub eight_bit: bool,
     pub smtputf8: bool,
     /// RFC 3461 requests, passed on when the next hop speaks DSN.
@@ -392,7 +395,7 @@ fn transaction(
     if let Some(refusal) = unsendable(&extensions, envelope) {
         return Ok(HostResult::Answered(all(envelope, refusal), false));
     }
-    let attempts = send_message(client, &extensions, envelope)?;
+    let attempts = send_message(ctx, client, &extensions, envelope)?;
     Ok(HostResult::Answered(attempts, extensions.dsn))
 }
 
@@ -400,13 +403,13 @@ fn transaction(
 fn unsendable(extensions: &Extensions, envelope: &Envelope) -> Option<Attempt> {
     let refuse = |status, text: String| Some(Attempt::local(status, Stage::Hello, text));
     if let Some(limit) = extensions.size
-        && envelope.content.len() as u64 > limit
+        && envelope.size > limit
     {
         return refuse(
             outcome::TOO_BIG_FOR_PEER,
             format!(
                 "Message size {} exceeds the remote server's limit of {limit}",
-                envelope.content.len()
+                envelope.size
             ),
         );
     }
@@ -426,13 +429,14 @@ fn unsendable(extensions: &Extensions, envelope: &Envelope) -> Option<Attempt> {
 }
 
 fn send_message(
+    ctx: &DeliveryContext,
     client: &mut SmtpClient,
     extensions: &Extensions,
     envelope: &Envelope,
 ) -> Result<Vec<Attempt>, ClientError> {
     let mut mail = format!("MAIL FROM:<{}>", envelope.sender);
     if extensions.size.is_some() {
-        mail.push_str(&format!(" SIZE={}", envelope.content.len()));
+        mail.push_str(&format!(" SIZE={}", envelope.size));
     }
     if envelope.eight_bit && extensions.eight_bit_mime {
         mail.push_str(" BODY=8BITMIME");
@@ -528,7 +532,7 @@ fn send_message(
             .map(|a| a.unwrap_or_else(|| attempt.clone()))
             .collect());
     }
-    client.send(&client::dot_stuff(envelope.content))?;
+    send_body(ctx, client, envelope.message_id)?;
     client.send(b".\r\n")?;
     let final_reply = client.read_reply(client::DATA_END_TIMEOUT)?;
     let outcome = Attempt::from_reply(&final_reply, Stage::EndOfData);
@@ -538,4 +542,32 @@ fn send_message(
         }
     }
     Ok(attempts.into_iter().flatten().collect())
+}
+
+/// Streams the stored message to the server, dot-stuffed, a chunk at a
+/// time. If the message leaves the queue meanwhile (an operator deleted
+/// it), the connection is dropped before the final dot, so the server
+/// discards what it got.
+fn send_body(
+    ctx: &DeliveryContext,
+    client: &mut SmtpClient,
+    message_id: &str,
+) -> Result<(), ClientError> {
+    let mut stuffer = client::DotStuffer::default();
+    let mut out = Vec::new();
+    let copied = ContentReader::new(message_id).copy_to(&ctx.reads, |chunk| {
+        out.clear();
+        stuffer.push(chunk, &mut out);
+        client
+            .send(&out)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    });
+    if let Err(error) = copied {
+        return Err(ClientError::Io(std::io::Error::other(format!(
+            "while sending the message: {error}"
+        ))));
+    }
+    out.clear();
+    stuffer.finish(&mut out);
+    client.send(&out)
 }

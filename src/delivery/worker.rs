@@ -17,6 +17,7 @@ use super::{DeliveryContext, Destination, Job, Waker, maildir};
 use crate::config::Config;
 use crate::printable::escape;
 use crate::queue::QueueError;
+use crate::queue::content::ContentReader;
 use crate::queue::delivery::{
     self, ClaimedRecipient, DeliveryReport, RecipientStatus, RecipientUpdate, StoredMessage,
 };
@@ -56,7 +57,7 @@ pub fn run(jobs: Receiver<Job>, ctx: &DeliveryContext, in_flight: &AtomicUsize, 
 fn deliver(ctx: &DeliveryContext, job: &Job) -> Result<(), QueueError> {
     let Some(message) = ctx
         .reads
-        .run(|conn| delivery::load_message(conn, &job.message_id))?
+        .run(|conn| delivery::load_message(conn, &job.message_id, dsn::MAX_RETURNED_MESSAGE))?
     else {
         // Deleted by an operator while it was being scheduled.
         log::info!("{}: no longer in the queue; skipped", job.message_id);
@@ -80,7 +81,8 @@ fn deliver(ctx: &DeliveryContext, job: &Job) -> Result<(), QueueError> {
                         orcpt: r.orcpt.as_deref(),
                     })
                     .collect(),
-                content: &message.content,
+                message_id: &message.id,
+                size: message.size,
                 eight_bit: message.eight_bit,
                 smtputf8: message.smtputf8,
                 ret: message.ret,
@@ -146,7 +148,11 @@ fn deliver_locally(
                     &ctx.config.hostname,
                     mailbox,
                     &message.sender,
-                    &message.content,
+                    |file: &mut dyn std::io::Write| {
+                        ContentReader::new(&message.id)
+                            .copy_to(&ctx.reads, |chunk| file.write_all(chunk))
+                            .map_err(|e| std::io::Error::other(e.to_string()))
+                    },
                 ) {
                     Ok(path) => Attempt::local(
                         outcome::DELIVERED_TO_MAILDIR,

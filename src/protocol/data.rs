@@ -18,6 +18,8 @@ use super::reply::{self, Reply};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataError {
     TooLarge,
+    /// The spool could not take the message (disk full): try again later.
+    NoStorage,
     LineTooLong,
     BareLineFeed,
     BareCarriageReturn,
@@ -27,6 +29,7 @@ impl DataError {
     pub fn describe(self) -> &'static str {
         match self {
             DataError::TooLarge => "Message exceeds the maximum message size",
+            DataError::NoStorage => "Insufficient system storage, try again later",
             DataError::LineTooLong => "Message has a line longer than 1000 octets",
             DataError::BareLineFeed => {
                 "Message contains a bare LF; lines must end with CRLF (RFC 5321 2.3.8)"
@@ -53,9 +56,10 @@ enum State {
 
 /// Feed it the bytes that follow the 354 reply; it reports how many belong
 /// to the message, so bytes pipelined after the terminator stay unread.
+/// Decoded bytes go to the caller's buffer, which the caller empties (into
+/// a spool) as it likes: the decoder itself holds no message.
 #[derive(Debug)]
 pub struct DataDecoder {
-    body: Vec<u8>,
     headers: HeaderScan,
     state: State,
     line_length: usize,
@@ -76,7 +80,6 @@ pub enum Progress {
 impl DataDecoder {
     pub fn new(max_size: usize) -> DataDecoder {
         DataDecoder {
-            body: Vec::new(),
             headers: HeaderScan::default(),
             state: State::LineStart,
             line_length: 0,
@@ -86,7 +89,9 @@ impl DataDecoder {
         }
     }
 
-    pub fn feed(&mut self, input: &[u8]) -> Progress {
+    /// Decodes `input`, appending the message's bytes to `out` (none once
+    /// the message is refused).
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Progress {
         for (index, &byte) in input.iter().enumerate() {
             self.line_length += 1;
             if self.line_length > MAX_TEXT_LINE {
@@ -103,23 +108,23 @@ impl DataDecoder {
                 // ".\rX": the dot was stuffing, then a bare CR.
                 (State::DotCr, _) => {
                     self.fail(DataError::BareCarriageReturn);
-                    self.emit(b'\r');
-                    self.plain_byte(byte);
+                    self.emit(b'\r', out);
+                    self.plain_byte(byte, out);
                 }
                 // A leading dot followed by anything else is removed (4.5.2).
-                (State::LineStartDot, _) => self.plain_byte(byte),
+                (State::LineStartDot, _) => self.plain_byte(byte, out),
                 (State::Cr, b'\n') => {
-                    self.emit(b'\r');
-                    self.emit(b'\n');
+                    self.emit(b'\r', out);
+                    self.emit(b'\n', out);
                     self.state = State::LineStart;
                     self.line_length = 0;
                 }
                 (State::Cr, _) => {
                     self.fail(DataError::BareCarriageReturn);
-                    self.emit(b'\r');
-                    self.plain_byte(byte);
+                    self.emit(b'\r', out);
+                    self.plain_byte(byte, out);
                 }
-                (State::LineStart | State::InLine, _) => self.plain_byte(byte),
+                (State::LineStart | State::InLine, _) => self.plain_byte(byte, out),
             }
         }
         Progress::NeedMore
@@ -127,49 +132,48 @@ impl DataDecoder {
 
     /// A byte in the middle of a line. A bare LF does not end the line:
     /// treating it as one is exactly what smuggling attacks rely on.
-    fn plain_byte(&mut self, byte: u8) {
+    fn plain_byte(&mut self, byte: u8, out: &mut Vec<u8>) {
         match byte {
             b'\r' => self.state = State::Cr,
             b'\n' => {
                 self.fail(DataError::BareLineFeed);
-                self.emit(b'\n');
+                self.emit(b'\n', out);
                 self.state = State::InLine;
             }
             _ => {
-                self.emit(byte);
+                self.emit(byte, out);
                 self.state = State::InLine;
             }
         }
     }
 
-    fn emit(&mut self, byte: u8) {
+    fn emit(&mut self, byte: u8, out: &mut Vec<u8>) {
         self.size += 1;
         self.headers.push(byte);
         if self.error.is_none() {
-            if self.body.len() >= self.max_size {
+            if self.size > self.max_size as u64 {
                 self.fail(DataError::TooLarge);
             } else {
-                self.body.push(byte);
+                out.push(byte);
             }
         }
     }
 
+    /// The message is refused; keep reading to the terminator (what the
+    /// caller already took of it is the caller's to drop).
     fn fail(&mut self, error: DataError) {
         if self.error.is_none() {
             self.error = Some(error);
-            // The message is refused; keep reading to the terminator but
-            // stop holding on to its bytes.
-            self.body = Vec::new();
         }
     }
 
-    /// The decoded message (with CRLF line ends), or why it is refused.
-    pub fn finish(self) -> Result<DecodedMessage, DataError> {
+    /// What end-of-data checks need to know, or why the message is refused.
+    pub fn finish(self) -> Result<DataSummary, DataError> {
         match self.error {
             Some(error) => Err(error),
-            None => Ok(DecodedMessage {
+            None => Ok(DataSummary {
+                size: self.size,
                 headers: self.headers.finish(),
-                content: self.body,
             }),
         }
     }
@@ -179,11 +183,12 @@ impl DataDecoder {
     }
 }
 
-/// A message as DATA delivered it, with what end-of-data checks need to
-/// know about its header section.
+/// A message as DATA delivered it (its bytes went to the caller), with
+/// what end-of-data checks need to know about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DecodedMessage {
-    pub content: Vec<u8>,
+pub struct DataSummary {
+    /// Octets of the decoded message.
+    pub size: u64,
     pub headers: HeaderSummary,
 }
 
@@ -333,11 +338,12 @@ mod tests {
 
     fn decode(input: &[u8]) -> (Result<Vec<u8>, DataError>, Option<usize>) {
         let mut decoder = DataDecoder::new(1 << 20);
-        let done = match decoder.feed(input) {
+        let mut out = Vec::new();
+        let done = match decoder.feed(input, &mut out) {
             Progress::Done { consumed } => Some(consumed),
             Progress::NeedMore => None,
         };
-        (decoder.finish().map(|m| m.content), done)
+        (decoder.finish().map(|_| out), done)
     }
 
     #[test]
@@ -364,9 +370,10 @@ mod tests {
     #[test]
     fn terminator_split_across_reads() {
         let mut decoder = DataDecoder::new(1024);
+        let mut out = Vec::new();
         let input = b"line\r\n.\r\nNEXT";
         for (i, byte) in input.iter().enumerate() {
-            match decoder.feed(std::slice::from_ref(byte)) {
+            match decoder.feed(std::slice::from_ref(byte), &mut out) {
                 Progress::NeedMore => assert!(i < 8),
                 Progress::Done { consumed } => {
                     assert_eq!((i, consumed), (8, 1));
@@ -374,7 +381,8 @@ mod tests {
                 }
             }
         }
-        assert_eq!(decoder.finish().unwrap().content, b"line\r\n");
+        assert_eq!(decoder.finish().unwrap().size, 6);
+        assert_eq!(out, b"line\r\n");
     }
 
     #[test]
@@ -392,13 +400,17 @@ mod tests {
                 b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<v@localhost>\r\nDATA\r\nspoof\r\n",
             );
             let mut decoder = DataDecoder::new(1 << 20);
+            let mut out = Vec::new();
             assert_eq!(
-                decoder.feed(&input),
+                decoder.feed(&input, &mut out),
                 Progress::NeedMore,
                 "{trick:?} ended DATA"
             );
             // Only the real terminator ends it, and the message is refused.
-            assert!(matches!(decoder.feed(b"\r\n.\r\n"), Progress::Done { .. }));
+            assert!(matches!(
+                decoder.feed(b"\r\n.\r\n", &mut out),
+                Progress::Done { .. }
+            ));
             let error = decoder.finish().unwrap_err();
             assert!(
                 matches!(
@@ -413,15 +425,24 @@ mod tests {
     #[test]
     fn size_limit_while_streaming() {
         let mut decoder = DataDecoder::new(10);
-        assert_eq!(decoder.feed(b"0123456789\r\n"), Progress::NeedMore);
-        assert!(decoder.body.is_empty(), "refused bytes are not kept");
-        assert!(matches!(decoder.feed(b".\r\n"), Progress::Done { .. }));
-        assert_eq!(decoder.size(), 12);
+        let mut out = Vec::new();
+        assert_eq!(
+            decoder.feed(b"0123456789\r\n", &mut out),
+            Progress::NeedMore
+        );
+        assert_eq!(out.len(), 10, "nothing beyond the limit is passed on");
+        out.clear();
+        assert!(matches!(
+            decoder.feed(b"x\r\n.\r\n", &mut out),
+            Progress::Done { .. }
+        ));
+        assert!(out.is_empty());
+        assert_eq!(decoder.size(), 15);
         assert_eq!(decoder.finish(), Err(DataError::TooLarge));
 
         let mut decoder = DataDecoder::new(12);
         assert!(matches!(
-            decoder.feed(b"0123456789\r\n.\r\n"),
+            decoder.feed(b"0123456789\r\n.\r\n", &mut out),
             Progress::Done { .. }
         ));
         assert!(decoder.finish().is_ok());
@@ -434,8 +455,9 @@ mod tests {
         let mut input = message.to_vec();
         input.extend_from_slice(b".\r\n");
         let mut decoder = DataDecoder::new(1 << 20);
+        let mut out = Vec::new();
         for chunk in input.chunks(7) {
-            decoder.feed(chunk);
+            decoder.feed(chunk, &mut out);
         }
         let decoded = decoder.finish().unwrap();
         let expected = HeaderSummary {

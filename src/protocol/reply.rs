@@ -50,6 +50,7 @@ pub const AUTH_LOCKED_OUT: Status = enhanced(421, "4.7.0");
 pub const LOCAL_ERROR: Status = enhanced(451, "4.3.0");
 pub const DNS_TEMPORARY_FAILURE: Status = enhanced(451, "4.4.3");
 pub const TOO_MANY_RECIPIENTS: Status = enhanced(452, "4.5.3");
+pub const STORAGE_FULL: Status = enhanced(452, "4.3.1");
 pub const TLS_NOT_AVAILABLE: Status = enhanced(454, "4.7.0");
 pub const AUTH_TEMPORARY_FAILURE: Status = enhanced(454, "4.7.0");
 

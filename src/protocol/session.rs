@@ -19,7 +19,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 
 use super::address::{Address, ReversePath};
 use super::command::{BodyType, Command, ForwardPath, MailParams, RcptParams, parse_command};
-use super::data::{ContentLimits, DataError, DecodedMessage, content_refusal};
+use super::data::{ContentLimits, DataError, DataSummary, content_refusal};
 use super::dsn::{Notify, Ret};
 use super::reply::{self, Reply};
 use crate::routing::{Route, Routed};
@@ -99,8 +99,11 @@ pub struct Envelope {
     /// The reverse path; empty for the null sender.
     pub sender: String,
     pub recipients: Vec<EnvelopeRecipient>,
-    /// The message, starting with our Received header.
-    pub content: Vec<u8>,
+    /// Our Received header, to go in front of the body the connection
+    /// spooled (the session never holds the message itself).
+    pub trace_header: Vec<u8>,
+    /// Octets of the body.
+    pub body_size: u64,
     pub client_ip: IpAddr,
     pub helo: Option<String>,
     pub auth_user: Option<String>,
@@ -234,6 +237,8 @@ pub trait Services {
         password: &str,
     ) -> AuthVerdict;
     fn is_locked_out(&self, ip: IpAddr) -> bool;
+    /// Whether there is room for new mail (disk space above the floor).
+    fn has_room(&self) -> bool;
 }
 
 #[derive(Debug)]
@@ -480,6 +485,12 @@ impl Session {
                 "MAIL parameters need EHLO",
             ));
         }
+        if !services.has_room() {
+            return Step::reply(Reply::new(
+                reply::STORAGE_FULL,
+                "Insufficient system storage, try again later",
+            ));
+        }
         if let Some(size) = params.size
             && size > self.config.max_message_size
         {
@@ -587,11 +598,7 @@ impl Session {
     /// The DATA stream ended (at `<CRLF>.<CRLF>`). Whatever can be known
     /// about the message now is checked now, so that nothing accepted can
     /// turn into a bounce later for a reason the client could have been told.
-    pub fn data_finished(
-        &mut self,
-        result: Result<DecodedMessage, DataError>,
-        stamp: Stamp,
-    ) -> Step {
+    pub fn data_finished(&mut self, result: Result<DataSummary, DataError>, stamp: Stamp) -> Step {
         let Some(transaction) = self.transaction.take() else {
             return Step::reply(Reply::new(reply::BAD_SEQUENCE, "No transaction"));
         };
@@ -607,7 +614,7 @@ impl Session {
     fn finish_message(
         &mut self,
         transaction: Transaction,
-        result: Result<DecodedMessage, DataError>,
+        result: Result<DataSummary, DataError>,
         stamp: Stamp,
     ) -> Step {
         let message = match result {
@@ -627,6 +634,12 @@ impl Session {
                     DataError::LineTooLong.describe(),
                 ));
             }
+            Err(DataError::NoStorage) => {
+                return self.finish(Reply::new(
+                    reply::STORAGE_FULL,
+                    DataError::NoStorage.describe(),
+                ));
+            }
             Err(error) => {
                 return self.finish(Reply::new(reply::BAD_MESSAGE_DATA, error.describe()));
             }
@@ -635,10 +648,9 @@ impl Session {
             return self.finish(refusal);
         }
         let id = stamp.id;
-        let mut content = self
+        let trace_header = self
             .received_header(&id, &transaction, stamp.now)
             .into_bytes();
-        content.extend_from_slice(&message.content);
 
         let mut recipients: Vec<EnvelopeRecipient> = Vec::new();
         for accepted in &transaction.recipients {
@@ -664,7 +676,8 @@ impl Session {
             id,
             sender: transaction.sender.to_string(),
             recipients,
-            content,
+            trace_header,
+            body_size: message.size,
             client_ip: self.client_ip,
             helo: self.helo.clone(),
             auth_user: self.user.clone(),
@@ -677,7 +690,7 @@ impl Session {
         Step::nothing(Action::Enqueue(Box::new(envelope)))
     }
 
-    fn refuse_content(&self, transaction: &Transaction, message: &DecodedMessage) -> Option<Reply> {
+    fn refuse_content(&self, transaction: &Transaction, message: &DataSummary) -> Option<Reply> {
         let local_mailboxes = transaction
             .recipients
             .iter()
@@ -975,6 +988,10 @@ mod tests {
         fn is_locked_out(&self, ip: IpAddr) -> bool {
             ip == IpAddr::from([192, 0, 2, 66])
         }
+
+        fn has_room(&self) -> bool {
+            true
+        }
     }
 
     fn local(mailbox: &str) -> Routed {
@@ -1048,7 +1065,11 @@ mod tests {
 
     fn finish_data(session: &mut Session, data: &[u8]) -> Step {
         let mut decoder = DataDecoder::new(1000);
-        assert!(matches!(decoder.feed(data), Progress::Done { .. }));
+        let mut body = Vec::new();
+        assert!(matches!(
+            decoder.feed(data, &mut body),
+            Progress::Done { .. }
+        ));
         session.data_finished(decoder.finish(), stamp())
     }
 
@@ -1083,11 +1104,15 @@ mod tests {
             .map(|r| r.target.address.as_str())
             .collect();
         assert_eq!(to, vec!["alice@localhost", "postmaster@localhost"]);
-        let text = String::from_utf8(message.content).unwrap();
+        let text = String::from_utf8(message.trace_header).unwrap();
         assert!(text.starts_with(
             "Received: from client.test ([127.0.0.1])\r\n\tby mx.test (petrel) with ESMTP id "
         ));
-        assert!(text.ends_with("\r\n\r\nHello\r\n"));
+        assert!(text.ends_with(" +0000\r\n"), "{text}");
+        assert_eq!(
+            message.body_size,
+            b"Subject: hi\r\n\r\nHello\r\n".len() as u64
+        );
         assert!(!text.contains("for <"), "two recipients: no 'for' clause");
         // The transaction is over; a new one needs MAIL again.
         assert_eq!(code(&mut s, "RCPT TO:<alice@localhost>"), 503);
@@ -1356,7 +1381,7 @@ mod tests {
         let message = deliver(&mut s, b"x\r\n.\r\n");
         assert!(message.smtputf8);
         assert!(
-            String::from_utf8(message.content)
+            String::from_utf8(message.trace_header)
                 .unwrap()
                 .contains("with UTF8SMTP id")
         );
@@ -1449,7 +1474,7 @@ mod tests {
         code(&mut s, "DATA");
         let message = deliver(&mut s, b"x\r\n.\r\n");
         assert_eq!(message.auth_user.as_deref(), Some("alice@localhost"));
-        let text = String::from_utf8(message.content).unwrap();
+        let text = String::from_utf8(message.trace_header).unwrap();
         assert!(text.contains("with ESMTPSA id"), "{text}");
         assert!(
             text.contains("(using TLSv1_3 with cipher TLS13_AES_256_GCM_SHA384)"),

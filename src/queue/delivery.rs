@@ -71,7 +71,7 @@ pub struct RecipientUpdate {
 }
 
 /// Everything one delivery attempt changes, committed together.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct DeliveryReport {
     pub message_id: String,
     pub updates: Vec<RecipientUpdate>,
@@ -92,7 +92,10 @@ pub struct StoredMessage {
     pub delay_warning_sent: bool,
     pub ret: Option<Ret>,
     pub envid: Option<String>,
-    pub content: Vec<u8>,
+    /// Octets of the whole message.
+    pub size: u64,
+    /// Its first octets (see [`load_message`]).
+    pub head: Vec<u8>,
 }
 
 fn kind_from(text: &str) -> MessageKind {
@@ -266,33 +269,50 @@ pub fn next_due(conn: &Connection) -> Result<Option<SystemTime>, QueueError> {
     Ok(next.as_deref().and_then(parse_sql_timestamp))
 }
 
-pub fn load_message(conn: &Connection, id: &str) -> Result<Option<StoredMessage>, QueueError> {
-    conn.query_row(
-        "SELECT id, sender, kind, received_at, eight_bit, smtputf8,
-                delay_warning_sent_at IS NOT NULL, content, dsn_ret, dsn_envid
-         FROM messages WHERE id = ?1",
-        [id],
-        |row| {
-            let kind: String = row.get(2)?;
-            let received: String = row.get(3)?;
-            Ok(StoredMessage {
-                id: row.get(0)?,
-                sender: row.get(1)?,
-                kind: kind_from(&kind),
-                received_at: parse_sql_timestamp(&received).unwrap_or(SystemTime::UNIX_EPOCH),
-                eight_bit: row.get(4)?,
-                smtputf8: row.get(5)?,
-                delay_warning_sent: row.get(6)?,
-                content: row.get(7)?,
-                ret: row
-                    .get::<_, Option<String>>(8)?
-                    .and_then(|r| Ret::parse(&r).ok()),
-                envid: row.get(9)?,
-            })
-        },
-    )
-    .optional()
-    .map_err(QueueError::sqlite(format!("{id}: cannot load message")))
+/// A message's metadata and the first `head_limit` octets of its content
+/// (enough for notices: headers, or all of a small message); the rest is
+/// read in chunks when delivered ([`super::content::ContentReader`]).
+pub fn load_message(
+    conn: &Connection,
+    id: &str,
+    head_limit: usize,
+) -> Result<Option<StoredMessage>, QueueError> {
+    let message = conn
+        .prepare_cached(
+            "SELECT id, sender, kind, received_at, eight_bit, smtputf8,
+                    delay_warning_sent_at IS NOT NULL, size, dsn_ret, dsn_envid
+             FROM messages WHERE id = ?1",
+        )
+        .and_then(|mut statement| {
+            statement
+                .query_row([id], |row| {
+                    let kind: String = row.get(2)?;
+                    let received: String = row.get(3)?;
+                    Ok(StoredMessage {
+                        id: row.get(0)?,
+                        sender: row.get(1)?,
+                        kind: kind_from(&kind),
+                        received_at: parse_sql_timestamp(&received)
+                            .unwrap_or(SystemTime::UNIX_EPOCH),
+                        eight_bit: row.get(4)?,
+                        smtputf8: row.get(5)?,
+                        delay_warning_sent: row.get(6)?,
+                        size: row.get::<_, i64>(7)?.max(0) as u64,
+                        ret: row
+                            .get::<_, Option<String>>(8)?
+                            .and_then(|r| Ret::parse(&r).ok()),
+                        envid: row.get(9)?,
+                        head: Vec::new(),
+                    })
+                })
+                .optional()
+        })
+        .map_err(QueueError::sqlite(format!("{id}: cannot load message")))?;
+    let Some(mut message) = message else {
+        return Ok(None);
+    };
+    message.head = super::content::head(conn, id, head_limit)?;
+    Ok(Some(message))
 }
 
 /// Makes waiting recipients due now (`queue retry`). `None`: every message.

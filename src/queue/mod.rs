@@ -4,6 +4,7 @@
 //! batches (group commit); readers open their own connections. It must never
 //! report a message as stored before its transaction is committed on disk.
 
+pub mod content;
 pub mod delivery;
 mod id;
 mod schema;
@@ -75,13 +76,13 @@ impl MessageKind {
 }
 
 /// A message ready to be committed, as a session or `sendmail` hands it over.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct NewMessage {
     pub id: QueueId,
     /// Envelope sender; empty for the null sender.
     pub sender: String,
     pub recipients: Vec<NewRecipient>,
-    pub content: Vec<u8>,
+    pub content: content::Content,
     pub client_ip: Option<IpAddr>,
     pub helo: Option<String>,
     pub auth_user: Option<String>,
@@ -219,12 +220,12 @@ pub struct Queue {
 impl Queue {
     /// Opens `data_dir/queue.db`, migrating it, and starts the writer.
     pub fn open(data_dir: &Path) -> Result<Queue, QueueError> {
-        std::fs::create_dir_all(data_dir).map_err(|e| {
-            QueueError::new(format!(
-                "cannot create data_dir {}: {e}",
-                data_dir.display()
-            ))
-        })?;
+        create_data_dir(data_dir)?;
+        match content::clear_spool(data_dir) {
+            Ok(0) => {}
+            Ok(n) => log::info!("queue: removed {n} spool files of messages never acknowledged"),
+            Err(error) => log::warn!("queue: cannot clear the spool: {error}"),
+        }
         let path = data_dir.join(QUEUE_FILE);
         let conn = schema::open(&path)?;
         let stats = Arc::new(QueueStats::default());
@@ -331,10 +332,31 @@ pub fn insert_direct(data_dir: &Path, message: &NewMessage) -> Result<(), QueueE
 }
 
 fn create_data_dir(data_dir: &Path) -> Result<(), QueueError> {
-    std::fs::create_dir_all(data_dir).map_err(|e| {
+    create_private_dir(data_dir).map_err(|e| {
         QueueError::new(format!(
             "cannot create data_dir {}: {e}",
             data_dir.display()
         ))
     })
+}
+
+/// Space left for new mail on the filesystem of `data_dir`, in octets (as
+/// an unprivileged process may use it).
+pub fn free_space(data_dir: &Path) -> std::io::Result<u64> {
+    let stats = rustix::fs::statvfs(data_dir)?;
+    Ok(stats.f_bavail.saturating_mul(stats.f_frsize))
+}
+
+/// Creates `dir` (with its parents) for petrel's user only: 0700 whatever
+/// the umask, since it holds queued mail, password hashes and keys.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }

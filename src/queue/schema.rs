@@ -17,6 +17,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../../sql/0003_delivery.sql"),
     ),
     ("0004_routes.sql", include_str!("../../sql/0004_routes.sql")),
+    (
+        "0005_contents.sql",
+        include_str!("../../sql/0005_contents.sql"),
+    ),
 ];
 
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -25,12 +29,59 @@ pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
 /// before giving up; the server turns a give-up into a 4xx, never a loss.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The WAL file is cut back to this after a checkpoint, so one burst of
+/// big messages does not leave it at its peak size for good.
+const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
+
 /// Opens (creating if needed) and migrates. Every connection gets WAL and
 /// `synchronous=FULL`: a commit is on disk when it returns.
 pub fn open(path: &Path) -> Result<Connection, QueueError> {
+    create_private_file(path)?;
     let conn = open_connection(path)?;
     migrate(&conn, path)?;
+    ensure_incremental_vacuum(&conn, path)?;
     Ok(conn)
+}
+
+/// The database holds all queued mail and the password hashes: it is
+/// created readable by petrel's user only (SQLite gives its -wal and -shm
+/// files the same mode), whatever the umask.
+fn create_private_file(path: &Path) -> Result<(), QueueError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(error) => Err(QueueError::new(format!(
+            "cannot create {}: {error}",
+            path.display()
+        ))),
+    }
+}
+
+/// Freed pages go back to the filesystem (a periodic incremental vacuum
+/// in the writer), so queue.db shrinks after the queue drains. A database
+/// made before this needs one full VACUUM to switch; it is done here, once.
+fn ensure_incremental_vacuum(conn: &Connection, path: &Path) -> Result<(), QueueError> {
+    let mode: i64 = conn
+        .query_row("PRAGMA auto_vacuum", [], |row| row.get(0))
+        .map_err(QueueError::sqlite("cannot read auto_vacuum"))?;
+    if mode == 2 {
+        return Ok(());
+    }
+    log::info!(
+        "queue: switching {} to incremental vacuum (once; takes a moment on a big queue)",
+        path.display()
+    );
+    conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL; VACUUM;")
+        .map_err(QueueError::sqlite(format!(
+            "cannot switch {} to incremental vacuum",
+            path.display()
+        )))
 }
 
 pub fn open_connection(path: &Path) -> Result<Connection, QueueError> {
@@ -47,8 +98,11 @@ pub fn open_connection(path: &Path) -> Result<Connection, QueueError> {
             path.display()
         )));
     }
-    conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
-        .map_err(QueueError::sqlite(context("cannot configure")))?;
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;
+         PRAGMA journal_size_limit = {WAL_SIZE_LIMIT};"
+    ))
+    .map_err(QueueError::sqlite(context("cannot configure")))?;
     Ok(conn)
 }
 
@@ -65,6 +119,12 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), QueueError> {
              it was written by a newer petrel",
             path.display()
         )));
+    }
+    if version == 0 {
+        // A new database: incremental vacuum costs nothing before the
+        // first table exists.
+        conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")
+            .map_err(QueueError::sqlite("cannot set auto_vacuum"))?;
     }
     for (index, (name, sql)) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         let target = index + 1;

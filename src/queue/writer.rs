@@ -6,9 +6,9 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use rusqlite::{Connection, TransactionBehavior, params};
 
 use super::delivery::{self, ClaimedRecipient, DeliveryReport};
@@ -23,6 +23,12 @@ pub const CHANNEL_CAPACITY: usize = 1024;
 /// Upper bound for one transaction, so a burst cannot delay the first
 /// message of the batch indefinitely.
 const MAX_BATCH: usize = 256;
+/// How often the writer gives freed pages back to the filesystem.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(5);
+/// Free pages tolerated before they are given back ...
+const FREE_PAGES_KEPT: i64 = 256;
+/// ... and at most this many per step, so a step is short (8 MiB at 4 KiB).
+const PAGES_PER_STEP: i64 = 2048;
 
 pub enum WriteOp {
     Insert(Box<NewMessage>),
@@ -71,10 +77,16 @@ pub fn spawn(
 
 fn run(mut conn: Connection, requests: Receiver<Request>, stats: Arc<QueueStats>) {
     let mut stopping = false;
+    let mut last_maintenance = Instant::now();
     while !stopping {
-        let first = match requests.recv() {
+        if last_maintenance.elapsed() >= MAINTENANCE_INTERVAL {
+            reclaim_space(&conn);
+            last_maintenance = Instant::now();
+        }
+        let first = match requests.recv_timeout(MAINTENANCE_INTERVAL) {
             Ok(Request::Write(request)) => request,
-            Ok(Request::Stop) | Err(_) => break,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Ok(Request::Stop) | Err(RecvTimeoutError::Disconnected) => break,
         };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -93,6 +105,30 @@ fn run(mut conn: Connection, requests: Receiver<Request>, stats: Arc<QueueStats>
             let _ = request.done.send(result);
         }
     }
+}
+
+/// Gives freed pages back to the filesystem (auto_vacuum=INCREMENTAL), a
+/// step at a time, and cuts the WAL back once idle, so queue.db does not
+/// stay at its peak size after a burst drains.
+fn reclaim_space(conn: &Connection) {
+    let free: i64 = match conn.query_row("PRAGMA freelist_count", [], |row| row.get(0)) {
+        Ok(free) => free,
+        Err(error) => {
+            log::warn!("queue: cannot read the free page count: {error}");
+            return;
+        }
+    };
+    if free <= FREE_PAGES_KEPT {
+        return;
+    }
+    let step = format!("PRAGMA incremental_vacuum({PAGES_PER_STEP})");
+    if let Err(error) = conn.execute_batch(&step) {
+        log::warn!("queue: incremental vacuum failed: {error}");
+        return;
+    }
+    // Readers may hold the WAL; a checkpoint that cannot finish now is
+    // simply tried again next time.
+    let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
 }
 
 fn commit_batch(
@@ -170,11 +206,13 @@ pub fn insert_message(
     if message.recipients.is_empty() {
         return Err(QueueError::new(format!("{id}: message has no recipients")));
     }
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO messages (id, received_at, sender, kind, listener, client_ip, helo, auth_user,
-                               eight_bit, smtputf8, size, content, dsn_ret, dsn_envid)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-        params![
+                               eight_bit, smtputf8, size, dsn_ret, dsn_envid)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+    )
+    .and_then(|mut insert| {
+        insert.execute(params![
             id,
             now,
             message.sender,
@@ -186,12 +224,12 @@ pub fn insert_message(
             message.eight_bit,
             message.smtputf8,
             message.content.len() as i64,
-            message.content,
             message.ret.map(|r| r.as_str()),
             message.envid,
-        ],
-    )
+        ])
+    })
     .map_err(QueueError::sqlite(format!("{id}: cannot insert message")))?;
+    super::content::store(conn, id, &message.content)?;
     let mut insert = conn
         .prepare_cached(
             "INSERT INTO recipients (message_id, address, original_address, status,

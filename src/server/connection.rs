@@ -5,19 +5,20 @@
 
 use std::io::{self, Read};
 use std::net::{SocketAddr, TcpStream};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use rustls::ServerConnection;
 
 use super::ServerContext;
 use super::limits::Permit;
 use crate::printable::escape;
-use crate::protocol::data::{DataDecoder, DataError, DecodedMessage, Progress};
+use crate::protocol::data::{DataDecoder, DataError, DataSummary, Progress};
 use crate::protocol::line::{Line, LineReader};
 use crate::protocol::reply::{self, Reply};
 use crate::protocol::session::{
     Action, Envelope, ListenerKind, Rejection, Session, Stamp, Step, TlsInfo,
 };
+use crate::queue::content::{Body, Content, Spool};
 use crate::queue::{MessageKind, NewMessage, NewRecipient, QueueId};
 use crate::tls::{ServerTls, Transport};
 
@@ -80,6 +81,30 @@ fn is_timeout(error: &io::Error) -> bool {
     )
 }
 
+/// Deadlines of one session: a total one, and one for the request being
+/// read (a command line, or the DATA stream), neither of which a client can
+/// push back by trickling bytes.
+struct Clock {
+    session_end: Instant,
+}
+
+impl Clock {
+    /// Reads with a timeout that ends at `deadline` (or the session's end).
+    fn read(&self, conn: &mut Conn, buf: &mut [u8], deadline: Instant) -> io::Result<usize> {
+        let end = deadline.min(self.session_end);
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"));
+        }
+        conn.tcp().set_read_timeout(Some(left))?;
+        conn.read(buf)
+    }
+
+    fn session_over(&self) -> bool {
+        Instant::now() >= self.session_end
+    }
+}
+
 fn run(
     stream: TcpStream,
     peer: SocketAddr,
@@ -88,6 +113,9 @@ fn run(
 ) -> io::Result<End> {
     let limits = &ctx.config.limits;
     let command_timeout = limits.command_timeout.get();
+    let clock = Clock {
+        session_end: Instant::now() + limits.session_timeout.get(),
+    };
     stream.set_read_timeout(Some(command_timeout))?;
     stream.set_write_timeout(Some(command_timeout))?;
     stream.set_nodelay(true)?;
@@ -101,57 +129,78 @@ fn run(
         conn = start_tls(conn, tls)?;
     }
     let mut session = Session::new(ctx.session_config(listener), peer.ip(), tls_info(&conn));
-    let mut out: Vec<u8> = Vec::new();
+    let mut io = SessionIo {
+        conn,
+        lines: LineReader::new(),
+        out: Vec::new(),
+        buf: vec![0u8; READ_BUFFER],
+        peer,
+        clock,
+    };
     if ctx.is_shutting_down() {
-        conn.send(shutting_down_reply(ctx).as_bytes())?;
+        io.conn.send(shutting_down_reply(ctx).as_bytes())?;
         return Ok(End::ShuttingDown);
     }
-    out.extend_from_slice(session.greeting().to_wire().as_bytes());
+    io.out
+        .extend_from_slice(session.greeting().to_wire().as_bytes());
 
-    let mut lines = LineReader::new();
-    let mut buf = vec![0u8; READ_BUFFER];
+    // A command must arrive whole within command_timeout of when we began
+    // waiting for it, however slowly its bytes trickle in.
+    let mut request_deadline = Instant::now() + command_timeout;
     loop {
-        while let Some(line) = lines.next_line() {
+        while let Some(line) = io.lines.next_line() {
             let step = match line {
                 Line::Complete(line) => session.handle_line(&line, &ctx.services),
                 Line::TooLong => session.line_too_long(),
             };
-            if let Some(end) = perform(
-                step,
-                &mut session,
-                &mut conn,
-                &mut lines,
-                &mut out,
-                &mut buf,
-                peer,
-                ctx,
-            )? {
+            if let Some(end) = perform(step, &mut session, &mut io, ctx)? {
                 return Ok(end);
             }
+            request_deadline = Instant::now() + command_timeout;
         }
         // No complete command left: send the batched replies before
         // blocking (RFC 2920 3.1).
-        flush(&mut conn, &mut out)?;
-        match conn.read(&mut buf) {
+        flush(&mut io.conn, &mut io.out)?;
+        match io.clock.read(&mut io.conn, &mut io.buf, request_deadline) {
             Ok(0) => {
                 if ctx.is_shutting_down() {
-                    let _ = conn.send(shutting_down_reply(ctx).as_bytes());
+                    let _ = io.conn.send(shutting_down_reply(ctx).as_bytes());
                     return Ok(End::ShuttingDown);
                 }
                 return Ok(End::ClientDisconnected);
             }
-            Ok(n) => lines.push(&buf[..n]),
+            Ok(n) => io.lines.push(&io.buf[..n]),
             Err(error) if is_timeout(&error) => {
-                let reply = Reply::new(
-                    reply::TIMEOUT,
-                    format!("{} Timeout, closing connection", ctx.config.hostname),
-                );
-                let _ = conn.send(reply.to_wire().as_bytes());
-                return Ok(End::Timeout);
+                return Ok(timed_out(&mut io, ctx));
             }
             Err(error) => return Err(error),
         }
     }
+}
+
+/// Everything the IO loop owns besides the session.
+struct SessionIo {
+    conn: Conn,
+    lines: LineReader,
+    out: Vec<u8>,
+    buf: Vec<u8>,
+    peer: SocketAddr,
+    clock: Clock,
+}
+
+/// Tells the client why it is being dropped (RFC 5321 4.5.3.2: 421).
+fn timed_out(io: &mut SessionIo, ctx: &ServerContext) -> End {
+    let hostname = &ctx.config.hostname;
+    let text = if io.clock.session_over() {
+        format!("{hostname} Session time limit exceeded, closing connection")
+    } else {
+        format!("{hostname} Timeout, closing connection")
+    };
+    let _ = io
+        .conn
+        .send(Reply::new(reply::TIMEOUT, text).to_wire().as_bytes());
+    log::info!("{}: timeout; connection closed", io.peer);
+    End::Timeout
 }
 
 fn shutting_down_reply(ctx: &ServerContext) -> String {
@@ -175,70 +224,56 @@ fn flush(conn: &mut Conn, out: &mut Vec<u8>) -> io::Result<()> {
 
 /// Carries out a step and the steps that follow from it (DATA leads to a
 /// commit, which leads to the final reply). `Some(end)` ends the session.
-#[allow(clippy::too_many_arguments)]
 fn perform(
     mut step: Step,
     session: &mut Session,
-    conn: &mut Conn,
-    lines: &mut LineReader,
-    out: &mut Vec<u8>,
-    buf: &mut [u8],
-    peer: SocketAddr,
+    io: &mut SessionIo,
     ctx: &ServerContext,
 ) -> io::Result<Option<End>> {
+    let peer = io.peer;
+    // The body of the message DATA just received, until the queue has it.
+    let mut body: Option<Body> = None;
     loop {
         if let Some(rejection) = &step.rejected {
             log_rejection(rejection, peer);
         }
         if let Some(delay) = step.delay {
-            flush(conn, out)?;
+            flush(&mut io.conn, &mut io.out)?;
             std::thread::sleep(delay);
         }
         for reply in &step.replies {
-            out.extend_from_slice(reply.to_wire().as_bytes());
+            io.out.extend_from_slice(reply.to_wire().as_bytes());
         }
         step = match step.action {
             Action::Continue => return Ok(None),
             Action::Close => {
-                flush(conn, out)?;
+                flush(&mut io.conn, &mut io.out)?;
                 return Ok(Some(End::Closed));
             }
             Action::StartTls => {
-                flush(conn, out)?;
-                let dropped = lines.discard();
+                flush(&mut io.conn, &mut io.out)?;
+                let dropped = io.lines.discard();
                 if dropped > 0 {
                     log::warn!("{peer}: discarded {dropped} bytes pipelined after STARTTLS");
                 }
                 let Some(tls) = &ctx.tls else {
                     return Err(io::Error::other("STARTTLS accepted without a certificate"));
                 };
-                let placeholder = Transport::Plain(conn.tcp().try_clone()?);
-                let plain = std::mem::replace(conn, placeholder);
-                *conn = start_tls(plain, tls)?;
-                if let Some(info) = tls_info(conn) {
+                let placeholder = Transport::Plain(io.conn.tcp().try_clone()?);
+                let plain = std::mem::replace(&mut io.conn, placeholder);
+                io.conn = start_tls(plain, tls)?;
+                if let Some(info) = tls_info(&io.conn) {
                     session.tls_started(info);
                 }
                 return Ok(None);
             }
             Action::ReceiveData => {
-                flush(conn, out)?;
-                let pending = lines.take_buffered();
-                let limits = &ctx.config.limits;
-                let received = match receive_data(
-                    conn,
-                    pending,
-                    buf,
-                    limits.max_message_size.bytes() as usize,
-                    limits.data_timeout.get(),
-                ) {
+                flush(&mut io.conn, &mut io.out)?;
+                let received = match receive_data(io, ctx) {
                     Ok(received) => received,
                     Err(error) if is_timeout(&error) => {
-                        let reply = Reply::new(
-                            reply::TIMEOUT,
-                            "Timeout waiting for DATA, closing connection",
-                        );
-                        let _ = conn.send(reply.to_wire().as_bytes());
-                        return Ok(Some(End::Timeout));
+                        log::info!("{peer}: DATA too slow or stalled; nothing queued");
+                        return Ok(Some(timed_out(io, ctx)));
                     }
                     Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => {
                         log::info!("{peer}: disconnected during DATA; nothing queued");
@@ -246,20 +281,28 @@ fn perform(
                     }
                     Err(error) => return Err(error),
                 };
-                conn.tcp()
-                    .set_read_timeout(Some(limits.command_timeout.get()))?;
-                lines.push(&received.rest);
-                if let Err(error) = &received.message {
-                    log::info!("{peer}: message refused: {}", error.describe());
-                }
+                io.lines.push(&received.rest);
+                let summary = match received.message {
+                    Ok((summary, received_body)) => {
+                        body = Some(received_body);
+                        Ok(summary)
+                    }
+                    Err(error) => {
+                        log::info!("{peer}: message refused: {}", error.describe());
+                        Err(error)
+                    }
+                };
                 let stamp = Stamp {
                     id: QueueId::generate().to_string(),
                     now: SystemTime::now(),
                 };
-                session.data_finished(received.message, stamp)
+                session.data_finished(summary, stamp)
             }
-            Action::Enqueue(message) => {
-                let result = commit(*message, peer, ctx);
+            Action::Enqueue(envelope) => {
+                let result = match body.take() {
+                    Some(body) => commit(*envelope, body, peer, ctx),
+                    None => Err("no message body to queue".to_string()),
+                };
                 session.enqueued(result)
             }
         };
@@ -283,44 +326,69 @@ fn log_rejection(rejection: &Rejection, peer: SocketAddr) {
     );
 }
 
-/// The decoded message (or why it was refused) and the bytes that
-/// followed the terminator, which are the client's next commands.
+/// The message (its summary and spooled body, or why it was refused) and
+/// the bytes that followed the terminator, which are the client's next
+/// commands.
 struct ReceivedData {
-    message: Result<DecodedMessage, DataError>,
+    message: Result<(DataSummary, Body), DataError>,
     rest: Vec<u8>,
 }
 
-/// Reads the DATA stream up to its terminator.
-fn receive_data(
-    conn: &mut Conn,
-    pending: Vec<u8>,
-    buf: &mut [u8],
-    max_size: usize,
-    timeout: Duration,
-) -> io::Result<ReceivedData> {
-    conn.tcp().set_read_timeout(Some(timeout))?;
-    let mut decoder = DataDecoder::new(max_size);
-    if let Progress::Done { consumed } = decoder.feed(&pending) {
-        return Ok(ReceivedData {
-            message: decoder.finish(),
-            rest: pending[consumed..].to_vec(),
-        });
+/// Reads the DATA stream up to its terminator into a spool: a small buffer
+/// in memory, the rest on disk. The stream must keep a minimum rate: the
+/// deadline starts at `data_timeout` and each read earns more time in
+/// proportion to what it brought (as Postfix's smtpd_min_data_rate).
+fn receive_data(io: &mut SessionIo, ctx: &ServerContext) -> io::Result<ReceivedData> {
+    let limits = &ctx.config.limits;
+    let rate = limits.min_data_rate.bytes().max(1) as f64;
+    let mut deadline = Instant::now() + limits.data_timeout.get();
+    let mut decoder = DataDecoder::new(limits.max_message_size.bytes() as usize);
+    let mut spool = Spool::new(&ctx.config.data_dir);
+    let mut spool_error: Option<io::Error> = None;
+    let mut decoded = Vec::with_capacity(READ_BUFFER);
+    let mut feed = |input: &[u8]| {
+        let progress = decoder.feed(input, &mut decoded);
+        if spool_error.is_none()
+            && !decoded.is_empty()
+            && let Err(error) = spool.write(&decoded)
+        {
+            spool_error = Some(error);
+        }
+        decoded.clear();
+        progress
+    };
+    let pending = io.lines.take_buffered();
+    let mut rest = None;
+    if let Progress::Done { consumed } = feed(&pending) {
+        rest = Some(pending[consumed..].to_vec());
     }
-    loop {
-        let n = conn.read(buf)?;
+    while rest.is_none() {
+        let n = io.clock.read(&mut io.conn, &mut io.buf, deadline)?;
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "client closed during DATA",
             ));
         }
-        if let Progress::Done { consumed } = decoder.feed(&buf[..n]) {
-            return Ok(ReceivedData {
-                message: decoder.finish(),
-                rest: buf[consumed..n].to_vec(),
-            });
+        deadline += Duration::from_secs_f64(n as f64 / rate);
+        if let Progress::Done { consumed } = feed(&io.buf[..n]) {
+            rest = Some(io.buf[consumed..n].to_vec());
         }
     }
+    let message = match decoder.finish() {
+        Err(error) => Err(error),
+        Ok(summary) => match spool_error.map_or_else(|| spool.finish(), Err) {
+            Ok(body) => Ok((summary, body)),
+            Err(error) => {
+                log::error!("{}: cannot spool a message: {error}", io.peer);
+                Err(DataError::NoStorage)
+            }
+        },
+    };
+    Ok(ReceivedData {
+        message,
+        rest: rest.unwrap_or_default(),
+    })
 }
 
 fn start_tls(conn: Conn, tls: &ServerTls) -> io::Result<Conn> {
@@ -329,7 +397,7 @@ fn start_tls(conn: Conn, tls: &ServerTls) -> io::Result<Conn> {
 }
 
 /// The queue's form of a message the session accepted.
-fn queued_form(envelope: Envelope) -> Result<NewMessage, String> {
+fn queued_form(envelope: Envelope, body: Body) -> Result<NewMessage, String> {
     let id = QueueId::parse(&envelope.id).ok_or("the session produced a bad queue id")?;
     Ok(NewMessage {
         id,
@@ -346,7 +414,10 @@ fn queued_form(envelope: Envelope) -> Result<NewMessage, String> {
                 orcpt: r.orcpt,
             })
             .collect(),
-        content: envelope.content,
+        content: Content {
+            prefix: envelope.trace_header,
+            body,
+        },
         client_ip: Some(envelope.client_ip),
         helo: envelope.helo,
         auth_user: envelope.auth_user,
@@ -361,8 +432,13 @@ fn queued_form(envelope: Envelope) -> Result<NewMessage, String> {
 
 /// Hands the message to the queue writer and logs the outcome; the client
 /// hears 250 only if this returns `Ok`.
-fn commit(envelope: Envelope, peer: SocketAddr, ctx: &ServerContext) -> Result<(), String> {
-    let message = queued_form(envelope)?;
+fn commit(
+    envelope: Envelope,
+    body: Body,
+    peer: SocketAddr,
+    ctx: &ServerContext,
+) -> Result<(), String> {
+    let message = queued_form(envelope, body)?;
     let id = message.id.clone();
     let summary = format!(
         "from=<{}>, size={}, nrcpt={}, client={}[{}], listener={}{}, to={}",

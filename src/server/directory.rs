@@ -313,6 +313,24 @@ impl Services for Directory {
     fn is_locked_out(&self, ip: IpAddr) -> bool {
         self.limiter.is_locked_out(ip)
     }
+
+    fn has_room(&self) -> bool {
+        let floor = self.config.queue.min_free_space.bytes();
+        match crate::queue::free_space(&self.config.data_dir) {
+            Ok(free) if free >= floor => true,
+            Ok(free) => {
+                log::warn!(
+                    "queue: only {} MiB free in {} (queue.min_free_space is {}); refusing new mail",
+                    free / (1024 * 1024),
+                    self.config.data_dir.display(),
+                    self.config.queue.min_free_space
+                );
+                false
+            }
+            // Cannot tell: let the commit decide rather than refuse all mail.
+            Err(_) => true,
+        }
+    }
 }
 
 #[cfg(test)]

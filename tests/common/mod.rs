@@ -153,9 +153,11 @@ impl TestServer {
     pub fn content_of(&self, id: &str) -> Vec<u8> {
         let content: Vec<u8> = self
             .db()
-            .query_row("SELECT content FROM messages WHERE id = ?1", [id], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT content FROM message_contents WHERE message_id = ?1",
+                [id],
+                |r| r.get(0),
+            )
             .unwrap();
         strip_received(&content)
     }
