@@ -32,6 +32,7 @@ retry_max = "1h"
 delay_warning = "0"
 [limits]
 max_sessions_per_ip = 64
+max_connection_rate = 0
 TOML
 start_petrel "${RUST_LOG:-warn,petrel::cli=info,petrel::delivery::worker=info}"
 

@@ -21,6 +21,7 @@ write_config <<TOML
 trusted_networks = ["127.0.0.0/8"]
 [limits]
 max_sessions_per_ip = $((sessions + 5))
+max_connection_rate = 0
 TOML
 # A real mailbox: petrel delivers into it while it accepts, as in real use.
 echo 'Quiet-Lantern-Bench-42!' |

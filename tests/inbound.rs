@@ -332,6 +332,8 @@ fn two_hundred_concurrent_clients_each_queue_a_message() {
     const CLIENTS: usize = 200;
     let server = TestServer::start(|config| {
         config.limits.max_sessions_per_ip = CLIENTS;
+        // All 200 on port 25: none of the default 256 kept for submission.
+        config.limits.submission_reserved = 0;
     });
     let addr = server.smtp();
     let barrier = Arc::new(Barrier::new(CLIENTS));
@@ -410,6 +412,7 @@ fn per_address_and_total_session_limits_answer_421() {
     let server = TestServer::start(|config| {
         config.limits.max_sessions = 3;
         config.limits.max_sessions_per_ip = 2;
+        config.limits.submission_reserved = 0;
     });
     let addr = server.smtp();
     let _a = RawClient::greeted(addr);

@@ -300,8 +300,15 @@ pub struct LimitsConfig {
     pub max_recipients: usize,
     /// Worker threads, hence concurrent sessions.
     pub max_sessions: usize,
-    /// One address may not take every worker.
+    /// One client (address, or IPv6 /64) may not take every worker.
     pub max_sessions_per_ip: usize,
+    /// Sessions port 25 can never take (at most half of max_sessions), so
+    /// strangers flooding the MX port cannot keep users from sending.
+    pub submission_reserved: usize,
+    /// New connections a minute from one client (address or /64); more get
+    /// 421. 0 turns it off. Trusted networks are exempt from this and from
+    /// max_sessions_per_ip.
+    pub max_connection_rate: u32,
     /// Protocol errors before a session is closed with 421.
     pub max_errors: u32,
     /// Waiting for a command: RFC 5321 4.5.3.2.7 says at least 5 minutes.
@@ -326,6 +333,8 @@ impl Default for LimitsConfig {
             max_recipients: 100,
             max_sessions: 256,
             max_sessions_per_ip: 20,
+            submission_reserved: 64,
+            max_connection_rate: 60,
             max_errors: 10,
             command_timeout: HumanDuration::secs(300),
             data_timeout: HumanDuration::secs(180),

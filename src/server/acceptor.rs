@@ -45,7 +45,8 @@ impl Acceptor {
             if self.context.is_shutting_down() {
                 return;
             }
-            match self.limits.try_acquire(peer.ip()) {
+            let trusted = self.context.config.relay.is_trusted(peer.ip());
+            match self.limits.try_acquire(peer.ip(), self.kind, trusted) {
                 Ok(permit) => {
                     let job = Job {
                         stream,
@@ -69,9 +70,17 @@ impl Acceptor {
                 reply::TOO_BUSY,
                 format!("{hostname} Too many connections, try again later"),
             ),
+            Refusal::ListenerFull => Reply::new(
+                reply::TOO_BUSY,
+                format!("{hostname} Too many connections on this port, try again later"),
+            ),
             Refusal::TooManyFromAddress => Reply::new(
                 reply::TOO_MANY_CONNECTIONS_FROM_YOU,
                 format!("{hostname} Too many connections from your address"),
+            ),
+            Refusal::TooFast => Reply::new(
+                reply::TOO_MANY_CONNECTIONS_FROM_YOU,
+                format!("{hostname} Too many connections from your address, slow down"),
             ),
         };
         log::info!("{peer}: refused on {}: {refusal:?}", self.kind.name());

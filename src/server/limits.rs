@@ -1,56 +1,125 @@
-//! Admission control for connections: a total and a per-address limit,
-//! decided by the acceptor before a worker is involved. A permit is held
-//! for the life of the session and released when dropped.
+//! Admission control for connections, decided by the acceptor before a
+//! worker is involved. A permit is held for the life of the session and
+//! released when dropped.
+//!
+//! - A total (`limits.max_sessions`, the worker threads), of which port 25
+//!   may never take the last `limits.submission_reserved`: strangers
+//!   flooding the MX port cannot keep users from sending.
+//! - Per client (an IPv4 address, or an IPv6 /64, which one host owns):
+//!   at most `limits.max_sessions_per_ip` at once, and at most
+//!   `limits.max_connection_rate` new connections a minute.
+//! - Clients in `relay.trusted_networks` are exempt from the per-client
+//!   limits (as Postfix's anvil exempts $mynetworks): they are our own
+//!   applications, which may open many connections on purpose.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use crate::auth::limiter::client_key;
+use crate::protocol::session::ListenerKind;
+
+/// Beyond this many clients with a rate history, the idle ones are forgotten.
+const PRUNE_RATES_ABOVE: usize = 10_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
     /// Every worker is busy.
     ServerBusy,
-    /// This address already has `max_sessions_per_ip` sessions.
+    /// Port 25 has used its share; the rest is kept for submission.
+    ListenerFull,
+    /// This client already has `max_sessions_per_ip` sessions.
     TooManyFromAddress,
+    /// This client opened more than `max_connection_rate` a minute.
+    TooFast,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct LimitSettings {
+    pub max_total: usize,
+    /// Sessions port 25 may hold at most.
+    pub max_smtp: usize,
+    pub max_per_client: usize,
+    /// New connections per minute per client; 0: no limit.
+    pub per_minute: u32,
+}
+
+/// A token bucket: `per_minute` tokens, refilled continuously.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    updated: Instant,
 }
 
 #[derive(Debug, Default)]
 struct Counts {
     total: usize,
-    per_ip: HashMap<IpAddr, usize>,
+    smtp: usize,
+    per_client: HashMap<IpAddr, usize>,
+    rates: HashMap<IpAddr, Bucket>,
 }
 
 #[derive(Debug)]
 pub struct ConnectionLimits {
-    max_total: usize,
-    max_per_ip: usize,
+    settings: LimitSettings,
     counts: Mutex<Counts>,
 }
 
 impl ConnectionLimits {
-    pub fn new(max_total: usize, max_per_ip: usize) -> Arc<ConnectionLimits> {
+    pub fn new(settings: LimitSettings) -> Arc<ConnectionLimits> {
         Arc::new(ConnectionLimits {
-            max_total,
-            max_per_ip,
+            settings,
             counts: Mutex::new(Counts::default()),
         })
     }
 
-    pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<Permit, Refusal> {
-        let ip = crate::config::canonical_ip(ip);
+    /// `exempt`: the client is in a trusted network.
+    pub fn try_acquire(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        listener: ListenerKind,
+        exempt: bool,
+    ) -> Result<Permit, Refusal> {
+        self.try_acquire_at(ip, listener, exempt, Instant::now())
+    }
+
+    fn try_acquire_at(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        listener: ListenerKind,
+        exempt: bool,
+        now: Instant,
+    ) -> Result<Permit, Refusal> {
+        let client = client_key(ip);
+        let settings = self.settings;
         let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
-        if counts.total >= self.max_total {
+        if counts.total >= settings.max_total {
             return Err(Refusal::ServerBusy);
         }
-        let from_ip = counts.per_ip.get(&ip).copied().unwrap_or(0);
-        if from_ip >= self.max_per_ip {
-            return Err(Refusal::TooManyFromAddress);
+        let smtp = listener == ListenerKind::Smtp;
+        if smtp && counts.smtp >= settings.max_smtp {
+            return Err(Refusal::ListenerFull);
+        }
+        if !exempt {
+            let from_client = counts.per_client.get(&client).copied().unwrap_or(0);
+            if from_client >= settings.max_per_client {
+                return Err(Refusal::TooManyFromAddress);
+            }
+            if settings.per_minute > 0 && !take_token(&mut counts, client, settings.per_minute, now)
+            {
+                return Err(Refusal::TooFast);
+            }
         }
         counts.total += 1;
-        counts.per_ip.insert(ip, from_ip + 1);
+        if smtp {
+            counts.smtp += 1;
+        }
+        *counts.per_client.entry(client).or_default() += 1;
         Ok(Permit {
             limits: Arc::clone(self),
-            ip,
+            client,
+            smtp,
         })
     }
 
@@ -61,15 +130,42 @@ impl ConnectionLimits {
             .total
     }
 
-    fn release(&self, ip: IpAddr) {
+    fn release(&self, client: IpAddr, smtp: bool) {
         let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
         counts.total = counts.total.saturating_sub(1);
-        if let Some(n) = counts.per_ip.get_mut(&ip) {
+        if smtp {
+            counts.smtp = counts.smtp.saturating_sub(1);
+        }
+        if let Some(n) = counts.per_client.get_mut(&client) {
             *n -= 1;
             if *n == 0 {
-                counts.per_ip.remove(&ip);
+                counts.per_client.remove(&client);
             }
         }
+    }
+}
+
+fn take_token(counts: &mut Counts, client: IpAddr, per_minute: u32, now: Instant) -> bool {
+    let capacity = f64::from(per_minute);
+    if counts.rates.len() > PRUNE_RATES_ABOVE {
+        // A full bucket says nothing: forget it.
+        counts.rates.retain(|_, bucket| {
+            let refill = now.duration_since(bucket.updated).as_secs_f64() * capacity / 60.0;
+            bucket.tokens + refill < capacity
+        });
+    }
+    let bucket = counts.rates.entry(client).or_insert(Bucket {
+        tokens: capacity,
+        updated: now,
+    });
+    let refill = now.duration_since(bucket.updated).as_secs_f64() * capacity / 60.0;
+    bucket.tokens = (bucket.tokens + refill).min(capacity);
+    bucket.updated = now;
+    if bucket.tokens >= 1.0 {
+        bucket.tokens -= 1.0;
+        true
+    } else {
+        false
     }
 }
 
@@ -77,42 +173,161 @@ impl ConnectionLimits {
 #[derive(Debug)]
 pub struct Permit {
     limits: Arc<ConnectionLimits>,
-    ip: IpAddr,
+    client: IpAddr,
+    smtp: bool,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.limits.release(self.ip);
+        self.limits.release(self.client, self.smtp);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    fn limits(
+        max_total: usize,
+        max_smtp: usize,
+        max_per_client: usize,
+        per_minute: u32,
+    ) -> Arc<ConnectionLimits> {
+        ConnectionLimits::new(LimitSettings {
+            max_total,
+            max_smtp,
+            max_per_client,
+            per_minute,
+        })
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
 
     #[test]
-    fn per_ip_and_total_limits() {
-        let limits = ConnectionLimits::new(3, 2);
-        let a: IpAddr = "192.0.2.1".parse().unwrap();
-        let b: IpAddr = "192.0.2.2".parse().unwrap();
-        let c: IpAddr = "192.0.2.3".parse().unwrap();
-        let p1 = limits.try_acquire(a).unwrap();
-        let _p2 = limits.try_acquire(a).unwrap();
+    fn per_client_and_total_limits() {
+        let limits = limits(3, 3, 2, 0);
+        let smtp = ListenerKind::Smtp;
+        let p1 = limits.try_acquire(ip("192.0.2.1"), smtp, false).unwrap();
+        let _p2 = limits.try_acquire(ip("192.0.2.1"), smtp, false).unwrap();
         assert_eq!(
-            limits.try_acquire(a).unwrap_err(),
+            limits
+                .try_acquire(ip("192.0.2.1"), smtp, false)
+                .unwrap_err(),
             Refusal::TooManyFromAddress
         );
-        let _p3 = limits.try_acquire(b).unwrap();
-        assert_eq!(limits.try_acquire(c).unwrap_err(), Refusal::ServerBusy);
+        let _p3 = limits.try_acquire(ip("192.0.2.2"), smtp, false).unwrap();
+        assert_eq!(
+            limits
+                .try_acquire(ip("192.0.2.3"), smtp, false)
+                .unwrap_err(),
+            Refusal::ServerBusy
+        );
         drop(p1);
         assert_eq!(limits.active(), 2);
-        let _p4 = limits.try_acquire(a).unwrap();
+        let _p4 = limits.try_acquire(ip("192.0.2.1"), smtp, false).unwrap();
         // An IPv4-mapped IPv6 address is the same client.
         assert_eq!(
             limits
-                .try_acquire("::ffff:192.0.2.1".parse().unwrap())
+                .try_acquire(ip("::ffff:192.0.2.1"), smtp, false)
                 .unwrap_err(),
             Refusal::ServerBusy
+        );
+    }
+
+    #[test]
+    fn port_25_cannot_take_the_submission_reserve() {
+        let limits = limits(4, 2, 10, 0);
+        let _a = limits
+            .try_acquire(ip("192.0.2.1"), ListenerKind::Smtp, false)
+            .unwrap();
+        let _b = limits
+            .try_acquire(ip("192.0.2.2"), ListenerKind::Smtp, false)
+            .unwrap();
+        assert_eq!(
+            limits
+                .try_acquire(ip("192.0.2.3"), ListenerKind::Smtp, false)
+                .unwrap_err(),
+            Refusal::ListenerFull
+        );
+        let _c = limits
+            .try_acquire(ip("192.0.2.3"), ListenerKind::Submission, false)
+            .unwrap();
+        let _d = limits
+            .try_acquire(ip("192.0.2.4"), ListenerKind::Smtps, false)
+            .unwrap();
+        assert_eq!(
+            limits
+                .try_acquire(ip("192.0.2.5"), ListenerKind::Smtps, false)
+                .unwrap_err(),
+            Refusal::ServerBusy
+        );
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_per_64() {
+        let limits = limits(100, 100, 2, 0);
+        let _a = limits
+            .try_acquire(ip("2001:db8:1:2::1"), ListenerKind::Smtp, false)
+            .unwrap();
+        let _b = limits
+            .try_acquire(ip("2001:db8:1:2::2"), ListenerKind::Smtp, false)
+            .unwrap();
+        assert_eq!(
+            limits
+                .try_acquire(ip("2001:db8:1:2:ffff::3"), ListenerKind::Smtp, false)
+                .unwrap_err(),
+            Refusal::TooManyFromAddress
+        );
+        assert!(
+            limits
+                .try_acquire(ip("2001:db8:1:3::1"), ListenerKind::Smtp, false)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn connection_rate_per_client_refills_over_time() {
+        let limits = limits(100, 100, 100, 6);
+        let client = ip("192.0.2.1");
+        let now = Instant::now();
+        for _ in 0..6 {
+            drop(
+                limits
+                    .try_acquire_at(client, ListenerKind::Smtp, false, now)
+                    .unwrap(),
+            );
+        }
+        assert_eq!(
+            limits
+                .try_acquire_at(client, ListenerKind::Smtp, false, now)
+                .unwrap_err(),
+            Refusal::TooFast
+        );
+        assert!(
+            limits
+                .try_acquire_at(ip("192.0.2.2"), ListenerKind::Smtp, false, now)
+                .is_ok()
+        );
+        // Six a minute: one more after ten seconds.
+        let later = now + Duration::from_secs(10);
+        assert!(
+            limits
+                .try_acquire_at(client, ListenerKind::Smtp, false, later)
+                .is_ok()
+        );
+        assert!(
+            limits
+                .try_acquire_at(client, ListenerKind::Smtp, false, later)
+                .is_err()
+        );
+        // Trusted networks are not rate limited.
+        assert!(
+            limits
+                .try_acquire_at(client, ListenerKind::Smtp, true, later)
+                .is_ok()
         );
     }
 }

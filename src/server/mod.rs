@@ -26,7 +26,7 @@ use crate::queue::QueueHandle;
 use crate::tls::ServerTls;
 use connection::Job;
 use directory::Directory;
-pub use limits::{ConnectionLimits, Refusal};
+pub use limits::{ConnectionLimits, LimitSettings, Refusal};
 
 /// Worker threads run deep-ish code (TLS handshakes, SQLite, argon2 with
 /// its memory on the heap) but nothing recursive; 256 KiB is plenty and
@@ -244,7 +244,13 @@ impl Server {
             workers.push(worker);
         }
 
-        let limits = ConnectionLimits::new(max_sessions, config.limits.max_sessions_per_ip);
+        let reserved = config.limits.submission_reserved.min(max_sessions / 2);
+        let limits = ConnectionLimits::new(LimitSettings {
+            max_total: max_sessions,
+            max_smtp: max_sessions - reserved,
+            max_per_client: config.limits.max_sessions_per_ip,
+            per_minute: config.limits.max_connection_rate,
+        });
         let mut listeners = Vec::new();
         let mut acceptors = Vec::new();
         for (kind, listener) in bound.listeners {

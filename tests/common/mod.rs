@@ -61,6 +61,9 @@ pub fn test_config(dir: &Path) -> Config {
     config.domains.local = vec!["localhost".into(), "example.test".into()];
     // Every test host lives on loopback, which delivery refuses by default.
     config.delivery.allowed_networks = vec!["127.0.0.0/8".parse().unwrap()];
+    // Tests open connections in quick succession from one address; the
+    // tests of the rate limit turn it back on.
+    config.limits.max_connection_rate = 0;
     config
 }
 
