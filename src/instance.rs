@@ -60,6 +60,9 @@ impl Instance {
         let config = Arc::new(config);
         let queue = Queue::open(&config.data_dir).map_err(error)?;
         let lock = lock_data_dir(&config)?;
+        for warning in crate::queue::make_private(&config.data_dir) {
+            log::warn!("files: {warning}");
+        }
         let dns = Arc::new(Dns::new(&config.dns).map_err(error)?);
         let tls = Arc::new(ServerTls::load(&config).map_err(error)?);
         // Listeners first: delivery must know every address we answer on.

@@ -7,6 +7,7 @@ mod common;
 use std::sync::{Arc, Barrier};
 
 use common::*;
+use petrel::config::HumanDuration;
 use petrel::protocol::session::ListenerKind;
 
 /// AUTH PLAIN over implicit TLS from `source`; returns the reply code.
@@ -89,4 +90,140 @@ fn parallel_wrong_logins_are_counted_exactly() {
         421
     );
     assert_eq!(server.instance().password_checks(), 5);
+}
+
+#[test]
+fn submission_keeps_its_slots_while_port_25_is_flooded() {
+    let server = TestServer::start(|config| {
+        config.limits.max_sessions = 24;
+        config.limits.submission_reserved = 8;
+        config.limits.max_sessions_per_ip = 4;
+    });
+    // Idle connections to port 25 from fifteen addresses, as many as we
+    // are allowed to hold.
+    let mut flood = Vec::new();
+    let mut refused = 0;
+    for host in 1..=15 {
+        for _ in 0..4 {
+            let mut client = RawClient::connect_from(&format!("127.0.1.{host}"), server.smtp());
+            match client.try_reply() {
+                Some(reply) if reply.code == 220 => flood.push(client),
+                Some(reply) if reply.code == 421 => refused += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    assert_eq!(flood.len(), 16, "port 25 holds all but the reserve");
+    assert_eq!(refused, 60 - 16);
+
+    // A user still submits: STARTTLS, AUTH, DATA.
+    let mut user = RawClient::greeted(server.addr(ListenerKind::Submission));
+    user.command("EHLO laptop.test");
+    user.starttls(&server.cert_path());
+    user.command("EHLO laptop.test");
+    assert_eq!(user.auth_plain("alice@example.test", PASSWORD).code, 235);
+    let reply = user.send_transaction(
+        "alice@example.test",
+        &["bob@example.test"],
+        b"Subject: still works\r\n\r\nx\r\n",
+    );
+    assert_eq!(reply.code, 250, "{reply:?}");
+}
+
+/// Reads replies until the server closes; returns the last one.
+fn until_closed(client: &mut RawClient) -> Option<Reply> {
+    let mut last = None;
+    while let Some(reply) = client.try_reply() {
+        last = Some(reply);
+    }
+    last
+}
+
+#[test]
+fn trickling_clients_are_cut_off_by_deadlines() {
+    let server = TestServer::start(|config| {
+        config.limits.command_timeout = HumanDuration::secs(2);
+        config.limits.data_timeout = HumanDuration::secs(1);
+        config.limits.min_data_rate = petrel::config::ByteSize(1000);
+    });
+    // A command that never ends, one byte at a time, each well within the
+    // timeout of a single read.
+    let mut client = RawClient::greeted(server.smtp());
+    let mut closed = false;
+    for byte in b"NOOP xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"
+        .iter()
+        .take(40)
+    {
+        if client.try_send_raw(std::slice::from_ref(byte)).is_err() {
+            closed = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let last = until_closed(&mut client);
+    assert!(closed || last.is_some(), "the server never gave up");
+    let last = last.expect("a 421 before closing");
+    assert_eq!(last.code, 421, "{last:?}");
+
+    // DATA at 3 octets a second against a floor of 1000.
+    let mut client = RawClient::greeted(server.smtp());
+    client.command("EHLO slow.test");
+    client.command("MAIL FROM:<x@example.org>");
+    client.command("RCPT TO:<alice@example.test>");
+    assert_eq!(client.command("DATA").code, 354);
+    for byte in b"Subject: slow\r\n\r\n".iter().cycle().take(40) {
+        if client.try_send_raw(std::slice::from_ref(byte)).is_err() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let last = until_closed(&mut client).expect("a 421 before closing");
+    assert_eq!(last.code, 421, "{last:?}");
+    assert!(last.text().starts_with("4.4.2"), "{last:?}");
+    assert_eq!(server.message_count(), 0, "nothing queued");
+}
+
+#[test]
+fn new_mail_is_refused_below_the_disk_floor() {
+    let server = TestServer::start(|config| {
+        // More than any disk has: the floor is always hit.
+        config.queue.min_free_space = petrel::config::ByteSize(u64::MAX / 2);
+    });
+    let mut client = RawClient::greeted(server.smtp());
+    client.command("EHLO client.test");
+    let reply = client.command("MAIL FROM:<x@example.org>");
+    assert_eq!(reply.code, 452, "{reply:?}");
+    assert!(reply.text().starts_with("4.3.1"), "{reply:?}");
+    assert_eq!(server.message_count(), 0);
+}
+
+fn db_files_size(data_dir: &std::path::Path) -> u64 {
+    ["queue.db", "queue.db-wal"]
+        .iter()
+        .map(|f| {
+            std::fs::metadata(data_dir.join(f))
+                .map(|m| m.len())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+#[test]
+fn the_database_gives_space_back_after_the_queue_drains() {
+    let server = TestServer::start_delivering(standard_dns(), |_| {});
+    let data_dir = server.instance().config().data_dir.clone();
+    let line = format!("{}\r\n", "z".repeat(998));
+    let body = format!("Subject: big\r\n\r\n{}", line.repeat(3 * 1024));
+    for _ in 0..8 {
+        let mut client = RawClient::greeted(server.smtp());
+        let reply = client.send_message("x@example.org", &["carol@example.test"], body.as_bytes());
+        assert_eq!(reply.code, 250, "{reply:?}");
+    }
+    wait_for("delivery of all eight", || server.message_count() == 0);
+    // 24 MiB went through; what stays is a small database.
+    wait_for("queue.db to shrink", || {
+        db_files_size(&data_dir) < 4 * 1024 * 1024
+    });
+    let dir = data_dir.join("mail/example.test/carol/new");
+    assert_eq!(std::fs::read_dir(dir).unwrap().count(), 8);
 }

@@ -340,6 +340,72 @@ fn create_data_dir(data_dir: &Path) -> Result<(), QueueError> {
     })
 }
 
+/// Makes what petrel keeps in `data_dir` readable by its own user only,
+/// whatever umask or hand made it: the directory and its folders 0700, the
+/// queue database (queued mail, password hashes) and private keys 0600.
+/// Returns a warning for each that was more open. Maildir messages are
+/// written 0600 from the start; they are not walked here (there may be
+/// millions).
+pub fn make_private(data_dir: &Path) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut warnings = Vec::new();
+    let mut restrict = |path: &Path, mode: u32| {
+        let Ok(meta) = std::fs::symlink_metadata(path) else {
+            return;
+        };
+        if meta.file_type().is_symlink() {
+            return;
+        }
+        let current = meta.permissions().mode() & 0o777;
+        if current & 0o077 != 0 {
+            match std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
+                Ok(()) => warnings.push(format!(
+                    "{} was readable by others (mode {current:o}); now {mode:o}",
+                    path.display()
+                )),
+                Err(error) => warnings.push(format!(
+                    "{} is readable by others (mode {current:o}) and cannot be changed: {error}",
+                    path.display()
+                )),
+            }
+        }
+    };
+    restrict(data_dir, 0o700);
+    for file in [QUEUE_FILE, "queue.db-wal", "queue.db-shm"] {
+        restrict(&data_dir.join(file), 0o600);
+    }
+    for dir in [
+        content::SPOOL_DIR,
+        "tls",
+        crate::delivery::maildir::MAIL_DIR,
+    ] {
+        restrict(&data_dir.join(dir), 0o700);
+    }
+    if let Ok(entries) = std::fs::read_dir(data_dir.join("tls")) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().contains("key") {
+                restrict(&entry.path(), 0o600);
+            }
+        }
+    }
+    // Mail folders: mail/<domain>/<user>/{,tmp,new,cur}.
+    if let Ok(domains) = std::fs::read_dir(data_dir.join(crate::delivery::maildir::MAIL_DIR)) {
+        for domain in domains.flatten() {
+            restrict(&domain.path(), 0o700);
+            let Ok(users) = std::fs::read_dir(domain.path()) else {
+                continue;
+            };
+            for user in users.flatten() {
+                restrict(&user.path(), 0o700);
+                for sub in ["tmp", "new", "cur"] {
+                    restrict(&user.path().join(sub), 0o700);
+                }
+            }
+        }
+    }
+    warnings
+}
+
 /// Space left for new mail on the filesystem of `data_dir`, in octets (as
 /// an unprivileged process may use it).
 pub fn free_space(data_dir: &Path) -> std::io::Result<u64> {

@@ -206,7 +206,7 @@ fn ensure_self_signed(data_dir: &Path, hostname: &str) -> Result<(PathBuf, PathB
         );
         return Ok((cert_path, key_path));
     }
-    fs::create_dir_all(&dir)
+    crate::queue::create_private_dir(&dir)
         .map_err(|e| TlsError(format!("cannot create {}: {e}", dir.display())))?;
     let mut names = vec![hostname.to_string()];
     if hostname != "localhost" {

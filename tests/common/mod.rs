@@ -343,6 +343,11 @@ impl RawClient {
         self.transport.send(bytes).expect("write");
     }
 
+    /// Writes without asserting: the server may have hung up.
+    pub fn try_send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.transport.send(bytes)
+    }
+
     pub fn send(&mut self, line: &str) {
         self.send_raw(format!("{line}\r\n").as_bytes());
     }

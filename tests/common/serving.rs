@@ -45,10 +45,15 @@ pub struct Serving {
 
 impl Serving {
     pub fn start(config: &Path) -> Serving {
-        let mut child = petrel()
-            .arg("serve")
-            .arg("-c")
-            .arg(config)
+        let mut command = petrel();
+        command.arg("serve").arg("-c").arg(config);
+        Serving::spawn(command)
+    }
+
+    /// Runs `command` (a `petrel serve` however started) and waits until
+    /// it is ready.
+    pub fn spawn(mut command: Command) -> Serving {
+        let mut child = command
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
             .spawn()
@@ -104,6 +109,24 @@ impl Serving {
             .expect("address in listen line")
     }
 
+    /// The log lines read so far (drains what has arrived).
+    pub fn seen_lines(&mut self) -> Vec<String> {
+        while let Ok(line) = self.log.try_recv() {
+            self.seen.push(line);
+        }
+        self.seen.clone()
+    }
+
+    /// The peak resident memory of the server so far (VmHWM), in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/PID/status")
+    }
+
     pub fn terminate(mut self) -> (i32, Vec<String>) {
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
@@ -112,12 +135,20 @@ impl Serving {
         assert!(status.success());
         self.wait_for_log("petrel stopped");
         let exit = self.child.wait().unwrap();
-        (exit.code().unwrap_or(-1), self.seen)
+        (exit.code().unwrap_or(-1), std::mem::take(&mut self.seen))
     }
 
     /// SIGKILL: no shutdown code runs, as in a crash or power cut.
     pub fn kill(mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Serving {
+    /// A test that fails half-way must not leave a server running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

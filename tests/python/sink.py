@@ -13,6 +13,7 @@ MODE:
   tempfail       answer every DATA with 451
   reject-rcpt    550 for recipients whose local part starts with "reject"
   slow           accept, after a 0.3 s pause per message
+  hostile        451 to every RCPT, with terminal escape sequences in the text
 """
 import asyncio
 import os
@@ -33,6 +34,8 @@ class Handler:
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if mode == "reject-rcpt" and address.lower().startswith("reject"):
             return "550 5.1.1 <%s>: no such user here" % address
+        if mode == "hostile":
+            return "451 4.3.0 \x1b]0;pwned\x07\x1b[2J try again later"
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 
