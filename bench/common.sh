@@ -1,7 +1,9 @@
 # Shared by the benchmark scripts (sourced, not run): a release build, a
 # work directory removed on exit, and petrel started on its config there.
+# PETREL=/path/to/petrel runs another build (an older one, to compare).
 
 cargo build --release --quiet
+petrel="${PETREL:-$PWD/target/release/petrel}"
 work=$(mktemp -d "${TMPDIR:-/tmp}/petrel-bench.XXXXXX")
 server=""
 extra_cleanup=""
@@ -35,7 +37,7 @@ TOML
 # start_petrel LOG_FILTER: runs `petrel serve -c $work/petrel.toml` and
 # waits until it is ready.
 start_petrel() {
-    RUST_LOG=$1 target/release/petrel serve -c "$work/petrel.toml" 2>"$work/serve.log" &
+    RUST_LOG=$1 "$petrel" serve -c "$work/petrel.toml" 2>"$work/serve.log" &
     server=$!
     for _ in $(seq 1 100); do
         grep -q "petrel ready" "$work/serve.log" && return 0

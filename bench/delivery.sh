@@ -51,7 +51,7 @@ smtp-sink "${sink_user[@]}" "127.0.0.1:$sink_port" 256 &
 sink=$!
 sleep 0.3
 start=$(date +%s.%N)
-target/release/petrel queue retry --all -c "$work/petrel.toml" >/dev/null
+"$petrel" queue retry --all -c "$work/petrel.toml" >/dev/null
 while [ "$(count "SELECT count(*) FROM messages")" != 0 ]; do
     sleep 0.05
 done

@@ -21,11 +21,10 @@ write_config <<TOML
 trusted_networks = ["127.0.0.0/8"]
 [limits]
 max_sessions_per_ip = $((sessions + 5))
-max_connection_rate = 0
 TOML
 # A real mailbox: petrel delivers into it while it accepts, as in real use.
 echo 'Quiet-Lantern-Bench-42!' |
-    target/release/petrel user add sink@localhost --password-stdin -c "$work/petrel.toml" >/dev/null
+    "$petrel" user add sink@localhost --password-stdin -c "$work/petrel.toml" >/dev/null
 start_petrel "${RUST_LOG:-warn,petrel::queue=info,petrel::cli=info}"
 
 start=$(date +%s.%N)

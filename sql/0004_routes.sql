@@ -21,9 +21,6 @@ ALTER TABLE recipients ADD COLUMN last_status TEXT; -- RFC 3463 status of last_r
 ALTER TABLE messages ADD COLUMN dsn_ret TEXT CHECK (dsn_ret IN ('FULL', 'HDRS'));
 ALTER TABLE messages ADD COLUMN dsn_envid TEXT;
 
--- Due recipients by route: what the scheduler claims from.
-CREATE INDEX recipients_due_route ON recipients (status, route, next_attempt_at);
-
 DROP VIEW queue_by_domain;
 -- Summary per destination, for a quick look at what is stuck where.
 CREATE VIEW queue_by_domain AS

@@ -252,7 +252,7 @@ fn smart_host_with_starttls_and_auth() {
         .query_row(
             "SELECT r.address, m.auth_user, m.listener, c.content
              FROM messages m JOIN recipients r ON r.message_id = m.id
-             JOIN message_contents c ON c.message_id = m.id",
+             JOIN message_contents c ON c.id = m.content_id",
             [],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
         )

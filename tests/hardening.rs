@@ -80,9 +80,11 @@ print(" ".join(same), other)
          ip -6 addr add 2001:db8:1:3::1/64 dev lo nodad
          RUST_LOG=info {petrel} serve -c {config} >/dev/null 2>{log} &
          server=$!
-         trap 'kill $server 2>/dev/null' EXIT
+         trap 'kill -KILL $server 2>/dev/null || true' EXIT
          for i in $(seq 100); do grep -q 'petrel ready' {log} && break; sleep 0.1; done
-         python3 -c '{client}'",
+         python3 -c '{client}'
+         kill -TERM $server
+         wait $server || true",
         petrel = env!("CARGO_BIN_EXE_petrel"),
         config = config.display(),
         log = dir.path().join("serve.log").display(),

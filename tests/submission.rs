@@ -77,7 +77,7 @@ fn lettre_starttls_and_implicit_tls_with_auth() {
         let content: Vec<u8> = server
             .db()
             .query_row(
-                "SELECT content FROM message_contents WHERE message_id = ?1",
+                "SELECT c.content FROM messages m JOIN message_contents c ON c.id = m.content_id WHERE m.id = ?1",
                 [&id],
                 |r| r.get(0),
             )

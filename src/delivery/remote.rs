@@ -15,14 +15,14 @@ use crate::config::SmarthostTls;
 use crate::dns::DnsFailure;
 use crate::policy::outbound::{Forbidden, assigned_here};
 use crate::protocol::dsn::{self, Notify, Ret};
-use crate::queue::content::ContentReader;
+use crate::queue::delivery::StoredMessage;
 
 /// The message as the remote side needs it.
 pub struct Envelope<'a> {
     pub sender: &'a str,
     pub recipients: Vec<RemoteRecipient<'a>>,
     /// The queued message, read a chunk at a time while it is sent.
-    pub message_id: &'a str,
+    pub message: &'a StoredMessage,
     pub size: u64,
     pub eight_bit: bool,
     pub smtputf8: bool,
@@ -532,7 +532,7 @@ fn send_message(
             .map(|a| a.unwrap_or_else(|| attempt.clone()))
             .collect());
     }
-    send_body(ctx, client, envelope.message_id)?;
+    send_body(ctx, client, envelope.message)?;
     client.send(b".\r\n")?;
     let final_reply = client.read_reply(client::DATA_END_TIMEOUT)?;
     let outcome = Attempt::from_reply(&final_reply, Stage::EndOfData);
@@ -551,11 +551,11 @@ fn send_message(
 fn send_body(
     ctx: &DeliveryContext,
     client: &mut SmtpClient,
-    message_id: &str,
+    message: &StoredMessage,
 ) -> Result<(), ClientError> {
     let mut stuffer = client::DotStuffer::default();
     let mut out = Vec::new();
-    let copied = ContentReader::new(message_id).copy_to(&ctx.reads, |chunk| {
+    let copied = super::worker::copy_content(ctx, message, |chunk| {
         out.clear();
         stuffer.push(chunk, &mut out);
         client

@@ -81,7 +81,7 @@ fn deliver(ctx: &DeliveryContext, job: &Job) -> Result<(), QueueError> {
                         orcpt: r.orcpt.as_deref(),
                     })
                     .collect(),
-                message_id: &message.id,
+                message: &message,
                 size: message.size,
                 eight_bit: message.eight_bit,
                 smtputf8: message.smtputf8,
@@ -95,11 +95,8 @@ fn deliver(ctx: &DeliveryContext, job: &Job) -> Result<(), QueueError> {
             (outcome.attempts, outcome.relay, outcome.peer_reports)
         }
     };
-    let notices_to = if dsn::may_notify(&message) {
-        routing::notice_route(&ctx.config, &ctx.accounts, &message.sender)
-    } else {
-        Vec::new()
-    };
+    // Routed only when a notice is actually built (rarely).
+    let route_sender = || routing::notice_route(&ctx.config, &ctx.accounts, &message.sender);
     let report = settle(
         &ctx.config,
         &message,
@@ -108,7 +105,7 @@ fn deliver(ctx: &DeliveryContext, job: &Job) -> Result<(), QueueError> {
         &Settlement {
             relay: relay.as_deref(),
             peer_reports,
-            notices_to,
+            route_sender: &route_sender,
         },
         SystemTime::now(),
     );
@@ -149,9 +146,7 @@ fn deliver_locally(
                     mailbox,
                     &message.sender,
                     |file: &mut dyn std::io::Write| {
-                        ContentReader::new(&message.id)
-                            .copy_to(&ctx.reads, |chunk| file.write_all(chunk))
-                            .map_err(|e| std::io::Error::other(e.to_string()))
+                        copy_content(ctx, message, |chunk| file.write_all(chunk))
                     },
                 ) {
                     Ok(path) => Attempt::local(
@@ -170,6 +165,22 @@ fn deliver_locally(
         .collect()
 }
 
+/// Passes a stored message through `sink`: straight from memory when the
+/// head loaded with it is the whole message (almost every message), else
+/// read from the queue a chunk at a time.
+pub fn copy_content(
+    ctx: &DeliveryContext,
+    message: &StoredMessage,
+    mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    if message.head.len() as u64 == message.size {
+        return sink(&message.head);
+    }
+    ContentReader::new(&message.id)
+        .copy_to(&ctx.reads, sink)
+        .map_err(|e| std::io::Error::other(e.to_string()))
+}
+
 /// How an attempt went, beyond the per-recipient results.
 pub struct Settlement<'a> {
     /// host[ip]:port, or "local".
@@ -177,8 +188,8 @@ pub struct Settlement<'a> {
     /// The next hop took the DSN requests along (RFC 3461), so success
     /// reports are its job now.
     pub peer_reports: bool,
-    /// The sender's route, for notices (empty: none can be sent).
-    pub notices_to: Vec<Routed>,
+    /// Where notices to the sender go (asked only when one is sent).
+    pub route_sender: &'a dyn Fn() -> Vec<Routed>,
 }
 
 /// Turns the attempts into queue updates and notices, and logs them.
@@ -274,16 +285,13 @@ pub fn settle(
 
     let hostname = &config.hostname;
     let mut notices = Vec::new();
+    let sender_route = std::cell::OnceCell::new();
     let notice = |kind, problems: &[Problem], until| {
-        dsn::notice(
-            hostname,
-            message,
-            kind,
-            problems,
-            how.notices_to.clone(),
-            now,
-            until,
-        )
+        if problems.is_empty() || !dsn::may_notify(message) {
+            return None;
+        }
+        let to = sender_route.get_or_init(|| (how.route_sender)()).clone();
+        dsn::notice(hostname, message, kind, problems, to, now, until)
     };
     if let Some(bounce) = notice(NoticeKind::Failed, &failed, None) {
         log::info!(

@@ -193,7 +193,14 @@ impl Address {
     /// with Unicode rules, so `ALICE@`, `Alice@` and `JÖSÉ@` reach `alice@`
     /// and `jösé@`. Nothing else in petrel normalises an address.
     pub fn mailbox_key(&self) -> String {
-        let local = unquoted(&self.local).unwrap_or_else(|| self.local.clone());
+        let local = match unquoted(&self.local) {
+            Some(unquoted) => unquoted,
+            None => self.local.clone(),
+        };
+        // ASCII text is already in NFC: skip the normaliser (the common case).
+        if local.is_ascii() && self.domain.is_ascii() {
+            return format!("{}@{}", local.to_ascii_lowercase(), self.domain.0);
+        }
         let local: String = local.nfc().collect::<String>().to_lowercase();
         let domain: String = self.domain.0.nfc().collect();
         format!("{local}@{domain}")

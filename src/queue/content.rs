@@ -187,38 +187,25 @@ pub fn clear_spool(data_dir: &Path) -> io::Result<usize> {
 }
 
 /// Stores a message's content (inside the caller's transaction), copying
-/// a spooled body a chunk at a time.
-pub fn store(conn: &Connection, message_id: &str, content: &Content) -> Result<(), QueueError> {
+/// a spooled body a chunk at a time; returns its id for `messages.content_id`.
+pub fn store(conn: &Connection, message_id: &str, content: &Content) -> Result<i64, QueueError> {
     let error = |what: &str| QueueError::sqlite(format!("{message_id}: {what}"));
+    let insert = |value: &dyn rusqlite::ToSql| -> Result<i64, QueueError> {
+        conn.prepare_cached("INSERT INTO message_contents (content) VALUES (?1)")
+            .and_then(|mut statement| statement.insert(params![value]))
+            .map_err(error("cannot store the content"))
+    };
     match &content.body {
-        Body::Memory(bytes) if content.prefix.is_empty() => {
-            conn.prepare_cached(
-                "INSERT INTO message_contents (message_id, content) VALUES (?1, ?2)",
-            )
-            .and_then(|mut s| s.execute(params![message_id, bytes]))
-            .map_err(error("cannot store the content"))?;
-            return Ok(());
-        }
+        Body::Memory(bytes) if content.prefix.is_empty() => return insert(bytes),
         Body::Memory(bytes) if bytes.len() <= IN_MEMORY_LIMIT => {
             let mut whole = Vec::with_capacity(content.prefix.len() + bytes.len());
             whole.extend_from_slice(&content.prefix);
             whole.extend_from_slice(bytes);
-            conn.prepare_cached(
-                "INSERT INTO message_contents (message_id, content) VALUES (?1, ?2)",
-            )
-            .and_then(|mut s| s.execute(params![message_id, whole]))
-            .map_err(error("cannot store the content"))?;
-            return Ok(());
+            return insert(&whole);
         }
         _ => {}
     }
-    let size = content.len();
-    conn.prepare_cached(
-        "INSERT INTO message_contents (message_id, content) VALUES (?1, zeroblob(?2))",
-    )
-    .and_then(|mut s| s.execute(params![message_id, size as i64]))
-    .map_err(error("cannot store the content"))?;
-    let rowid = conn.last_insert_rowid();
+    let rowid = insert(&rusqlite::blob::ZeroBlob(content.len()))?;
     let mut blob = conn
         .blob_open("main", "message_contents", "content", rowid, false)
         .map_err(error("cannot open the content for writing"))?;
@@ -256,7 +243,7 @@ pub fn store(conn: &Connection, message_id: &str, content: &Content) -> Result<(
             }
         }
     }
-    Ok(())
+    Ok(rowid)
 }
 
 /// The first `limit` octets of a message (headers for notices and `queue
@@ -264,7 +251,7 @@ pub fn store(conn: &Connection, message_id: &str, content: &Content) -> Result<(
 pub fn head(conn: &Connection, message_id: &str, limit: usize) -> Result<Vec<u8>, QueueError> {
     let mut reader = ContentReader::new(message_id);
     let mut head = Vec::new();
-    while head.len() < limit {
+    while head.len() < limit && !reader.finished() {
         let chunk = reader.read_chunk(conn, limit - head.len())?;
         if chunk.is_empty() {
             break;
@@ -279,6 +266,8 @@ pub fn head(conn: &Connection, message_id: &str, limit: usize) -> Result<Vec<u8>
 pub struct ContentReader {
     message_id: String,
     offset: usize,
+    /// Known after the first chunk.
+    size: Option<usize>,
 }
 
 impl ContentReader {
@@ -286,7 +275,13 @@ impl ContentReader {
         ContentReader {
             message_id: message_id.to_string(),
             offset: 0,
+            size: None,
         }
+    }
+
+    /// Everything has been read.
+    pub fn finished(&self) -> bool {
+        self.size.is_some_and(|size| self.offset >= size)
     }
 
     /// The next chunk (at most `max` octets, at most [`CHUNK`]); empty at
@@ -297,16 +292,13 @@ impl ContentReader {
         let tx = conn
             .unchecked_transaction()
             .map_err(error("cannot begin reading the content"))?;
-        // Looked up in the same transaction as the read: a rowid freed by
-        // a deleted message may meanwhile belong to another one.
+        // Looked up in the same transaction as the read: a content id freed
+        // by a deleted message may meanwhile belong to another one.
         let rowid: Option<i64> = tx
-            .query_row(
-                "SELECT rowid FROM message_contents WHERE message_id = ?1",
-                [id],
-                |row| row.get(0),
-            )
-            .optional()
-            .map_err(error("cannot find the content"))?;
+            .prepare_cached("SELECT content_id FROM messages WHERE id = ?1")
+            .and_then(|mut statement| statement.query_row([id], |row| row.get(0)).optional())
+            .map_err(error("cannot find the content"))?
+            .flatten();
         let Some(rowid) = rowid else {
             return Err(QueueError::new(format!(
                 "{id}: the message is no longer in the queue"
@@ -315,6 +307,7 @@ impl ContentReader {
         let blob = tx
             .blob_open("main", "message_contents", "content", rowid, true)
             .map_err(error("cannot open the content"))?;
+        self.size = Some(blob.len());
         let left = blob.len().saturating_sub(self.offset);
         let mut chunk = vec![0u8; left.min(max).min(CHUNK)];
         let n = blob
@@ -334,15 +327,16 @@ impl ContentReader {
         pool: &ReadPool,
         mut sink: impl FnMut(&[u8]) -> io::Result<()>,
     ) -> Result<(), CopyError> {
-        loop {
+        while !self.finished() {
             let chunk = pool
                 .run(|conn| self.read_chunk(conn, CHUNK))
                 .map_err(CopyError::Queue)?;
             if chunk.is_empty() {
-                return Ok(());
+                break;
             }
             sink(&chunk).map_err(CopyError::Sink)?;
         }
+        Ok(())
     }
 }
 
@@ -371,13 +365,13 @@ mod tests {
     }
 
     fn insert(conn: &Connection, id: &str, content: &Content) {
+        let content_id = store(conn, id, content).unwrap();
         conn.execute(
-            "INSERT INTO messages (id, received_at, sender, listener, size)
-             VALUES (?1, '2026-11-29 00:00:00', '', 'local', ?2)",
-            params![id, content.len() as i64],
+            "INSERT INTO messages (id, received_at, sender, listener, size, content_id)
+             VALUES (?1, '2026-11-29 00:00:00', '', 'local', ?2, ?3)",
+            params![id, content.len() as i64, content_id],
         )
         .unwrap();
-        store(conn, id, content).unwrap();
     }
 
     fn read_all(pool: &ReadPool, id: &str) -> Vec<u8> {

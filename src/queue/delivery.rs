@@ -215,11 +215,11 @@ pub fn record(conn: &Connection, report: &DeliveryReport, now: &str) -> Result<(
 
 /// A message leaves the queue once no recipient is waiting.
 fn remove_if_finished(conn: &Connection, message_id: &str) -> Result<(), QueueError> {
-    conn.execute(
+    conn.prepare_cached(
         "DELETE FROM messages WHERE id = ?1 AND NOT EXISTS (
              SELECT 1 FROM recipients WHERE message_id = ?1 AND status IN ('queued', 'delivering'))",
-        [message_id],
     )
+    .and_then(|mut statement| statement.execute([message_id]))
     .map_err(QueueError::sqlite(format!("{message_id}: cannot remove finished message")))?;
     Ok(())
 }
@@ -277,15 +277,20 @@ pub fn load_message(
     id: &str,
     head_limit: usize,
 ) -> Result<Option<StoredMessage>, QueueError> {
+    // A message that fits in the head (nearly all) comes with this query;
+    // only bigger ones are read through a blob handle.
     let message = conn
         .prepare_cached(
-            "SELECT id, sender, kind, received_at, eight_bit, smtputf8,
-                    delay_warning_sent_at IS NOT NULL, size, dsn_ret, dsn_envid
-             FROM messages WHERE id = ?1",
+            "SELECT m.id, m.sender, m.kind, m.received_at, m.eight_bit, m.smtputf8,
+                    m.delay_warning_sent_at IS NOT NULL, m.size, m.dsn_ret, m.dsn_envid,
+                    CASE WHEN m.size <= ?2
+                         THEN (SELECT c.content FROM message_contents c WHERE c.id = m.content_id)
+                    END
+             FROM messages m WHERE m.id = ?1",
         )
         .and_then(|mut statement| {
             statement
-                .query_row([id], |row| {
+                .query_row(params![id, head_limit as i64], |row| {
                     let kind: String = row.get(2)?;
                     let received: String = row.get(3)?;
                     Ok(StoredMessage {
@@ -302,7 +307,7 @@ pub fn load_message(
                             .get::<_, Option<String>>(8)?
                             .and_then(|r| Ret::parse(&r).ok()),
                         envid: row.get(9)?,
-                        head: Vec::new(),
+                        head: row.get::<_, Option<Vec<u8>>>(10)?.unwrap_or_default(),
                     })
                 })
                 .optional()
@@ -311,7 +316,9 @@ pub fn load_message(
     let Some(mut message) = message else {
         return Ok(None);
     };
-    message.head = super::content::head(conn, id, head_limit)?;
+    if (message.head.len() as u64) < message.size.min(head_limit as u64) {
+        message.head = super::content::head(conn, id, head_limit)?;
+    }
     Ok(Some(message))
 }
 

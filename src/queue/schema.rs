@@ -89,6 +89,11 @@ pub fn open_connection(path: &Path) -> Result<Connection, QueueError> {
     let conn = Connection::open(path).map_err(QueueError::sqlite(context("cannot open")))?;
     conn.busy_timeout(BUSY_TIMEOUT)
         .map_err(QueueError::sqlite(context("cannot configure")))?;
+    // Takes effect only on a new, empty database, and must come before
+    // the switch to WAL writes its first page; older ones are converted
+    // once by `ensure_incremental_vacuum`.
+    conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")
+        .map_err(QueueError::sqlite(context("cannot configure")))?;
     let mode: String = conn
         .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
         .map_err(QueueError::sqlite(context("cannot switch to WAL")))?;
@@ -119,12 +124,6 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), QueueError> {
              it was written by a newer petrel",
             path.display()
         )));
-    }
-    if version == 0 {
-        // A new database: incremental vacuum costs nothing before the
-        // first table exists.
-        conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")
-            .map_err(QueueError::sqlite("cannot set auto_vacuum"))?;
     }
     for (index, (name, sql)) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         let target = index + 1;

@@ -131,6 +131,32 @@ fn reclaim_space(conn: &Connection) {
     let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
 }
 
+/// Runs one request inside a savepoint, so its failure undoes only its own
+/// writes. The savepoint statements are prepared once (SQLite would parse
+/// them anew for every request otherwise).
+fn in_savepoint(
+    conn: &Connection,
+    work: impl FnOnce() -> Result<WriteOutput, QueueError>,
+) -> Result<WriteOutput, QueueError> {
+    let run = |sql: &str| {
+        conn.prepare_cached(sql)
+            .and_then(|mut statement| statement.execute([]))
+            .map(|_| ())
+    };
+    run("SAVEPOINT request").map_err(QueueError::sqlite("cannot open savepoint"))?;
+    match work() {
+        Ok(output) => {
+            run("RELEASE request").map_err(QueueError::sqlite("cannot release savepoint"))?;
+            Ok(output)
+        }
+        Err(error) => {
+            let _ = run("ROLLBACK TO request");
+            let _ = run("RELEASE request");
+            Err(error)
+        }
+    }
+}
+
 fn commit_batch(
     conn: &mut Connection,
     batch: &[WriteRequest],
@@ -143,7 +169,7 @@ fn commit_batch(
             .map(|_| Err(QueueError::new(error.to_string())))
             .collect()
     };
-    let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+    let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => return fail_all(QueueError::new(format!("cannot begin transaction: {e}"))),
     };
@@ -151,22 +177,7 @@ fn commit_batch(
     let mut results = Vec::with_capacity(batch.len());
     let mut inserted = 0u64;
     for request in batch {
-        let result = match tx.savepoint() {
-            Ok(mut savepoint) => {
-                let applied = apply(&savepoint, &request.op, &now);
-                match applied {
-                    Ok(output) => savepoint
-                        .commit()
-                        .map(|()| output)
-                        .map_err(QueueError::sqlite("cannot release savepoint")),
-                    Err(error) => {
-                        let _ = savepoint.rollback();
-                        Err(error)
-                    }
-                }
-            }
-            Err(e) => Err(QueueError::new(format!("cannot open savepoint: {e}"))),
-        };
+        let result = in_savepoint(&tx, || apply(&tx, &request.op, &now));
         if result.is_ok() && matches!(request.op, WriteOp::Insert(_)) {
             inserted += 1;
         }
@@ -206,10 +217,11 @@ pub fn insert_message(
     if message.recipients.is_empty() {
         return Err(QueueError::new(format!("{id}: message has no recipients")));
     }
+    let content_id = super::content::store(conn, id, &message.content)?;
     conn.prepare_cached(
         "INSERT INTO messages (id, received_at, sender, kind, listener, client_ip, helo, auth_user,
-                               eight_bit, smtputf8, size, dsn_ret, dsn_envid)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                               eight_bit, smtputf8, size, dsn_ret, dsn_envid, content_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )
     .and_then(|mut insert| {
         insert.execute(params![
@@ -226,10 +238,10 @@ pub fn insert_message(
             message.content.len() as i64,
             message.ret.map(|r| r.as_str()),
             message.envid,
+            content_id,
         ])
     })
     .map_err(QueueError::sqlite(format!("{id}: cannot insert message")))?;
-    super::content::store(conn, id, &message.content)?;
     let mut insert = conn
         .prepare_cached(
             "INSERT INTO recipients (message_id, address, original_address, status,

@@ -86,17 +86,31 @@ fn is_timeout(error: &io::Error) -> bool {
 /// push back by trickling bytes.
 struct Clock {
     session_end: Instant,
+    /// The read timeout last set on the socket, so it is changed (a system
+    /// call) only when it would otherwise outlast the deadline by more
+    /// than [`DEADLINE_SLACK`].
+    socket_timeout: Option<Duration>,
 }
+
+/// How far a read may run past a deadline, in exchange for not setting the
+/// socket's timeout before every read.
+const DEADLINE_SLACK: Duration = Duration::from_millis(250);
 
 impl Clock {
     /// Reads with a timeout that ends at `deadline` (or the session's end).
-    fn read(&self, conn: &mut Conn, buf: &mut [u8], deadline: Instant) -> io::Result<usize> {
+    fn read(&mut self, conn: &mut Conn, buf: &mut [u8], deadline: Instant) -> io::Result<usize> {
         let end = deadline.min(self.session_end);
         let left = end.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"));
         }
-        conn.tcp().set_read_timeout(Some(left))?;
+        let stale = self
+            .socket_timeout
+            .is_none_or(|set| set > left + DEADLINE_SLACK || set + DEADLINE_SLACK < left);
+        if stale {
+            conn.tcp().set_read_timeout(Some(left))?;
+            self.socket_timeout = Some(left);
+        }
         conn.read(buf)
     }
 
@@ -115,6 +129,7 @@ fn run(
     let command_timeout = limits.command_timeout.get();
     let clock = Clock {
         session_end: Instant::now() + limits.session_timeout.get(),
+        socket_timeout: Some(command_timeout),
     };
     stream.set_read_timeout(Some(command_timeout))?;
     stream.set_write_timeout(Some(command_timeout))?;
@@ -345,7 +360,7 @@ fn receive_data(io: &mut SessionIo, ctx: &ServerContext) -> io::Result<ReceivedD
     let mut decoder = DataDecoder::new(limits.max_message_size.bytes() as usize);
     let mut spool = Spool::new(&ctx.config.data_dir);
     let mut spool_error: Option<io::Error> = None;
-    let mut decoded = Vec::with_capacity(READ_BUFFER);
+    let mut decoded = Vec::new();
     let mut feed = |input: &[u8]| {
         let progress = decoder.feed(input, &mut decoded);
         if spool_error.is_none()

@@ -157,7 +157,7 @@ impl TestServer {
         let content: Vec<u8> = self
             .db()
             .query_row(
-                "SELECT content FROM message_contents WHERE message_id = ?1",
+                "SELECT c.content FROM messages m JOIN message_contents c ON c.id = m.content_id WHERE m.id = ?1",
                 [id],
                 |r| r.get(0),
             )

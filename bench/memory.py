@@ -1,0 +1,164 @@
+"""Load that an attacker can make, against a running petrel, while its
+memory is sampled from /proc. Used by bench/memory.sh; loopback only.
+
+usage: memory.py SCENARIO PID SMTP_PORT SMTPS_PORT
+  auth   128 parallel AUTH PLAIN with a wrong password over implicit TLS,
+         each from its own loopback address (127.0.2.x)
+  data   50 parallel 20 MiB messages to a local mailbox (127.0.3.x)
+  idle   1000 idle connections to port 25 (127.0.4.x / 127.0.5.x ...)
+Prints one line: peak and settled RSS (MB, from VmRSS sampled every 20 ms
+and VmHWM) and what the clients got.
+"""
+import base64
+import socket
+import ssl
+import sys
+import threading
+import time
+
+scenario, pid, smtp_port, smtps_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+
+
+def status(field):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    return 0.0
+
+
+peak = [0.0]
+sampling = [True]
+
+
+def sampler():
+    while sampling[0]:
+        peak[0] = max(peak[0], status("VmRSS"))
+        time.sleep(0.02)
+
+
+def reply(f):
+    lines = []
+    while True:
+        line = f.readline()
+        if not line:
+            return "EOF"
+        lines.append(line)
+        if line[3:4] != b"-":
+            return lines[-1][:3].decode()
+
+
+def source(n, base):
+    # 127.B.x.y: distinct addresses, all loopback.
+    return "127.%d.%d.%d" % (base + n // 62500, (n // 250) % 250, n % 250 + 1)
+
+
+results = []
+lock = threading.Lock()
+
+
+def record(what):
+    with lock:
+        results.append(what)
+
+
+def auth(n, start):
+    try:
+        raw = socket.create_connection(("127.0.0.1", smtps_port), timeout=120, source_address=(source(n, 2), 0))
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        s = context.wrap_socket(raw)
+        f = s.makefile("rb")
+        reply(f)
+        s.sendall(b"EHLO bench.test\r\n")
+        reply(f)
+        start.wait()
+        token = base64.b64encode(b"\0alice@localhost\0Wrong-Password-%d!" % n)
+        s.sendall(b"AUTH PLAIN " + token + b"\r\n")
+        record(reply(f))
+        s.close()
+    except Exception as e:
+        record("error:" + type(e).__name__)
+
+
+BODY = None
+
+
+def data(n, start):
+    try:
+        s = socket.create_connection(("127.0.0.1", smtp_port), timeout=300, source_address=(source(n, 3), 0))
+        f = s.makefile("rb")
+        reply(f)
+        for command in [b"EHLO bench.test", b"MAIL FROM:<bench@localhost>", b"RCPT TO:<alice@localhost>", b"DATA"]:
+            s.sendall(command + b"\r\n")
+            reply(f)
+        start.wait()
+        s.sendall(BODY)
+        s.sendall(b".\r\n")
+        record(reply(f))
+        s.sendall(b"QUIT\r\n")
+        s.close()
+    except Exception as e:
+        record("error:" + type(e).__name__)
+
+
+held = []
+
+
+def idle(n, start):
+    try:
+        s = socket.create_connection(("127.0.0.1", smtp_port), timeout=30, source_address=(source(n, 4), 0))
+        f = s.makefile("rb")
+        record(reply(f))
+        with lock:
+            held.append(s)
+    except Exception as e:
+        record("error:" + type(e).__name__)
+
+
+def main():
+    global BODY
+    count, work = {"auth": (128, auth), "data": (50, data), "idle": (1000, idle)}[scenario]
+    if scenario == "data":
+        line = b"x" * 998 + b"\r\n"
+        BODY = b"Subject: big\r\n\r\n" + line * (20 * 1024 * 1024 // len(line))
+    threading.Thread(target=sampler, daemon=True).start()
+    start = threading.Barrier(count)
+    threads = [threading.Thread(target=work, args=(n, start)) for n in range(count)]
+    began = time.time()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.time() - began
+    # Settling: how long until the server is back under 60 MB (or 10 s).
+    settled_after = None
+    for step in range(100):
+        if status("VmRSS") < 60:
+            settled_after = step * 0.1
+            break
+        time.sleep(0.1)
+    sampling[0] = False
+    outcome = {}
+    for r in results:
+        outcome[r] = outcome.get(r, 0) + 1
+    print(
+        "%s: peak VmHWM %.1f MB, peak VmRSS %.1f MB, VmRSS now %.1f MB, under 60 MB after %s, "
+        "%.1f s, replies %s"
+        % (
+            scenario,
+            status("VmHWM"),
+            peak[0],
+            status("VmRSS"),
+            "%.1f s" % settled_after if settled_after is not None else "never (10 s)",
+            elapsed,
+            " ".join("%s x%d" % kv for kv in sorted(outcome.items())),
+        ),
+        flush=True,
+    )
+    for s in held:
+        s.close()
+
+
+main()

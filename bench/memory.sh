@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Peak memory of petrel under the loads an attacker can make (issue #8):
+# 128 parallel wrong AUTHs, 50 parallel 20 MiB messages, 1000 idle
+# connections. Each scenario runs against a fresh server; with OLD (a
+# petrel binary of an earlier build) both run alternately, ROUNDS times.
+#
+#   bench/memory.sh [OLD_BINARY] [ROUNDS]
+#
+# Loopback only. Needs python3. Figures are from /proc/PID/status (VmHWM,
+# VmRSS) sampled by bench/memory.py.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+old="${1:-}"
+rounds="${2:-1}"
+cargo build --release --quiet
+new="$PWD/target/release/petrel"
+
+run() { # run BINARY SCENARIO
+    local binary=$1 scenario=$2 work
+    work=$(mktemp -d "${TMPDIR:-/tmp}/petrel-mem.XXXXXX")
+    local smtp=$((20000 + RANDOM % 20000)) smtps=$((40000 + RANDOM % 20000))
+    cat >"$work/petrel.toml" <<TOML
+hostname = "bench.test"
+data_dir = "$work/data"
+[smtp]
+listen = ["127.0.0.1:$smtp"]
+[submission]
+listen = []
+[smtps]
+listen = ["127.0.0.1:$smtps"]
+[domains]
+local = ["localhost"]
+[aliases]
+"postmaster@localhost" = "alice@localhost"
+TOML
+    echo 'Quiet-Lantern-Bench-42!' | "$binary" user add alice@localhost --password-stdin -c "$work/petrel.toml" >/dev/null
+    RUST_LOG=error "$binary" serve -c "$work/petrel.toml" 2>"$work/serve.log" &
+    local server=$!
+    for _ in $(seq 1 100); do
+        python3 -c "import socket; socket.create_connection(('127.0.0.1', $smtps), 1).close()" 2>/dev/null && break
+        sleep 0.1
+    done
+    printf '%-4s ' "$3"
+    python3 bench/memory.py "$scenario" "$server" "$smtp" "$smtps"
+    kill -TERM $server
+    wait $server 2>/dev/null || true
+    rm -rf "$work"
+}
+
+for scenario in auth data idle; do
+    for _ in $(seq 1 "$rounds"); do
+        if [ -n "$old" ]; then run "$old" "$scenario" old; fi
+        run "$new" "$scenario" new
+    done
+done
