@@ -259,3 +259,105 @@ fn serve_accepts_mail_from_swaks_and_stops_on_sigterm() {
     let (code, log) = serving.terminate();
     assert_eq!(code, 0, "{}", log.join("\n"));
 }
+
+#[test]
+fn config_is_found_by_variable_then_in_the_working_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let from_variable = write_config(elsewhere.path(), "[domains]\nlocal = [\"variable.test\"]\n");
+    let from_cwd = write_config(dir.path(), "[domains]\nlocal = [\"cwd.test\"]\n");
+    let local_domains_of = |output: std::process::Output| {
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        stdout
+            .lines()
+            .find(|l| l.starts_with("local = "))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let run = |env: Option<&Path>| {
+        let mut command = petrel();
+        command.arg("check-config").current_dir(dir.path());
+        match env {
+            Some(path) => command.env("PETREL_CONFIG", path),
+            None => command.env_remove("PETREL_CONFIG"),
+        };
+        command.output().unwrap()
+    };
+    assert!(local_domains_of(run(Some(&from_variable))).contains("variable.test"));
+    assert!(local_domains_of(run(None)).contains("cwd.test"));
+    assert_eq!(from_cwd.parent().unwrap(), dir.path());
+}
+
+#[test]
+fn defaults_are_announced_and_sendmail_refuses_to_invent_a_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = petrel()
+        .args(["queue", "list"])
+        .current_dir(dir.path())
+        .env_remove("PETREL_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("using the built-in defaults"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+
+    // sendmail, as cron calls it: no -c, no config anywhere.
+    let empty = tempfile::tempdir().unwrap();
+    let mut child = petrel()
+        .args(["sendmail", "root"])
+        .current_dir(empty.path())
+        .env_remove("PETREL_CONFIG")
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let _ = child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"Subject: cron\n\nhello\n");
+    }
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(75), "EX_TEMPFAIL");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("petrel.toml") && stderr.contains("/etc/petrel/petrel.toml"),
+        "{stderr}"
+    );
+    assert!(
+        std::fs::read_dir(empty.path()).unwrap().next().is_none(),
+        "nothing created in the working directory"
+    );
+}
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    for args in [
+        vec!["check-config"],
+        vec!["queue", "list"],
+        vec!["user", "list"],
+    ] {
+        let mut child = petrel()
+            .arg("-c")
+            .arg(&config)
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Read one line, then hang up, as `| head -1` does.
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut stdout, &mut line);
+        drop(stdout);
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_eq!(output.status.code(), Some(0), "{args:?}: {stderr}");
+    }
+}

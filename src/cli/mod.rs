@@ -20,7 +20,7 @@ use crate::config::{Config, ConfigError, ConfigSource};
     about = "A mail server (SMTP MTA) with a SQLite queue"
 )]
 pub struct Cli {
-    /// Config file (default: ./petrel.toml if present, else built-in defaults)
+    /// Config file (default: $PETREL_CONFIG, ./petrel.toml, /etc/petrel/petrel.toml, else built-in defaults)
     #[arg(short = 'c', long = "config", global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
@@ -59,6 +59,33 @@ pub enum Failure {
     Usage(String),
     /// Something failed at run time: exit 1.
     Runtime(String),
+    /// Try again later (sendmail's EX_TEMPFAIL): exit 75. The caller keeps
+    /// the message.
+    Temporary(String),
+}
+
+/// Writes a line to standard output. A reader that went away (`petrel
+/// queue list | head -1`) ends the command quietly with success, as with
+/// any Unix tool, instead of a panic.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        if let Err(error) = writeln!(out, $($arg)*) {
+            $crate::cli::output_failed(error);
+        }
+    }};
+}
+pub(crate) use say;
+
+/// Standard output failed: a closed pipe ends the command with success,
+/// anything else with the runtime failure code.
+pub(crate) fn output_failed(error: std::io::Error) -> ! {
+    if error.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("petrel: cannot write to standard output: {error}");
+    std::process::exit(1);
 }
 
 impl From<ConfigError> for Failure {
@@ -107,8 +134,36 @@ fn run_sendmail(args: &[String]) -> Result<(), Failure> {
             rest.push(arg.clone());
         }
     }
-    let (config, _) = Config::load(config_file.as_deref())?;
+    let config = sendmail_config(config_file.as_deref())?;
     sendmail::run(&config, &rest)
+}
+
+/// `sendmail` never runs on the demo defaults: a data dir invented in the
+/// caller's working directory would swallow mail nobody delivers.
+fn sendmail_config(explicit: Option<&std::path::Path>) -> Result<Config, Failure> {
+    match Config::locate(explicit) {
+        Ok(path) => Config::load_file(&path).map_err(|error| {
+            Failure::Temporary(format!("config error: {error}; the message was not sent"))
+        }),
+        Err(looked_at) => Err(Failure::Temporary(format!(
+            "no config file ({}, ${} unset); the message was not sent",
+            looked_at
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            crate::config::CONFIG_ENV
+        ))),
+    }
+}
+
+/// The config for every other command; the defaults are announced.
+fn load_config(explicit: Option<&std::path::Path>) -> Result<(Config, ConfigSource), Failure> {
+    let (config, source) = Config::load(explicit)?;
+    if let Some(notice) = source.defaults_notice() {
+        eprintln!("petrel: {notice}");
+    }
+    Ok((config, source))
 }
 
 fn exit(result: Result<(), Failure>) -> ExitCode {
@@ -122,46 +177,50 @@ fn exit(result: Result<(), Failure>) -> ExitCode {
             eprintln!("petrel: {message}");
             ExitCode::from(1)
         }
+        Err(Failure::Temporary(message)) => {
+            eprintln!("petrel: {message}");
+            ExitCode::from(75)
+        }
     }
 }
 
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Serve => {
-            let (config, source) = Config::load(cli.config.as_deref())?;
+            let (config, source) = load_config(cli.config.as_deref())?;
             serve::serve(config, source)
         }
         Command::CheckConfig => {
-            let (config, source) = Config::load(cli.config.as_deref())?;
+            let (config, source) = load_config(cli.config.as_deref())?;
             check_config(&config, &source);
             Ok(())
         }
         Command::Queue { command } => {
-            let (config, _) = Config::load(cli.config.as_deref())?;
+            let (config, _) = load_config(cli.config.as_deref())?;
             queue::run(&config, command)
         }
         Command::Sendmail { args } => {
-            let (config, _) = Config::load(cli.config.as_deref())?;
+            let config = sendmail_config(cli.config.as_deref())?;
             sendmail::run(&config, &args)
         }
         Command::User { command } => {
-            let (config, _) = Config::load(cli.config.as_deref())?;
+            let (config, _) = load_config(cli.config.as_deref())?;
             user::run(&config, command)
         }
     }
 }
 
 fn check_config(config: &Config, source: &ConfigSource) {
-    println!("# petrel: configuration OK ({source})");
+    say!("# petrel: configuration OK ({source})");
     let existing = existing_accounts(config);
     let warnings =
         crate::server::directory::deliverability_warnings(config, |a| existing.contains(a));
     for warning in &warnings {
-        println!("# warning: {warning}");
+        say!("# warning: {warning}");
         eprintln!("petrel: warning: {warning}");
     }
-    println!("# effective settings:");
-    print!("{}", config.to_toml());
+    say!("# effective settings:");
+    say!("{}", config.to_toml().trim_end());
 }
 
 /// Accounts in an existing queue database, read without creating or

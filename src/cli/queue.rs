@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use clap::Subcommand;
 use rusqlite::Connection;
 
-use super::Failure;
+use super::{Failure, say};
 use crate::config::Config;
 use crate::delivery::outcome::{self, Attempt, Stage};
 use crate::delivery::{control, dsn};
@@ -57,7 +57,7 @@ pub fn run(config: &Config, command: QueueCommand) -> Result<(), Failure> {
                     "{id}: no waiting recipients (not in the queue?)"
                 )));
             }
-            println!("{count} recipients due now{}", wake(config));
+            say!("{count} recipients due now{}", wake(config));
             Ok(())
         }
         QueueCommand::Delete { id } => {
@@ -66,7 +66,7 @@ pub fn run(config: &Config, command: QueueCommand) -> Result<(), Failure> {
                 return Err(Failure::Runtime(format!("{id}: not in the queue")));
             }
             log_action(&format!("{id}: deleted by the operator"));
-            println!("{id}: deleted");
+            say!("{id}: deleted");
             Ok(())
         }
         QueueCommand::Bounce { id } => bounce(config, &mut conn, &parse_id(&id)?),
@@ -132,12 +132,14 @@ fn list(conn: &Connection) -> Result<(), Failure> {
             row.map_err(runtime)?;
         if id != current {
             if messages == 0 {
-                println!(
+                say!(
                     "{:<16}  {:>9}  {:<19}  SENDER",
-                    "QUEUE ID", "SIZE", "RECEIVED"
+                    "QUEUE ID",
+                    "SIZE",
+                    "RECEIVED"
                 );
             }
-            println!("{id}  {size:>9}  {received}  <{}>", escape(&sender));
+            say!("{id}  {size:>9}  {received}  <{}>", escape(&sender));
             current = id;
             messages += 1;
         }
@@ -146,15 +148,15 @@ fn list(conn: &Connection) -> Result<(), Failure> {
         let reply = reply
             .map(|r| format!("; last reply: {}", escape(&r)))
             .unwrap_or_default();
-        println!(
+        say!(
             "    <{}>  {status}, {attempts} attempts, {waiting}{reply}",
             escape(&address)
         );
     }
     if messages == 0 {
-        println!("the queue is empty");
+        say!("the queue is empty");
     } else {
-        println!("{messages} messages, {recipients} recipients waiting");
+        say!("{messages} messages, {recipients} recipients waiting");
     }
     Ok(())
 }
@@ -186,17 +188,17 @@ fn show(conn: &Connection, id: &QueueId) -> Result<(), Failure> {
             },
         )
         .map_err(runtime)?;
-    println!("queue id:  {id}");
-    println!("received:  {received} UTC via {listener}");
+    say!("queue id:  {id}");
+    say!("received:  {received} UTC via {listener}");
     if let Some(client) = client {
-        println!("client:    {}[{client}]", escape(&helo.unwrap_or_default()));
+        say!("client:    {}[{client}]", escape(&helo.unwrap_or_default()));
     }
     if let Some(user) = user {
-        println!("auth user: {user}");
+        say!("auth user: {user}");
     }
-    println!("sender:    <{}>", escape(&message.sender));
-    println!("size:      {} octets", message.size);
-    println!("kind:      {}", message.kind.as_str());
+    say!("sender:    <{}>", escape(&message.sender));
+    say!("size:      {} octets", message.size);
+    say!("kind:      {}", message.kind.as_str());
     let mut statement = conn
         .prepare(
             "SELECT address, original_address, status, attempts, next_attempt_at, last_attempt_at,
@@ -218,38 +220,38 @@ fn show(conn: &Connection, id: &QueueId) -> Result<(), Failure> {
             ))
         })
         .map_err(runtime)?;
-    println!("recipients:");
+    say!("recipients:");
     for row in rows {
         let (address, original, status, attempts, next, last, reply, relay) =
             row.map_err(runtime)?;
         let original = original
             .map(|o| format!(" (sent to {})", escape(&o)))
             .unwrap_or_default();
-        println!(
+        say!(
             "  <{}>{original}: {status}, {attempts} attempts",
             escape(&address)
         );
         if status == "queued" {
-            println!("      next attempt: {next} UTC");
+            say!("      next attempt: {next} UTC");
         }
         if let Some(last) = last {
-            println!(
+            say!(
                 "      last attempt: {last} UTC via {}",
                 escape(&relay.unwrap_or_default())
             );
         }
         if let Some(reply) = reply {
-            println!("      last reply:   {}", escape(&reply));
+            say!("      last reply:   {}", escape(&reply));
         }
     }
-    println!("headers:");
+    say!("headers:");
     // Headers come from the network: control characters are escaped.
     let (headers, cut) = dsn::capped_headers(&message.head, dsn::MAX_RETURNED_HEADERS);
     for line in escape_lines(headers).lines() {
-        println!("  {line}");
+        say!("  {line}");
     }
     if cut {
-        println!(
+        say!(
             "  ... (header section longer than {} KiB)",
             dsn::MAX_RETURNED_HEADERS / 1024
         );
@@ -314,14 +316,14 @@ fn bounce(config: &Config, conn: &mut Connection, id: &QueueId) -> Result<(), Fa
         waiting.len()
     ));
     match &notice {
-        Some(notice) => println!(
+        Some(notice) => say!(
             "{id}: {} recipients bounced; notice {} queued to <{}>{}",
             waiting.len(),
             notice.id,
             message.sender,
             wake(config)
         ),
-        None => println!(
+        None => say!(
             "{id}: {} recipients bounced; no notice (null sender, a notice itself, or NOTIFY)",
             waiting.len()
         ),

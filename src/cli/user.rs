@@ -5,7 +5,7 @@ use std::io::BufRead as _;
 
 use clap::Subcommand;
 
-use super::Failure;
+use super::{Failure, say};
 use crate::auth::{accounts, password};
 use crate::config::Config;
 use crate::protocol::address::Address;
@@ -46,7 +46,7 @@ pub fn run(config: &Config, command: UserCommand) -> Result<(), Failure> {
             }
             let hash = new_password_hash(config, &address, password_stdin)?;
             accounts::add(&conn, &address, &hash).map_err(|e| Failure::Runtime(e.to_string()))?;
-            println!("added {address}");
+            say!("added {address}");
         }
         UserCommand::Passwd {
             address,
@@ -60,21 +60,23 @@ pub fn run(config: &Config, command: UserCommand) -> Result<(), Failure> {
             let hash = new_password_hash(config, &address, password_stdin)?;
             accounts::set_password(&conn, &address, &hash)
                 .map_err(|e| Failure::Runtime(e.to_string()))?;
-            println!("password changed for {address}");
+            say!("password changed for {address}");
         }
         UserCommand::Del { address } => {
             let address = parse(&address)?;
             let conn = open(config)?;
             accounts::delete(&conn, &address).map_err(|e| Failure::Runtime(e.to_string()))?;
-            println!("deleted {address} (its Maildir, if any, is left on disk)");
+            say!("deleted {address} (its Maildir, if any, is left on disk)");
         }
         UserCommand::List => {
             let conn = open(config)?;
             let list = accounts::list(&conn).map_err(|e| Failure::Runtime(e.to_string()))?;
             for account in list {
-                println!(
+                say!(
                     "{}\tcreated {}\tpassword changed {}",
-                    account.address, account.created_at, account.password_changed_at
+                    account.address,
+                    account.created_at,
+                    account.password_changed_at
                 );
             }
         }

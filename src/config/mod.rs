@@ -20,8 +20,12 @@ pub use units::{ByteSize, HumanDuration};
 
 use crate::protocol::address::{Address, Domain};
 
-/// The file read when no `-c` is given, relative to the working directory.
-pub const DEFAULT_CONFIG_FILE: &str = "petrel.toml";
+/// Where the config is looked for when no `-c` is given, after the
+/// `PETREL_CONFIG` environment variable: the working directory, then the
+/// system-wide file.
+pub const LOCAL_CONFIG_FILE: &str = "petrel.toml";
+pub const SYSTEM_CONFIG_FILE: &str = "/etc/petrel/petrel.toml";
+pub const CONFIG_ENV: &str = "PETREL_CONFIG";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -445,44 +449,85 @@ impl std::error::Error for ConfigError {}
 #[derive(Debug, Clone, PartialEq)]
 pub enum ConfigSource {
     File(PathBuf),
-    BuiltInDefaults,
+    /// No file was found at any of these.
+    BuiltInDefaults {
+        looked_at: Vec<PathBuf>,
+    },
+}
+
+impl ConfigSource {
+    /// The one line commands print when they run on the defaults.
+    pub fn defaults_notice(&self) -> Option<String> {
+        match self {
+            ConfigSource::File(_) => None,
+            ConfigSource::BuiltInDefaults { looked_at } => Some(format!(
+                "no config file ({}, ${CONFIG_ENV} unset); using the built-in defaults",
+                looked_at
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
+    }
 }
 
 impl fmt::Display for ConfigSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ConfigSource::File(path) => write!(f, "{}", path.display()),
-            ConfigSource::BuiltInDefaults => f.write_str("built-in defaults"),
+            ConfigSource::BuiltInDefaults { .. } => f.write_str("built-in defaults"),
         }
     }
 }
 
 impl Config {
-    /// `-c FILE` if given; else `./petrel.toml` if present; else the defaults.
+    /// The config file to read: `-c FILE`, else `$PETREL_CONFIG`, else
+    /// `./petrel.toml`, else `/etc/petrel/petrel.toml`, whichever comes
+    /// first. A file named explicitly (`-c` or the variable) must exist;
+    /// `Err` lists the places looked at when none was found.
+    pub fn locate(explicit: Option<&Path>) -> Result<PathBuf, Vec<PathBuf>> {
+        if let Some(path) = explicit {
+            return Ok(path.to_path_buf());
+        }
+        if let Some(path) = std::env::var_os(CONFIG_ENV).filter(|p| !p.is_empty()) {
+            return Ok(PathBuf::from(path));
+        }
+        let candidates = [
+            PathBuf::from(LOCAL_CONFIG_FILE),
+            PathBuf::from(SYSTEM_CONFIG_FILE),
+        ];
+        match candidates.iter().find(|path| path.exists()) {
+            Some(path) => Ok(path.clone()),
+            None => Err(candidates.to_vec()),
+        }
+    }
+
+    /// The config as [`Config::locate`] finds it, or the built-in defaults
+    /// (a safe local demo) when there is no file at all.
     pub fn load(explicit: Option<&Path>) -> Result<(Config, ConfigSource), ConfigError> {
-        let path = match explicit {
-            Some(path) => path.to_path_buf(),
-            None => {
-                let default = PathBuf::from(DEFAULT_CONFIG_FILE);
-                if !default.exists() {
-                    return Ok((Config::default(), ConfigSource::BuiltInDefaults));
-                }
-                default
-            }
-        };
+        match Config::locate(explicit) {
+            Ok(path) => Config::load_file(&path).map(|config| (config, ConfigSource::File(path))),
+            Err(looked_at) => Ok((
+                Config::default(),
+                ConfigSource::BuiltInDefaults { looked_at },
+            )),
+        }
+    }
+
+    pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
         let with_file = |mut err: ConfigError| {
-            err.file = Some(path.clone());
+            err.file = Some(path.to_path_buf());
             err
         };
-        let text = std::fs::read_to_string(&path).map_err(|e| {
+        let text = std::fs::read_to_string(path).map_err(|e| {
             with_file(ConfigError {
                 file: None,
                 key: None,
                 message: format!("cannot read config file: {e}"),
             })
         })?;
-        let config = Config::parse(&text).map_err(with_file)?;
-        Ok((config, ConfigSource::File(path)))
+        Config::parse(&text).map_err(with_file)
     }
 
     /// Parses and validates config text.
