@@ -205,7 +205,128 @@ fn check_config_warns_about_an_undeliverable_postmaster() {
     );
     let output = check_config(&path);
     assert_eq!(output.status.code(), Some(0));
-    assert!(!String::from_utf8_lossy(&output.stderr).contains("warning"));
+    assert!(!String::from_utf8_lossy(&output.stderr).contains("postmaster"));
+}
+
+/// check-config's exit code and everything it said.
+fn checked(dir: &Path, extra: &str) -> (i32, String) {
+    let path = write_config(dir, extra);
+    let output = check_config(&path);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.code().unwrap_or(-1), said)
+}
+
+#[test]
+fn check_config_catches_mistakes_a_parser_cannot() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    std::fs::create_dir(&certs).unwrap();
+    let openssl = |name: &str| {
+        let status = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
+            .args(["-nodes", "-days", "30", "-subj", "/CN=mail.example.test"])
+            .args(["-addext", "subjectAltName=DNS:mail.example.test"])
+            .arg("-keyout")
+            .arg(certs.join(format!("{name}-key.pem")))
+            .arg("-out")
+            .arg(certs.join(format!("{name}-cert.pem")))
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    openssl("one");
+    openssl("two");
+    let pair = |cert: &str, key: &str| {
+        format!(
+            "[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+            certs.join(cert).display(),
+            certs.join(key).display()
+        )
+    };
+
+    // Errors: exit 2, with the file named.
+    let (code, said) = checked(dir.path(), &pair("missing-cert.pem", "one-key.pem"));
+    assert_eq!(code, 2, "{said}");
+    assert!(said.contains("missing-cert.pem"), "{said}");
+    let (code, said) = checked(dir.path(), &pair("one-cert.pem", "two-key.pem"));
+    assert_eq!(code, 2, "{said}");
+    assert!(said.contains("does not go with key"), "{said}");
+    let (code, said) = checked(
+        dir.path(),
+        "[delivery]\nsmarthost = \"relay.example.test:587\"\nsmarthost_user = \"u\"\n\
+         smarthost_password_file = \"/nonexistent/smarthost.pass\"\n",
+    );
+    assert_eq!(code, 2, "{said}");
+    assert!(said.contains("/nonexistent/smarthost.pass"), "{said}");
+
+    // A matching pair for another name: fine, with a warning.
+    let (code, said) = checked(dir.path(), &pair("one-cert.pem", "one-key.pem"));
+    assert_eq!(code, 0, "{said}");
+    assert!(
+        said.contains("is not valid for hostname \"mx.test\""),
+        "{said}"
+    );
+
+    // Valid TOML, dangerous meaning: an open relay.
+    for network in ["0.0.0.0/0", "::/0", "10.0.0.0/7"] {
+        let (code, said) = checked(
+            dir.path(),
+            &format!("[relay]\ntrusted_networks = [\"{network}\"]\n"),
+        );
+        assert_eq!(code, 0, "{said}");
+        assert!(said.contains("an open relay"), "{network}: {said}");
+    }
+    let (_, said) = checked(dir.path(), "[relay]\ntrusted_networks = [\"10.0.0.0/8\"]\n");
+    assert!(!said.contains("an open relay"), "{said}");
+}
+
+#[test]
+fn check_config_sees_a_data_dir_this_user_cannot_write() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = write_config(dir.path(), "");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o555)).unwrap();
+    // root may write anywhere: check as an ordinary user then.
+    let mut command = if rustix_is_root() {
+        let mut command = Command::new("setpriv");
+        command
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_petrel"));
+        command
+    } else {
+        petrel()
+    };
+    let output = command
+        .arg("check-config")
+        .arg("-c")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("is not writable by this user"), "{stderr}");
+}
+
+fn rustix_is_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
 }
 
 #[test]

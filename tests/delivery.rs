@@ -373,3 +373,117 @@ fn delay_warning_once_then_expiry_bounce() {
     assert!(bounce.contains("gave up after"), "{bounce}");
     assert!(bounce.contains("connect failed"), "{bounce}");
 }
+
+/// A self-signed certificate as operators make one for an internal relay:
+/// `openssl req -x509`, which marks it CA:TRUE. Returns (cert, key) paths.
+fn openssl_self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let cert = dir.join("relay-cert.pem");
+    let key = dir.join("relay-key.pem");
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ])
+        .args(["-days", "30", "-subj", &format!("/CN={name}")])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl is installed (see .ci/run)");
+    assert!(status.success());
+    let text = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains("CA:TRUE"),
+        "openssl req -x509 makes a CA:TRUE certificate"
+    );
+    (cert, key)
+}
+
+/// Submits through A and waits until B (which only queues) has it.
+fn relayed_through(a: &TestServer, b: &TestServer) {
+    submit(
+        a,
+        &["friend@elsewhere.example"],
+        b"Subject: pinned\r\n\r\nx\r\n",
+    );
+    wait_for("A's queue to empty", || queue_is_empty(a));
+    assert_eq!(b.message_count(), 1, "B got the message");
+}
+
+#[test]
+fn smart_host_pinned_by_its_self_signed_certificate_or_fingerprint() {
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = openssl_self_signed(certs.path(), "relay.internal");
+    let b_config = |config: &mut petrel::config::Config| {
+        config.tls.cert = Some(cert.clone());
+        config.tls.key = Some(key.clone());
+    };
+    let dns = || {
+        let dns = standard_dns();
+        dns.a("relay.internal", "127.0.0.1");
+        dns
+    };
+    // B's submission and smtps ports want AUTH.
+    let password_file = certs.path().join("smarthost.pass");
+    std::fs::write(&password_file, format!("{PASSWORD}\n")).unwrap();
+    let login = |config: &mut petrel::config::Config| {
+        config.delivery.smarthost_user = Some("alice@example.test".into());
+        config.delivery.smarthost_password_file = Some(password_file.clone());
+    };
+
+    // smarthost_ca is the smart host's own certificate.
+    let b = TestServer::start(b_config);
+    let b_port = b.addr(ListenerKind::Submission).port();
+    let a = TestServer::start_delivering(dns(), |config| {
+        config.delivery.smarthost = Some(format!("relay.internal:{b_port}"));
+        config.delivery.smarthost_tls = SmarthostTls::Verify;
+        config.delivery.smarthost_ca = Some(cert.clone());
+        login(config);
+    });
+    relayed_through(&a, &b);
+
+    // Only a fingerprint, as openssl prints it.
+    let printed = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(&cert)
+        .output()
+        .unwrap();
+    let fingerprint = String::from_utf8(printed.stdout).unwrap();
+    let b = TestServer::start(b_config);
+    let b_port = b.addr(ListenerKind::Submission).port();
+    let a = TestServer::start_delivering(dns(), |config| {
+        config.delivery.smarthost = Some(format!("relay.internal:{b_port}"));
+        config.delivery.smarthost_tls = SmarthostTls::Verify;
+        config.delivery.smarthost_fingerprint = Some(fingerprint.trim().to_string());
+        login(config);
+    });
+    relayed_through(&a, &b);
+
+    // Implicit TLS (RFC 8314) to the smart host's smtps port.
+    let b = TestServer::start(b_config);
+    let b_port = b.addr(ListenerKind::Smtps).port();
+    let a = TestServer::start_delivering(dns(), |config| {
+        config.delivery.smarthost = Some(format!("relay.internal:{b_port}"));
+        config.delivery.smarthost_tls = SmarthostTls::Verify;
+        config.delivery.smarthost_ca = Some(cert.clone());
+        config.delivery.smarthost_implicit_tls = Some(true);
+        login(config);
+    });
+    relayed_through(&a, &b);
+    let listener: String = b
+        .db()
+        .query_row("SELECT listener FROM messages", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(listener, "smtps");
+}

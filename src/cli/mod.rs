@@ -1,6 +1,7 @@
 //! The `petrel` command line: argument parsing and one function per
 //! command. Exit codes: 0 ok, 1 runtime failure, 2 usage or config error.
 
+mod check;
 mod queue;
 mod sendmail;
 mod serve;
@@ -192,8 +193,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::CheckConfig => {
             let (config, source) = load_config(cli.config.as_deref())?;
-            check_config(&config, &source);
-            Ok(())
+            check::run(&config, &source)
         }
         Command::Queue { command } => {
             let (config, _) = load_config(cli.config.as_deref())?;
@@ -208,37 +208,6 @@ fn run(cli: Cli) -> Result<(), Failure> {
             user::run(&config, command)
         }
     }
-}
-
-fn check_config(config: &Config, source: &ConfigSource) {
-    say!("# petrel: configuration OK ({source})");
-    let existing = existing_accounts(config);
-    let warnings =
-        crate::server::directory::deliverability_warnings(config, |a| existing.contains(a));
-    for warning in &warnings {
-        say!("# warning: {warning}");
-        eprintln!("petrel: warning: {warning}");
-    }
-    say!("# effective settings:");
-    say!("{}", config.to_toml().trim_end());
-}
-
-/// Accounts in an existing queue database, read without creating or
-/// migrating anything: check-config must not write.
-fn existing_accounts(config: &Config) -> std::collections::HashSet<String> {
-    use rusqlite::OpenFlags;
-    let path = config.data_dir.join(crate::queue::QUEUE_FILE);
-    let Ok(conn) = rusqlite::Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
-    else {
-        return Default::default();
-    };
-    let Ok(mut statement) = conn.prepare("SELECT address FROM users") else {
-        return Default::default();
-    };
-    statement
-        .query_map([], |row| row.get::<_, String>(0))
-        .map(|rows| rows.filter_map(Result::ok).collect())
-        .unwrap_or_default()
 }
 
 /// Logging for long-running commands: `RUST_LOG` wins, `info` by default.

@@ -199,8 +199,15 @@ pub struct DeliveryConfig {
     pub smarthost_user: Option<String>,
     pub smarthost_password_file: Option<PathBuf>,
     pub smarthost_tls: SmarthostTls,
-    /// Extra trust anchors for the smart host, e.g. an internal CA.
+    /// Extra trust anchors for the smart host, e.g. an internal CA; a
+    /// certificate in this file is also trusted when the smart host
+    /// presents exactly it (a self-signed certificate, CA:TRUE or not).
     pub smarthost_ca: Option<PathBuf>,
+    /// Trust the smart host's certificate with this SHA-256 fingerprint
+    /// ("sha256:AB:CD:..." or plain hex), as an alternative to smarthost_ca.
+    pub smarthost_fingerprint: Option<String>,
+    /// Talk TLS from the first byte (RFC 8314). Default: only on port 465.
+    pub smarthost_implicit_tls: Option<bool>,
     /// Port of remote MX hosts. 25 everywhere in the real world; tests change it.
     pub port: u16,
     /// Special-purpose networks (loopback, private, link-local ...) that MX,
@@ -229,6 +236,8 @@ impl Default for DeliveryConfig {
             smarthost_password_file: None,
             smarthost_tls: SmarthostTls::Verify,
             smarthost_ca: None,
+            smarthost_fingerprint: None,
+            smarthost_implicit_tls: None,
             port: 25,
             allowed_networks: Vec::new(),
             address_family: AddressFamily::Any,
@@ -624,6 +633,10 @@ impl Config {
         if let Some(smarthost) = &self.delivery.smarthost {
             parse_host_port(smarthost).map_err(|e| ConfigError::at("delivery.smarthost", e))?;
         }
+        if let Some(fingerprint) = &self.delivery.smarthost_fingerprint {
+            parse_fingerprint(fingerprint)
+                .map_err(|e| ConfigError::at("delivery.smarthost_fingerprint", e))?;
+        }
         if self.delivery.smarthost_user.is_some() != self.delivery.smarthost_password_file.is_some()
         {
             return Err(ConfigError::at(
@@ -739,6 +752,29 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// "sha256:AB:CD:…" (as `openssl x509 -fingerprint -sha256` prints it,
+/// with or without the prefix and colons) as 32 bytes.
+pub fn parse_fingerprint(text: &str) -> Result<[u8; 32], String> {
+    let hex: String = text
+        .trim()
+        .trim_start_matches("sha256:")
+        .trim_start_matches("SHA256:")
+        .trim_start_matches("sha256 Fingerprint=")
+        .chars()
+        .filter(|c| *c != ':')
+        .collect();
+    let bad =
+        || format!("{text:?} is not a SHA-256 fingerprint (64 hex digits, \"sha256:\" optional)");
+    if hex.len() != 64 {
+        return Err(bad());
+    }
+    let mut out = [0u8; 32];
+    for (index, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[index * 2..index * 2 + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(out)
 }
 
 /// Splits "host:port" (or "[v6]:port"); the port defaults to 25.

@@ -116,7 +116,14 @@ impl Delivery {
         let tls_unverified =
             crate::tls::client::unverified().map_err(|e| DeliveryError(e.to_string()))?;
         let tls_smarthost =
-            match crate::tls::client::verified(config.delivery.smarthost_ca.as_deref()) {
+            match crate::tls::client::verified(&crate::tls::client::SmarthostTrust {
+                ca_file: config.delivery.smarthost_ca.clone(),
+                fingerprint: config
+                    .delivery
+                    .smarthost_fingerprint
+                    .as_deref()
+                    .and_then(|f| crate::config::parse_fingerprint(f).ok()),
+            }) {
                 Ok(tls) => Some(tls),
                 Err(error) => {
                     log::error!(

@@ -141,16 +141,18 @@ pub fn to_smarthost(ctx: &DeliveryContext, envelope: &Envelope) -> RemoteOutcome
         Ok(parsed) => parsed,
         Err(error) => return misconfigured(error),
     };
+    // RFC 8314: port 465 speaks TLS from the first byte, unless told.
+    let implicit = config.smarthost_implicit_tls.unwrap_or(port == 465);
     let policy = match config.smarthost_tls {
         SmarthostTls::None => TlsPolicy::Plaintext,
         SmarthostTls::Encrypt => TlsPolicy::Required {
             config: Arc::clone(&ctx.tls_unverified),
-            implicit: port == 465,
+            implicit,
         },
         SmarthostTls::Verify => match &ctx.tls_smarthost {
             Some(config) => TlsPolicy::Required {
                 config: Arc::clone(config),
-                implicit: port == 465,
+                implicit,
             },
             None => {
                 return RemoteOutcome::all(

@@ -171,6 +171,23 @@ pub fn load_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, Tl
     Ok(certs)
 }
 
+/// Loads a certificate chain and its key and checks that they go together,
+/// as the server will; returns the end-entity certificate.
+pub fn check_pair(cert_path: &Path, key_path: &Path) -> Result<CertificateDer<'static>, TlsError> {
+    build_server_config(cert_path, key_path)?;
+    let mut certs = load_certificates(cert_path)?;
+    Ok(certs.swap_remove(0))
+}
+
+/// Whether a certificate is valid for `hostname` (its SAN names).
+pub fn covers_name(cert: &CertificateDer<'_>, hostname: &str) -> Result<(), String> {
+    let end_entity = webpki::EndEntityCert::try_from(cert).map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from(hostname).map_err(|e| e.to_string())?;
+    end_entity
+        .verify_is_valid_for_subject_name(&name)
+        .map_err(|e| e.to_string())
+}
+
 fn build_server_config(cert_path: &Path, key_path: &Path) -> Result<Arc<ServerConfig>, TlsError> {
     let certs = load_certificates(cert_path)?;
     let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| {

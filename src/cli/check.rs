@@ -1,0 +1,209 @@
+//! `petrel check-config`, in the spirit of `nginx -t`: beyond parsing the
+//! file (which `Config::parse` does), it tries what the server would do
+//! with it — loads the certificate and key and checks they match, reads
+//! every file the config names, looks at the data dir — and warns about
+//! mistakes that are valid TOML but dangerous (an open relay) or lose mail
+//! (a postmaster that goes nowhere). It never writes anything.
+
+use std::path::Path;
+
+use super::{Failure, say};
+use crate::config::{Config, ConfigSource};
+
+/// What is wrong, in two grades: errors stop `serve`, warnings do not.
+#[derive(Debug, Default)]
+pub struct Findings {
+    pub errors: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+pub fn run(config: &Config, source: &ConfigSource) -> Result<(), Failure> {
+    let findings = check(config);
+    for error in &findings.errors {
+        eprintln!("petrel: error: {error}");
+    }
+    for warning in &findings.warnings {
+        eprintln!("petrel: warning: {warning}");
+    }
+    if !findings.errors.is_empty() {
+        return Err(Failure::Usage(format!(
+            "configuration {source} has {} error(s); petrel serve would not start",
+            findings.errors.len()
+        )));
+    }
+    say!("# petrel: configuration OK ({source})");
+    for warning in &findings.warnings {
+        say!("# warning: {warning}");
+    }
+    say!("# effective settings:");
+    say!("{}", config.to_toml().trim_end());
+    Ok(())
+}
+
+pub fn check(config: &Config) -> Findings {
+    let mut findings = Findings::default();
+    check_tls(config, &mut findings);
+    check_files(config, &mut findings);
+    check_data_dir(&config.data_dir, &mut findings);
+    check_relay(config, &mut findings);
+    let existing = existing_accounts(config);
+    findings
+        .warnings
+        .extend(crate::server::directory::deliverability_warnings(
+            config,
+            |a| existing.contains(a),
+        ));
+    findings
+}
+
+fn check_tls(config: &Config, findings: &mut Findings) {
+    let (Some(cert), Some(key)) = (&config.tls.cert, &config.tls.key) else {
+        findings.warnings.push(format!(
+            "no [tls] cert/key: a self-signed certificate is generated in {}/tls/ \
+             (clients will not trust it)",
+            config.data_dir.display()
+        ));
+        return;
+    };
+    match crate::tls::check_pair(cert, key) {
+        Ok(end_entity) => {
+            if let Err(why) = crate::tls::covers_name(&end_entity, &config.hostname) {
+                findings.warnings.push(format!(
+                    "certificate {} is not valid for hostname {:?} ({why}); clients checking \
+                     the name will refuse it",
+                    cert.display(),
+                    config.hostname
+                ));
+            }
+        }
+        Err(error) => findings.errors.push(error.to_string()),
+    }
+}
+
+fn check_files(config: &Config, findings: &mut Findings) {
+    let delivery = &config.delivery;
+    if let Some(ca) = &delivery.smarthost_ca
+        && let Err(error) = crate::tls::load_certificates(ca)
+    {
+        findings
+            .errors
+            .push(format!("delivery.smarthost_ca: {error}"));
+    }
+    if let Some(file) = &delivery.smarthost_password_file
+        && let Err(error) = std::fs::read_to_string(file)
+    {
+        findings.errors.push(format!(
+            "delivery.smarthost_password_file: cannot read {}: {error}",
+            file.display()
+        ));
+    }
+    let privileged = [&config.smtp, &config.submission, &config.smtps]
+        .into_iter()
+        .flat_map(|l| &l.listen)
+        .filter(|a| a.port() < 1024)
+        .count();
+    if privileged > 0 && !rustix::process::geteuid().is_root() {
+        findings.warnings.push(
+            "listening on ports below 1024 needs root (then [server] user to drop \
+             privileges) or CAP_NET_BIND_SERVICE"
+                .to_string(),
+        );
+    }
+}
+
+fn check_data_dir(data_dir: &Path, findings: &mut Findings) {
+    use std::os::unix::fs::MetadataExt as _;
+    match std::fs::metadata(data_dir) {
+        Ok(meta) if !meta.is_dir() => findings.errors.push(format!(
+            "data_dir {} exists but is not a directory",
+            data_dir.display()
+        )),
+        Ok(meta) => {
+            if rustix::fs::access(
+                data_dir,
+                rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK,
+            )
+            .is_err()
+            {
+                findings.errors.push(format!(
+                    "data_dir {} is not writable by this user",
+                    data_dir.display()
+                ));
+            }
+            let mode = meta.mode() & 0o777;
+            if mode & 0o077 != 0 {
+                findings.warnings.push(format!(
+                    "data_dir {} is mode {mode:o}; petrel serve makes it 0700 (it holds queued \
+                     mail and password hashes)",
+                    data_dir.display()
+                ));
+            }
+            let me = rustix::process::geteuid().as_raw();
+            if meta.uid() != me && me != 0 {
+                findings.warnings.push(format!(
+                    "data_dir {} belongs to uid {}, not to this user (uid {me})",
+                    data_dir.display(),
+                    meta.uid()
+                ));
+            }
+        }
+        Err(_) => {
+            // It will be created: the nearest existing parent must allow it.
+            let parent = data_dir
+                .ancestors()
+                .skip(1)
+                .find(|p| p.as_os_str().is_empty() || p.exists())
+                .map(|p| {
+                    if p.as_os_str().is_empty() {
+                        Path::new(".")
+                    } else {
+                        p
+                    }
+                });
+            if let Some(parent) = parent
+                && rustix::fs::access(parent, rustix::fs::Access::WRITE_OK).is_err()
+            {
+                findings.errors.push(format!(
+                    "data_dir {} does not exist and cannot be created in {}",
+                    data_dir.display(),
+                    parent.display()
+                ));
+            }
+        }
+    }
+}
+
+/// Networks so wide that trusting them makes an open relay: any IPv4
+/// prefix shorter than /8 and any IPv6 prefix shorter than /32.
+fn check_relay(config: &Config, findings: &mut Findings) {
+    for network in &config.relay.trusted_networks {
+        let too_wide = match network {
+            ipnet::IpNet::V4(v4) => v4.prefix_len() < 8,
+            ipnet::IpNet::V6(v6) => v6.prefix_len() < 32,
+        };
+        if too_wide {
+            findings.warnings.push(format!(
+                "relay.trusted_networks contains {network}: everyone in it may relay mail \
+                 anywhere without logging in (an open relay)"
+            ));
+        }
+    }
+}
+
+/// Accounts in an existing queue database, read without creating or
+/// migrating anything: check-config must not write.
+fn existing_accounts(config: &Config) -> std::collections::HashSet<String> {
+    use rusqlite::OpenFlags;
+    let path = config.data_dir.join(crate::queue::QUEUE_FILE);
+    let Ok(conn) = rusqlite::Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+    else {
+        return Default::default();
+    };
+    let Ok(mut statement) = conn.prepare("SELECT address FROM users") else {
+        return Default::default();
+    };
+    statement
+        .query_map([], |row| row.get::<_, String>(0))
+        .map(|rows| rows.filter_map(Result::ok).collect())
+        .unwrap_or_default()
+}
