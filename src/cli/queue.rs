@@ -57,6 +57,11 @@ pub fn run(config: &Config, command: QueueCommand) -> Result<(), Failure> {
                     "{id}: no waiting recipients (not in the queue?)"
                 )));
             }
+            let what = match &id {
+                Some(id) => format!("{id}: retry now, by the operator"),
+                None => format!("{count} recipients: retry now, by the operator"),
+            };
+            log_action(config, &what);
             say!("{count} recipients due now{}", wake(config));
             Ok(())
         }
@@ -65,7 +70,7 @@ pub fn run(config: &Config, command: QueueCommand) -> Result<(), Failure> {
             if !delivery::delete_message(&conn, id.as_str()).map_err(runtime)? {
                 return Err(Failure::Runtime(format!("{id}: not in the queue")));
             }
-            log_action(&format!("{id}: deleted by the operator"));
+            log_action(config, &format!("{id}: deleted by the operator"));
             say!("{id}: deleted");
             Ok(())
         }
@@ -93,8 +98,14 @@ fn wake(config: &Config) -> &'static str {
     }
 }
 
-/// Operator actions leave a trace in syslog-style output as well.
-fn log_action(what: &str) {
+/// Operator actions go to the running server's log (through its control
+/// socket, so they sit beside what the server did) and to stderr.
+fn log_action(config: &Config, what: &str) {
+    let uid = rustix::process::getuid().as_raw();
+    control::notify(
+        &config.data_dir,
+        &format!("{what} (petrel queue, uid={uid})"),
+    );
     eprintln!("petrel: {what}");
 }
 
@@ -311,10 +322,13 @@ fn bounce(config: &Config, conn: &mut Connection, id: &QueueId) -> Result<(), Fa
         notice.as_slice(),
     )
     .map_err(runtime)?;
-    log_action(&format!(
-        "{id}: bounced by the operator ({} recipients)",
-        waiting.len()
-    ));
+    log_action(
+        config,
+        &format!(
+            "{id}: bounced by the operator ({} recipients)",
+            waiting.len()
+        ),
+    );
     match &notice {
         Some(notice) => say!(
             "{id}: {} recipients bounced; notice {} queued to <{}>{}",

@@ -286,8 +286,10 @@ pub fn run(config: &Config, args: &[String]) -> Result<(), Failure> {
     let count = message.recipients.len();
     queue::insert_direct(&config.data_dir, &message)
         .map_err(|e| Failure::Runtime(e.to_string()))?;
-    control::poke(&config.data_dir);
-    eprintln!("petrel: {id}: queued from=<{sender}>, nrcpt={count}");
+    let uid = rustix::process::getuid().as_raw();
+    let line = format!("{id}: uid={uid} from=<{sender}>, nrcpt={count} (local submission)");
+    control::notify(&config.data_dir, &line);
+    eprintln!("petrel: {line}");
     Ok(())
 }
 

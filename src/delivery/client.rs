@@ -260,11 +260,11 @@ impl SmtpClient {
         self.conn.is_tls()
     }
 
-    /// "TLSv1_3 TLS13_AES_256_GCM_SHA384", for logs.
+    /// "TLSv1.3 with cipher TLS13_AES_256_GCM_SHA384", for logs.
     pub fn tls_description(&self) -> Option<String> {
         self.conn
             .summary()
-            .map(|tls| format!("{} {}", tls.version, tls.cipher))
+            .map(|tls| format!("{} with cipher {}", tls.version, tls.cipher))
     }
 
     pub fn send(&mut self, data: &[u8]) -> Result<(), ClientError> {

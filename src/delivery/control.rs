@@ -1,14 +1,18 @@
-//! A Unix socket in `data_dir` through which `petrel queue retry|bounce`
-//! (and `petrel sendmail`) wake the running scheduler, so operator actions
-//! take effect at once without polling. Connecting is the whole protocol:
-//! it carries no data and can do nothing but trigger a queue scan.
+//! A Unix socket in `data_dir` through which `petrel queue` (and `petrel
+//! sendmail`) wake the running scheduler, so operator actions take effect
+//! at once without polling. Connecting is the wake-up; a client may also
+//! send one line, `note <text>`, which the server writes to its log, so
+//! what an operator did appears beside what the server did. It can do
+//! nothing else. The socket is in the private data dir: only petrel's own
+//! user (and root) can reach it.
 
-use std::io;
+use std::io::{self, BufRead as _, BufReader, Read as _, Write as _};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use super::Waker;
 
@@ -42,7 +46,8 @@ impl ControlSocket {
                         if stop.load(Ordering::SeqCst) {
                             break;
                         }
-                        if connection.is_ok() {
+                        if let Ok(connection) = connection {
+                            log_note(connection);
                             waker.wake();
                         }
                     }
@@ -59,8 +64,35 @@ impl ControlSocket {
     }
 }
 
+/// The longest note taken; the rest is ignored.
+const MAX_NOTE: u64 = 1024;
+
+/// Reads the optional `note <text>` line (briefly: a client that says
+/// nothing is only a wake-up) and logs it.
+fn log_note(connection: UnixStream) {
+    let _ = connection.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut line = String::new();
+    let mut reader = BufReader::new(connection.take(MAX_NOTE));
+    if reader.read_line(&mut line).is_ok()
+        && let Some(note) = line.trim_end().strip_prefix("note ")
+    {
+        log::info!("{}", crate::printable::escape(note));
+    }
+}
+
 /// Wakes the server running on `data_dir`, if any. Returns whether one
 /// was reached.
 pub fn poke(data_dir: &Path) -> bool {
     UnixStream::connect(data_dir.join(CONTROL_SOCKET)).is_ok()
+}
+
+/// Wakes the server and has it log `note` (an operator action, a local
+/// submission). Returns whether a server was reached.
+pub fn notify(data_dir: &Path, note: &str) -> bool {
+    let Ok(mut stream) = UnixStream::connect(data_dir.join(CONTROL_SOCKET)) else {
+        return false;
+    };
+    let line = format!("note {}\n", note.replace(['\r', '\n'], " "));
+    let _ = stream.write_all(line.as_bytes());
+    true
 }

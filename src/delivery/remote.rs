@@ -47,6 +47,8 @@ enum TlsPolicy {
     Required {
         config: Arc<ClientConfig>,
         implicit: bool,
+        /// The certificate is checked (smarthost_tls = "verify").
+        verified: bool,
     },
     /// `smarthost_tls = "none"`: plaintext is acceptable.
     Plaintext,
@@ -148,11 +150,13 @@ pub fn to_smarthost(ctx: &DeliveryContext, envelope: &Envelope) -> RemoteOutcome
         SmarthostTls::Encrypt => TlsPolicy::Required {
             config: Arc::clone(&ctx.tls_unverified),
             implicit,
+            verified: false,
         },
         SmarthostTls::Verify => match &ctx.tls_smarthost {
             Some(config) => TlsPolicy::Required {
                 config: Arc::clone(config),
                 implicit,
+                verified: true,
             },
             None => {
                 return RemoteOutcome::all(
@@ -295,17 +299,44 @@ fn deliver_to_host(
         Ok(connected) => connected,
         Err(error) => return HostResult::TryNext(format!("connect failed: {error}")),
     };
+    if implicit {
+        log_tls(&client, host, peer, policy);
+    }
     if !greeting.is_positive() {
         client.quit();
         return HostResult::TryNext(format!("greeting: {greeting}"));
     }
-    match transaction(ctx, &mut client, host, policy, credentials, envelope) {
+    match transaction(
+        ctx,
+        &mut client,
+        (host, peer),
+        policy,
+        credentials,
+        envelope,
+    ) {
         Ok(result) => {
             client.quit();
             result
         }
         Err(error) => HostResult::TryNext(format!("lost connection: {error}")),
     }
+}
+
+/// Postfix's line for an outbound TLS session: "Verified" when the
+/// certificate was checked (the smart host), "Untrusted" otherwise (MX
+/// hosts, whose certificates are rarely valid for their names).
+fn log_tls(client: &SmtpClient, host: &str, peer: SocketAddr, policy: &TlsPolicy) {
+    let trust = match policy {
+        TlsPolicy::Required { verified: true, .. } => "Verified",
+        _ => "Untrusted",
+    };
+    log::info!(
+        "{trust} TLS connection established to {}[{}]:{}: {}",
+        crate::printable::escape(host),
+        peer.ip(),
+        peer.port(),
+        client.tls_description().unwrap_or_default()
+    );
 }
 
 fn connect_implicit_tls(
@@ -325,7 +356,7 @@ fn connect_implicit_tls(
 fn transaction(
     ctx: &DeliveryContext,
     client: &mut SmtpClient,
-    host: &str,
+    (host, peer): (&str, SocketAddr),
     policy: &TlsPolicy,
     credentials: Option<&(String, String)>,
     envelope: &Envelope,
@@ -353,6 +384,7 @@ fn transaction(
         if let Some(tls) = wanted {
             match client.starttls(tls, host) {
                 Ok(Ok(())) => {
+                    log_tls(client, host, peer, policy);
                     let (hello, again) = client.hello(hostname)?;
                     if !hello.is_positive() {
                         return Ok(HostResult::TryNext(format!(

@@ -76,6 +76,8 @@ pub struct Dns {
     /// Bounds one lookup including retries, whatever the resolver does.
     deadline: Duration,
     verdicts: Mutex<HashMap<String, (MailAddresses, Instant)>>,
+    /// Forward-confirmed client names, briefly.
+    names: Mutex<HashMap<IpAddr, (Option<String>, Instant)>>,
 }
 
 /// Classification of one resolver error.
@@ -148,6 +150,7 @@ impl Dns {
             resolver,
             deadline: config.timeout.get() * 3,
             verdicts: Mutex::new(HashMap::new()),
+            names: Mutex::new(HashMap::new()),
         })
     }
 
@@ -332,6 +335,51 @@ impl Dns {
             // MX records naming hosts that do not exist.
             (true, None) => Err(DnsFailure::NoMailHosts),
         }
+    }
+}
+
+impl Dns {
+    /// The client's name if its reverse DNS is forward-confirmed (a PTR
+    /// name whose A/AAAA records include the address), as Postfix shows in
+    /// `client=` and its logs; `None` otherwise. Cached briefly.
+    pub fn client_name(&self, ip: IpAddr) -> Option<String> {
+        let now = Instant::now();
+        {
+            let names = self.names.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some((name, at)) = names.get(&ip)
+                && now.duration_since(*at) < VERDICT_CACHE_TIME
+            {
+                return name.clone();
+            }
+        }
+        let name = self.confirmed_name(ip);
+        let mut names = self.names.lock().unwrap_or_else(PoisonError::into_inner);
+        if names.len() >= VERDICT_CACHE_MAX {
+            names.retain(|_, (_, at)| now.duration_since(*at) < VERDICT_CACHE_TIME);
+        }
+        names.insert(ip, (name.clone(), now));
+        name
+    }
+
+    fn confirmed_name(&self, ip: IpAddr) -> Option<String> {
+        let resolver = self.resolver.clone();
+        let arpa = hickory_resolver::proto::rr::Name::from(ip);
+        let lookup = self
+            .run(async move { resolver.reverse_lookup(arpa).await })
+            .ok()?;
+        let candidates: Vec<String> = lookup
+            .answers()
+            .iter()
+            .filter_map(|record| match &record.data {
+                RData::PTR(ptr) => Some(ptr.0.to_utf8().trim_end_matches('.').to_string()),
+                _ => None,
+            })
+            .take(3)
+            .collect();
+        candidates.into_iter().find(|name| {
+            self.addresses(name, AddressFamily::Any)
+                .is_ok_and(|addresses| addresses.contains(&ip))
+        })
     }
 }
 

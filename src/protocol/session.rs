@@ -186,8 +186,17 @@ impl Step {
 #[derive(Debug, Clone, Copy)]
 pub struct ClientView<'a> {
     pub ip: IpAddr,
+    /// Forward-confirmed reverse DNS name, when there is one.
+    pub name: Option<&'a str>,
     pub user: Option<&'a str>,
     pub listener: ListenerKind,
+}
+
+impl ClientView<'_> {
+    /// "name[ip]" as logs show a client ("unknown" without a name).
+    pub fn label(&self) -> String {
+        format!("{}[{}]", self.name.unwrap_or("unknown"), self.ip)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -231,7 +240,7 @@ pub trait Services {
     /// `mechanism` ("PLAIN", "LOGIN") is for the log.
     fn authenticate(
         &self,
-        ip: IpAddr,
+        client: &ClientView,
         mechanism: &str,
         username: &str,
         password: &str,
@@ -277,6 +286,9 @@ pub struct Session {
     /// A message went to the queue and its fate is not known yet.
     awaiting_queue: Option<String>,
     errors: u32,
+    client_name: Option<String>,
+    /// Per command: name, accepted, total (for the disconnect line).
+    counts: Vec<(&'static str, u32, u32)>,
 }
 
 impl Session {
@@ -293,6 +305,8 @@ impl Session {
             auth: None,
             awaiting_queue: None,
             errors: 0,
+            client_name: None,
+            counts: Vec::new(),
         }
     }
 
@@ -314,8 +328,57 @@ impl Session {
     fn view(&self) -> ClientView<'_> {
         ClientView {
             ip: self.client_ip,
+            name: self.client_name.as_deref(),
             user: self.user.as_deref(),
             listener: self.config.listener,
+        }
+    }
+
+    /// "name[ip]" as logs show this client.
+    pub fn client_label(&self) -> String {
+        self.view().label()
+    }
+
+    /// The client's forward-confirmed name, for the Received header.
+    pub fn with_client_name(mut self, name: Option<String>) -> Session {
+        self.client_name = name;
+        self
+    }
+
+    /// What the client did, for the disconnect line: "ehlo=1 mail=1
+    /// rcpt=0/1 quit=1 commands=3/4" (accepted/total where some failed).
+    pub fn command_counts(&self) -> String {
+        let mut out = String::new();
+        let (mut ok, mut total) = (0, 0);
+        for (name, accepted, all) in &self.counts {
+            ok += accepted;
+            total += all;
+            if accepted == all {
+                out.push_str(&format!("{name}={all} "));
+            } else {
+                out.push_str(&format!("{name}={accepted}/{all} "));
+            }
+        }
+        if ok == total {
+            out.push_str(&format!("commands={total}"));
+        } else {
+            out.push_str(&format!("commands={ok}/{total}"));
+        }
+        out
+    }
+
+    fn count(&mut self, name: &'static str, accepted: bool) {
+        let entry = match self.counts.iter_mut().find(|(n, _, _)| *n == name) {
+            Some(entry) => entry,
+            None => {
+                self.counts.push((name, 0, 0));
+                let last = self.counts.len() - 1;
+                &mut self.counts[last]
+            }
+        };
+        entry.2 += 1;
+        if accepted {
+            entry.1 += 1;
         }
     }
 
@@ -328,7 +391,14 @@ impl Session {
     /// One line of input (without CRLF) in command mode.
     pub fn handle_line(&mut self, line: &[u8], services: &dyn Services) -> Step {
         let step = match self.auth.take() {
-            Some(exchange) => self.continue_auth(exchange, line, services),
+            Some(exchange) => {
+                let step = self.continue_auth(exchange, line, services);
+                let code = step.replies.first().map(Reply::code);
+                if code != Some(reply::AUTH_CHALLENGE.code) {
+                    self.count("auth", code == Some(reply::AUTH_SUCCEEDED.code));
+                }
+                step
+            }
             None => self.command(line, services),
         };
         self.count_errors(step)
@@ -341,8 +411,12 @@ impl Session {
         }
         let command = match parse_command(line) {
             Ok(command) => command,
-            Err(error) => return Step::reply(error.reply()),
+            Err(error) => {
+                self.count("unknown", false);
+                return Step::reply(error.reply());
+            }
         };
+        let name = command_name(&command);
         let (stage, from, to) = match &command {
             Command::Mail { from, .. } => (Some("MAIL"), Some(from.to_string()), None),
             Command::Rcpt { to, .. } => (Some("RCPT"), None, Some(to.to_string())),
@@ -351,6 +425,11 @@ impl Session {
         };
         let from = from.or_else(|| self.transaction.as_ref().map(|t| t.sender.to_string()));
         let step = self.run_command(command, services);
+        let code = step.replies.first().map(Reply::code);
+        // An AUTH exchange is counted when it ends, not at its first 334.
+        if code != Some(reply::AUTH_CHALLENGE.code) {
+            self.count(name, code.is_none_or(|c| c < 400));
+        }
         match stage {
             Some(stage) => self.note_rejection(step, stage, from, to),
             None => step,
@@ -527,6 +606,7 @@ impl Session {
     fn rcpt(&mut self, to: ForwardPath, params: RcptParams, services: &dyn Services) -> Step {
         let view = ClientView {
             ip: self.client_ip,
+            name: self.client_name.as_deref(),
             user: self.user.as_deref(),
             listener: self.config.listener,
         };
@@ -743,8 +823,13 @@ impl Session {
         }
         let helo = self.helo.as_deref().unwrap_or("unknown");
         let mut header = format!(
-            "Received: from {helo} ([{}])\r\n\tby {} (petrel) with {protocol} id {id}",
-            self.client_ip, self.config.hostname
+            "Received: from {helo} ({}[{}])\r\n\tby {} (petrel) with {protocol} id {id}",
+            self.client_name
+                .as_deref()
+                .map(|name| format!("{name} "))
+                .unwrap_or_default(),
+            self.client_ip,
+            self.config.hostname
         );
         if let Some(tls) = &self.tls {
             header.push_str(&format!(
@@ -897,7 +982,7 @@ impl Session {
         password: &str,
         services: &dyn Services,
     ) -> Step {
-        match services.authenticate(self.client_ip, mechanism, username, password) {
+        match services.authenticate(&self.view(), mechanism, username, password) {
             AuthVerdict::Success(user) => {
                 self.user = Some(user);
                 Step::reply(Reply::new(
@@ -923,6 +1008,25 @@ impl Session {
                 "Too many logins in progress, try again in a moment",
             )),
         }
+    }
+}
+
+/// The name a command is counted under.
+fn command_name(command: &Command) -> &'static str {
+    match command {
+        Command::Ehlo(_) => "ehlo",
+        Command::Helo(_) => "helo",
+        Command::Mail { .. } => "mail",
+        Command::Rcpt { .. } => "rcpt",
+        Command::Data => "data",
+        Command::Rset => "rset",
+        Command::Noop => "noop",
+        Command::Quit => "quit",
+        Command::Vrfy => "vrfy",
+        Command::Expn => "expn",
+        Command::Help => "help",
+        Command::StartTls => "starttls",
+        Command::Auth { .. } => "auth",
     }
 }
 
@@ -971,7 +1075,7 @@ mod tests {
 
         fn authenticate(
             &self,
-            _ip: IpAddr,
+            _client: &ClientView,
             _mechanism: &str,
             username: &str,
             password: &str,

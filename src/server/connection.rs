@@ -51,6 +51,17 @@ enum End {
     ShuttingDown,
 }
 
+impl End {
+    /// Said after the counts when the session did not end normally.
+    fn note(&self) -> &'static str {
+        match self {
+            End::Closed | End::ClientDisconnected => "",
+            End::Timeout => " (timeout)",
+            End::ShuttingDown => " (shutting down)",
+        }
+    }
+}
+
 /// Runs one session to its end; never panics on client input.
 pub fn serve(job: Job, ctx: &ServerContext) {
     let Job {
@@ -66,10 +77,19 @@ pub fn serve(job: Job, ctx: &ServerContext) {
             return;
         }
     };
-    log::debug!("{peer}: connect on {}", listener.name());
-    match run(stream, peer, listener, ctx) {
-        Ok(end) => log::debug!("{peer}: disconnect ({end:?})"),
-        Err(error) => log::debug!("{peer}: disconnect after error: {error}"),
+    // Forward-confirmed reverse DNS, as Postfix shows clients; loopback
+    // clients are local programs and need no lookup.
+    let name = if peer.ip().is_loopback() {
+        None
+    } else {
+        ctx.services.client_name(peer.ip())
+    };
+    let label = format!("{}[{}]", name.as_deref().unwrap_or("unknown"), peer.ip());
+    log::info!("connect from {label} on {}", listener.name());
+    let mut counts = String::new();
+    match run(stream, peer, name, listener, ctx, &mut counts) {
+        Ok(end) => log::info!("disconnect from {label} {counts}{}", end.note()),
+        Err(error) => log::info!("disconnect from {label} {counts} (error: {error})"),
     }
     drop(permit);
 }
@@ -119,11 +139,15 @@ impl Clock {
     }
 }
 
+/// Runs the session; `counts` gets the client's command counts for the
+/// disconnect line, however the session ends.
 fn run(
     stream: TcpStream,
     peer: SocketAddr,
+    name: Option<String>,
     listener: ListenerKind,
     ctx: &ServerContext,
+    counts: &mut String,
 ) -> io::Result<End> {
     let limits = &ctx.config.limits;
     let command_timeout = limits.command_timeout.get();
@@ -143,7 +167,22 @@ fn run(
         };
         conn = start_tls(conn, tls)?;
     }
-    let mut session = Session::new(ctx.session_config(listener), peer.ip(), tls_info(&conn));
+    let mut session = Session::new(ctx.session_config(listener), peer.ip(), tls_info(&conn))
+        .with_client_name(name);
+    let result = converse(&mut session, conn, peer, clock, ctx);
+    *counts = session.command_counts();
+    result
+}
+
+/// The dialogue, from the greeting to the end of the session.
+fn converse(
+    session: &mut Session,
+    conn: Conn,
+    peer: SocketAddr,
+    clock: Clock,
+    ctx: &ServerContext,
+) -> io::Result<End> {
+    let command_timeout = ctx.config.limits.command_timeout.get();
     let mut io = SessionIo {
         conn,
         lines: LineReader::new(),
@@ -168,7 +207,7 @@ fn run(
                 Line::Complete(line) => session.handle_line(&line, &ctx.services),
                 Line::TooLong => session.line_too_long(),
             };
-            if let Some(end) = perform(step, &mut session, &mut io, ctx)? {
+            if let Some(end) = perform(step, session, &mut io, ctx)? {
                 return Ok(end);
             }
             request_deadline = Instant::now() + command_timeout;
@@ -250,7 +289,7 @@ fn perform(
     let mut body: Option<Body> = None;
     loop {
         if let Some(rejection) = &step.rejected {
-            log_rejection(rejection, peer);
+            log_rejection(rejection, &session.client_label());
         }
         if let Some(delay) = step.delay {
             flush(&mut io.conn, &mut io.out)?;
@@ -315,7 +354,7 @@ fn perform(
             }
             Action::Enqueue(envelope) => {
                 let result = match body.take() {
-                    Some(body) => commit(*envelope, body, peer, ctx),
+                    Some(body) => commit(*envelope, body, &session.client_label(), ctx),
                     None => Err("no message body to queue".to_string()),
                 };
                 session.enqueued(result)
@@ -325,14 +364,12 @@ fn perform(
 }
 
 /// One line per refused transaction command, in Postfix's form, so
-/// fail2ban filters and an operator's grep work unchanged. We do not look
-/// up the client's reverse DNS name: "unknown" stands where Postfix puts it.
-fn log_rejection(rejection: &Rejection, peer: SocketAddr) {
+/// fail2ban filters and an operator's grep work unchanged.
+fn log_rejection(rejection: &Rejection, client: &str) {
     let reply = rejection.reply.to_wire();
     log::info!(
-        "NOQUEUE: reject: {} from unknown[{}]: {}; from=<{}> to=<{}> proto={} helo=<{}>",
+        "NOQUEUE: reject: {} from {client}: {}; from=<{}> to=<{}> proto={} helo=<{}>",
         rejection.stage,
-        peer.ip(),
         escape(reply.trim_end()),
         escape(rejection.from.as_deref().unwrap_or("")),
         escape(rejection.to.as_deref().unwrap_or("")),
@@ -447,21 +484,15 @@ fn queued_form(envelope: Envelope, body: Body) -> Result<NewMessage, String> {
 
 /// Hands the message to the queue writer and logs the outcome; the client
 /// hears 250 only if this returns `Ok`.
-fn commit(
-    envelope: Envelope,
-    body: Body,
-    peer: SocketAddr,
-    ctx: &ServerContext,
-) -> Result<(), String> {
+fn commit(envelope: Envelope, body: Body, client: &str, ctx: &ServerContext) -> Result<(), String> {
     let message = queued_form(envelope, body)?;
     let id = message.id.clone();
     let summary = format!(
-        "from=<{}>, size={}, nrcpt={}, client={}[{}], listener={}{}, to={}",
+        "from=<{}>, size={}, nrcpt={}, client={client}, helo=<{}>, listener={}{}, to={}",
         message.sender,
         message.content.len(),
         message.recipients.len(),
-        message.helo.as_deref().unwrap_or("unknown"),
-        peer.ip(),
+        escape(message.helo.as_deref().unwrap_or("")),
         message.listener,
         message
             .auth_user

@@ -88,6 +88,11 @@ impl Directory {
         &self.accounts
     }
 
+    /// The client's forward-confirmed reverse DNS name, if any.
+    pub fn client_name(&self, ip: IpAddr) -> Option<String> {
+        self.dns.as_ref().and_then(|dns| dns.client_name(ip))
+    }
+
     pub fn password_checks(&self) -> u64 {
         self.hashing.checks()
     }
@@ -241,11 +246,13 @@ impl Services for Directory {
 
     fn authenticate(
         &self,
-        ip: IpAddr,
+        client: &ClientView,
         mechanism: &str,
         username: &str,
         password: &str,
     ) -> AuthVerdict {
+        let ip = client.ip;
+        let label = client.label();
         let key = Address::parse(username).map(|a| a.mailbox_key()).ok();
         let stored = match &key {
             Some(key) => match self.accounts.password_hash(key) {
@@ -263,7 +270,7 @@ impl Services for Directory {
             Ok(attempt) => attempt,
             Err(_) => {
                 log::warn!(
-                    "warning: unknown[{ip}]: SASL {mechanism} authentication refused: \
+                    "warning: {label}: SASL {mechanism} authentication refused: \
                      too many failures from this address"
                 );
                 return AuthVerdict::LockedOut;
@@ -274,7 +281,7 @@ impl Services for Directory {
             Err(Busy) => {
                 self.limiter.abandoned(attempt);
                 log::warn!(
-                    "warning: unknown[{ip}]: SASL {mechanism} authentication deferred: \
+                    "warning: {label}: SASL {mechanism} authentication deferred: \
                      {} password checks already running",
                     self.hashing.size()
                 );
@@ -298,7 +305,7 @@ impl Services for Directory {
                 };
                 // Postfix's wording, which fail2ban's filters match.
                 log::warn!(
-                    "warning: unknown[{ip}]: SASL {mechanism} authentication failed: \
+                    "warning: {label}: SASL {mechanism} authentication failed: \
                      sasl_username={}{then}",
                     escape(username)
                 );
