@@ -609,3 +609,47 @@ fn dsn_requests_are_honoured() {
     );
     assert!(!failure.contains("\nbody\n"), "RET=HDRS: {failure}");
 }
+
+#[test]
+fn sendmail_sends_unicode_and_long_lines_on_to_another_petrel() {
+    // B is the MX of elsewhere.example, with a Unicode mailbox.
+    let b = TestServer::start_delivering(standard_dns(), |config| {
+        config.domains.local = vec!["elsewhere.example".into()];
+    });
+    let b_data = b.instance().config().data_dir.clone();
+    add_accounts(&b_data, &["jösé@elsewhere.example"]);
+    let b_port = b.smtp().port();
+    let a = TestServer::start_delivering(standard_dns(), |config| {
+        config.delivery.port = b_port;
+    });
+    let config = sendmail_config(&a);
+    let long_line = "0123456789".repeat(300);
+    let (code, err) = sendmail(
+        &config,
+        &["-f", "alice@example.test", "JÖSÉ@elsewhere.example"],
+        format!("Subject: héllo\n\n{long_line}\nend\n").as_bytes(),
+    );
+    assert_eq!(code, 0, "{err}");
+    wait_for("the message at B", || {
+        maildir_count(&b_data, "elsewhere.example", "jösé") == 1
+    });
+    wait_for("A's queue to empty", || a.message_count() == 0);
+    let file = std::fs::read_dir(b_data.join("mail/elsewhere.example/jösé/new"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let text = std::fs::read_to_string(file).unwrap();
+    assert!(
+        text.lines().all(|l| l.len() <= 998),
+        "folded on the way out"
+    );
+    assert!(text.contains("Subject: héllo"), "{text}");
+    assert!(
+        text.replace("\n ", "")
+            .contains(&format!("\n{long_line}\nend\n")),
+        "the long line, unfolded, is intact"
+    );
+    assert!(text.contains("with UTF8SMTP"), "B saw SMTPUTF8: {text}");
+}

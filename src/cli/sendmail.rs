@@ -268,12 +268,17 @@ pub fn run(config: &Config, args: &[String]) -> Result<(), Failure> {
         )));
     }
 
+    // RFC 6531: UTF-8 in the envelope, or in the header section (RFC
+    // 6532), needs SMTPUTF8 to travel on.
+    let smtputf8 = !sender.is_ascii()
+        || recipients.iter().any(|r| !r.address.is_ascii())
+        || !content[..header_section_len(&content)].is_ascii();
     let message = NewMessage {
         id: id.clone(),
         sender: sender.clone(),
         recipients,
         eight_bit: !content.is_ascii(),
-        smtputf8: false,
+        smtputf8,
         content: Content::in_memory(content),
         client_ip: None,
         helo: None,

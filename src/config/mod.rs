@@ -305,6 +305,9 @@ pub struct LimitsConfig {
     /// Real mail has a few KiB of headers; a huge header section is what a
     /// stranger would want reflected in a bounce.
     pub max_header_size: ByteSize,
+    /// Longest line accepted in DATA, CRLF included (RFC 5321 says 1000,
+    /// but HTML generators write longer ones; relayed mail is folded to 998).
+    pub max_line_length: ByteSize,
     /// `Received:` fields a message may carry when it arrives; more is a
     /// mail loop (RFC 5321 6.3), refused at end of DATA. Postfix's
     /// hopcount_limit is 50 too.
@@ -342,6 +345,7 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_message_size: ByteSize::mib(25),
             max_header_size: ByteSize::mib(1),
+            max_line_length: ByteSize(64 * 1024),
             max_hops: 50,
             max_recipients: 100,
             max_sessions: 256,
@@ -703,6 +707,12 @@ impl Config {
             return Err(ConfigError::at(
                 "limits.min_data_rate",
                 "must be more than 0",
+            ));
+        }
+        if limits.max_line_length.bytes() < 1000 {
+            return Err(ConfigError::at(
+                "limits.max_line_length",
+                "must be at least 1000 (RFC 5321's own limit)",
             ));
         }
         if limits.max_header_size.bytes() < 1024 {

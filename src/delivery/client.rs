@@ -378,11 +378,20 @@ impl SmtpClient {
     }
 }
 
-/// Dot-stuffs a message for DATA (RFC 5321 4.5.2) a chunk at a time, and
-/// makes sure it ends with CRLF.
+/// Longest line sent, CRLF not included (RFC 5321 4.5.3.1.6).
+pub const MAX_LINE_OUT: usize = 998;
+
+/// Prepares a message for DATA a chunk at a time: dot-stuffs it (RFC 5321
+/// 4.5.2), folds lines over 998 octets by inserting CRLF SPACE (as
+/// Postfix's smtp_line_length_limit does, which keeps MIME structure
+/// intact; petrel takes longer lines in, so it must not pass them on), and
+/// makes sure the message ends with CRLF. Folding applies on 8BITMIME hops
+/// too: only BINARYMIME lifts the line limit, and petrel does not send it.
 #[derive(Debug)]
 pub struct DotStuffer {
     at_line_start: bool,
+    /// Octets on the current line so far.
+    line_length: usize,
     /// The last two octets seen, to know how the message ends.
     tail: [u8; 2],
 }
@@ -391,6 +400,7 @@ impl Default for DotStuffer {
     fn default() -> Self {
         DotStuffer {
             at_line_start: true,
+            line_length: 0,
             tail: [0, 0],
         }
     }
@@ -400,11 +410,22 @@ impl DotStuffer {
     pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
         out.reserve(chunk.len() + chunk.len() / 64 + 2);
         for &byte in chunk {
+            if byte != b'\r' && byte != b'\n' && self.line_length >= MAX_LINE_OUT {
+                out.extend_from_slice(b"\r\n ");
+                self.line_length = 1;
+                self.at_line_start = false;
+            }
             if self.at_line_start && byte == b'.' {
                 out.push(b'.');
+                self.line_length += 1;
             }
             out.push(byte);
             self.at_line_start = byte == b'\n';
+            if byte == b'\n' {
+                self.line_length = 0;
+            } else if byte != b'\r' {
+                self.line_length += 1;
+            }
             self.tail = [self.tail[1], byte];
         }
     }
@@ -491,6 +512,20 @@ mod tests {
         assert_eq!(dot_stuff(b".a\r\nb\r\n..c\r\n"), b"..a\r\nb\r\n...c\r\n");
         assert_eq!(dot_stuff(b"no newline"), b"no newline\r\n");
         assert_eq!(dot_stuff(b""), b"\r\n");
+        // Lines over 998 octets are folded with CRLF SPACE, at any split.
+        let long = [b"X: ".as_slice(), &[b'a'; 2000], b"\r\n.x\r\n"].concat();
+        let sent = dot_stuff(&long);
+        assert!(sent.split(|&b| b == b'\n').all(|line| line.len() <= 1000));
+        let unfolded: Vec<u8> = String::from_utf8(sent.clone())
+            .unwrap()
+            .replace("\r\n ", "")
+            .into_bytes();
+        assert_eq!(
+            unfolded,
+            [b"X: ".as_slice(), &[b'a'; 2000], b"\r\n..x\r\n"].concat()
+        );
+        let exact = [&[b'b'; 998][..], b"\r\n"].concat();
+        assert_eq!(dot_stuff(&exact), exact, "998 octets is not folded");
         // Chunk boundaries anywhere give the same result.
         let message = b"x\r\n.one\r\n..two\r\nend\r\n";
         for split in 0..message.len() {

@@ -8,7 +8,11 @@
 //! of finding the terminator, so no second message can hide inside one DATA.
 
 /// RFC 5321 4.5.3.1.6: a text line is at most 1000 octets including CRLF.
+/// Real mail (HTML generators) has longer ones, so input takes lines up to
+/// a configured bound (`limits.max_line_length`) and output folds them.
 pub const MAX_TEXT_LINE: usize = 1000;
+/// Default bound on input lines, as Postfix's line_length_limit is generous.
+pub const DEFAULT_MAX_INPUT_LINE: usize = 64 * 1024;
 /// Delivered-To values kept for loop detection; more are counted, not kept.
 const MAX_DELIVERED_TO: usize = 100;
 
@@ -30,7 +34,7 @@ impl DataError {
         match self {
             DataError::TooLarge => "Message exceeds the maximum message size",
             DataError::NoStorage => "Insufficient system storage, try again later",
-            DataError::LineTooLong => "Message has a line longer than 1000 octets",
+            DataError::LineTooLong => "Message has a line longer than this server accepts",
             DataError::BareLineFeed => {
                 "Message contains a bare LF; lines must end with CRLF (RFC 5321 2.3.8)"
             }
@@ -63,6 +67,7 @@ pub struct DataDecoder {
     headers: HeaderScan,
     state: State,
     line_length: usize,
+    max_line: usize,
     max_size: usize,
     /// Size of the decoded message, counted even after it stops being kept.
     size: u64,
@@ -78,11 +83,14 @@ pub enum Progress {
 }
 
 impl DataDecoder {
-    pub fn new(max_size: usize) -> DataDecoder {
+    /// `max_size` octets in all, lines of at most `max_line` octets (CRLF
+    /// included).
+    pub fn new(max_size: usize, max_line: usize) -> DataDecoder {
         DataDecoder {
             headers: HeaderScan::default(),
             state: State::LineStart,
             line_length: 0,
+            max_line,
             max_size,
             size: 0,
             error: None,
@@ -94,7 +102,7 @@ impl DataDecoder {
     pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Progress {
         for (index, &byte) in input.iter().enumerate() {
             self.line_length += 1;
-            if self.line_length > MAX_TEXT_LINE {
+            if self.line_length > self.max_line {
                 self.fail(DataError::LineTooLong);
             }
             match (self.state, byte) {
@@ -203,6 +211,10 @@ pub struct HeaderSummary {
     pub received: usize,
     /// `Delivered-To:` values (the first few), for mail loop detection.
     pub delivered_to: Vec<String>,
+    /// A `Date:` field is present (RFC 5322 requires one).
+    pub has_date: bool,
+    /// A `Message-ID:` field is present.
+    pub has_message_id: bool,
 }
 
 impl HeaderSummary {
@@ -307,6 +319,10 @@ impl HeaderScan {
             |name: &[u8]| line.len() >= name.len() && line[..name.len()].eq_ignore_ascii_case(name);
         if starts(b"received:") {
             self.summary.received += 1;
+        } else if starts(b"date:") {
+            self.summary.has_date = true;
+        } else if starts(b"message-id:") {
+            self.summary.has_message_id = true;
         } else if starts(b"delivered-to:") && self.summary.delivered_to.len() < MAX_DELIVERED_TO {
             let value = String::from_utf8_lossy(&line[b"delivered-to:".len()..]);
             self.summary.delivered_to.push(value.trim().to_string());
@@ -337,7 +353,7 @@ mod tests {
     use super::*;
 
     fn decode(input: &[u8]) -> (Result<Vec<u8>, DataError>, Option<usize>) {
-        let mut decoder = DataDecoder::new(1 << 20);
+        let mut decoder = DataDecoder::new(1 << 20, MAX_TEXT_LINE);
         let mut out = Vec::new();
         let done = match decoder.feed(input, &mut out) {
             Progress::Done { consumed } => Some(consumed),
@@ -369,7 +385,7 @@ mod tests {
 
     #[test]
     fn terminator_split_across_reads() {
-        let mut decoder = DataDecoder::new(1024);
+        let mut decoder = DataDecoder::new(1024, MAX_TEXT_LINE);
         let mut out = Vec::new();
         let input = b"line\r\n.\r\nNEXT";
         for (i, byte) in input.iter().enumerate() {
@@ -399,7 +415,7 @@ mod tests {
             input.extend_from_slice(
                 b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<v@localhost>\r\nDATA\r\nspoof\r\n",
             );
-            let mut decoder = DataDecoder::new(1 << 20);
+            let mut decoder = DataDecoder::new(1 << 20, MAX_TEXT_LINE);
             let mut out = Vec::new();
             assert_eq!(
                 decoder.feed(&input, &mut out),
@@ -424,7 +440,7 @@ mod tests {
 
     #[test]
     fn size_limit_while_streaming() {
-        let mut decoder = DataDecoder::new(10);
+        let mut decoder = DataDecoder::new(10, MAX_TEXT_LINE);
         let mut out = Vec::new();
         assert_eq!(
             decoder.feed(b"0123456789\r\n", &mut out),
@@ -440,7 +456,7 @@ mod tests {
         assert_eq!(decoder.size(), 15);
         assert_eq!(decoder.finish(), Err(DataError::TooLarge));
 
-        let mut decoder = DataDecoder::new(12);
+        let mut decoder = DataDecoder::new(12, MAX_TEXT_LINE);
         assert!(matches!(
             decoder.feed(b"0123456789\r\n.\r\n", &mut out),
             Progress::Done { .. }
@@ -454,7 +470,7 @@ mod tests {
             RECEIVED: from c\r\nSubject: x\r\n\r\nReceived: in the body\r\n";
         let mut input = message.to_vec();
         input.extend_from_slice(b".\r\n");
-        let mut decoder = DataDecoder::new(1 << 20);
+        let mut decoder = DataDecoder::new(1 << 20, MAX_TEXT_LINE);
         let mut out = Vec::new();
         for chunk in input.chunks(7) {
             decoder.feed(chunk, &mut out);
@@ -464,6 +480,8 @@ mod tests {
             section_len: header_section_len(message) as u64,
             received: 2,
             delivered_to: vec!["alice@example.com".into()],
+            has_date: false,
+            has_message_id: false,
         };
         assert_eq!(decoded.headers, expected);
         assert_eq!(HeaderSummary::of(message), expected);

@@ -728,9 +728,21 @@ impl Session {
             return self.finish(refusal);
         }
         let id = stamp.id;
-        let trace_header = self
-            .received_header(&id, &transaction, stamp.now)
-            .into_bytes();
+        let mut trace_header = self.received_header(&id, &transaction, stamp.now);
+        // RFC 6409 8.1, 8.3: a submission server may add what a user's
+        // program left out. The MX port never rewrites a message.
+        if self.config.listener.requires_auth() {
+            if !message.headers.has_date {
+                trace_header.push_str(&format!(
+                    "Date: {}\r\n",
+                    crate::timefmt::rfc5322_date(stamp.now)
+                ));
+            }
+            if !message.headers.has_message_id {
+                trace_header.push_str(&format!("Message-ID: <{id}@{}>\r\n", self.config.hostname));
+            }
+        }
+        let trace_header = trace_header.into_bytes();
 
         let mut recipients: Vec<EnvelopeRecipient> = Vec::new();
         for accepted in &transaction.recipients {
@@ -1168,7 +1180,7 @@ mod tests {
     }
 
     fn finish_data(session: &mut Session, data: &[u8]) -> Step {
-        let mut decoder = DataDecoder::new(1000);
+        let mut decoder = DataDecoder::new(1000, crate::protocol::data::MAX_TEXT_LINE);
         let mut body = Vec::new();
         assert!(matches!(
             decoder.feed(data, &mut body),
@@ -1585,6 +1597,48 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("for <x@elsewhere.example>"), "{text}");
+    }
+
+    #[test]
+    fn submission_adds_a_missing_date_and_message_id_the_mx_port_does_not() {
+        let mut s = tls_session(ListenerKind::Submission);
+        let plain = BASE64.encode("\0alice@localhost\0Correct-Horse-9");
+        code(&mut s, &format!("AUTH PLAIN {plain}"));
+        code(&mut s, "MAIL FROM:<alice@localhost>");
+        code(&mut s, "RCPT TO:<bob@localhost>");
+        code(&mut s, "DATA");
+        let message = deliver(&mut s, b"Subject: bare\r\n\r\nx\r\n.\r\n");
+        let text = String::from_utf8(message.trace_header).unwrap();
+        assert!(text.contains("\r\nDate: "), "{text}");
+        assert!(
+            text.contains(&format!("\r\nMessage-ID: <{}@mx.test>\r\n", message.id)),
+            "{text}"
+        );
+
+        code(&mut s, "MAIL FROM:<alice@localhost>");
+        code(&mut s, "RCPT TO:<bob@localhost>");
+        code(&mut s, "DATA");
+        let message = deliver(
+            &mut s,
+            b"Date: Sun, 1 Nov 2026 10:00:00 +0000\r\nMessage-ID: <own@x>\r\n\r\nx\r\n.\r\n",
+        );
+        let text = String::from_utf8(message.trace_header).unwrap();
+        assert!(
+            !text.contains("Date:") && !text.contains("Message-ID:"),
+            "{text}"
+        );
+
+        let mut mx = session();
+        code(&mut mx, "EHLO c");
+        code(&mut mx, "MAIL FROM:<a@example.org>");
+        code(&mut mx, "RCPT TO:<alice@localhost>");
+        code(&mut mx, "DATA");
+        let message = deliver(&mut mx, b"Subject: bare\r\n\r\nx\r\n.\r\n");
+        let text = String::from_utf8(message.trace_header).unwrap();
+        assert!(
+            !text.contains("Date:") && !text.contains("Message-ID:"),
+            "{text}"
+        );
     }
 
     #[test]

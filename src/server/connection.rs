@@ -394,7 +394,10 @@ fn receive_data(io: &mut SessionIo, ctx: &ServerContext) -> io::Result<ReceivedD
     let limits = &ctx.config.limits;
     let rate = limits.min_data_rate.bytes().max(1) as f64;
     let mut deadline = Instant::now() + limits.data_timeout.get();
-    let mut decoder = DataDecoder::new(limits.max_message_size.bytes() as usize);
+    let mut decoder = DataDecoder::new(
+        limits.max_message_size.bytes() as usize,
+        limits.max_line_length.bytes() as usize,
+    );
     let mut spool = Spool::new(&ctx.config.data_dir);
     let mut spool_error: Option<io::Error> = None;
     let mut decoded = Vec::new();
