@@ -87,7 +87,10 @@ fn petrel_to_petrel_via_mx_arrives_byte_exact() {
         config.delivery.port = b_port;
     });
 
+    // A complete message (Date and Message-ID present), so submission adds
+    // nothing and what arrives is byte for byte what was sent.
     let original: &[u8] = b"From: Alice <alice@example.test>\r\nTo: friend@elsewhere.example\r\n\
+        Date: Sun, 29 Nov 2026 10:00:00 +0000\r\nMessage-ID: <across@example.test>\r\n\
         Subject: across two servers\r\n\r\n.dot first\r\n..two dots\r\nTabs\tand  spaces \r\n\r\nend\r\n";
     let id = submit(&a, &["friend@elsewhere.example"], &dot_stuff(original));
     let received = wait_for_maildir(
