@@ -127,7 +127,10 @@ fn files_are_private_whatever_the_umask() {
     assert_eq!(reply.code, 250);
     serving.wait_for_log("status=sent");
     let data = dir.path().join("data");
-    assert_eq!(mode(&data), 0o700);
+    // Others may pass through (to the local submission socket), never list.
+    assert_eq!(mode(&data), 0o711);
+    assert_eq!(mode(&data.join("public")), 0o711);
+    assert_eq!(mode(&data.join("public/submit.sock")), 0o666);
     for file in [
         "queue.db",
         "queue.db-wal",
@@ -156,6 +159,7 @@ fn files_are_private_whatever_the_umask() {
 
     // Opened up by hand: the next start closes it again and says so.
     std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(data.join("tls"), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(
         data.join("queue.db"),
         std::fs::Permissions::from_mode(0o644),
@@ -168,7 +172,8 @@ fn files_are_private_whatever_the_umask() {
         .find(|l| l.contains("queue.db was readable by others"))
         .expect("a warning about queue.db");
     assert!(warning.contains("mode 644"), "{warning}");
-    assert_eq!(mode(&data), 0o700);
+    assert_eq!(mode(&data), 0o711);
+    assert_eq!(mode(&data.join("tls")), 0o700);
     assert_eq!(mode(&data.join("queue.db")), 0o600);
     serving.terminate();
 }

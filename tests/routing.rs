@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use common::sink::Sink;
 use common::*;
 use petrel::config::Config;
+use petrel::instance::Options;
 use petrel::protocol::session::ListenerKind;
 
 fn petrel_binary() -> PathBuf {
@@ -345,6 +346,26 @@ fn internal_dns() -> common::dns::TestDns {
     dns
 }
 
+/// Queues one message from alice (authenticated submission) with an
+/// instance that does not deliver, and returns its directory: a second
+/// instance started on `data_dir` then delivers it.
+fn queue_from_alice(adjust: impl FnOnce(&mut Config), recipients: &[&str]) -> tempfile::TempDir {
+    let mut server = TestServer::start_with(internal_dns(), Options { delivery: false }, adjust);
+    let mut client = RawClient::implicit_tls(server.addr(ListenerKind::Smtps), &server.cert_path());
+    client.command("EHLO client.test");
+    client.auth_plain("alice@example.test", PASSWORD);
+    let reply = client.send_transaction(
+        "alice@example.test",
+        recipients,
+        b"Subject: queued elsewhere\r\n\r\nx\r\n",
+    );
+    assert_eq!(reply.code, 250, "{reply:?}");
+    drop(client);
+    let dir = std::mem::replace(&mut server.dir, tempfile::tempdir().unwrap());
+    server.shutdown();
+    dir
+}
+
 #[test]
 fn delivery_never_connects_to_loopback_or_private_addresses_unless_allowed() {
     let sink = Sink::start("accept", 0);
@@ -353,7 +374,6 @@ fn delivery_never_connects_to_loopback_or_private_addresses_unless_allowed() {
         config.delivery.port = port;
         config.delivery.allowed_networks.clear();
     });
-    let data_dir = server.instance().config().data_dir.clone();
 
     // At SMTP time: a sender whose bounces would go to loopback, and a
     // relayed recipient whose MX is private, are refused.
@@ -372,21 +392,35 @@ fn delivery_never_connects_to_loopback_or_private_addresses_unless_allowed() {
         assert_eq!(reply.code, 550, "{rcpt}: {reply:?}");
         assert!(reply.text().starts_with("5.4.4"), "{reply:?}");
     }
-
-    // At delivery time (local submission does not ask DNS first): refused,
-    // never connected, and the local sender is told why.
-    let config = sendmail_config(&server);
+    // Local submission goes through the same session: refused at once, and
+    // sendmail says so with a failing exit.
     let (code, err) = sendmail(
-        &config,
-        &[
-            "-f",
-            "alice@example.test",
-            "u@loopback.example",
-            "v@private.example",
-        ],
+        &sendmail_config(&server),
+        &["-f", "alice@example.test", "u@loopback.example"],
         b"Subject: inside\n\nx\n",
     );
-    assert_eq!(code, 0, "{err}");
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("5.4.4"), "{err}");
+
+    // At delivery time (DNS may change between acceptance and delivery):
+    // mail queued by an instance that allowed these networks is refused by
+    // one that does not, never connected, and the local sender is told why.
+    server.shutdown();
+    let queued_by = queue_from_alice(
+        |config| {
+            config.delivery.allowed_networks = vec![
+                "127.0.0.0/8".parse().unwrap(),
+                "10.0.0.0/8".parse().unwrap(),
+            ];
+        },
+        &["u@loopback.example", "v@private.example"],
+    );
+    let data_dir = queued_by.path().join("data");
+    let server = TestServer::start_delivering(internal_dns(), |config| {
+        config.data_dir = data_dir.clone();
+        config.delivery.port = port;
+        config.delivery.allowed_networks.clear();
+    });
     wait_for("alice's bounces", || {
         maildir_count(&data_dir, "example.test", "alice") >= 1
     });
@@ -424,20 +458,17 @@ fn delivery_never_connects_to_loopback_or_private_addresses_unless_allowed() {
 
 #[test]
 fn mail_that_would_loop_back_to_ourselves_bounces_at_once() {
-    // Our own SMTP port is where the loopback MX would be reached.
+    // Our own SMTP port is where the loopback MX would be reached. The
+    // mail is queued by an instance delivering elsewhere, then delivered by
+    // the one the MX points back to.
     let own_port = common::sink::free_port();
-    let server = TestServer::start_delivering(internal_dns(), |config| {
+    let queued_by = queue_from_alice(|_| {}, &["u@loopback.example"]);
+    let data_dir = queued_by.path().join("data");
+    let _server = TestServer::start_delivering(internal_dns(), |config| {
+        config.data_dir = data_dir.clone();
         config.smtp.listen = vec![format!("127.0.0.1:{own_port}").parse().unwrap()];
         config.delivery.port = own_port;
     });
-    let data_dir = server.instance().config().data_dir.clone();
-    let config = sendmail_config(&server);
-    let (code, err) = sendmail(
-        &config,
-        &["-f", "alice@example.test", "u@loopback.example"],
-        b"Subject: loop\n\nx\n",
-    );
-    assert_eq!(code, 0, "{err}");
     wait_for("alice's bounce", || {
         maildir_count(&data_dir, "example.test", "alice") == 1
     });

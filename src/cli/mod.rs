@@ -1,8 +1,8 @@
 //! The `petrel` command line: argument parsing and one function per
 //! command. Exit codes: 0 ok, 1 runtime failure, 2 usage or config error.
 
-mod check;
-mod queue;
+pub(crate) mod check;
+pub(crate) mod queue;
 mod sendmail;
 mod serve;
 mod user;
@@ -103,11 +103,11 @@ pub fn main() -> ExitCode {
         .first()
         .map(|a| a.rsplit('/').next().unwrap_or(a).to_string())
         .unwrap_or_default();
-    if invoked_as == "sendmail" {
-        return exit(run_sendmail(&args[1..]));
+    if matches!(invoked_as.as_str(), "sendmail" | "mailq" | "newaliases") {
+        return exit(run_sendmail(&args[1..], &invoked_as));
     }
     if args.get(1).map(String::as_str) == Some("sendmail") {
-        return exit(run_sendmail(&args[2..]));
+        return exit(run_sendmail(&args[2..], "sendmail"));
     }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -121,7 +121,7 @@ pub fn main() -> ExitCode {
 }
 
 /// `-c FILE` (petrel's) may appear anywhere among sendmail's arguments.
-fn run_sendmail(args: &[String]) -> Result<(), Failure> {
+fn run_sendmail(args: &[String], invoked_as: &str) -> Result<(), Failure> {
     let mut config_file = None;
     let mut rest = Vec::new();
     let mut iter = args.iter();
@@ -136,7 +136,7 @@ fn run_sendmail(args: &[String]) -> Result<(), Failure> {
         }
     }
     let config = sendmail_config(config_file.as_deref())?;
-    sendmail::run(&config, &rest)
+    sendmail::run(&config, &rest, invoked_as)
 }
 
 /// `sendmail` never runs on the demo defaults: a data dir invented in the
@@ -201,7 +201,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Sendmail { args } => {
             let config = sendmail_config(cli.config.as_deref())?;
-            sendmail::run(&config, &args)
+            sendmail::run(&config, &args, "sendmail")
         }
         Command::User { command } => {
             let (config, _) = load_config(cli.config.as_deref())?;

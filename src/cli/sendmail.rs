@@ -1,37 +1,56 @@
-//! `petrel sendmail [-t] [-i] [-f FROM] [RCPT…]`: the sendmail interface
-//! that cron, PHP's mail() and friends expect, also when the binary is
-//! invoked under the name `sendmail`. Reads the message from stdin, writes
-//! it to the queue database directly (a local user is trusted like an
-//! authenticated one) and wakes the running server.
+//! `petrel sendmail`: the sendmail interface that cron, PHP's mail(),
+//! Symfony and friends expect, also when the binary is invoked as
+//! `sendmail`, `mailq` or `newaliases`. It never touches the queue
+//! database: the message goes to the running server over the local socket
+//! (as SMTP, so the server routes and checks it as any submission, knowing
+//! the user from the kernel), or, when no server runs, into the maildrop,
+//! which the server empties when it starts. Any local user can send mail.
 
-use std::io::Read as _;
-use std::os::unix::fs::MetadataExt as _;
-use std::time::SystemTime;
+use std::io::{self, BufRead as _, BufReader, Read as _, Write as _};
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, SystemTime};
 
-use super::Failure;
+use super::{Failure, say};
 use crate::config::Config;
-use crate::delivery::control;
-use crate::policy::{self, DomainStatus, RecipientDecision, RecipientFacts};
+use crate::delivery::client::{DotStuffer, ParseStep, ReplyParser, ServerReply};
 use crate::protocol::address::Address;
-use crate::protocol::data::{ContentLimits, HeaderSummary, content_refusal, header_section_len};
-use crate::queue::content::Content;
-use crate::queue::{self, MessageKind, NewMessage, NewRecipient, QueueId};
-use crate::routing::{self, Route, RouteError};
+use crate::protocol::data::header_section_len;
+use crate::queue::QueueId;
+use crate::server::local;
 use crate::timefmt::rfc5322_date;
 
 /// What the sendmail command line asked for.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Request {
+    pub mode: Mode,
     /// -t: recipients from To, Cc and Bcc (Bcc is then removed).
     pub from_headers: bool,
     /// -i / -oi: a line with a single dot does not end the message.
     pub ignore_dots: bool,
     /// -f: the envelope sender.
     pub sender: Option<String>,
+    /// -F: the sender's full name, for a From: header we add.
+    pub full_name: Option<String>,
     pub recipients: Vec<String>,
 }
 
-/// Parses sendmail's options; the ones that make no sense here (-F, -o
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// -bm: deliver a message (the default).
+    #[default]
+    Submit,
+    /// -bs: SMTP on standard input and output.
+    Smtp,
+    /// -bp, or invoked as `mailq`: list the queue.
+    ListQueue,
+    /// -q, -qR..., -qS...: retry the queue now.
+    RunQueue,
+    /// -bi, or invoked as `newaliases`: check the aliases.
+    Aliases,
+}
+
+/// Parses sendmail's options; the ones that make no sense here (-o
 /// settings, -B, -N, -v, -odi ...) are accepted and ignored, as other
 /// sendmail replacements do, so existing scripts keep working.
 pub fn parse_args(args: &[String]) -> Result<Request, Failure> {
@@ -50,17 +69,30 @@ pub fn parse_args(args: &[String]) -> Result<Request, Failure> {
                     .ok_or_else(|| Failure::Usage("-f needs an address".into()))?;
                 request.sender = Some(sender.clone());
             }
-            "-F" | "-O" | "-o" | "-B" | "-N" | "-R" | "-V" | "-X" | "-L" => {
+            "-F" => {
+                let name = args
+                    .next()
+                    .ok_or_else(|| Failure::Usage("-F needs a name".into()))?;
+                request.full_name = Some(name.clone());
+            }
+            "-O" | "-o" | "-B" | "-N" | "-R" | "-V" | "-X" | "-L" => {
                 args.next();
             }
             flag if flag.starts_with("-f") && flag.len() > 2 => {
                 request.sender = Some(flag[2..].to_string())
             }
-            flag if flag.starts_with("-F") || flag.starts_with("-o") || flag.starts_with("-B") => {}
+            flag if flag.starts_with("-F") && flag.len() > 2 => {
+                request.full_name = Some(flag[2..].to_string())
+            }
+            flag if flag.starts_with("-o") || flag.starts_with("-B") => {}
             "-bm" | "-v" | "-U" | "-G" | "-n" => {}
+            "-bs" => request.mode = Mode::Smtp,
+            "-bp" => request.mode = Mode::ListQueue,
+            "-bi" => request.mode = Mode::Aliases,
+            flag if flag.starts_with("-q") => request.mode = Mode::RunQueue,
             flag if flag.starts_with("-b") => {
                 return Err(Failure::Usage(format!(
-                    "sendmail mode {flag} is not supported; petrel sendmail only submits mail (-bm)"
+                    "sendmail mode {flag} is not supported (petrel has -bm, -bs, -bp, -bi, -q)"
                 )));
             }
             flag if flag.starts_with('-') => {
@@ -156,14 +188,60 @@ fn without_bcc(content: &[u8]) -> Vec<u8> {
     out
 }
 
-fn current_user() -> String {
-    std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| "root".to_string())
+/// What the local socket (or the maildrop) needs: the SMTP dialogue.
+struct Submission {
+    sender: String,
+    recipients: Vec<String>,
+    content: Vec<u8>,
+    smtputf8: bool,
+    eight_bit: bool,
 }
 
-pub fn run(config: &Config, args: &[String]) -> Result<(), Failure> {
-    let request = parse_args(args)?;
+pub fn run(config: &Config, args: &[String], invoked_as: &str) -> Result<(), Failure> {
+    let mut request = parse_args(args)?;
+    match invoked_as {
+        "mailq" => request.mode = Mode::ListQueue,
+        "newaliases" => request.mode = Mode::Aliases,
+        _ => {}
+    }
+    match request.mode {
+        Mode::Submit => submit(config, &request),
+        Mode::Smtp => smtp_on_stdio(config),
+        Mode::ListQueue => super::queue::run(config, super::queue::QueueCommand::List),
+        Mode::RunQueue => super::queue::run(
+            config,
+            super::queue::QueueCommand::Retry {
+                id: None,
+                all: true,
+            },
+        ),
+        Mode::Aliases => check_aliases(config),
+    }
+}
+
+/// `newaliases`: aliases live in the config, so this checks them the way
+/// the server will use them, and says how to apply a change.
+fn check_aliases(config: &Config) -> Result<(), Failure> {
+    let findings = super::check::check(config);
+    let problems: Vec<&String> = findings
+        .warnings
+        .iter()
+        .filter(|w| w.contains("alias") || w.contains("postmaster"))
+        .collect();
+    for problem in &problems {
+        eprintln!("petrel: warning: {problem}");
+    }
+    say!(
+        "{} aliases checked, {} problems; petrel reads [aliases] from its config at start: \
+         restart it (systemctl restart petrel) to apply changes",
+        config.aliases.len(),
+        problems.len()
+    );
+    Ok(())
+}
+
+/// Builds the message and the envelope from the command line and stdin.
+fn prepare(config: &Config, request: &Request) -> Result<Submission, Failure> {
     let raw = read_message(request.ignore_dots)?;
     let header_list = headers(&raw);
     let has = |name: &str| {
@@ -171,20 +249,13 @@ pub fn run(config: &Config, args: &[String]) -> Result<(), Failure> {
             .iter()
             .any(|(n, _)| n.eq_ignore_ascii_case(name))
     };
-
-    let local_domain = config
-        .domains
-        .local
-        .first()
-        .cloned()
-        .unwrap_or_else(|| config.hostname.clone());
+    let me = own_identity(config);
     let sender = match &request.sender {
         Some(sender) if sender.is_empty() || sender == "<>" => String::new(),
         Some(sender) => parse(sender.trim_matches(['<', '>']))?.to_string(),
-        None => format!("{}@{local_domain}", current_user()),
+        None => me.address.clone(),
     };
-
-    let mut wanted: Vec<String> = request
+    let mut recipients: Vec<String> = request
         .recipients
         .iter()
         .flat_map(|r| addresses_in(r))
@@ -195,34 +266,45 @@ pub fn run(config: &Config, args: &[String]) -> Result<(), Failure> {
                 .iter()
                 .any(|h| name.eq_ignore_ascii_case(h))
             {
-                wanted.extend(addresses_in(value));
+                recipients.extend(addresses_in(value));
             }
         }
     }
-    if wanted.is_empty() {
+    if recipients.is_empty() {
         return Err(Failure::Usage(
             "no recipients: name them, or use -t to take them from the headers".into(),
         ));
     }
+    // A bare user name means a local mailbox, as with any sendmail.
+    let domain = me
+        .address
+        .rsplit_once('@')
+        .map(|(_, d)| d.to_string())
+        .unwrap_or_default();
+    let recipients: Vec<String> = recipients
+        .into_iter()
+        .map(|r| {
+            if r.contains('@') {
+                r
+            } else {
+                format!("{r}@{domain}")
+            }
+        })
+        .collect();
+    for recipient in &recipients {
+        parse(recipient)?;
+    }
 
-    let accounts =
-        queue::open_direct(&config.data_dir).map_err(|e| Failure::Runtime(e.to_string()))?;
-    let recipients = route_recipients(config, &accounts, &wanted, &local_domain)?;
-
-    let id = QueueId::generate();
     let now = SystemTime::now();
-    let uid = std::fs::metadata("/proc/self")
-        .map(|m| m.uid())
-        .unwrap_or(0);
-    let mut content = format!(
-        "Received: by {} (petrel sendmail, uid {uid}) id {id}; {}\r\n",
-        config.hostname,
-        rfc5322_date(now)
-    )
-    .into_bytes();
+    let id = QueueId::generate();
+    let mut content = Vec::new();
     // What Postfix's cleanup adds to local submissions that lack them.
     if !has("From") {
-        content.extend_from_slice(format!("From: <{sender}>\r\n").as_bytes());
+        let from = match &request.full_name {
+            Some(name) => format!("From: {} <{sender}>\r\n", quote_phrase(name)),
+            None => format!("From: <{sender}>\r\n"),
+        };
+        content.extend_from_slice(from.as_bytes());
     }
     if !has("Date") {
         content.extend_from_slice(format!("Date: {}\r\n", rfc5322_date(now)).as_bytes());
@@ -230,148 +312,253 @@ pub fn run(config: &Config, args: &[String]) -> Result<(), Failure> {
     if !has("Message-ID") {
         content.extend_from_slice(format!("Message-ID: <{id}@{}>\r\n", config.hostname).as_bytes());
     }
-    let raw_for_checks = raw.clone();
+    if header_list.is_empty() {
+        // No headers at all: the body starts after our header block.
+        content.extend_from_slice(b"\r\n");
+    }
     let body = if request.from_headers {
         without_bcc(&raw)
     } else {
         raw
     };
-    if header_list.is_empty() {
-        // No headers at all: the body starts after our header block.
-        content.extend_from_slice(b"\r\n");
-    }
     content.extend_from_slice(&body);
-    if content.len() as u64 > config.limits.max_message_size.bytes() {
-        return Err(Failure::Runtime(format!(
-            "message is larger than limits.max_message_size ({})",
-            config.limits.max_message_size
-        )));
-    }
-    // The same end-of-data checks as SMTP, on what the user gave us (our
-    // own Received header not counted, as a session does not count it).
-    let limits = ContentLimits {
-        max_header_size: config.limits.max_header_size.bytes(),
-        max_hops: config.limits.max_hops,
-    };
-    let local_mailboxes = recipients.iter().filter_map(|r| match &r.route {
-        Route::Local { mailbox } => Some(mailbox.as_str()),
-        _ => None,
-    });
-    if let Some(refusal) = content_refusal(
-        &HeaderSummary::of(&raw_for_checks),
-        &limits,
-        local_mailboxes,
-    ) {
-        return Err(Failure::Runtime(format!(
-            "message refused: {}",
-            refusal.lines.join(" ")
-        )));
-    }
-
     // RFC 6531: UTF-8 in the envelope, or in the header section (RFC
     // 6532), needs SMTPUTF8 to travel on.
     let smtputf8 = !sender.is_ascii()
-        || recipients.iter().any(|r| !r.address.is_ascii())
+        || recipients.iter().any(|r| !r.is_ascii())
         || !content[..header_section_len(&content)].is_ascii();
-    let message = NewMessage {
-        id: id.clone(),
-        sender: sender.clone(),
-        recipients,
+    Ok(Submission {
         eight_bit: !content.is_ascii(),
+        sender,
+        recipients,
+        content,
         smtputf8,
-        content: Content::in_memory(content),
-        client_ip: None,
-        helo: None,
-        auth_user: Some(current_user()),
-        listener: "local".into(),
-        kind: MessageKind::Normal,
-        ret: None,
-        envid: None,
+    })
+}
+
+/// A phrase for a From: header: quoted unless it is plain words.
+fn quote_phrase(name: &str) -> String {
+    let plain = name
+        .chars()
+        .all(|c| c.is_alphanumeric() || c == ' ' || "!#$%&'*+-/=?^_`{|}~".contains(c));
+    if plain {
+        name.to_string()
+    } else {
+        format!("\"{}\"", name.replace(['\\', '"'], ""))
+    }
+}
+
+/// Who the kernel says we are, as the server will see it.
+fn own_identity(config: &Config) -> crate::protocol::session::LocalUser {
+    local::local_user(
+        config,
+        rustix::process::getuid().as_raw(),
+        rustix::process::getgid().as_raw(),
+    )
+}
+
+fn submit(config: &Config, request: &Request) -> Result<(), Failure> {
+    let submission = prepare(config, request)?;
+    let dialogue = dialogue(&submission);
+    match UnixStream::connect(local::socket_path(&config.data_dir)) {
+        Ok(stream) => converse(stream, &submission),
+        Err(error)
+            if matches!(
+                error.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            drop_off(config, &dialogue)
+        }
+        Err(error) => Err(Failure::Temporary(format!(
+            "cannot reach the petrel server at {}: {error}; the message was not sent",
+            local::socket_path(&config.data_dir).display()
+        ))),
+    }
+}
+
+/// The SMTP commands (and the dot-stuffed message) for a submission,
+/// exactly as they go over the socket: also the maildrop file's format.
+fn dialogue(submission: &Submission) -> Vec<u8> {
+    let mut out = Vec::with_capacity(submission.content.len() + 512);
+    out.extend_from_slice(b"EHLO localhost\r\n");
+    out.extend_from_slice(mail_command(submission).as_bytes());
+    for recipient in &submission.recipients {
+        out.extend_from_slice(format!("RCPT TO:<{recipient}>\r\n").as_bytes());
+    }
+    out.extend_from_slice(b"DATA\r\n");
+    let mut stuffer = DotStuffer::default();
+    stuffer.push(&submission.content, &mut out);
+    stuffer.finish(&mut out);
+    out.extend_from_slice(b".\r\nQUIT\r\n");
+    out
+}
+
+fn mail_command(submission: &Submission) -> String {
+    let mut mail = format!("MAIL FROM:<{}>", submission.sender);
+    if submission.eight_bit {
+        mail.push_str(" BODY=8BITMIME");
+    }
+    if submission.smtputf8 {
+        mail.push_str(" SMTPUTF8");
+    }
+    mail.push_str("\r\n");
+    mail
+}
+
+/// Talks to the server: a refused recipient is an error (exit 1, or 75
+/// when the refusal is temporary), as the caller must learn of it.
+fn converse(stream: UnixStream, submission: &Submission) -> Result<(), Failure> {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(300)));
+    let mut writer = stream
+        .try_clone()
+        .map_err(|e| Failure::Temporary(format!("local socket: {e}")))?;
+    let mut reader = BufReader::new(stream);
+    let mut send = |bytes: &[u8]| {
+        writer
+            .write_all(bytes)
+            .map_err(|e| Failure::Temporary(format!("local socket: {e}; the message was not sent")))
     };
-    let count = message.recipients.len();
-    queue::insert_direct(&config.data_dir, &message)
-        .map_err(|e| Failure::Runtime(e.to_string()))?;
-    let uid = rustix::process::getuid().as_raw();
-    let line = format!("{id}: uid={uid} from=<{sender}>, nrcpt={count} (local submission)");
-    control::notify(&config.data_dir, &line);
-    eprintln!("petrel: {line}");
+    let expect = |reader: &mut BufReader<UnixStream>, what: &str| -> Result<ServerReply, Failure> {
+        let reply = read_reply(reader)?;
+        if reply.is_positive() {
+            return Ok(reply);
+        }
+        let text = format!("{what}: {reply}");
+        Err(if reply.is_transient() {
+            Failure::Temporary(text)
+        } else {
+            Failure::Runtime(text)
+        })
+    };
+    expect(&mut reader, "greeting")?;
+    send(b"EHLO localhost\r\n")?;
+    expect(&mut reader, "EHLO")?;
+    send(mail_command(submission).as_bytes())?;
+    expect(&mut reader, "MAIL FROM")?;
+    for recipient in &submission.recipients {
+        send(format!("RCPT TO:<{recipient}>\r\n").as_bytes())?;
+        expect(&mut reader, &format!("<{recipient}>"))?;
+    }
+    send(b"DATA\r\n")?;
+    expect(&mut reader, "DATA")?;
+    let mut body = Vec::with_capacity(submission.content.len() + 64);
+    let mut stuffer = DotStuffer::default();
+    stuffer.push(&submission.content, &mut body);
+    stuffer.finish(&mut body);
+    body.extend_from_slice(b".\r\n");
+    send(&body)?;
+    let queued = expect(&mut reader, "message")?;
+    let _ = send(b"QUIT\r\n");
+    eprintln!("petrel: {}", queued.lines.join(" "));
     Ok(())
 }
 
-/// Routes each wanted recipient exactly as an SMTP session would for an
-/// authenticated user: [`routing::resolve`], then [`policy`].
-pub fn route_recipients(
-    config: &Config,
-    accounts: &rusqlite::Connection,
-    wanted: &[String],
-    local_domain: &str,
-) -> Result<Vec<NewRecipient>, Failure> {
-    let mut recipients: Vec<NewRecipient> = Vec::new();
-    for text in wanted {
-        // A bare user name means a local mailbox, as with any sendmail.
-        let text = if text.contains('@') {
-            text.clone()
-        } else {
-            format!("{text}@{local_domain}")
-        };
-        let address = parse(&text)?;
-        let (resolution, mailbox_exists) = match routing::resolve(config, accounts, &address) {
-            Ok(resolution) => (Some(resolution), true),
-            Err(RouteError::NoSuchMailbox) => (None, false),
-            Err(RouteError::Unavailable(error)) => {
-                return Err(Failure::Runtime(format!(
-                    "cannot look up {address}: {error}"
-                )));
-            }
-            Err(error) => {
-                return Err(Failure::Runtime(format!(
-                    "{address}: alias expansion failed ({error:?}); fix [aliases]"
-                )));
-            }
-        };
-        // A local user is accountable, like an authenticated one.
-        let facts = RecipientFacts {
-            local_domain: resolution.as_ref().is_none_or(|r| r.local_domain),
-            mailbox_exists,
-            authenticated: true,
-            trusted_network: false,
-            domain: DomainStatus::NotChecked,
-        };
-        if let RecipientDecision::Refuse(reply) = policy::decide_recipient(&facts) {
-            return Err(Failure::Runtime(format!(
-                "{address}: {}",
-                reply.lines.join(" ")
-            )));
+fn read_reply(reader: &mut BufReader<UnixStream>) -> Result<ServerReply, Failure> {
+    let mut parser = ReplyParser::default();
+    loop {
+        let mut line = Vec::new();
+        let read = reader
+            .by_ref()
+            .take(4096)
+            .read_until(b'\n', &mut line)
+            .map_err(|e| {
+                Failure::Temporary(format!("local socket: {e}; the message was not sent"))
+            })?;
+        if read == 0 {
+            return Err(Failure::Temporary(
+                "the server closed the local socket; the message was not sent".into(),
+            ));
         }
-        let Some(resolution) = resolution else {
-            return Err(Failure::Runtime(format!(
-                "{address}: no such local mailbox"
-            )));
-        };
-        for skipped in &resolution.skipped {
-            eprintln!(
-                "petrel: warning: alias {address}: target {skipped} is not an account; skipped"
-            );
-        }
-        for target in resolution.targets {
-            if recipients
-                .iter()
-                .any(|r| r.route == target.route && r.address == target.address)
-            {
-                continue;
-            }
-            let original = address.to_string();
-            recipients.push(NewRecipient {
-                original: (original != target.address).then_some(original),
-                address: target.address,
-                route: target.route,
-                domain: target.domain,
-                notify: None,
-                orcpt: None,
-            });
+        let line = line.strip_suffix(b"\n").unwrap_or(&line);
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        match parser.line(line).map_err(Failure::Temporary)? {
+            ParseStep::More => {}
+            ParseStep::Done(reply) => return Ok(reply),
         }
     }
-    Ok(recipients)
+}
+
+/// No server runs: the dialogue goes into the maildrop, written under a
+/// dot name and renamed when complete, so the server never reads half.
+fn drop_off(config: &Config, dialogue: &[u8]) -> Result<(), Failure> {
+    let maildrop = local::maildrop_path(&config.data_dir);
+    let name = format!(
+        "{:016x}{:016x}",
+        crate::dns::random_u64(),
+        crate::dns::random_u64()
+    );
+    let temporary = maildrop.join(format!(".{name}"));
+    let written = (|| -> io::Result<()> {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            // Readable by the server's user (the maildrop cannot be listed,
+            // and the name is random); owned by us, which is how the server
+            // knows who sent it.
+            .mode(0o644)
+            .open(&temporary)?;
+        file.write_all(dialogue)?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, maildrop.join(&name))
+    })();
+    if let Err(error) = written {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(Failure::Temporary(format!(
+            "the petrel server is not running and the maildrop {} cannot take the message \
+             ({error}); the message was not sent",
+            maildrop.display()
+        )));
+    }
+    eprintln!(
+        "petrel: the server is not running; the message waits in the maildrop and is sent \
+         when it starts"
+    );
+    Ok(())
+}
+
+/// `sendmail -bs`: SMTP on standard input and output, passed through to
+/// the server's local socket (what Symfony and Laravel use).
+fn smtp_on_stdio(config: &Config) -> Result<(), Failure> {
+    let stream = match UnixStream::connect(local::socket_path(&config.data_dir)) {
+        Ok(stream) => stream,
+        Err(error) => {
+            let mut out = io::stdout().lock();
+            let _ =
+                out.write_all(b"421 4.3.0 The petrel server is not running, try again later\r\n");
+            let _ = out.flush();
+            return Err(Failure::Temporary(format!(
+                "cannot reach the petrel server at {}: {error}",
+                local::socket_path(&config.data_dir).display()
+            )));
+        }
+    };
+    let mut to_server = stream
+        .try_clone()
+        .map_err(|e| Failure::Temporary(format!("local socket: {e}")))?;
+    let forward = std::thread::spawn(move || {
+        let _ = io::copy(&mut io::stdin().lock(), &mut to_server);
+        let _ = to_server.shutdown(std::net::Shutdown::Write);
+    });
+    let mut from_server = stream;
+    let mut stdout = io::stdout().lock();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match from_server.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if stdout
+                    .write_all(&buf[..n])
+                    .and_then(|()| stdout.flush())
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }
+    }
+    drop(forward);
+    Ok(())
 }
 
 fn parse(text: &str) -> Result<Address, Failure> {
@@ -401,9 +588,11 @@ mod tests {
         assert_eq!(
             request,
             Request {
+                mode: Mode::Submit,
                 from_headers: true,
                 ignore_dots: true,
                 sender: Some("me@example.com".into()),
+                full_name: Some("My Name".into()),
                 recipients: vec!["you@example.org".into()],
             }
         );
@@ -414,10 +603,14 @@ mod tests {
                 .as_deref(),
             Some("me@example.com")
         );
-        assert!(
-            parse_args(&args(&["-bs"])).is_err(),
-            "SMTP on stdin is not offered"
+        assert_eq!(parse_args(&args(&["-bs"])).unwrap().mode, Mode::Smtp);
+        assert_eq!(parse_args(&args(&["-bp"])).unwrap().mode, Mode::ListQueue);
+        assert_eq!(parse_args(&args(&["-q"])).unwrap().mode, Mode::RunQueue);
+        assert_eq!(
+            parse_args(&args(&["-qR", "x"])).unwrap().mode,
+            Mode::RunQueue
         );
+        assert!(parse_args(&args(&["-bd"])).is_err(), "no daemon mode");
         assert!(parse_args(&args(&["-Z"])).is_err());
         assert!(parse_args(&args(&["-f"])).is_err());
     }

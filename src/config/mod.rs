@@ -54,6 +54,15 @@ pub struct Config {
     pub queue: QueueConfig,
     pub limits: LimitsConfig,
     pub auth: AuthConfig,
+    pub sendmail: SendmailConfig,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SendmailConfig {
+    /// Members of this group (and root) may set any envelope sender with
+    /// `sendmail -f`; everyone else sends as user@(first local domain).
+    pub trusted_group: Option<String>,
 }
 
 impl Default for Config {
@@ -75,6 +84,7 @@ impl Default for Config {
             queue: QueueConfig::default(),
             limits: LimitsConfig::default(),
             auth: AuthConfig::default(),
+            sendmail: SendmailConfig::default(),
         }
     }
 }

@@ -152,6 +152,33 @@ pub fn decide_sender(facts: &SenderFacts) -> Result<(), Reply> {
     }
 }
 
+/// A user of this host (the local socket, `petrel sendmail`) sends as
+/// themselves; root and `[sendmail] trusted_group` may use any sender, as
+/// daemons sending on behalf of others need to.
+pub fn decide_local_sender(
+    user: &crate::protocol::session::LocalUser,
+    sender: &crate::protocol::address::ReversePath,
+) -> Result<(), Reply> {
+    if user.trusted {
+        return Ok(());
+    }
+    let own = sender
+        .address()
+        .is_some_and(|a| a.mailbox_key() == user.address.to_lowercase());
+    if own {
+        Ok(())
+    } else {
+        Err(Reply::new(
+            reply::SENDER_NOT_OWNED,
+            format!(
+                "Sender address rejected: local user {} may only send as <{}> \
+                 (root and [sendmail] trusted_group may use -f)",
+                user.name, user.address
+            ),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,6 +295,27 @@ mod tests {
         let mut free = sender(Some("alice@example.com"), false, false, true, NotChecked);
         free.login_must_match = false;
         assert!(decide_sender(&free).is_ok());
+    }
+
+    #[test]
+    fn local_users_send_as_themselves_unless_trusted() {
+        use crate::protocol::address::{Address, ReversePath};
+        use crate::protocol::session::LocalUser;
+        let mut user = LocalUser {
+            uid: 1000,
+            name: "www-data".into(),
+            address: "www-data@example.com".into(),
+            trusted: false,
+        };
+        let path = |a: &str| ReversePath::Mailbox(Address::parse(a).unwrap());
+        assert!(decide_local_sender(&user, &path("www-data@example.com")).is_ok());
+        assert!(decide_local_sender(&user, &path("WWW-DATA@Example.com")).is_ok());
+        let refused = decide_local_sender(&user, &path("ceo@example.com")).unwrap_err();
+        assert_eq!(refused.code(), 553);
+        assert!(decide_local_sender(&user, &ReversePath::Null).is_err());
+        user.trusted = true;
+        assert!(decide_local_sender(&user, &path("ceo@example.com")).is_ok());
+        assert!(decide_local_sender(&user, &ReversePath::Null).is_ok());
     }
 
     #[test]

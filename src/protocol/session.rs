@@ -35,11 +35,15 @@ pub enum ListenerKind {
     Submission,
     /// Port 465: submission over implicit TLS (RFC 8314).
     Smtps,
+    /// `petrel sendmail` on this host, through the local socket: the
+    /// kernel tells who the user is (SO_PEERCRED), so no AUTH.
+    Local,
 }
 
 impl ListenerKind {
+    /// AUTH must come before MAIL (local users are known by their uid).
     pub fn requires_auth(self) -> bool {
-        !matches!(self, ListenerKind::Smtp)
+        matches!(self, ListenerKind::Submission | ListenerKind::Smtps)
     }
 
     pub fn name(self) -> &'static str {
@@ -47,8 +51,21 @@ impl ListenerKind {
             ListenerKind::Smtp => "smtp",
             ListenerKind::Submission => "submission",
             ListenerKind::Smtps => "smtps",
+            ListenerKind::Local => "local",
         }
     }
+}
+
+/// A user of this host submitting through the local socket, as the kernel
+/// identified them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalUser {
+    pub uid: u32,
+    pub name: String,
+    /// The envelope sender this user may use: name@(first local domain).
+    pub address: String,
+    /// root, or a member of `[sendmail] trusted_group`: may use any sender.
+    pub trusted: bool,
 }
 
 /// What every session on one listener shares.
@@ -126,6 +143,12 @@ pub struct EnvelopeRecipient {
     pub orcpt: Option<String>,
 }
 
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SubmissionOutcome {
+    pub queued: u32,
+    pub refused_for_good: bool,
+}
+
 /// What the connection provides when DATA ends: the session never makes
 /// ids or reads the clock itself.
 #[derive(Debug, Clone)]
@@ -190,12 +213,18 @@ pub struct ClientView<'a> {
     pub name: Option<&'a str>,
     pub user: Option<&'a str>,
     pub listener: ListenerKind,
+    /// Set on the local socket.
+    pub local: Option<&'a LocalUser>,
 }
 
 impl ClientView<'_> {
-    /// "name[ip]" as logs show a client ("unknown" without a name).
+    /// "name[ip]" as logs show a client ("unknown" without a name);
+    /// "local[uid=1000]" for a user of this host.
     pub fn label(&self) -> String {
-        format!("{}[{}]", self.name.unwrap_or("unknown"), self.ip)
+        match self.local {
+            Some(local) => format!("local[uid={}]", local.uid),
+            None => format!("{}[{}]", self.name.unwrap_or("unknown"), self.ip),
+        }
     }
 }
 
@@ -287,6 +316,11 @@ pub struct Session {
     awaiting_queue: Option<String>,
     errors: u32,
     client_name: Option<String>,
+    local: Option<LocalUser>,
+    /// Messages committed to the queue in this session.
+    queued: u32,
+    /// The last refusal of MAIL, RCPT, DATA or a message.
+    last_refusal: Option<u16>,
     /// Per command: name, accepted, total (for the disconnect line).
     counts: Vec<(&'static str, u32, u32)>,
 }
@@ -306,6 +340,9 @@ impl Session {
             awaiting_queue: None,
             errors: 0,
             client_name: None,
+            local: None,
+            queued: 0,
+            last_refusal: None,
             counts: Vec::new(),
         }
     }
@@ -331,6 +368,24 @@ impl Session {
             name: self.client_name.as_deref(),
             user: self.user.as_deref(),
             listener: self.config.listener,
+            local: self.local.as_ref(),
+        }
+    }
+
+    /// A local user on the local socket: known, accountable, may relay.
+    pub fn with_local_user(mut self, user: LocalUser) -> Session {
+        self.user = Some(user.address.clone());
+        self.local = Some(user);
+        self
+    }
+
+    /// What the session achieved: messages queued, and whether the last
+    /// refusal was for good (5xx) — what the maildrop pickup needs to
+    /// decide what to do with a file.
+    pub fn submission_outcome(&self) -> SubmissionOutcome {
+        SubmissionOutcome {
+            queued: self.queued,
+            refused_for_good: self.last_refusal.is_some_and(|code| code >= 500),
         }
     }
 
@@ -438,7 +493,7 @@ impl Session {
 
     /// Marks a refused transaction command for the log.
     fn note_rejection(
-        &self,
+        &mut self,
         mut step: Step,
         stage: &'static str,
         from: Option<String>,
@@ -448,6 +503,7 @@ impl Session {
         // as Postfix logs them.
         let refusal = |r: &&Reply| (400..500).contains(&r.code()) || r.code() >= 550;
         if let Some(reply) = step.replies.first().filter(refusal) {
+            self.last_refusal = Some(reply.code());
             step.rejected = Some(Rejection {
                 stage,
                 reply: reply.clone(),
@@ -609,6 +665,7 @@ impl Session {
             name: self.client_name.as_deref(),
             user: self.user.as_deref(),
             listener: self.config.listener,
+            local: self.local.as_ref(),
         };
         let Some(transaction) = self.transaction.as_mut() else {
             return Step::reply(Reply::new(reply::BAD_SEQUENCE, "Need MAIL command first"));
@@ -804,6 +861,11 @@ impl Session {
         let Some(id) = self.awaiting_queue.take() else {
             return Step::reply(Reply::new(reply::LOCAL_ERROR, "No message pending"));
         };
+        if result.is_ok() {
+            self.queued += 1;
+        } else {
+            self.last_refusal = Some(reply::LOCAL_ERROR.code);
+        }
         match result {
             Ok(()) => Step::reply(Reply::new(
                 reply::MESSAGE_QUEUED,
@@ -817,6 +879,15 @@ impl Session {
     }
 
     fn received_header(&self, id: &str, transaction: &Transaction, now: SystemTime) -> String {
+        if let Some(local) = &self.local {
+            // As Postfix's pickup: who on this host, not a network peer.
+            return format!(
+                "Received: by {} (petrel, from userid {}) id {id}; {}\r\n",
+                self.config.hostname,
+                local.uid,
+                crate::timefmt::rfc5322_date(now)
+            );
+        }
         // RFC 3848 / RFC 6531 3.7.3 protocol names.
         let mut protocol = String::from(if transaction.params.smtputf8 {
             "UTF8SMTP"

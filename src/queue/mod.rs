@@ -318,19 +318,6 @@ pub fn open_direct(data_dir: &Path) -> Result<Connection, QueueError> {
     schema::open(&data_dir.join(QUEUE_FILE))
 }
 
-/// Commits one message with a connection of its own, for `petrel
-/// sendmail`, which runs in another process than the server.
-pub fn insert_direct(data_dir: &Path, message: &NewMessage) -> Result<(), QueueError> {
-    let mut conn = open_direct(data_dir)?;
-    let tx = conn
-        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        .map_err(QueueError::sqlite("cannot begin transaction"))?;
-    let now = crate::timefmt::sql_timestamp(std::time::SystemTime::now());
-    writer::insert_message(&tx, message, &now)?;
-    tx.commit()
-        .map_err(QueueError::sqlite("cannot commit the message"))
-}
-
 fn create_data_dir(data_dir: &Path) -> Result<(), QueueError> {
     create_private_dir(data_dir).map_err(|e| {
         QueueError::new(format!(
@@ -341,23 +328,26 @@ fn create_data_dir(data_dir: &Path) -> Result<(), QueueError> {
 }
 
 /// Makes what petrel keeps in `data_dir` readable by its own user only,
-/// whatever umask or hand made it: the directory and its folders 0700, the
-/// queue database (queued mail, password hashes) and private keys 0600.
+/// whatever umask or hand made it: folders 0700, the queue database
+/// (queued mail, password hashes) and private keys 0600. `data_dir` itself
+/// and its `public/` folder are 0711 (others may pass through to the local
+/// submission socket, never list or read), the maildrop 1733.
 /// Returns a warning for each that was more open. Maildir messages are
 /// written 0600 from the start; they are not walked here (there may be
 /// millions).
 pub fn make_private(data_dir: &Path) -> Vec<String> {
     use std::os::unix::fs::PermissionsExt as _;
     let mut warnings = Vec::new();
-    let mut restrict = |path: &Path, mode: u32| {
+    // `mode` is what to set when any bit of `open` is set.
+    let mut restrict = |path: &Path, mode: u32, open: u32| {
         let Ok(meta) = std::fs::symlink_metadata(path) else {
             return;
         };
         if meta.file_type().is_symlink() {
             return;
         }
-        let current = meta.permissions().mode() & 0o777;
-        if current & 0o077 != 0 {
+        let current = meta.permissions().mode() & 0o7777;
+        if current & open != 0 {
             match std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
                 Ok(()) => warnings.push(format!(
                     "{} was readable by others (mode {current:o}); now {mode:o}",
@@ -370,35 +360,43 @@ pub fn make_private(data_dir: &Path) -> Vec<String> {
             }
         }
     };
-    restrict(data_dir, 0o700);
+    let private = 0o077;
+    let passable = 0o066;
+    restrict(data_dir, 0o711, passable);
+    restrict(
+        &data_dir.join(crate::server::local::PUBLIC_DIR),
+        0o711,
+        passable,
+    );
     for file in [QUEUE_FILE, "queue.db-wal", "queue.db-shm"] {
-        restrict(&data_dir.join(file), 0o600);
+        restrict(&data_dir.join(file), 0o600, private);
     }
     for dir in [
         content::SPOOL_DIR,
         "tls",
         crate::delivery::maildir::MAIL_DIR,
+        crate::server::local::REFUSED_DIR,
     ] {
-        restrict(&data_dir.join(dir), 0o700);
+        restrict(&data_dir.join(dir), 0o700, private);
     }
     if let Ok(entries) = std::fs::read_dir(data_dir.join("tls")) {
         for entry in entries.flatten() {
             if entry.file_name().to_string_lossy().contains("key") {
-                restrict(&entry.path(), 0o600);
+                restrict(&entry.path(), 0o600, private);
             }
         }
     }
     // Mail folders: mail/<domain>/<user>/{,tmp,new,cur}.
     if let Ok(domains) = std::fs::read_dir(data_dir.join(crate::delivery::maildir::MAIL_DIR)) {
         for domain in domains.flatten() {
-            restrict(&domain.path(), 0o700);
+            restrict(&domain.path(), 0o700, private);
             let Ok(users) = std::fs::read_dir(domain.path()) else {
                 continue;
             };
             for user in users.flatten() {
-                restrict(&user.path(), 0o700);
+                restrict(&user.path(), 0o700, private);
                 for sub in ["tmp", "new", "cur"] {
-                    restrict(&user.path().join(sub), 0o700);
+                    restrict(&user.path().join(sub), 0o700, private);
                 }
             }
         }

@@ -48,14 +48,30 @@ pub fn open(path: &Path) -> Result<Connection, QueueError> {
 /// files the same mode), whatever the umask.
 fn create_private_file(path: &Path) -> Result<(), QueueError> {
     use std::os::unix::fs::OpenOptionsExt as _;
-    match std::fs::OpenOptions::new()
+    let created = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)
-    {
+        .open(path);
+    let result = match created {
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+            // Asked here, not of SQLite, whose error would not say why.
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+        }
+        other => other,
+    };
+    match result {
         Ok(_) => Ok(()),
-        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::PermissionDenied => {
+            Err(QueueError::new(format!(
+                "cannot open {}: permission denied; the queue is private to root and \
+                 the user petrel runs as (try sudo)",
+                path.display()
+            )))
+        }
         Err(error) => Err(QueueError::new(format!(
             "cannot create {}: {error}",
             path.display()

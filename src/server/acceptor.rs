@@ -9,7 +9,7 @@ use std::time::Duration;
 use crossbeam_channel::Sender;
 
 use super::ServerContext;
-use super::connection::Job;
+use super::connection::{Job, Stream};
 use super::limits::{ConnectionLimits, Refusal};
 use crate::protocol::reply::{self, Reply};
 use crate::protocol::session::ListenerKind;
@@ -49,10 +49,11 @@ impl Acceptor {
             match self.limits.try_acquire(peer.ip(), self.kind, trusted) {
                 Ok(permit) => {
                     let job = Job {
-                        stream,
+                        stream: Stream::Tcp(stream),
                         peer,
                         listener: self.kind,
                         permit,
+                        local: None,
                     };
                     if self.jobs.send(job).is_err() {
                         return;

@@ -3,8 +3,9 @@
 //! out its actions (TLS handshake, DATA, queue commit). Policy and protocol
 //! decisions are the session's; this file only does IO.
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant, SystemTime};
 
 use rustls::ServerConnection;
@@ -16,7 +17,8 @@ use crate::protocol::data::{DataDecoder, DataError, DataSummary, Progress};
 use crate::protocol::line::{Line, LineReader};
 use crate::protocol::reply::{self, Reply};
 use crate::protocol::session::{
-    Action, Envelope, ListenerKind, Rejection, Session, Stamp, Step, TlsInfo,
+    Action, Envelope, ListenerKind, LocalUser, Rejection, Session, Stamp, Step, SubmissionOutcome,
+    TlsInfo,
 };
 use crate::queue::content::{Body, Content, Spool};
 use crate::queue::{MessageKind, NewMessage, NewRecipient, QueueId};
@@ -26,17 +28,63 @@ const READ_BUFFER: usize = 16 * 1024;
 
 /// A connection handed from an acceptor to a worker.
 pub struct Job {
-    pub stream: TcpStream,
+    pub stream: Stream,
     pub peer: SocketAddr,
     pub listener: ListenerKind,
     pub permit: Permit,
+    /// Who is on the other end of the local socket.
+    pub local: Option<LocalUser>,
 }
 
-/// The client's connection, plain or after STARTTLS / implicit TLS.
-type Conn = Transport<ServerConnection>;
+/// What a session is read from and answered on.
+pub enum Stream {
+    Tcp(TcpStream),
+    /// The local submission socket.
+    Unix(UnixStream),
+    /// A message from the maildrop: the dialogue `petrel sendmail` would
+    /// have had with the server, replayed; answers go nowhere.
+    Replay(Box<dyn Read + Send>),
+}
+
+/// The client's connection: TCP (plain, after STARTTLS or implicit TLS),
+/// the local socket, or a replayed maildrop file.
+enum Conn {
+    Net(Transport<ServerConnection>),
+    Unix(UnixStream),
+    Replay(Box<dyn Read + Send>),
+}
+
+impl Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Net(transport) => transport.read(buf),
+            Conn::Unix(stream) => stream.read(buf),
+            Conn::Replay(input) => input.read(buf),
+        }
+    }
+
+    fn send(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            Conn::Net(transport) => transport.send(data),
+            Conn::Unix(stream) => stream.write_all(data),
+            Conn::Replay(_) => Ok(()),
+        }
+    }
+
+    fn set_read_timeout(&self, timeout: Duration) -> io::Result<()> {
+        match self {
+            Conn::Net(transport) => transport.tcp().set_read_timeout(Some(timeout)),
+            Conn::Unix(stream) => stream.set_read_timeout(Some(timeout)),
+            Conn::Replay(_) => Ok(()),
+        }
+    }
+}
 
 fn tls_info(conn: &Conn) -> Option<TlsInfo> {
-    conn.summary().map(|summary| TlsInfo {
+    let Conn::Net(transport) = conn else {
+        return None;
+    };
+    transport.summary().map(|summary| TlsInfo {
         version: summary.version,
         cipher: summary.cipher,
     })
@@ -62,19 +110,21 @@ impl End {
     }
 }
 
-/// Runs one session to its end; never panics on client input.
-pub fn serve(job: Job, ctx: &ServerContext) {
+/// Runs one session to its end; never panics on client input. Returns
+/// what it achieved (for the maildrop pickup).
+pub fn serve(job: Job, ctx: &ServerContext) -> SubmissionOutcome {
     let Job {
         stream,
         peer,
         listener,
         permit,
+        local,
     } = job;
     let _registration = match ctx.registry.register(&stream) {
         Ok(registration) => registration,
         Err(error) => {
             log::warn!("{peer}: cannot register connection: {error}");
-            return;
+            return SubmissionOutcome::default();
         }
     };
     // Forward-confirmed reverse DNS, as Postfix shows clients; loopback
@@ -84,14 +134,24 @@ pub fn serve(job: Job, ctx: &ServerContext) {
     } else {
         ctx.services.client_name(peer.ip())
     };
-    let label = format!("{}[{}]", name.as_deref().unwrap_or("unknown"), peer.ip());
+    let label = match &local {
+        Some(user) => format!("local[uid={}]", user.uid),
+        None => format!("{}[{}]", name.as_deref().unwrap_or("unknown"), peer.ip()),
+    };
     log::info!("connect from {label} on {}", listener.name());
-    let mut counts = String::new();
-    match run(stream, peer, name, listener, ctx, &mut counts) {
-        Ok(end) => log::info!("disconnect from {label} {counts}{}", end.note()),
-        Err(error) => log::info!("disconnect from {label} {counts} (error: {error})"),
+    let mut counts = (String::new(), SubmissionOutcome::default());
+    let client = Client {
+        peer,
+        name,
+        local,
+        listener,
+    };
+    match run(stream, client, ctx, &mut counts) {
+        Ok(end) => log::info!("disconnect from {label} {}{}", counts.0, end.note()),
+        Err(error) => log::info!("disconnect from {label} {} (error: {error})", counts.0),
     }
     drop(permit);
+    counts.1
 }
 
 fn is_timeout(error: &io::Error) -> bool {
@@ -128,7 +188,7 @@ impl Clock {
             .socket_timeout
             .is_none_or(|set| set > left + DEADLINE_SLACK || set + DEADLINE_SLACK < left);
         if stale {
-            conn.tcp().set_read_timeout(Some(left))?;
+            conn.set_read_timeout(left)?;
             self.socket_timeout = Some(left);
         }
         conn.read(buf)
@@ -139,15 +199,22 @@ impl Clock {
     }
 }
 
+/// Who a session is with.
+struct Client {
+    peer: SocketAddr,
+    /// Forward-confirmed reverse DNS name.
+    name: Option<String>,
+    local: Option<LocalUser>,
+    listener: ListenerKind,
+}
+
 /// Runs the session; `counts` gets the client's command counts for the
 /// disconnect line, however the session ends.
 fn run(
-    stream: TcpStream,
-    peer: SocketAddr,
-    name: Option<String>,
-    listener: ListenerKind,
+    stream: Stream,
+    client: Client,
     ctx: &ServerContext,
-    counts: &mut String,
+    counts: &mut (String, SubmissionOutcome),
 ) -> io::Result<End> {
     let limits = &ctx.config.limits;
     let command_timeout = limits.command_timeout.get();
@@ -155,22 +222,40 @@ fn run(
         session_end: Instant::now() + limits.session_timeout.get(),
         socket_timeout: Some(command_timeout),
     };
-    stream.set_read_timeout(Some(command_timeout))?;
-    stream.set_write_timeout(Some(command_timeout))?;
-    stream.set_nodelay(true)?;
-    let mut conn = Transport::Plain(stream);
-    if listener == ListenerKind::Smtps {
-        let Some(tls) = &ctx.tls else {
-            return Err(io::Error::other(
-                "implicit TLS listener without a certificate",
-            ));
-        };
-        conn = start_tls(conn, tls)?;
+    let conn = match stream {
+        Stream::Tcp(stream) => {
+            stream.set_read_timeout(Some(command_timeout))?;
+            stream.set_write_timeout(Some(command_timeout))?;
+            stream.set_nodelay(true)?;
+            let mut conn = Conn::Net(Transport::Plain(stream));
+            if client.listener == ListenerKind::Smtps {
+                let Some(tls) = &ctx.tls else {
+                    return Err(io::Error::other(
+                        "implicit TLS listener without a certificate",
+                    ));
+                };
+                conn = start_tls(conn, tls)?;
+            }
+            conn
+        }
+        Stream::Unix(stream) => {
+            stream.set_read_timeout(Some(command_timeout))?;
+            stream.set_write_timeout(Some(command_timeout))?;
+            Conn::Unix(stream)
+        }
+        Stream::Replay(input) => Conn::Replay(input),
+    };
+    let mut session = Session::new(
+        ctx.session_config(client.listener),
+        client.peer.ip(),
+        tls_info(&conn),
+    )
+    .with_client_name(client.name);
+    if let Some(local) = client.local {
+        session = session.with_local_user(local);
     }
-    let mut session = Session::new(ctx.session_config(listener), peer.ip(), tls_info(&conn))
-        .with_client_name(name);
-    let result = converse(&mut session, conn, peer, clock, ctx);
-    *counts = session.command_counts();
+    let result = converse(&mut session, conn, client.peer, clock, ctx);
+    *counts = (session.command_counts(), session.submission_outcome());
     result
 }
 
@@ -313,7 +398,10 @@ fn perform(
                 let Some(tls) = &ctx.tls else {
                     return Err(io::Error::other("STARTTLS accepted without a certificate"));
                 };
-                let placeholder = Transport::Plain(io.conn.tcp().try_clone()?);
+                let Conn::Net(transport) = &io.conn else {
+                    return Err(io::Error::other("STARTTLS on a connection that is not TCP"));
+                };
+                let placeholder = Conn::Net(Transport::Plain(transport.tcp().try_clone()?));
                 let plain = std::mem::replace(&mut io.conn, placeholder);
                 io.conn = start_tls(plain, tls)?;
                 if let Some(info) = tls_info(&io.conn) {
@@ -447,8 +535,11 @@ fn receive_data(io: &mut SessionIo, ctx: &ServerContext) -> io::Result<ReceivedD
 }
 
 fn start_tls(conn: Conn, tls: &ServerTls) -> io::Result<Conn> {
+    let Conn::Net(transport) = conn else {
+        return Err(io::Error::other("TLS on a connection that is not TCP"));
+    };
     let server = ServerConnection::new(tls.server_config()).map_err(io::Error::other)?;
-    conn.upgrade(server)
+    transport.upgrade(server).map(Conn::Net)
 }
 
 /// The queue's form of a message the session accepted.

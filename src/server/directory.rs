@@ -159,6 +159,10 @@ impl Services for Directory {
         client: &ClientView,
         sender: &ReversePath,
     ) -> Result<SenderStanding, Reply> {
+        if let Some(local) = client.local {
+            return policy::decide_local_sender(local, sender)
+                .map(|()| SenderStanding { accountable: true });
+        }
         let address = sender.address();
         let trusted_network = self.config.relay.is_trusted(client.ip);
         let owned_by_user = match (client.user, address) {

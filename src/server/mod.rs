@@ -10,6 +10,7 @@ mod acceptor;
 mod connection;
 pub mod directory;
 mod limits;
+pub mod local;
 
 use std::collections::HashMap;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -43,7 +44,13 @@ crate::error::message_error!(StartError, "The listeners could not start.");
 #[derive(Default)]
 pub struct ConnectionRegistry {
     next: AtomicU64,
-    open: Mutex<HashMap<u64, TcpStream>>,
+    open: Mutex<HashMap<u64, Endable>>,
+}
+
+/// A handle that can end a session's reading.
+enum Endable {
+    Tcp(TcpStream),
+    Unix(std::os::unix::net::UnixStream),
 }
 
 pub struct Registration<'a> {
@@ -62,9 +69,14 @@ impl Drop for Registration<'_> {
 }
 
 impl ConnectionRegistry {
-    fn register(&self, stream: &TcpStream) -> std::io::Result<Registration<'_>> {
+    fn register(&self, stream: &connection::Stream) -> std::io::Result<Registration<'_>> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let clone = stream.try_clone()?;
+        let clone = match stream {
+            connection::Stream::Tcp(stream) => Endable::Tcp(stream.try_clone()?),
+            connection::Stream::Unix(stream) => Endable::Unix(stream.try_clone()?),
+            // A replay ends by itself at the end of its file.
+            connection::Stream::Replay(_) => return Ok(Registration { registry: self, id }),
+        };
         self.open
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -81,7 +93,10 @@ impl ConnectionRegistry {
             .unwrap_or_else(PoisonError::into_inner)
             .values()
         {
-            let _ = stream.shutdown(Shutdown::Read);
+            let _ = match stream {
+                Endable::Tcp(stream) => stream.shutdown(Shutdown::Read),
+                Endable::Unix(stream) => stream.shutdown(Shutdown::Read),
+            };
         }
     }
 }
@@ -92,8 +107,8 @@ pub struct ServerContext {
     pub services: Directory,
     pub queue: QueueHandle,
     pub tls: Option<Arc<ServerTls>>,
-    /// Per listener kind: smtp, submission, smtps.
-    sessions: [Arc<SessionConfig>; 3],
+    /// Per listener kind: smtp, submission, smtps, local.
+    sessions: [Arc<SessionConfig>; 4],
     registry: ConnectionRegistry,
     shutting_down: AtomicBool,
     on_queued: Option<Box<dyn Fn() + Send + Sync>>,
@@ -105,6 +120,7 @@ impl ServerContext {
             ListenerKind::Smtp => 0,
             ListenerKind::Submission => 1,
             ListenerKind::Smtps => 2,
+            ListenerKind::Local => 3,
         };
         Arc::clone(&self.sessions[index])
     }
@@ -143,6 +159,9 @@ fn session_config(config: &Config, listener: ListenerKind, tls_available: bool) 
 /// they got are known (delivery must never connect back to them).
 pub struct Bound {
     listeners: Vec<(ListenerKind, TcpListener)>,
+    /// The local submission socket (`petrel sendmail`).
+    local: std::os::unix::net::UnixListener,
+    local_path: std::path::PathBuf,
 }
 
 impl Bound {
@@ -164,7 +183,18 @@ impl Bound {
                 listeners.push((kind, listener));
             }
         }
-        Ok(Bound { listeners })
+        let local_path = local::socket_path(&config.data_dir);
+        let local = local::bind(&config.data_dir).map_err(|e| {
+            StartError(format!(
+                "cannot listen on the local socket {}: {e}",
+                local_path.display()
+            ))
+        })?;
+        Ok(Bound {
+            listeners,
+            local,
+            local_path,
+        })
     }
 
     pub fn addresses(&self) -> Vec<SocketAddr> {
@@ -192,6 +222,8 @@ pub struct Server {
     workers: Vec<JoinHandle<()>>,
     jobs: Option<Sender<Job>>,
     limits: Arc<ConnectionLimits>,
+    local_path: std::path::PathBuf,
+    pickup: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
 }
 
 impl Server {
@@ -215,8 +247,13 @@ impl Server {
             ListenerKind::Smtp,
             ListenerKind::Submission,
             ListenerKind::Smtps,
+            ListenerKind::Local,
         ]
-        .map(|kind| Arc::new(session_config(&config, kind, tls_available)));
+        .map(|kind| {
+            // No STARTTLS on the local socket: nothing travels a network.
+            let tls = tls_available && kind != ListenerKind::Local;
+            Arc::new(session_config(&config, kind, tls))
+        });
         let context = Arc::new(ServerContext {
             config: Arc::clone(&config),
             services: parts.services,
@@ -273,6 +310,28 @@ impl Server {
                 .map_err(|e| StartError(format!("cannot start acceptor thread: {e}")))?;
             acceptors.push(handle);
         }
+        let local_acceptor = local::LocalAcceptor {
+            listener: bound.local,
+            jobs: jobs.clone(),
+            limits: Arc::clone(&limits),
+            context: Arc::clone(&context),
+        };
+        let handle = std::thread::Builder::new()
+            .name("accept-local".into())
+            .stack_size(ACCEPTOR_STACK)
+            .spawn(move || local_acceptor.run())
+            .map_err(|e| StartError(format!("cannot start acceptor thread: {e}")))?;
+        acceptors.push(handle);
+        log::info!("listening on {} (local)", bound.local_path.display());
+        let stop = Arc::new(AtomicBool::new(false));
+        let pickup = {
+            let (context, limits, stop) =
+                (Arc::clone(&context), Arc::clone(&limits), Arc::clone(&stop));
+            std::thread::Builder::new()
+                .name("pickup".into())
+                .spawn(move || local::pickup_loop(context, limits, stop))
+                .map_err(|e| StartError(format!("cannot start the pickup thread: {e}")))?
+        };
         Ok(Server {
             context,
             listeners,
@@ -280,6 +339,8 @@ impl Server {
             workers,
             jobs: Some(jobs),
             limits,
+            local_path: bound.local_path,
+            pickup: Some((stop, pickup)),
         })
     }
 
@@ -307,6 +368,11 @@ impl Server {
         for (_, address) in &self.listeners {
             // Wake the acceptor blocked in accept(); it sees the flag.
             let _ = TcpStream::connect(acceptor::wake_address(*address));
+        }
+        let _ = std::os::unix::net::UnixStream::connect(&self.local_path);
+        if let Some((stop, pickup)) = self.pickup.take() {
+            stop.store(true, Ordering::SeqCst);
+            let _ = pickup.join();
         }
         for acceptor in self.acceptors.drain(..) {
             let _ = acceptor.join();

@@ -1,0 +1,284 @@
+//! Local submission, Postfix's postdrop and pickup in one: users of this
+//! host run `petrel sendmail`, which speaks SMTP to the server over a Unix
+//! socket in `data_dir/public/`. The kernel says who they are
+//! (SO_PEERCRED), so nobody needs write access to `queue.db`. When the
+//! server is not running, `sendmail` leaves the same SMTP dialogue as a
+//! file in `data_dir/public/maildrop/`; the server replays it, as that
+//! file's owner, when it starts (and every half minute after).
+//!
+//! Modes: `data_dir` is 0711 and `public/` 0711, so others can reach the
+//! socket (0666) and the maildrop (1733: anyone may add a file, nobody may
+//! list or remove others') by name, and see nothing else; everything else
+//! in `data_dir` stays 0700/0600.
+
+use std::fs::{self, DirBuilder};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use super::ServerContext;
+use super::connection::{self, Job, Stream};
+use super::limits::ConnectionLimits;
+use crate::config::Config;
+use crate::protocol::session::{ListenerKind, LocalUser};
+
+pub const PUBLIC_DIR: &str = "public";
+pub const SOCKET: &str = "submit.sock";
+pub const MAILDROP: &str = "maildrop";
+/// Maildrop files that could not be accepted, kept for the operator.
+pub const REFUSED_DIR: &str = "maildrop-refused";
+/// How often the maildrop is looked at while the server runs (files land
+/// there only when the socket could not be reached).
+const PICKUP_INTERVAL: Duration = Duration::from_secs(30);
+
+pub fn socket_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(PUBLIC_DIR).join(SOCKET)
+}
+
+pub fn maildrop_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(PUBLIC_DIR).join(MAILDROP)
+}
+
+/// Creates the public part of `data_dir` with the modes above.
+pub fn prepare(data_dir: &Path) -> io::Result<()> {
+    let set = |path: &Path, mode: u32| fs::set_permissions(path, fs::Permissions::from_mode(mode));
+    set(data_dir, 0o711)?;
+    let public = data_dir.join(PUBLIC_DIR);
+    let maildrop = maildrop_path(data_dir);
+    for dir in [&public, &maildrop] {
+        if !dir.is_dir() {
+            DirBuilder::new().mode(0o700).create(dir)?;
+        }
+    }
+    set(&public, 0o711)?;
+    set(&maildrop, 0o1733)
+}
+
+/// Binds the submission socket (replacing one a crash left behind; only
+/// one server runs per data_dir).
+pub fn bind(data_dir: &Path) -> io::Result<UnixListener> {
+    prepare(data_dir)?;
+    let path = socket_path(data_dir);
+    match fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error),
+    }
+    let listener = UnixListener::bind(&path)?;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o666))?;
+    Ok(listener)
+}
+
+/// Who a uid is, as far as sending mail goes.
+pub fn local_user(config: &Config, uid: u32, gid: u32) -> LocalUser {
+    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten();
+    let name = user
+        .as_ref()
+        .map(|u| u.name.clone())
+        .unwrap_or_else(|| format!("uid{uid}"));
+    let domain = config
+        .domains
+        .local
+        .first()
+        .cloned()
+        .unwrap_or_else(|| config.hostname.clone());
+    let trusted = uid == 0
+        || config
+            .sendmail
+            .trusted_group
+            .as_deref()
+            .is_some_and(|group| {
+                nix::unistd::Group::from_name(group)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|group| group.gid.as_raw() == gid || group.mem.contains(&name))
+            });
+    LocalUser {
+        uid,
+        address: format!("{name}@{domain}"),
+        name,
+        trusted,
+    }
+}
+
+/// Accepts on the local socket and hands sessions to the worker pool.
+pub struct LocalAcceptor {
+    pub listener: UnixListener,
+    pub jobs: crossbeam_channel::Sender<Job>,
+    pub limits: Arc<ConnectionLimits>,
+    pub context: Arc<ServerContext>,
+}
+
+impl LocalAcceptor {
+    pub fn run(self) {
+        for stream in self.listener.incoming() {
+            if self.context.is_shutting_down() {
+                return;
+            }
+            let Ok(stream) = stream else { continue };
+            let Ok(credentials) = rustix::net::sockopt::socket_peercred(&stream) else {
+                continue;
+            };
+            let user = local_user(
+                &self.context.config,
+                credentials.uid.as_raw(),
+                credentials.gid.as_raw(),
+            );
+            // Local users count against the total, like any session, but
+            // not against port 25's share or the per-client limits.
+            let permit = match self
+                .limits
+                .try_acquire(loopback(), ListenerKind::Local, true)
+            {
+                Ok(permit) => permit,
+                Err(_) => {
+                    refuse_busy(stream, &self.context);
+                    continue;
+                }
+            };
+            let job = Job {
+                stream: Stream::Unix(stream),
+                peer: std::net::SocketAddr::new(loopback(), 0),
+                listener: ListenerKind::Local,
+                permit,
+                local: Some(user),
+            };
+            if self.jobs.send(job).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn loopback() -> std::net::IpAddr {
+    std::net::IpAddr::from([127, 0, 0, 1])
+}
+
+fn refuse_busy(mut stream: UnixStream, context: &ServerContext) {
+    use std::io::Write as _;
+    let reply = crate::protocol::reply::Reply::new(
+        crate::protocol::reply::TOO_BUSY,
+        format!(
+            "{} Too many sessions, try again later",
+            context.config.hostname
+        ),
+    );
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(500)));
+    let _ = stream.write_all(reply.to_wire().as_bytes());
+}
+
+/// Replays the maildrop every [`PICKUP_INTERVAL`] until `stop`.
+pub fn pickup_loop(
+    context: Arc<ServerContext>,
+    limits: Arc<ConnectionLimits>,
+    stop: Arc<AtomicBool>,
+) {
+    while !stop.load(Ordering::SeqCst) {
+        pickup(&context, &limits);
+        // Sleep in short steps so shutdown is prompt.
+        for _ in 0..(PICKUP_INTERVAL.as_millis() / 100) {
+            if stop.load(Ordering::SeqCst) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Submits every complete file in the maildrop, each as its owner.
+pub fn pickup(context: &ServerContext, limits: &Arc<ConnectionLimits>) {
+    let maildrop = maildrop_path(&context.config.data_dir);
+    let Ok(entries) = fs::read_dir(&maildrop) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        // Files being written are named with a leading dot until complete.
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        if let Err(error) = pickup_one(context, limits, &path) {
+            log::error!("pickup: {}: {error}", path.display());
+        }
+    }
+}
+
+/// Opens a maildrop file for replay, or says why it may not be. The owner
+/// decides who the message is from, so the file must be what its owner
+/// wrote there: not a symbolic link (followed, it would be read with the
+/// server's rights) and not a hard link to somebody else's file.
+fn open_dropped(path: &Path) -> io::Result<(fs::File, u32, u32)> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::other("not a regular file"));
+    }
+    if meta.nlink() != 1 {
+        return Err(io::Error::other(format!(
+            "{} hard links to one file; refusing to guess who wrote it",
+            meta.nlink()
+        )));
+    }
+    Ok((file, meta.uid(), meta.gid()))
+}
+
+fn pickup_one(
+    context: &ServerContext,
+    limits: &Arc<ConnectionLimits>,
+    path: &Path,
+) -> io::Result<()> {
+    let (file, uid, gid) = match open_dropped(path) {
+        Ok(opened) => opened,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => {
+            // Nothing it says can be trusted: out of the way, unread.
+            set_aside(context, path)?;
+            return Err(error);
+        }
+    };
+    let Ok(permit) = limits.try_acquire(loopback(), ListenerKind::Local, true) else {
+        // Busy: the next pickup takes it.
+        return Ok(());
+    };
+    let job = Job {
+        stream: Stream::Replay(Box::new(io::BufReader::new(file))),
+        peer: std::net::SocketAddr::new(loopback(), 0),
+        listener: ListenerKind::Local,
+        permit,
+        local: Some(local_user(&context.config, uid, gid)),
+    };
+    let outcome = connection::serve(job, context);
+    if outcome.queued > 0 {
+        fs::remove_file(path)?;
+    } else if outcome.refused_for_good {
+        // Refused for good (e.g. no such mailbox): sendmail had nobody to
+        // tell, so the file is kept where the operator can see it.
+        let target = set_aside(context, path)?;
+        log::error!(
+            "pickup: a message from uid {uid} was refused; kept in {}",
+            target.display()
+        );
+    }
+    // Otherwise a temporary failure: left for the next pickup.
+    Ok(())
+}
+
+/// Moves a maildrop file where the operator can see it and pickup will
+/// not try it again.
+fn set_aside(context: &ServerContext, path: &Path) -> io::Result<PathBuf> {
+    let refused = context.config.data_dir.join(REFUSED_DIR);
+    crate::queue::create_private_dir(&refused)?;
+    let target = refused.join(path.file_name().unwrap_or_default());
+    fs::rename(path, &target)?;
+    Ok(target)
+}

@@ -1,0 +1,328 @@
+//! Local submission: users of this host run `petrel sendmail`, which talks
+//! SMTP to the server over its Unix socket, where the kernel says who they
+//! are; with no server running the message waits in the maildrop. Tests
+//! that switch to another user (nobody, 65534) need root and say so when
+//! they are skipped.
+
+mod common;
+
+use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use common::*;
+use petrel::config::Config;
+use petrel::instance::Options;
+
+const NOBODY: u32 = 65534;
+
+/// A directory others may enter, holding a copy of the binary and a
+/// config for `sendmail`: the test's own tree may be closed to them.
+struct LocalSetup {
+    binary: PathBuf,
+    config: PathBuf,
+}
+
+impl LocalSetup {
+    fn new(server_dir: &Path, config: &Config) -> LocalSetup {
+        std::fs::set_permissions(server_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let binary = server_dir.join("petrel");
+        std::fs::copy(env!("CARGO_BIN_EXE_petrel"), &binary).unwrap();
+        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let config_path = server_dir.join("sendmail.toml");
+        std::fs::write(
+            &config_path,
+            format!(
+                "hostname = \"mx.test\"\ndata_dir = \"{}\"\n[domains]\nlocal = [\"localhost\", \"example.test\"]\n",
+                config.data_dir.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&config_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        LocalSetup {
+            binary,
+            config: config_path,
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(&self.binary);
+        command.args(args).arg("-c").arg(&self.config);
+        command
+    }
+
+    /// Runs `petrel sendmail ARGS` as `uid` (None: as ourselves) with the
+    /// message on stdin; returns the exit code and stderr.
+    fn sendmail(&self, uid: Option<u32>, args: &[&str], message: &[u8]) -> (i32, String) {
+        use std::io::Write as _;
+        let mut all = vec!["sendmail"];
+        all.extend_from_slice(args);
+        let mut command = self.command(&all);
+        if let Some(uid) = uid {
+            // std drops supplementary groups when root sets the uid.
+            command.uid(uid).gid(uid);
+        }
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let _ = child.stdin.take().unwrap().write_all(message);
+        let output = child.wait_with_output().unwrap();
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+}
+
+fn running_as_root(test: &str) -> bool {
+    let root = rustix::process::geteuid().is_root();
+    if !root {
+        eprintln!("SKIPPED {test}: switching to user nobody needs root");
+    }
+    root
+}
+
+fn only_message(server: &TestServer) -> String {
+    let ids: Vec<String> = {
+        let db = server.db();
+        let mut stmt = db.prepare("SELECT id FROM messages").unwrap();
+        stmt.query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    ids.into_iter().next().unwrap()
+}
+
+fn raw_content(server: &TestServer, id: &str) -> String {
+    let content: Vec<u8> = server
+        .db()
+        .query_row(
+            "SELECT c.content FROM messages m JOIN message_contents c ON c.id = m.content_id WHERE m.id = ?1",
+            [id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    String::from_utf8(content).unwrap()
+}
+
+/// Stops a server but keeps its directory, for a second one to start on.
+fn stop_keeping_dir(mut server: TestServer) -> tempfile::TempDir {
+    let dir = std::mem::replace(&mut server.dir, tempfile::tempdir().unwrap());
+    server.shutdown();
+    dir
+}
+
+#[test]
+fn a_local_user_sends_as_themselves_and_only_root_chooses_the_sender() {
+    if !running_as_root("a_local_user_sends_as_themselves") {
+        return;
+    }
+    let server = TestServer::start(|_| {});
+    let setup = LocalSetup::new(server.dir.path(), server.instance().config());
+
+    let (code, err) = setup.sendmail(
+        Some(NOBODY),
+        &["alice@example.test"],
+        b"Subject: from nobody\n\nhello\n",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("queued as"), "{err}");
+    let id = only_message(&server);
+    assert_eq!(server.sender_of(&id), "nobody@localhost");
+    let content = raw_content(&server, &id);
+    assert!(
+        content.starts_with(&format!(
+            "Received: by mx.test (petrel, from userid {NOBODY}) id {id};"
+        )),
+        "{content}"
+    );
+    assert!(
+        content.contains("From: <nobody@localhost>\r\n"),
+        "{content}"
+    );
+
+    // Another sender is refused, at once, with the reason on stderr.
+    let (code, err) = setup.sendmail(
+        Some(NOBODY),
+        &["-f", "alice@example.test", "alice@example.test"],
+        b"Subject: forged\n\nx\n",
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("553"), "{err}");
+    assert!(
+        err.contains("local user nobody may only send as <nobody@localhost>"),
+        "{err}"
+    );
+    // The queue itself is closed to the user: no reading others' mail.
+    let (code, err) = {
+        let output = setup
+            .command(&["queue", "list"])
+            .uid(NOBODY)
+            .gid(NOBODY)
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("the queue is private to root"), "{err}");
+
+    // Root may use any sender (cron jobs, daemons sending for others).
+    let (code, err) = setup.sendmail(
+        None,
+        &["-f", "reports@example.test", "alice@example.test"],
+        b"Subject: from root\n\nx\n",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(server.message_count(), 2);
+}
+
+#[test]
+fn members_of_the_trusted_group_choose_the_sender() {
+    if !running_as_root("members_of_the_trusted_group_choose_the_sender") {
+        return;
+    }
+    let group = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(NOBODY))
+        .unwrap()
+        .expect("a group with gid 65534")
+        .name;
+    let server = TestServer::start(|config| config.sendmail.trusted_group = Some(group));
+    let setup = LocalSetup::new(server.dir.path(), server.instance().config());
+    let (code, err) = setup.sendmail(
+        Some(NOBODY),
+        &["-f", "alerts@example.test", "alice@example.test"],
+        b"Subject: from a daemon\n\nx\n",
+    );
+    assert_eq!(code, 0, "{err}");
+    let id = only_message(&server);
+    assert_eq!(server.sender_of(&id), "alerts@example.test");
+}
+
+#[test]
+fn with_the_server_stopped_mail_waits_in_the_maildrop_and_leaves_at_start() {
+    if !running_as_root("with_the_server_stopped_mail_waits_in_the_maildrop") {
+        return;
+    }
+    let server = TestServer::start(|_| {});
+    let data_dir = server.instance().config().data_dir.clone();
+    let setup = LocalSetup::new(server.dir.path(), server.instance().config());
+    let dir = stop_keeping_dir(server);
+    let maildrop = data_dir.join("public/maildrop");
+
+    let (code, err) = setup.sendmail(
+        Some(NOBODY),
+        &["alice@example.test"],
+        b"Subject: while stopped\n\nwaiting\n",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("maildrop"), "{err}");
+    let dropped: Vec<_> = std::fs::read_dir(&maildrop)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(dropped.len(), 1, "{dropped:?}");
+    assert_eq!(std::fs::metadata(&dropped[0]).unwrap().uid(), NOBODY);
+    // Users may add to the maildrop but not see what others left there.
+    let listing = Command::new("ls")
+        .arg(&maildrop)
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .output()
+        .unwrap();
+    assert!(!listing.status.success(), "nobody listed the maildrop");
+
+    // What an attacker might plant: links that would make the server
+    // read another user's file (here root's, who may use any sender).
+    let forged = b"EHLO x\r\nMAIL FROM:<alice@example.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nSubject: forged\r\n\r\nx\r\n.\r\nQUIT\r\n";
+    let roots_file = dir.path().join("roots-file");
+    std::fs::write(&roots_file, forged).unwrap();
+    std::fs::hard_link(&roots_file, maildrop.join("hardlinked")).unwrap();
+    std::os::unix::fs::symlink(&roots_file, maildrop.join("symlinked")).unwrap();
+
+    let server = TestServer::start_with(standard_dns(), Options { delivery: false }, |config| {
+        config.data_dir = data_dir.clone();
+    });
+    wait_for("the maildrop to empty", || {
+        std::fs::read_dir(&maildrop).unwrap().count() == 0
+    });
+    let id = only_message(&server);
+    assert_eq!(server.sender_of(&id), "nobody@localhost");
+    assert!(raw_content(&server, &id).contains("Subject: while stopped"));
+    let mut set_aside: Vec<String> = std::fs::read_dir(data_dir.join("maildrop-refused"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    set_aside.sort();
+    assert_eq!(set_aside, ["hardlinked", "symlinked"]);
+}
+
+#[test]
+fn sendmail_bs_speaks_smtp_to_pythons_smtplib() {
+    let server = TestServer::start(|_| {});
+    let config = server.instance().config().clone();
+    let setup = LocalSetup::new(server.dir.path(), &config);
+    let me = petrel::server::local::local_user(
+        &config,
+        rustix::process::getuid().as_raw(),
+        rustix::process::getgid().as_raw(),
+    );
+    let output = python(
+        "sendmail_bs.py",
+        &[
+            setup.binary.to_str().unwrap(),
+            setup.config.to_str().unwrap(),
+            &me.address,
+            "alice@example.test",
+            "no-such-user@example.test",
+        ],
+    );
+    assert!(output.contains("refused 550"), "{output}");
+    let id = queue_id_from(&output);
+    assert_eq!(server.sender_of(&id), me.address);
+    assert_eq!(server.recipients_of(&id), ["alice@example.test"]);
+    assert!(
+        raw_content(&server, &id).contains(&format!("(petrel, from userid {})", me.uid)),
+        "the server knew who was on the other end"
+    );
+}
+
+#[test]
+fn mailq_lists_the_queue_and_sendmail_q_retries_it() {
+    let server = TestServer::start(|_| {});
+    let config = server.instance().config().clone();
+    let setup = LocalSetup::new(server.dir.path(), &config);
+    let (code, err) = setup.sendmail(
+        None,
+        &["-f", "", "bob@example.test"],
+        b"Subject: for the queue\n\nx\n",
+    );
+    assert_eq!(code, 0, "{err}");
+    let id = only_message(&server);
+
+    let mailq = server.dir.path().join("mailq");
+    std::os::unix::fs::symlink(&setup.binary, &mailq).unwrap();
+    let output = Command::new(&mailq)
+        .arg("-c")
+        .arg(&setup.config)
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
+    assert!(listing.contains(&id), "{listing}");
+    assert!(listing.contains("bob@example.test"), "{listing}");
+
+    let output = setup.command(&["sendmail", "-q"]).output().unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("1 recipient"),
+        "{output:?}"
+    );
+}
