@@ -67,6 +67,14 @@ impl Instance {
         let tls = Arc::new(ServerTls::load(&config).map_err(error)?);
         // Listeners first: delivery must know every address we answer on.
         let bound = Bound::bind(&config, true).map_err(error)?;
+        // Ports bound, keys read: nothing below needs root, and no client
+        // has been served yet.
+        if let Some(run_as) =
+            crate::server::privileges::become_configured_user(&config.server, &config.data_dir)
+                .map_err(error)?
+        {
+            log::info!("running as {run_as}");
+        }
         let outbound = OutboundPolicy::from_config(&config).with_listeners(bound.addresses());
         let accounts = Accounts::new(ReadPool::new(queue.handle().path()));
         let services = Directory::new(

@@ -46,6 +46,7 @@ pub fn check(config: &Config) -> Findings {
     check_files(config, &mut findings);
     check_data_dir(&config.data_dir, &mut findings);
     check_relay(config, &mut findings);
+    check_run_as(config, &mut findings);
     let existing = existing_accounts(config);
     findings
         .warnings
@@ -170,6 +171,46 @@ fn check_data_dir(data_dir: &Path, findings: &mut Findings) {
                 ));
             }
         }
+    }
+}
+
+/// `[server] user`: it must exist, and read what the server reads again
+/// after becoming it.
+fn check_run_as(config: &Config, findings: &mut Findings) {
+    use crate::server::privileges::RunAs;
+    let run_as = match RunAs::from_config(&config.server) {
+        Ok(Some(run_as)) => run_as,
+        Ok(None) => return,
+        Err(error) => {
+            findings.errors.push(error.to_string());
+            return;
+        }
+    };
+    for (key, path) in [("tls.cert", &config.tls.cert), ("tls.key", &config.tls.key)] {
+        if let Some(path) = path
+            && path.exists()
+            && !run_as.can_read(path)
+        {
+            findings.warnings.push(format!(
+                "{key} {} is read at start as root, but {} cannot read it, so a renewed \
+                 certificate will not be picked up without a restart (give group {} read \
+                 access, or copy the files in a certbot deploy hook)",
+                path.display(),
+                run_as.user,
+                run_as.group
+            ));
+        }
+    }
+    if let Some(path) = &config.delivery.smarthost_password_file
+        && !run_as.can_read(path)
+    {
+        findings.errors.push(format!(
+            "delivery.smarthost_password_file {} is read at each delivery, as {}, who \
+             cannot read it (chgrp {} it and chmod 0640)",
+            path.display(),
+            run_as.user,
+            run_as.group
+        ));
     }
 }
 

@@ -210,6 +210,19 @@ fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
+/// `user` and `queue` write in `data_dir`: run by root, they become the
+/// server's user first, so that what they create stays the server's.
+pub(crate) fn as_server_user(config: &Config) -> Result<(), Failure> {
+    use crate::server::privileges;
+    let pending =
+        privileges::pending_switch(&config.server).map_err(|e| Failure::Usage(e.to_string()))?;
+    if let Some(run_as) = pending {
+        privileges::become_user(&run_as, &config.data_dir)
+            .map_err(|e| Failure::Runtime(e.to_string()))?;
+    }
+    Ok(())
+}
+
 /// Logging for long-running commands: `RUST_LOG` wins, `info` by default.
 pub fn init_logging() {
     let env = env_logger::Env::default().default_filter_or("info");

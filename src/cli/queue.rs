@@ -38,6 +38,7 @@ pub enum QueueCommand {
 }
 
 pub fn run(config: &Config, command: QueueCommand) -> Result<(), Failure> {
+    super::as_server_user(config)?;
     let mut conn = queue::open_direct(&config.data_dir).map_err(runtime)?;
     match command {
         QueueCommand::List => list(&conn),

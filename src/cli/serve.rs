@@ -16,6 +16,10 @@ pub fn serve(config: Config, source: ConfigSource) -> Result<(), Failure> {
         config.data_dir.display(),
         config.hostname
     );
+    // A missing user, or no way to become it, is a config error (exit 2)
+    // found before anything is bound.
+    crate::server::privileges::pending_switch(&config.server)
+        .map_err(|e| Failure::Usage(e.to_string()))?;
     // Register before starting so a signal during start-up is not lost.
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])
         .map_err(|e| Failure::Runtime(format!("cannot install signal handlers: {e}")))?;

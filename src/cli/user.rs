@@ -34,6 +34,7 @@ pub enum UserCommand {
 }
 
 pub fn run(config: &Config, command: UserCommand) -> Result<(), Failure> {
+    super::as_server_user(config)?;
     match command {
         UserCommand::Add {
             address,

@@ -55,6 +55,17 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub auth: AuthConfig,
     pub sendmail: SendmailConfig,
+    pub server: ServerConfig,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Started as root, petrel binds its ports, then becomes this user
+    /// before serving anyone (and `petrel user|queue` become it too).
+    pub user: Option<String>,
+    /// Default: the user's primary group.
+    pub group: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -85,6 +96,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             auth: AuthConfig::default(),
             sendmail: SendmailConfig::default(),
+            server: ServerConfig::default(),
         }
     }
 }

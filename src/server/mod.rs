@@ -11,6 +11,7 @@ mod connection;
 pub mod directory;
 mod limits;
 pub mod local;
+pub mod privileges;
 
 use std::collections::HashMap;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
