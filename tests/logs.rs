@@ -144,7 +144,7 @@ fn every_event_gets_a_line_that_operators_and_fail2ban_can_use() {
         String::from_utf8_lossy(&child.stderr)
     );
     child.stderr.clear();
-    let line = a.wait_for_log("client=local[uid=0], helo=<localhost>, listener=local");
+    let line = a.wait_for_log("client=local[uid=0], helo=<localhost>, listener=local, to=<");
     assert!(line.contains("accepted from=<root@example.test>"), "{line}");
     b.wait_for_log("to=<friend@elsewhere.example>, relay=local");
 

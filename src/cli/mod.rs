@@ -2,6 +2,7 @@
 //! command. Exit codes: 0 ok, 1 runtime failure, 2 usage or config error.
 
 pub(crate) mod check;
+mod manpages;
 pub(crate) mod queue;
 mod sendmail;
 mod serve;
@@ -18,7 +19,18 @@ use crate::config::{Config, ConfigError, ConfigSource};
 #[command(
     name = "petrel",
     version,
-    about = "A mail server (SMTP MTA) with a SQLite queue"
+    about = "A mail server (SMTP MTA) with a SQLite queue",
+    after_long_help = "\
+CONFIGURATION: the first of -c FILE, $PETREL_CONFIG, ./petrel.toml and /etc/petrel/petrel.toml; \
+without one, every command but sendmail runs on built-in defaults (a demo in ./petrel-data).
+
+EXIT STATUS: 0 ok, 1 runtime failure, 2 usage or configuration error, 75 try again later (sendmail).
+
+SIGNALS: petrel serve stops gracefully on SIGTERM and SIGINT; SIGHUP reloads the TLS certificate.
+
+FILES: data_dir (/var/lib/petrel when packaged) holds queue.db (SQLite; readable with sqlite3), \
+mail/DOMAIN/USER/ (Maildirs), public/submit.sock and public/maildrop/ (local submission) and \
+control.sock."
 )]
 pub struct Cli {
     /// Config file (default: $PETREL_CONFIG, ./petrel.toml, /etc/petrel/petrel.toml, else built-in defaults)
@@ -41,6 +53,7 @@ pub enum Command {
         command: queue::QueueCommand,
     },
     /// Submit a message from stdin, sendmail-style: [-t] [-i] [-f FROM] [RCPT...]
+    #[command(after_long_help = SENDMAIL_HELP)]
     Sendmail {
         /// sendmail options and recipients
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -51,7 +64,29 @@ pub enum Command {
         #[command(subcommand)]
         command: user::UserCommand,
     },
+    /// Write the manual pages (section 8) into DIR, for packaging
+    #[command(hide = true)]
+    Manpages { dir: PathBuf },
 }
+
+const SENDMAIL_HELP: &str = "\
+Also run when the binary is invoked as sendmail, mailq or newaliases.
+
+The message is read from standard input (a line with a single dot ends it, unless -i) and \
+handed to the running server over data_dir/public/submit.sock; when no server runs it waits \
+in data_dir/public/maildrop/ and is sent when the server starts. Any user of the host may \
+send; the sender is USER@ the first local domain, and -f needs root or [sendmail] \
+trusted_group.
+
+Options: -t recipients from To:, Cc: and Bcc: (Bcc: is removed); -i, -oi a lone dot does not \
+end the message; -f ADDR, -r ADDR envelope sender; -F NAME full name for the From: header \
+added when missing; -bm submit (default); -bs SMTP on standard input and output; -bp, mailq \
+list the queue; -q retry the queue now; -bi, newaliases check the aliases (they are read at \
+start: restart to apply). Other sendmail options (-o..., -B..., -N..., -v) are accepted and \
+ignored.
+
+Exit status: 0 sent or queued, 1 refused (the server's reply is on standard error), 2 usage, \
+75 try again later (the caller keeps the message).";
 
 /// How a command ended; mapped to the documented exit codes.
 #[derive(Debug)]
@@ -207,6 +242,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let (config, _) = load_config(cli.config.as_deref())?;
             user::run(&config, command)
         }
+        Command::Manpages { dir } => manpages::write(&dir),
     }
 }
 

@@ -7,6 +7,7 @@ use signal_hook::iterator::Signals;
 use super::{Failure, init_logging};
 use crate::config::{Config, ConfigSource};
 use crate::instance::Instance;
+use crate::server::notify::notify;
 
 pub fn serve(config: Config, source: ConfigSource) -> Result<(), Failure> {
     init_logging();
@@ -25,6 +26,7 @@ pub fn serve(config: Config, source: ConfigSource) -> Result<(), Failure> {
         .map_err(|e| Failure::Runtime(format!("cannot install signal handlers: {e}")))?;
     let instance = Instance::start(config).map_err(|e| Failure::Runtime(e.to_string()))?;
     log::info!("petrel ready");
+    notify("READY=1\nSTATUS=serving");
     for signal in signals.forever() {
         if signal == SIGHUP {
             log::info!("SIGHUP: reloading TLS certificate");
@@ -32,6 +34,7 @@ pub fn serve(config: Config, source: ConfigSource) -> Result<(), Failure> {
             continue;
         }
         log::info!("signal {signal}: shutting down");
+        notify("STOPPING=1");
         break;
     }
     instance.shutdown();

@@ -591,6 +591,9 @@ fn commit(envelope: Envelope, body: Body, client: &str, ctx: &ServerContext) -> 
         message
             .auth_user
             .as_deref()
+            // A local user was named by the kernel, not by SASL: client=
+            // already says local[uid=N].
+            .filter(|_| message.listener != ListenerKind::Local.name())
             .map(|u| format!(", sasl_username={u}"))
             .unwrap_or_default(),
         message

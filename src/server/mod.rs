@@ -11,6 +11,7 @@ mod connection;
 pub mod directory;
 mod limits;
 pub mod local;
+pub mod notify;
 pub mod privileges;
 
 use std::collections::HashMap;
