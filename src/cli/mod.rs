@@ -82,10 +82,11 @@ Options: -t recipients from To:, Cc: and Bcc: (Bcc: is removed); -i, -oi a lone 
 end the message; -f ADDR, -r ADDR envelope sender; -F NAME full name for the From: header \
 added when missing; -bm submit (default); -bs SMTP on standard input and output; -bp, mailq \
 list the queue; -q retry the queue now; -bi, newaliases check the aliases (they are read at \
-start: restart to apply). Other sendmail options (-o..., -B..., -N..., -v) are accepted and \
-ignored.
+start: restart to apply); -v print the queue id. Other sendmail options (-o..., -B..., \
+-N...) are accepted and ignored.
 
-Exit status: 0 sent or queued, 1 refused (the server's reply is on standard error), 2 usage, \
+Silent on success (cron mails any output back to the job's owner). Exit status: 0 sent or \
+queued, 1 refused (the server's reply is on standard error), 2 usage, \
 75 try again later (the caller keeps the message).";
 
 /// How a command ended; mapped to the documented exit codes.

@@ -33,6 +33,9 @@ pub struct Request {
     /// -F: the sender's full name, for a From: header we add.
     pub full_name: Option<String>,
     pub recipients: Vec<String>,
+    /// -v: say where the message went. Silent otherwise, as every
+    /// sendmail is: cron mails a job's output to its owner.
+    pub verbose: bool,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -51,7 +54,7 @@ pub enum Mode {
 }
 
 /// Parses sendmail's options; the ones that make no sense here (-o
-/// settings, -B, -N, -v, -odi ...) are accepted and ignored, as other
+/// settings, -B, -N, -odi ...) are accepted and ignored, as other
 /// sendmail replacements do, so existing scripts keep working.
 pub fn parse_args(args: &[String]) -> Result<Request, Failure> {
     let mut request = Request::default();
@@ -85,7 +88,8 @@ pub fn parse_args(args: &[String]) -> Result<Request, Failure> {
                 request.full_name = Some(flag[2..].to_string())
             }
             flag if flag.starts_with("-o") || flag.starts_with("-B") => {}
-            "-bm" | "-v" | "-U" | "-G" | "-n" => {}
+            "-v" => request.verbose = true,
+            "-bm" | "-U" | "-G" | "-n" => {}
             "-bs" => request.mode = Mode::Smtp,
             "-bp" => request.mode = Mode::ListQueue,
             "-bi" => request.mode = Mode::Aliases,
@@ -361,7 +365,13 @@ fn submit(config: &Config, request: &Request) -> Result<(), Failure> {
     let submission = prepare(config, request)?;
     let dialogue = dialogue(&submission);
     match UnixStream::connect(local::socket_path(&config.data_dir)) {
-        Ok(stream) => converse(stream, &submission),
+        Ok(stream) => {
+            let queued = converse(stream, &submission)?;
+            if request.verbose {
+                eprintln!("petrel: {queued}");
+            }
+            Ok(())
+        }
         Err(error)
             if matches!(
                 error.kind(),
@@ -408,7 +418,8 @@ fn mail_command(submission: &Submission) -> String {
 
 /// Talks to the server: a refused recipient is an error (exit 1, or 75
 /// when the refusal is temporary), as the caller must learn of it.
-fn converse(stream: UnixStream, submission: &Submission) -> Result<(), Failure> {
+/// Returns the server's final reply ("2.0.0 OK queued as ...").
+fn converse(stream: UnixStream, submission: &Submission) -> Result<String, Failure> {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(300)));
     let mut writer = stream
         .try_clone()
@@ -450,8 +461,7 @@ fn converse(stream: UnixStream, submission: &Submission) -> Result<(), Failure> 
     send(&body)?;
     let queued = expect(&mut reader, "message")?;
     let _ = send(b"QUIT\r\n");
-    eprintln!("petrel: {}", queued.lines.join(" "));
-    Ok(())
+    Ok(queued.lines.join(" "))
 }
 
 fn read_reply(reader: &mut BufReader<UnixStream>) -> Result<ServerReply, Failure> {
@@ -594,7 +604,13 @@ mod tests {
                 sender: Some("me@example.com".into()),
                 full_name: Some("My Name".into()),
                 recipients: vec!["you@example.org".into()],
+                verbose: false,
             }
+        );
+        assert!(
+            parse_args(&args(&["-v", "you@example.org"]))
+                .unwrap()
+                .verbose
         );
         assert_eq!(
             parse_args(&args(&["-fme@example.com"]))
