@@ -329,3 +329,19 @@ fn mailq_lists_the_queue_and_sendmail_q_retries_it() {
         "{output:?}"
     );
 }
+
+#[test]
+fn cron_output_without_headers_becomes_the_body() {
+    let server = TestServer::start(|_| {});
+    let setup = LocalSetup::new(server.dir.path(), server.instance().config());
+    // `echo "disk usage: 42%" | sendmail alice`: "disk usage" is no field
+    // name, so the whole input is body, after the headers petrel adds.
+    let (code, err) = setup.sendmail(None, &["alice@example.test"], b"disk usage: 42%\n");
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(err, "", "silent on success");
+    let content = raw_content(&server, &only_message(&server));
+    let (header, body) = content.split_once("\r\n\r\n").expect("a blank line");
+    assert!(!header.contains("disk usage"), "{content}");
+    assert!(header.contains("\r\nMessage-ID: <"), "{content}");
+    assert_eq!(body, "disk usage: 42%\r\n");
+}

@@ -128,6 +128,41 @@ fn read_message(ignore_dots: bool) -> Result<Vec<u8>, Failure> {
     Ok(content)
 }
 
+/// Ends the header section with a blank line where it ends in fact: at
+/// the first line that is not a header field (`echo "disk usage: 42%" |
+/// sendmail root` is all body, "disk usage" being no field name), as
+/// Postfix's cleanup does. Without it the added headers and the text
+/// would run together.
+fn with_blank_line_after_headers(raw: Vec<u8>) -> Vec<u8> {
+    let mut offset = 0;
+    let mut seen_field = false;
+    for line in raw.split_inclusive(|&b| b == b'\n') {
+        let text = line.strip_suffix(b"\r\n").unwrap_or(line);
+        if text.is_empty() {
+            return raw;
+        }
+        let continuation = seen_field && matches!(text[0], b' ' | b'\t');
+        if !continuation && !is_header_field(text) {
+            break;
+        }
+        seen_field = true;
+        offset += line.len();
+    }
+    let mut out = Vec::with_capacity(raw.len() + 2);
+    out.extend_from_slice(&raw[..offset]);
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&raw[offset..]);
+    out
+}
+
+/// RFC 5322 §2.2: a field name is printable ASCII but ':', then ':'.
+fn is_header_field(line: &[u8]) -> bool {
+    match line.iter().position(|&b| b == b':') {
+        Some(colon) if colon > 0 => line[..colon].iter().all(|&b| (33..=126).contains(&b)),
+        _ => false,
+    }
+}
+
 /// The header section as (name, value) pairs with folded lines joined.
 fn headers(content: &[u8]) -> Vec<(String, String)> {
     let text = String::from_utf8_lossy(&content[..header_section_len(content)]);
@@ -246,7 +281,7 @@ fn check_aliases(config: &Config) -> Result<(), Failure> {
 
 /// Builds the message and the envelope from the command line and stdin.
 fn prepare(config: &Config, request: &Request) -> Result<Submission, Failure> {
-    let raw = read_message(request.ignore_dots)?;
+    let raw = with_blank_line_after_headers(read_message(request.ignore_dots)?);
     let header_list = headers(&raw);
     let has = |name: &str| {
         header_list
@@ -315,10 +350,6 @@ fn prepare(config: &Config, request: &Request) -> Result<Submission, Failure> {
     }
     if !has("Message-ID") {
         content.extend_from_slice(format!("Message-ID: <{id}@{}>\r\n", config.hostname).as_bytes());
-    }
-    if header_list.is_empty() {
-        // No headers at all: the body starts after our header block.
-        content.extend_from_slice(b"\r\n");
     }
     let body = if request.from_headers {
         without_bcc(&raw)
@@ -460,7 +491,9 @@ fn converse(stream: UnixStream, submission: &Submission) -> Result<String, Failu
     body.extend_from_slice(b".\r\n");
     send(&body)?;
     let queued = expect(&mut reader, "message")?;
-    let _ = send(b"QUIT\r\n");
+    if send(b"QUIT\r\n").is_ok() {
+        let _ = read_reply(&mut reader);
+    }
     Ok(queued.lines.join(" "))
 }
 
@@ -647,6 +680,21 @@ mod tests {
             without_bcc(content),
             b"To: a@b.example\r\nSubject: x\r\n\r\nBcc: stays in the body\r\n"
         );
+    }
+
+    #[test]
+    fn the_header_section_ends_at_the_first_line_that_is_no_field() {
+        let blank = |raw: &[u8]| with_blank_line_after_headers(raw.to_vec());
+        assert_eq!(blank(b"disk usage: 42%\r\n"), b"\r\ndisk usage: 42%\r\n");
+        assert_eq!(blank(b"hello\r\n"), b"\r\nhello\r\n");
+        assert_eq!(blank(b""), b"\r\n");
+        assert_eq!(
+            blank(b"Subject: x\r\n folded\r\nhello\r\n"),
+            b"Subject: x\r\n folded\r\n\r\nhello\r\n"
+        );
+        let complete = b"Subject: x\r\n\r\nbody: text\r\n";
+        assert_eq!(blank(complete), complete);
+        assert_eq!(blank(b" indented\r\n"), b"\r\n indented\r\n");
     }
 
     #[test]

@@ -386,7 +386,9 @@ fn perform(
         step = match step.action {
             Action::Continue => return Ok(None),
             Action::Close => {
-                flush(&mut io.conn, &mut io.out)?;
+                // Many clients hang up after QUIT without reading the 221:
+                // the session ended as it should, not with an error.
+                let _ = flush(&mut io.conn, &mut io.out);
                 return Ok(Some(End::Closed));
             }
             Action::StartTls => {

@@ -250,6 +250,12 @@ fn pickup_one(
         // Busy: the next pickup takes it.
         return Ok(());
     };
+    // Names the file, so "where did my mail go?" has an answer between
+    // sendmail's "waits in the maildrop" and the accepted line.
+    log::info!(
+        "pickup: uid={uid} maildrop file {}",
+        path.file_name().unwrap_or_default().to_string_lossy()
+    );
     let job = Job {
         stream: Stream::Replay(Box::new(io::BufReader::new(file))),
         peer: std::net::SocketAddr::new(loopback(), 0),

@@ -163,7 +163,8 @@ fn hand_over(data_dir: &Path, run_as: &RunAs) -> Result<(), PrivilegeError> {
     })?;
     if count > 0 {
         log::info!(
-            "gave {count} files in {} to {}",
+            "gave {count} {} in {} to {}",
+            if count == 1 { "file" } else { "files" },
             data_dir.display(),
             run_as.user
         );
