@@ -473,6 +473,43 @@ fn smart_host_pinned_by_its_self_signed_certificate_or_fingerprint() {
     });
     relayed_through(&a, &b);
 
+    // A pin that does not match: nothing is sent, the mail waits.
+    let b = TestServer::start(b_config);
+    let b_port = b.addr(ListenerKind::Submission).port();
+    let a = TestServer::start_delivering(dns(), |config| {
+        config.delivery.smarthost = Some(format!("relay.internal:{b_port}"));
+        config.delivery.smarthost_tls = SmarthostTls::Verify;
+        config.delivery.smarthost_fingerprint = Some(format!("sha256:{}", "00".repeat(32)));
+        config.queue.retry_min = HumanDuration::secs(3600);
+        config.queue.retry_max = HumanDuration::secs(3600);
+        login(config);
+    });
+    let id = submit(
+        &a,
+        &["friend@elsewhere.example"],
+        b"Subject: pinned\r\n\r\nx\r\n",
+    );
+    wait_for("the refused attempt to be recorded", || {
+        a.db()
+            .query_row(
+                "SELECT attempts FROM recipients WHERE message_id = ?1 AND status = 'queued'",
+                [&id],
+                |r| r.get::<_, i64>(0),
+            )
+            .unwrap_or(0)
+            == 1
+    });
+    let reply: String = a
+        .db()
+        .query_row(
+            "SELECT last_reply FROM recipients WHERE message_id = ?1",
+            [&id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(reply.contains("TLS handshake failed"), "{reply}");
+    assert_eq!(b.message_count(), 0, "nothing reached the unpinned host");
+
     // Implicit TLS (RFC 8314) to the smart host's smtps port.
     let b = TestServer::start(b_config);
     let b_port = b.addr(ListenerKind::Smtps).port();
