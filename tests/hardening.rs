@@ -262,6 +262,10 @@ fn control_characters_from_the_network_are_escaped() {
         assert!(output.status.success());
         String::from_utf8(output.stdout).unwrap()
     };
+    // The worker logs before the queue writer has recorded the attempt.
+    wait_for("the deferral to be recorded", || {
+        queue(&["list"]).contains("queued, 1 attempts")
+    });
     for output in [queue(&["list"]), queue(&["show", &id])] {
         assert!(
             !output.contains('\x1b') && !output.contains('\x07'),
