@@ -6,13 +6,14 @@ use std::fs::File;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::auth::Accounts;
+use crate::auth::{Accounts, AuthLimiter};
 use crate::config::Config;
-use crate::delivery::Delivery;
+use crate::delivery::{Delivery, Waker};
 use crate::dns::Dns;
 use crate::policy::outbound::OutboundPolicy;
 use crate::protocol::session::ListenerKind;
 use crate::queue::{Queue, QueueHandle, ReadPool};
+use crate::server::control::{ControlSocket, Controls};
 use crate::server::directory::{self, Directory};
 use crate::server::{Bound, Server, ServerParts};
 use crate::tls::ServerTls;
@@ -48,7 +49,26 @@ pub struct Instance {
     tls: Arc<ServerTls>,
     server: Server,
     delivery: Option<Delivery>,
+    control: Option<ControlSocket>,
     _lock: File,
+}
+
+/// What the control socket reaches: the scheduler and the AUTH limiter.
+struct InstanceControls {
+    waker: Option<Waker>,
+    limiter: Arc<AuthLimiter>,
+}
+
+impl Controls for InstanceControls {
+    fn wake(&self) {
+        if let Some(waker) = &self.waker {
+            waker.wake();
+        }
+    }
+
+    fn unlock(&self, account: &str) -> Vec<std::net::IpAddr> {
+        self.limiter.unlock_account(account)
+    }
 }
 
 impl Instance {
@@ -82,7 +102,9 @@ impl Instance {
             accounts,
             Some(Arc::clone(&dns)),
             outbound.clone(),
+            Some(queue.handle()),
         );
+        let limiter = services.auth_limiter();
         let warnings = directory::deliverability_warnings(&config, |address| {
             services.accounts().exists(address).unwrap_or(false)
         });
@@ -116,12 +138,27 @@ impl Instance {
                 return Err(error(e));
             }
         };
+        let controls = InstanceControls {
+            waker: delivery.as_ref().map(Delivery::waker),
+            limiter,
+        };
+        let control = match ControlSocket::start(&config.data_dir, Arc::new(controls)) {
+            Ok(control) => Some(control),
+            Err(error) => {
+                log::warn!(
+                    "no control socket ({error}): changes made with `petrel queue` are noticed \
+                     within a minute, and `petrel user unlock` takes effect at the next start"
+                );
+                None
+            }
+        };
         Ok(Instance {
             config,
             queue,
             tls,
             server,
             delivery,
+            control,
             _lock: lock,
         })
     }
@@ -154,6 +191,9 @@ impl Instance {
     /// Graceful: listeners close, sessions end, deliveries get a grace
     /// period, the queue writer drains.
     pub fn shutdown(self) {
+        if let Some(control) = self.control {
+            control.stop();
+        }
         self.server.shutdown();
         if let Some(delivery) = self.delivery {
             delivery.shutdown(DELIVERY_GRACE);

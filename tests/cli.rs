@@ -197,8 +197,10 @@ fn user_commands_manage_accounts_with_the_password_policy() {
     assert!(listed.starts_with("alice@example.test\t"), "{listed}");
     user(&config, &["del", "alice@example.test"], "").unwrap();
     assert_eq!(user(&config, &["list"], "").unwrap(), "");
-    let (code, _) = user(&config, &["del", "alice@example.test"], "").unwrap_err();
-    assert_eq!(code, 1);
+    // An unknown account is the caller's mistake: exit 2, one line.
+    let (code, message) = user(&config, &["del", "alice@example.test"], "").unwrap_err();
+    assert_eq!(code, 2);
+    assert_eq!(message, "petrel: no account alice@example.test\n");
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //! made by tests/fixtures/make-queue-v3.sh with the 0.1 binary) is migrated
 //! when this petrel opens it, its recipients get their routes, and every
 //! message in it is delivered, including the mixed-case local recipient
-//! 0.1 would have bounced and the deliveries 0.1 had in flight when it died.
+//! 0.1 would have bounced and the deliveries 0.1 had in flight when it died;
+//! its accounts still log in.
 
 mod common;
 
@@ -70,4 +71,28 @@ fn a_queue_from_the_previous_release_is_upgraded_and_delivered() {
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
     assert_eq!(version, petrel::queue::SCHEMA_VERSION);
+
+    // The accounts 0.1 made still log in, and their logins are recorded
+    // in the columns schema 6 added.
+    let mut client = RawClient::implicit_tls(
+        server.addr(petrel::protocol::session::ListenerKind::Smtps),
+        &server.cert_path(),
+    );
+    client.command("EHLO upgraded.test");
+    assert_eq!(
+        client
+            .auth_plain("alice@example.test", "Fixture-Password-42!")
+            .code,
+        235
+    );
+    wait_for("the login to be recorded", || {
+        db.query_row(
+            "SELECT last_login_from FROM users WHERE address = 'alice@example.test'",
+            [],
+            |r| r.get::<_, Option<String>>(0),
+        )
+        .unwrap()
+        .as_deref()
+            == Some("127.0.0.1")
+    });
 }

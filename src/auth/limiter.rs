@@ -29,11 +29,14 @@ pub enum FailureOutcome {
     LockedOut,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Entry {
     failures: u32,
     last_failure: Instant,
     locked_until: Option<Instant>,
+    /// The account the attempt that locked this address aimed at: what
+    /// `petrel user unlock` of that account lifts.
+    locked_for: Option<String>,
 }
 
 impl Entry {
@@ -42,7 +45,13 @@ impl Entry {
             failures: 0,
             last_failure: now,
             locked_until: None,
+            locked_for: None,
         }
+    }
+
+    fn lock(&mut self, until: Instant, account: Option<&str>) {
+        self.locked_until = Some(until);
+        self.locked_for = account.map(str::to_string);
     }
 }
 
@@ -50,6 +59,18 @@ impl Entry {
 struct Counts {
     addresses: HashMap<IpAddr, Entry>,
     accounts: HashMap<String, Entry>,
+    /// Lockouts begun since the last [`AuthLimiter::take_new_lockouts`].
+    new_lockouts: Vec<NewLockout>,
+}
+
+/// A client address just locked out, for the record `petrel user list`
+/// reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewLockout {
+    /// The address, or the IPv6 /64, as counted.
+    pub client: IpAddr,
+    pub account: Option<String>,
+    pub duration: Duration,
 }
 
 #[derive(Debug)]
@@ -144,7 +165,12 @@ impl AuthLimiter {
         // cannot slip past the limit.
         if entry.failures > self.lockout_after {
             entry.failures = self.lockout_after;
-            entry.locked_until = Some(now + self.lockout_duration);
+            entry.lock(now + self.lockout_duration, account);
+            counts.new_lockouts.push(NewLockout {
+                client: address,
+                account: account.map(str::to_string),
+                duration: self.lockout_duration,
+            });
             return Err(FailureOutcome::LockedOut);
         }
         if let Some(account) = account {
@@ -188,7 +214,12 @@ impl AuthLimiter {
             return FailureOutcome::Delay(Duration::ZERO);
         };
         if entry.failures >= self.lockout_after {
-            entry.locked_until = Some(now + self.lockout_duration);
+            entry.lock(now + self.lockout_duration, attempt.account.as_deref());
+            counts.new_lockouts.push(NewLockout {
+                client: attempt.address,
+                account: attempt.account.clone(),
+                duration: self.lockout_duration,
+            });
             return FailureOutcome::LockedOut;
         }
         let over = entry
@@ -209,6 +240,41 @@ impl AuthLimiter {
         if let Some(account) = &attempt.account {
             counts.accounts.remove(account);
         }
+    }
+
+    /// Lockouts begun since the last call (to be recorded).
+    pub fn take_new_lockouts(&self) -> Vec<NewLockout> {
+        std::mem::take(&mut self.lock().new_lockouts)
+    }
+
+    /// A lockout recorded before a restart, still running.
+    pub fn restore_lockout(&self, client: IpAddr, account: Option<&str>, remaining: Duration) {
+        let now = Instant::now();
+        let mut counts = self.lock();
+        let entry = counts
+            .addresses
+            .entry(client_key(client))
+            .or_insert(Entry::new(now));
+        entry.failures = self.lockout_after;
+        entry.last_failure = now;
+        entry.lock(now + remaining, account);
+    }
+
+    /// `petrel user unlock`: forgets the failures at `account` and lifts
+    /// the lockouts of the addresses that failed at it. Returns those.
+    pub fn unlock_account(&self, account: &str) -> Vec<IpAddr> {
+        let mut counts = self.lock();
+        counts.accounts.remove(account);
+        let lifted: Vec<IpAddr> = counts
+            .addresses
+            .iter()
+            .filter(|(_, entry)| entry.locked_for.as_deref() == Some(account))
+            .map(|(address, _)| *address)
+            .collect();
+        for address in &lifted {
+            counts.addresses.remove(address);
+        }
+        lifted
     }
 
     /// The password was not checked (the server was too busy): the attempt
@@ -368,6 +434,44 @@ mod tests {
             fail(&limiter, ip, None, later),
             FailureOutcome::Delay(Duration::ZERO)
         );
+    }
+
+    #[test]
+    fn unlocking_an_account_lifts_the_lockouts_its_failures_caused() {
+        let limiter = limiter();
+        let now = Instant::now();
+        let phone: IpAddr = "198.51.100.7".parse().unwrap();
+        let attacker: IpAddr = "192.0.2.9".parse().unwrap();
+        for _ in 0..5 {
+            fail(&limiter, phone, Some("alice@example.com"), now);
+            fail(&limiter, attacker, Some("bob@example.com"), now);
+        }
+        assert!(limiter.is_locked_out_at(phone, now));
+        let recorded = limiter.take_new_lockouts();
+        assert_eq!(recorded.len(), 2, "{recorded:?}");
+        assert!(recorded.iter().any(|l| l.client == phone
+            && l.account.as_deref() == Some("alice@example.com")
+            && l.duration == Duration::from_secs(600)));
+        assert!(limiter.take_new_lockouts().is_empty(), "taken once");
+        assert_eq!(limiter.unlock_account("alice@example.com"), vec![phone]);
+        assert!(!limiter.is_locked_out_at(phone, now));
+        assert!(
+            limiter.is_locked_out_at(attacker, now),
+            "bob's attacker stays out"
+        );
+        // Refused attempts of a locked address are not new lockouts.
+        fail(&limiter, attacker, Some("bob@example.com"), now);
+        assert!(limiter.take_new_lockouts().is_empty());
+
+        // A restart keeps what was recorded.
+        let restarted = super::AuthLimiter::new(&AuthConfig {
+            lockout_after: 5,
+            ..AuthConfig::default()
+        });
+        restarted.restore_lockout(attacker, Some("bob@example.com"), Duration::from_secs(60));
+        assert!(restarted.is_locked_out(attacker));
+        assert_eq!(restarted.unlock_account("bob@example.com"), vec![attacker]);
+        assert!(!restarted.is_locked_out(attacker));
     }
 
     #[test]

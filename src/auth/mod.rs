@@ -3,6 +3,7 @@
 //! compares a password in clear.
 
 pub mod accounts;
+pub mod app_passwords;
 pub mod hashing;
 pub mod limiter;
 pub mod password;

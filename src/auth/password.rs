@@ -59,6 +59,13 @@ pub fn check_policy(
     if policy.require_symbol && !password.chars().any(|c| !c.is_alphanumeric()) {
         problems.push("add a symbol, such as ! % - _ or a space".into());
     }
+    // A login of that form is checked as an app password only.
+    if super::app_passwords::normalize(password).is_some() {
+        problems.push(format!(
+            "do not use {} letters alone: that is the form of an app password",
+            super::app_passwords::LENGTH
+        ));
+    }
     let lower = password.to_lowercase();
     let local_part = address.split('@').next().unwrap_or(address).to_lowercase();
     if lower.contains(&address.to_lowercase())
@@ -171,6 +178,9 @@ mod tests {
         };
         assert!(check_policy(&relaxed, "lowercase", "bob@example.com").is_ok());
         assert!(check_policy(&relaxed, "short", "bob@example.com").is_err());
+        let refused = check_policy(&relaxed, "lantern harbour quiet sunny", "bob@example.com")
+            .expect_err("24 letters and spaces");
+        assert!(refused.to_string().contains("form of an app password"));
     }
 
     #[test]

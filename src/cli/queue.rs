@@ -9,11 +9,12 @@ use rusqlite::Connection;
 
 use super::{Failure, say};
 use crate::config::Config;
+use crate::delivery::dsn;
 use crate::delivery::outcome::{self, Attempt, Stage};
-use crate::delivery::{control, dsn};
 use crate::printable::{escape, escape_lines};
 use crate::queue::{self, QueueId, delivery};
 use crate::routing;
+use crate::server::control;
 use crate::timefmt::sql_timestamp;
 
 #[derive(Debug, Subcommand)]
@@ -179,15 +180,18 @@ fn show(conn: &Connection, id: &QueueId) -> Result<(), Failure> {
     else {
         return Err(Failure::Runtime(format!("{id}: not in the queue")));
     };
-    let (received, listener, client, helo, user): (
+    #[allow(clippy::type_complexity)]
+    let (received, listener, client, helo, user, app_password): (
         String,
         String,
+        Option<String>,
         Option<String>,
         Option<String>,
         Option<String>,
     ) = conn
         .query_row(
-            "SELECT received_at, listener, client_ip, helo, auth_user FROM messages WHERE id = ?1",
+            "SELECT received_at, listener, client_ip, helo, auth_user, auth_label
+             FROM messages WHERE id = ?1",
             [id.as_str()],
             |row| {
                 Ok((
@@ -196,6 +200,7 @@ fn show(conn: &Connection, id: &QueueId) -> Result<(), Failure> {
                     row.get(2)?,
                     row.get(3)?,
                     row.get(4)?,
+                    row.get(5)?,
                 ))
             },
         )
@@ -205,8 +210,10 @@ fn show(conn: &Connection, id: &QueueId) -> Result<(), Failure> {
     if let Some(client) = client {
         say!("client:    {}[{client}]", escape(&helo.unwrap_or_default()));
     }
-    if let Some(user) = user {
-        say!("auth user: {user}");
+    match (user, app_password) {
+        (Some(user), Some(label)) => say!("auth user: {user} (app password {label})"),
+        (Some(user), None) => say!("auth user: {user}"),
+        _ => {}
     }
     say!("sender:    <{}>", escape(&message.sender));
     say!("size:      {} octets", message.size);

@@ -389,6 +389,9 @@ pub struct AuthConfig {
     /// An authenticated user may only send as their own address (or an alias
     /// that points at it); stops a stolen password from impersonating others.
     pub sender_login_match: bool,
+    /// SMTP AUTH takes app passwords only (`petrel user app-password add`):
+    /// a phished main password does not send mail.
+    pub require_app_passwords: bool,
     /// Failed AUTH attempts per client address before replies are slowed down.
     pub slowdown_after: u32,
     /// Added per failure beyond `slowdown_after`, capped at 5 seconds.
@@ -409,6 +412,7 @@ impl Default for AuthConfig {
     fn default() -> Self {
         AuthConfig {
             sender_login_match: true,
+            require_app_passwords: false,
             slowdown_after: 3,
             slowdown_step: HumanDuration::secs(1),
             lockout_after: 10,

@@ -236,6 +236,7 @@ pub fn notice(
         client_ip: None,
         helo: None,
         auth_user: None,
+        auth_label: None,
         listener: "local".into(),
         eight_bit,
         smtputf8: global,

@@ -8,7 +8,6 @@
 
 mod backoff;
 pub mod client;
-pub mod control;
 pub mod dsn;
 pub mod maildir;
 pub mod outcome;
@@ -92,7 +91,6 @@ pub struct Delivery {
     scheduler: Option<JoinHandle<()>>,
     workers: Vec<JoinHandle<()>>,
     finished: Receiver<()>,
-    control: Option<control::ControlSocket>,
 }
 
 impl Delivery {
@@ -182,16 +180,6 @@ impl Delivery {
             .spawn(move || scheduler.run())
             .map_err(|e| DeliveryError(format!("cannot start the scheduler: {e}")))?;
 
-        let control = match control::ControlSocket::start(&config.data_dir, waker.clone()) {
-            Ok(control) => Some(control),
-            Err(error) => {
-                log::warn!(
-                    "delivery: no control socket ({error}); queue changes made with `petrel queue` \
-                     are noticed within a minute"
-                );
-                None
-            }
-        };
         log::info!("delivery: {} workers started", config.delivery.workers);
         Ok(Delivery {
             waker,
@@ -199,7 +187,6 @@ impl Delivery {
             scheduler: Some(scheduler),
             workers,
             finished,
-            control,
         })
     }
 
@@ -211,9 +198,6 @@ impl Delivery {
     /// Deliveries still running after that are abandoned: their recipients
     /// are retried at the next start (at least once, never lost).
     pub fn shutdown(mut self, grace: Duration) {
-        if let Some(control) = self.control.take() {
-            control.stop();
-        }
         self.stop.store(true, Ordering::SeqCst);
         self.waker.wake();
         if let Some(scheduler) = self.scheduler.take()

@@ -124,6 +124,8 @@ pub struct Envelope {
     pub client_ip: IpAddr,
     pub helo: Option<String>,
     pub auth_user: Option<String>,
+    /// The app password `auth_user` logged in with; `None`: the main one.
+    pub auth_label: Option<String>,
     pub listener: ListenerKind,
     pub eight_bit: bool,
     pub smtputf8: bool,
@@ -230,8 +232,12 @@ impl ClientView<'_> {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuthVerdict {
-    /// Logged in as this account (canonical form).
-    Success(String),
+    /// Logged in as `account` (canonical form), with the main password or
+    /// the app password labelled `app_password`.
+    Success {
+        account: String,
+        app_password: Option<String>,
+    },
     /// Wrong user or password; reply after this delay.
     Failure { delay: Duration },
     /// Too many failures from this address.
@@ -310,6 +316,8 @@ pub struct Session {
     esmtp: bool,
     tls: Option<TlsInfo>,
     user: Option<String>,
+    /// The app password `user` logged in with.
+    app_password: Option<String>,
     transaction: Option<Transaction>,
     auth: Option<AuthExchange>,
     /// A message went to the queue and its fate is not known yet.
@@ -335,6 +343,7 @@ impl Session {
             esmtp: false,
             tls,
             user: None,
+            app_password: None,
             transaction: None,
             auth: None,
             awaiting_queue: None,
@@ -830,6 +839,7 @@ impl Session {
             client_ip: self.client_ip,
             helo: self.helo.clone(),
             auth_user: self.user.clone(),
+            auth_label: self.app_password.clone(),
             listener: self.config.listener,
             eight_bit: transaction.params.body == BodyType::EightBitMime,
             smtputf8: transaction.params.smtputf8,
@@ -920,6 +930,15 @@ impl Session {
                 tls.version, tls.cipher
             ));
         }
+        // Which login sent it, and from which device: a leaked app
+        // password shows in the mail it sent.
+        if let Some(user) = &self.user {
+            header.push_str(&format!("\r\n\t(Authenticated sender: {user}"));
+            if let Some(label) = &self.app_password {
+                header.push_str(&format!(", app password {label}"));
+            }
+            header.push(')');
+        }
         // Naming the recipient only when there is one keeps Bcc private.
         if let [only] = transaction.recipients.as_slice() {
             header.push_str(&format!("\r\n\tfor <{}>", only.envelope));
@@ -946,6 +965,7 @@ impl Session {
         self.esmtp = false;
         self.transaction = None;
         self.user = None;
+        self.app_password = None;
         self.auth = None;
     }
 
@@ -1066,8 +1086,12 @@ impl Session {
         services: &dyn Services,
     ) -> Step {
         match services.authenticate(&self.view(), mechanism, username, password) {
-            AuthVerdict::Success(user) => {
-                self.user = Some(user);
+            AuthVerdict::Success {
+                account,
+                app_password,
+            } => {
+                self.user = Some(account);
+                self.app_password = app_password;
                 Step::reply(Reply::new(
                     reply::AUTH_SUCCEEDED,
                     "Authentication successful",
@@ -1164,7 +1188,15 @@ mod tests {
             password: &str,
         ) -> AuthVerdict {
             if username == "alice@localhost" && password == "Correct-Horse-9" {
-                AuthVerdict::Success(username.to_string())
+                AuthVerdict::Success {
+                    account: username.to_string(),
+                    app_password: None,
+                }
+            } else if username == "alice@localhost" && password == "app-password" {
+                AuthVerdict::Success {
+                    account: username.to_string(),
+                    app_password: Some("phone".into()),
+                }
             } else {
                 AuthVerdict::Failure {
                     delay: Duration::from_millis(500),

@@ -86,6 +86,8 @@ pub struct NewMessage {
     pub client_ip: Option<IpAddr>,
     pub helo: Option<String>,
     pub auth_user: Option<String>,
+    /// The app password `auth_user` logged in with; `None`: the main one.
+    pub auth_label: Option<String>,
     pub listener: String,
     pub eight_bit: bool,
     pub smtputf8: bool,
@@ -183,6 +185,20 @@ impl QueueHandle {
         match self.submit(WriteOp::Requeue { ids, retry_at })? {
             WriteOutput::Count(count) => Ok(count),
             _ => Ok(0),
+        }
+    }
+
+    /// Records a login without waiting for the commit: the audit trail
+    /// must not slow AUTH down, and a crash may lose the last few events
+    /// (never mail).
+    pub fn record_login(&self, event: crate::auth::accounts::LoginEvent) {
+        let (done, _) = crossbeam_channel::bounded(1);
+        let request = Request::Write(WriteRequest {
+            op: WriteOp::Login(Box::new(event)),
+            done,
+        });
+        if self.requests.send(request).is_err() {
+            log::warn!("auth: the queue writer has stopped; a login was not recorded");
         }
     }
 

@@ -21,6 +21,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0005_contents.sql",
         include_str!("../../sql/0005_contents.sql"),
     ),
+    (
+        "0006_app_passwords.sql",
+        include_str!("../../sql/0006_app_passwords.sql"),
+    ),
 ];
 
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;

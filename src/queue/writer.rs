@@ -13,6 +13,7 @@ use rusqlite::{Connection, TransactionBehavior, params};
 
 use super::delivery::{self, ClaimedRecipient, DeliveryReport};
 use super::{NewMessage, QueueError, QueueStats};
+use crate::auth::accounts::{self, LoginEvent};
 use crate::routing::Route;
 use crate::timefmt::sql_timestamp;
 
@@ -43,6 +44,8 @@ pub enum WriteOp {
         ids: Option<Vec<i64>>,
         retry_at: Option<String>,
     },
+    /// A login, for `petrel user list` (accounts live in this database).
+    Login(Box<LoginEvent>),
 }
 
 pub enum WriteOutput {
@@ -201,6 +204,9 @@ fn apply(conn: &Connection, op: &WriteOp, now: &str) -> Result<WriteOutput, Queu
             delivery::claim_due(conn, now, *messages).map(WriteOutput::Claimed)
         }
         WriteOp::Record(report) => delivery::record(conn, report, now).map(|()| WriteOutput::Done),
+        WriteOp::Login(event) => accounts::record(conn, event, now)
+            .map(|()| WriteOutput::Done)
+            .map_err(QueueError::sqlite("cannot record a login")),
         WriteOp::Requeue { ids, retry_at } => {
             delivery::requeue(conn, ids.as_deref(), now, retry_at.as_deref())
                 .map(WriteOutput::Count)
@@ -220,8 +226,9 @@ pub fn insert_message(
     let content_id = super::content::store(conn, id, &message.content)?;
     conn.prepare_cached(
         "INSERT INTO messages (id, received_at, sender, kind, listener, client_ip, helo, auth_user,
-                               eight_bit, smtputf8, size, dsn_ret, dsn_envid, content_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                               eight_bit, smtputf8, size, dsn_ret, dsn_envid, content_id,
+                               auth_label)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
     )
     .and_then(|mut insert| {
         insert.execute(params![
@@ -239,6 +246,7 @@ pub fn insert_message(
             message.ret.map(|r| r.as_str()),
             message.envid,
             content_id,
+            message.auth_label,
         ])
     })
     .map_err(QueueError::sqlite(format!("{id}: cannot insert message")))?;

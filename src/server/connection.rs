@@ -569,6 +569,7 @@ fn queued_form(envelope: Envelope, body: Body) -> Result<NewMessage, String> {
         client_ip: Some(envelope.client_ip),
         helo: envelope.helo,
         auth_user: envelope.auth_user,
+        auth_label: envelope.auth_label,
         listener: envelope.listener.name().to_string(),
         eight_bit: envelope.eight_bit,
         smtputf8: envelope.smtputf8,
@@ -596,7 +597,10 @@ fn commit(envelope: Envelope, body: Body, client: &str, ctx: &ServerContext) -> 
             // A local user was named by the kernel, not by SASL: client=
             // already says local[uid=N].
             .filter(|_| message.listener != ListenerKind::Local.name())
-            .map(|u| format!(", sasl_username={u}"))
+            .map(|u| match &message.auth_label {
+                Some(label) => format!(", sasl_username={u} ({label})"),
+                None => format!(", sasl_username={u}"),
+            })
             .unwrap_or_default(),
         message
             .recipients

@@ -1,12 +1,17 @@
-//! A Unix socket in `data_dir` through which `petrel queue` (and `petrel
-//! sendmail`) wake the running scheduler, so operator actions take effect
-//! at once without polling. Connecting is the wake-up; a client may also
-//! send one line, `note <text>`, which the server writes to its log, so
-//! what an operator did appears beside what the server did. It can do
-//! nothing else. The socket is in the private data dir: only petrel's own
-//! user (and root) can reach it.
+//! A Unix socket in `data_dir` through which the command line reaches the
+//! running server:
+//! - connecting wakes the scheduler, so `petrel queue` actions take
+//!   effect at once without polling;
+//! - `note <text>`: the server writes the line to its log, so what an
+//!   operator did appears beside what the server did;
+//! - `unlock <account>` (`petrel user unlock`): lifts the AUTH lockouts of
+//!   the addresses that failed at the account; the reply says which.
+//!
+//! It can do nothing else. The socket is in the private data dir: only
+//! petrel's own user (and root) can reach it.
 
 use std::io::{self, BufRead as _, BufReader, Read as _, Write as _};
+use std::net::IpAddr;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,7 +19,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::Waker;
+/// What the control socket can ask of the server.
+pub trait Controls: Send + Sync + 'static {
+    /// The queue changed: look at it again.
+    fn wake(&self);
+    /// Lifts the lockouts `account`'s failures caused; returns the
+    /// addresses they held.
+    fn unlock(&self, account: &str) -> Vec<IpAddr>;
+}
 
 pub const CONTROL_SOCKET: &str = "control.sock";
 
@@ -25,7 +37,7 @@ pub struct ControlSocket {
 }
 
 impl ControlSocket {
-    pub fn start(data_dir: &Path, waker: Waker) -> io::Result<ControlSocket> {
+    pub fn start(data_dir: &Path, controls: Arc<dyn Controls>) -> io::Result<ControlSocket> {
         let path = data_dir.join(CONTROL_SOCKET);
         // A socket file left by a crash would make bind fail; only one
         // server runs per data_dir (the lock file sees to that).
@@ -47,8 +59,7 @@ impl ControlSocket {
                             break;
                         }
                         if let Ok(connection) = connection {
-                            log_note(connection);
-                            waker.wake();
+                            serve(connection, controls.as_ref());
                         }
                     }
                 })?
@@ -64,20 +75,40 @@ impl ControlSocket {
     }
 }
 
-/// The longest note taken; the rest is ignored.
-const MAX_NOTE: u64 = 1024;
+/// The longest line taken; the rest is ignored.
+const MAX_LINE: u64 = 1024;
 
-/// Reads the optional `note <text>` line (briefly: a client that says
-/// nothing is only a wake-up) and logs it.
-fn log_note(connection: UnixStream) {
+/// Reads the optional line (briefly: a client that says nothing is only a
+/// wake-up) and does what it asks.
+fn serve(connection: UnixStream, controls: &dyn Controls) {
     let _ = connection.set_read_timeout(Some(Duration::from_millis(200)));
     let mut line = String::new();
-    let mut reader = BufReader::new(connection.take(MAX_NOTE));
-    if reader.read_line(&mut line).is_ok()
-        && let Some(note) = line.trim_end().strip_prefix("note ")
-    {
+    let Ok(mut writer) = connection.try_clone() else {
+        controls.wake();
+        return;
+    };
+    let mut reader = BufReader::new(connection.take(MAX_LINE));
+    let _ = reader.read_line(&mut line);
+    let line = line.trim_end();
+    if let Some(note) = line.strip_prefix("note ") {
         log::info!("{}", crate::printable::escape(note));
+    } else if let Some(account) = line.strip_prefix("unlock ") {
+        let lifted = controls.unlock(account);
+        let list: Vec<String> = lifted.iter().map(IpAddr::to_string).collect();
+        log::info!(
+            "auth: {} unlocked by the operator; lockouts lifted: {}",
+            crate::printable::escape(account),
+            if list.is_empty() {
+                "none".to_string()
+            } else {
+                list.join(", ")
+            }
+        );
+        let _ = writer.set_write_timeout(Some(Duration::from_millis(200)));
+        let _ = writeln!(writer, "unlocked {}", list.join(" "));
+        return;
     }
+    controls.wake();
 }
 
 /// Wakes the server running on `data_dir`, if any. Returns whether one
@@ -95,4 +126,21 @@ pub fn notify(data_dir: &Path, note: &str) -> bool {
     let line = format!("note {}\n", note.replace(['\r', '\n'], " "));
     let _ = stream.write_all(line.as_bytes());
     true
+}
+
+/// Asks the server running on `data_dir` to lift the lockouts caused by
+/// failures at `account`. `None`: no server was reached; otherwise the
+/// addresses it let in again.
+pub fn unlock(data_dir: &Path, account: &str) -> Option<Vec<String>> {
+    let mut stream = UnixStream::connect(data_dir.join(CONTROL_SOCKET)).ok()?;
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    stream
+        .write_all(format!("unlock {}\n", account.replace(['\r', '\n'], " ")).as_bytes())
+        .ok()?;
+    let mut reply = String::new();
+    BufReader::new(stream.take(64 * 1024))
+        .read_line(&mut reply)
+        .ok()?;
+    let lifted = reply.trim_end().strip_prefix("unlocked")?;
+    Some(lifted.split_whitespace().map(str::to_string).collect())
 }

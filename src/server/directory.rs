@@ -6,8 +6,9 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use crate::auth::accounts::{Lockout, LoginEvent};
 use crate::auth::hashing::{Busy, HashingPool};
-use crate::auth::{Accounts, AuthLimiter, FailureOutcome};
+use crate::auth::{Accounts, AuthLimiter, FailureOutcome, app_passwords};
 use crate::config::Config;
 use crate::dns::{Dns, DnsFailure};
 use crate::policy::outbound::{OutboundPolicy, assigned_here};
@@ -16,12 +17,16 @@ use crate::printable::escape;
 use crate::protocol::address::{Address, Domain, ReversePath};
 use crate::protocol::reply::{self, Reply};
 use crate::protocol::session::{AuthVerdict, ClientView, SenderStanding, Services};
+use crate::queue::QueueHandle;
 use crate::routing::{self, Route, RouteError, Routed};
 
 pub struct Directory {
     config: Arc<Config>,
     accounts: Accounts,
-    limiter: AuthLimiter,
+    /// Shared with the control socket (`petrel user unlock`).
+    limiter: Arc<AuthLimiter>,
+    /// Where logins are recorded (`petrel user list` shows them).
+    logins: Option<QueueHandle>,
     /// Password checks: a bounded number at once.
     hashing: HashingPool,
     /// Address verification; without it domains are not checked.
@@ -37,8 +42,10 @@ impl Directory {
         accounts: Accounts,
         dns: Option<Arc<Dns>>,
         outbound: OutboundPolicy,
+        logins: Option<QueueHandle>,
     ) -> Directory {
-        let limiter = AuthLimiter::new(&config.auth);
+        let limiter = Arc::new(AuthLimiter::new(&config.auth));
+        restore_lockouts(&limiter, &accounts);
         let hashing = HashingPool::new(
             config.auth.max_parallel_checks,
             config.auth.check_wait.get(),
@@ -47,9 +54,31 @@ impl Directory {
             config,
             accounts,
             limiter,
+            logins,
             hashing,
             dns,
             outbound,
+        }
+    }
+
+    /// The brute-force limiter, for the control socket's `unlock`.
+    pub fn auth_limiter(&self) -> Arc<AuthLimiter> {
+        Arc::clone(&self.limiter)
+    }
+
+    /// Writes down lockouts the limiter just began, so `petrel user list`
+    /// shows them and a restart keeps them.
+    fn record_new_lockouts(&self) {
+        let Some(logins) = &self.logins else {
+            return;
+        };
+        for lockout in self.limiter.take_new_lockouts() {
+            let until = std::time::SystemTime::now() + lockout.duration;
+            logins.record_login(LoginEvent::LockedOut(Lockout {
+                client: lockout.client.to_string(),
+                account: lockout.account,
+                until: crate::timefmt::sql_timestamp(until),
+            }));
         }
     }
 
@@ -258,9 +287,13 @@ impl Services for Directory {
         let ip = client.ip;
         let label = client.label();
         let key = Address::parse(username).map(|a| a.mailbox_key()).ok();
-        let stored = match &key {
-            Some(key) => match self.accounts.password_hash(key) {
-                Ok(stored) => stored,
+        // Typed in the form of an app password: its selector names the one
+        // app password it can be.
+        let app_letters = app_passwords::normalize(password);
+        let selector = app_letters.as_deref().map(app_passwords::selector);
+        let credentials = match &key {
+            Some(key) => match self.accounts.credentials(key, selector) {
+                Ok(credentials) => credentials,
                 Err(error) => {
                     log::error!("auth: {error}");
                     return AuthVerdict::Unavailable;
@@ -268,11 +301,12 @@ impl Services for Directory {
             },
             None => None,
         };
-        let account = key.as_deref().filter(|_| stored.is_some());
+        let account = key.clone().filter(|_| credentials.is_some());
         // Counted before the check: a locked-out address costs no hash.
-        let attempt = match self.limiter.begin(ip, account) {
+        let attempt = match self.limiter.begin(ip, account.as_deref()) {
             Ok(attempt) => attempt,
             Err(_) => {
+                self.record_new_lockouts();
                 log::warn!(
                     "warning: {label}: SASL {mechanism} authentication refused: \
                      too many failures from this address"
@@ -280,7 +314,24 @@ impl Services for Directory {
                 return AuthVerdict::LockedOut;
             }
         };
-        let valid = match self.hashing.verify(password, stored.as_deref()) {
+        // Exactly one hash per attempt, of the same cost whatever was typed
+        // (an app password, the main password, a wrong one, an unknown
+        // user): nothing in the timing tells them apart.
+        let (stored, app_label, typed) = match &credentials {
+            Some(found) => match (&found.app, &app_letters) {
+                (Some(app), Some(letters)) => (
+                    Some(app.hash.as_str()),
+                    Some(app.label.clone()),
+                    letters.as_str(),
+                ),
+                // The main password may not be used: checked against
+                // nothing, at the same cost.
+                _ if self.config.auth.require_app_passwords => (None, None, password),
+                _ => (Some(found.password_hash.as_str()), None, password),
+            },
+            None => (None, None, password),
+        };
+        let valid = match self.hashing.verify(typed, stored) {
             Ok(valid) => valid,
             Err(Busy) => {
                 self.limiter.abandoned(attempt);
@@ -292,16 +343,46 @@ impl Services for Directory {
                 return AuthVerdict::Busy;
             }
         };
-        match (valid, key) {
-            (true, Some(key)) => {
+        match (valid, key, credentials) {
+            (true, Some(key), Some(found)) => {
                 self.limiter.succeeded(attempt);
+                let with = app_label
+                    .as_deref()
+                    .map(|l| format!(" ({l})"))
+                    .unwrap_or_default();
                 log::info!(
-                    "unknown[{ip}]: SASL {mechanism} authentication succeeded: sasl_username={key}"
+                    "{label}: SASL {mechanism} authentication succeeded: sasl_username={key}{with}"
                 );
-                AuthVerdict::Success(key)
+                let client_ip = ip.to_string();
+                if found.failures > 0 && found.last_login_from.as_deref() != Some(&client_ip) {
+                    log::warn!(
+                        "warning: {label}: {key} logged in from a new address after {} failed \
+                         attempts since the last login (last login from {})",
+                        found.failures,
+                        found.last_login_from.as_deref().unwrap_or("nowhere")
+                    );
+                }
+                if let Some(logins) = &self.logins {
+                    logins.record_login(LoginEvent::Succeeded {
+                        account: key.clone(),
+                        client: client_ip,
+                        label: app_label.clone(),
+                    });
+                }
+                AuthVerdict::Success {
+                    account: key,
+                    app_password: app_label,
+                }
             }
-            _ => {
+            (_, _, found) => {
                 let outcome = self.limiter.failed(attempt);
+                self.record_new_lockouts();
+                if let (Some(logins), Some(_), Some(account)) = (&self.logins, found, account) {
+                    logins.record_login(LoginEvent::Failed {
+                        account,
+                        client: ip.to_string(),
+                    });
+                }
                 let then = match outcome {
                     FailureOutcome::Delay(delay) if delay.is_zero() => String::new(),
                     FailureOutcome::Delay(delay) => format!(", reply delayed {}s", delay.as_secs()),
@@ -340,6 +421,29 @@ impl Services for Directory {
             }
             // Cannot tell: let the commit decide rather than refuse all mail.
             Err(_) => true,
+        }
+    }
+}
+
+/// Lockouts recorded before a restart still hold after it.
+fn restore_lockouts(limiter: &AuthLimiter, accounts: &Accounts) {
+    let lockouts = match accounts.lockouts() {
+        Ok(lockouts) => lockouts,
+        Err(error) => {
+            log::warn!("auth: cannot read recorded lockouts: {error}");
+            return;
+        }
+    };
+    let now = std::time::SystemTime::now();
+    for lockout in lockouts {
+        let (Ok(client), Some(until)) = (
+            lockout.client.parse::<IpAddr>(),
+            crate::timefmt::parse_sql_timestamp(&lockout.until),
+        ) else {
+            continue;
+        };
+        if let Ok(remaining) = until.duration_since(now) {
+            limiter.restore_lockout(client, lockout.account.as_deref(), remaining);
         }
     }
 }

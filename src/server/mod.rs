@@ -8,6 +8,7 @@
 
 mod acceptor;
 mod connection;
+pub mod control;
 pub mod directory;
 mod limits;
 pub mod local;
