@@ -527,7 +527,25 @@ mod tests {
         );
         assert!(accounts.exists("alice@example.com").unwrap());
         assert_eq!(list(&conn).unwrap().len(), 1);
+        add_app_password(&conn, "alice@example.com", "phone", "abcd", "$argon2id$app").unwrap();
+        assert!(matches!(
+            add_app_password(&conn, "alice@example.com", "phone", "efgh", "$argon2id$x"),
+            Err(AccountError::LabelTaken(..))
+        ));
+        assert!(matches!(
+            add_app_password(&conn, "alice@example.com", "laptop", "abcd", "$argon2id$x"),
+            Err(AccountError::SelectorTaken)
+        ));
+        let found = accounts
+            .credentials("alice@example.com", Some("abcd"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(found.app.unwrap().label, "phone");
         delete(&conn, "alice@example.com").unwrap();
+        let left: i64 = conn
+            .query_row("SELECT count(*) FROM app_passwords", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 0, "app passwords leave with their account");
         assert!(!accounts.exists("alice@example.com").unwrap());
         assert!(matches!(
             delete(&conn, "alice@example.com"),
