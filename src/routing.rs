@@ -40,6 +40,17 @@ impl Route {
             Route::SmartHost => "smarthost",
         }
     }
+
+    /// Where delivery connects, as one key: `local`, `smarthost` or
+    /// `mx:` and the domain. The queue's `recipients.destination` column
+    /// (sql/0007) computes the same from the stored route; concurrency
+    /// limits and backoff are per destination.
+    pub fn destination(&self) -> String {
+        match self {
+            Route::Remote { domain } => format!("mx:{domain}"),
+            other => other.kind().to_string(),
+        }
+    }
 }
 
 /// A final recipient: the address for the envelope and where it goes.

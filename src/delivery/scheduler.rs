@@ -68,7 +68,7 @@ impl Scheduler {
             // A worker finishing wakes us.
             return IDLE_RESCAN;
         }
-        let claimed = match self.context.queue.claim_due(free) {
+        let claimed = match self.context.queue.claim_due(free, Vec::new()) {
             Ok(claimed) => claimed,
             Err(error) => {
                 log::error!("scheduler: cannot claim due recipients: {error}");

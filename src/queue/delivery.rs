@@ -137,34 +137,73 @@ fn claimed_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ClaimedRecipien
     })
 }
 
-/// Marks the due recipients of up to `messages` messages (those due
-/// longest first) as being delivered and returns them. Claiming whole
-/// messages keeps one message's recipients at one domain in one job.
+/// Takes the `rows` recipients due longest, leaving out the destinations
+/// in `skip` (those already at their concurrency limit), and with them
+/// every other due recipient of their messages; marks them as being
+/// delivered and returns them. Claiming whole messages keeps one message's
+/// recipients at one domain in one job.
+///
+/// The cost is O(claimed · log n) plus the due rows of skipped
+/// destinations passed over: the earliest due rows are read in index
+/// order and the walk stops at `rows`; their messages' recipients are
+/// found through the message index. Nothing scans the queue
+/// (`tests::claim_uses_indexes_only` checks the plan).
 pub fn claim_due(
     conn: &Connection,
     now: &str,
-    messages: usize,
+    rows: usize,
+    skip: &[String],
 ) -> Result<Vec<ClaimedRecipient>, QueueError> {
     let mut statement = conn
-        .prepare_cached(&format!(
-            "UPDATE recipients SET status = 'delivering', updated_at = ?1
-             WHERE status = 'queued' AND next_attempt_at <= ?1 AND {ROUTED}
-               AND message_id IN (SELECT message_id FROM recipients
-                                  WHERE status = 'queued' AND next_attempt_at <= ?1
-                                    AND {ROUTED}
-                                  GROUP BY message_id
-                                  ORDER BY min(next_attempt_at), message_id LIMIT ?2)
-             RETURNING {CLAIMED_COLUMNS}"
-        ))
+        .prepare_cached(&claim_sql())
         .map_err(QueueError::sqlite("cannot prepare claim"))?;
     let rows = statement
-        .query_map(params![now, messages as i64], claimed_from_row)
+        .query_map(
+            params![now, rows as i64, json_array(skip)],
+            claimed_from_row,
+        )
         .map_err(QueueError::sqlite("cannot claim recipients"))?;
     let mut claimed = rows
         .collect::<rusqlite::Result<Vec<_>>>()
         .map_err(QueueError::sqlite("cannot claim recipients"))?;
     claimed.sort_by_key(|r| r.id);
     Ok(claimed)
+}
+
+fn claim_sql() -> String {
+    format!(
+        "UPDATE recipients INDEXED BY recipients_by_message
+         SET status = 'delivering', updated_at = ?1
+         WHERE message_id IN (SELECT message_id FROM recipients INDEXED BY recipients_due
+                              WHERE status = 'queued' AND next_attempt_at <= ?1 AND {ROUTED}
+                                AND destination NOT IN (SELECT value FROM json_each(?3))
+                              ORDER BY next_attempt_at LIMIT ?2)
+           AND status = 'queued' AND next_attempt_at <= ?1 AND {ROUTED}
+           AND destination NOT IN (SELECT value FROM json_each(?3))
+         RETURNING {CLAIMED_COLUMNS}"
+    )
+}
+
+/// `["a","b"]`, for `json_each`: a list as one SQL parameter.
+fn json_array(items: &[String]) -> String {
+    let mut out = String::from("[");
+    for (n, item) in items.iter().enumerate() {
+        if n > 0 {
+            out.push(',');
+        }
+        out.push('"');
+        for c in item.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
+    out.push(']');
+    out
 }
 
 /// Applies one attempt's outcome. Updates only recipients still marked as
@@ -473,4 +512,156 @@ pub fn assign_routes(conn: &mut Connection, config: &Config) -> Result<RouteChan
     tx.commit()
         .map_err(QueueError::sqlite("cannot commit routes"))?;
     Ok(changes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A queue with `messages` messages, each with one recipient per
+    /// destination in `destinations`, due at `due`.
+    fn fill(conn: &Connection, first: usize, messages: usize, destinations: &[&str], due: &str) {
+        let mut message = conn
+            .prepare(
+                "INSERT INTO messages (id, received_at, sender, listener, size, content_id)
+                 VALUES (?1, ?2, 'a@example.org', 'smtp', 1, 0)",
+            )
+            .unwrap();
+        let mut recipient = conn
+            .prepare(
+                "INSERT INTO recipients (message_id, address, next_attempt_at, updated_at,
+                                         route, mailbox, domain)
+                 VALUES (?1, ?2, ?3, ?3, ?4, ?5, ?6)",
+            )
+            .unwrap();
+        for n in first..first + messages {
+            let id = format!("{n:016X}");
+            message.execute(params![id, due]).unwrap();
+            for destination in destinations {
+                let (route, mailbox, domain) = match *destination {
+                    "local" => ("local", Some("bob@example.test"), Some("example.test")),
+                    "smarthost" => ("smarthost", None, Some("example.net")),
+                    domain => ("mx", None, Some(domain)),
+                };
+                let address = format!("r{n}@{}", domain.unwrap_or("x"));
+                recipient
+                    .execute(params![id, address, due, route, mailbox, domain])
+                    .unwrap();
+            }
+        }
+    }
+
+    fn queue() -> (tempfile::TempDir, Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = crate::queue::open_direct(dir.path()).unwrap();
+        (dir, conn)
+    }
+
+    #[test]
+    fn claim_uses_indexes_only() {
+        let (_dir, conn) = queue();
+        fill(
+            &conn,
+            0,
+            200,
+            &["dead.example", "local"],
+            "2026-01-01 00:00:00",
+        );
+        conn.execute_batch("ANALYZE").unwrap();
+        let mut explain = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {}", claim_sql()))
+            .unwrap();
+        let plan: Vec<String> = explain
+            .query_map(params!["2026-06-01 00:00:00", 8, "[]"], |row| row.get(3))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let text = plan.join("\n");
+        assert!(
+            text.contains("SEARCH recipients USING INDEX recipients_by_message"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "SEARCH recipients USING INDEX recipients_due (status=? AND next_attempt_at<?)"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("SCAN recipients"), "no full scan: {text}");
+        assert!(!text.contains("TEMP B-TREE"), "no sort: {text}");
+    }
+
+    #[test]
+    fn claims_whole_messages_oldest_first_and_skips_busy_destinations() {
+        let (_dir, conn) = queue();
+        fill(&conn, 0, 3, &["dead.example"], "2026-01-01 00:00:00");
+        fill(
+            &conn,
+            3,
+            3,
+            &["good.example", "local"],
+            "2026-01-02 00:00:00",
+        );
+        fill(&conn, 6, 1, &["good.example"], "2030-01-01 00:00:00");
+        let now = "2026-06-01 00:00:00";
+
+        let first = claim_due(&conn, now, 2, &[]).unwrap();
+        let messages: Vec<&str> = first.iter().map(|r| r.message_id.as_str()).collect();
+        assert_eq!(messages, vec!["0000000000000000", "0000000000000001"]);
+
+        // dead.example is at its limit: the next claim passes it over.
+        let skip = vec!["mx:dead.example".to_string()];
+        let second = claim_due(&conn, now, 4, &skip).unwrap();
+        let mut claimed: Vec<(String, String)> = second
+            .iter()
+            .map(|r| (r.message_id.clone(), r.route.destination()))
+            .collect();
+        claimed.sort();
+        assert_eq!(
+            claimed,
+            vec![
+                ("0000000000000003".into(), "local".into()),
+                ("0000000000000003".into(), "mx:good.example".into()),
+                ("0000000000000004".into(), "local".into()),
+                ("0000000000000004".into(), "mx:good.example".into()),
+            ]
+        );
+        // Not due yet: never claimed.
+        let rest = claim_due(&conn, now, 100, &[]).unwrap();
+        assert!(rest.iter().all(|r| r.message_id != "0000000000000006"));
+        assert_eq!(rest.len(), 3, "{rest:?}");
+    }
+
+    #[test]
+    fn the_stored_destination_is_the_one_rust_derives() {
+        let (_dir, conn) = queue();
+        fill(
+            &conn,
+            0,
+            1,
+            &["b.example", "local", "smarthost"],
+            "2026-01-01 00:00:00",
+        );
+        let claimed = claim_due(&conn, "2026-06-01 00:00:00", 10, &[]).unwrap();
+        assert_eq!(claimed.len(), 3);
+        for recipient in claimed {
+            let stored: String = conn
+                .query_row(
+                    "SELECT destination FROM recipients WHERE id = ?1",
+                    [recipient.id],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert_eq!(stored, recipient.route.destination());
+        }
+    }
+
+    #[test]
+    fn skip_lists_are_json_whatever_the_name() {
+        assert_eq!(json_array(&[]), "[]");
+        assert_eq!(
+            json_array(&["mx:a.example".into(), "x\"y\\z\n".into()]),
+            r#"["mx:a.example","x\"y\\z\u000a"]"#
+        );
+    }
 }

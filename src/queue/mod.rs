@@ -151,9 +151,15 @@ impl QueueHandle {
         self.submit(WriteOp::Insert(Box::new(message))).map(|_| ())
     }
 
-    /// Marks the due recipients of up to `messages` messages as being delivered.
-    pub fn claim_due(&self, messages: usize) -> Result<Vec<ClaimedRecipient>, QueueError> {
-        match self.submit(WriteOp::Claim { messages })? {
+    /// Marks the `rows` recipients due longest, and the other due
+    /// recipients of their messages, as being delivered, leaving out the
+    /// destinations in `skip`.
+    pub fn claim_due(
+        &self,
+        rows: usize,
+        skip: Vec<String>,
+    ) -> Result<Vec<ClaimedRecipient>, QueueError> {
+        match self.submit(WriteOp::Claim { rows, skip })? {
             WriteOutput::Claimed(claimed) => Ok(claimed),
             _ => Ok(Vec::new()),
         }

@@ -25,6 +25,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0006_app_passwords.sql",
         include_str!("../../sql/0006_app_passwords.sql"),
     ),
+    (
+        "0007_destinations.sql",
+        include_str!("../../sql/0007_destinations.sql"),
+    ),
 ];
 
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;

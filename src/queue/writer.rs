@@ -33,9 +33,11 @@ const PAGES_PER_STEP: i64 = 2048;
 
 pub enum WriteOp {
     Insert(Box<NewMessage>),
-    /// Take the due recipients of up to this many messages for delivery.
+    /// Take due recipients for delivery (see [`delivery::claim_due`]).
     Claim {
-        messages: usize,
+        rows: usize,
+        /// Destinations not to claim for (at their concurrency limit).
+        skip: Vec<String>,
     },
     Record(Box<DeliveryReport>),
     /// Put recipients stuck "delivering" back: these, or all when `None`;
@@ -200,8 +202,8 @@ fn commit_batch(
 fn apply(conn: &Connection, op: &WriteOp, now: &str) -> Result<WriteOutput, QueueError> {
     match op {
         WriteOp::Insert(message) => insert_message(conn, message, now).map(|()| WriteOutput::Done),
-        WriteOp::Claim { messages } => {
-            delivery::claim_due(conn, now, *messages).map(WriteOutput::Claimed)
+        WriteOp::Claim { rows, skip } => {
+            delivery::claim_due(conn, now, *rows, skip).map(WriteOutput::Claimed)
         }
         WriteOp::Record(report) => delivery::record(conn, report, now).map(|()| WriteOutput::Done),
         WriteOp::Login(event) => accounts::record(conn, event, now)
