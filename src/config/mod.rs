@@ -243,9 +243,17 @@ pub struct DeliveryConfig {
     /// the host in plaintext (as Postfix's "may" level does) rather than
     /// deferring mail to servers with broken TLS forever.
     pub plaintext_fallback: bool,
-    /// Parallel outgoing deliveries. Small: a VPS sends little, and remote
-    /// servers throttle clients that open many connections.
+    /// Parallel deliveries to remote hosts (MX and smart host).
     pub workers: usize,
+    /// At most this many of them to one destination (a domain's MX hosts,
+    /// or the smart host), as Postfix's default_destination_concurrency_limit:
+    /// one dead or slow domain never holds every worker. A destination
+    /// starts at 4 (or this, if lower), gains one per delivery that
+    /// reaches it, and drops to 1 when it cannot be reached.
+    pub destination_concurrency: usize,
+    /// Deliveries into local Maildirs, in a lane of their own: local mail
+    /// never waits behind remote hosts.
+    pub local_workers: usize,
     /// Connecting to a remote host; RFC 5321 leaves it open, 30s is common.
     pub connect_timeout: HumanDuration,
 }
@@ -264,7 +272,9 @@ impl Default for DeliveryConfig {
             allowed_networks: Vec::new(),
             address_family: AddressFamily::Any,
             plaintext_fallback: true,
-            workers: 8,
+            workers: 16,
+            destination_concurrency: 8,
+            local_workers: 2,
             connect_timeout: HumanDuration::secs(30),
         }
     }
@@ -682,6 +692,18 @@ impl Config {
         }
         if self.delivery.workers == 0 {
             return Err(ConfigError::at("delivery.workers", "must be at least 1"));
+        }
+        if self.delivery.destination_concurrency == 0 {
+            return Err(ConfigError::at(
+                "delivery.destination_concurrency",
+                "must be at least 1",
+            ));
+        }
+        if self.delivery.local_workers == 0 {
+            return Err(ConfigError::at(
+                "delivery.local_workers",
+                "must be at least 1",
+            ));
         }
         if self.delivery.connect_timeout.is_zero() {
             return Err(ConfigError::at(

@@ -16,7 +16,7 @@ mod scheduler;
 mod worker;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -41,11 +41,52 @@ pub enum Destination {
 }
 
 impl Destination {
+    /// As [`Route::destination`] (and the queue's `destination` column).
+    pub fn key(&self) -> String {
+        match self {
+            Destination::Local => "local".into(),
+            Destination::SmartHost => "smarthost".into(),
+            Destination::Domain(domain) => format!("mx:{domain}"),
+        }
+    }
+
     pub fn of(route: &Route) -> Destination {
         match route {
             Route::Local { .. } => Destination::Local,
             Route::SmartHost => Destination::SmartHost,
             Route::Remote { domain } => Destination::Domain(domain.clone()),
+        }
+    }
+}
+
+/// What a finished job showed about its destination, for its window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// A host answered past EHLO: the destination works.
+    Reached,
+    /// Every try failed before a conversation: no host, no connection,
+    /// no greeting, a temporary DNS failure.
+    Unreachable,
+    /// Nothing learned (a local job, an internal failure).
+    Unknown,
+}
+
+impl Reach {
+    pub fn of(attempts: &[outcome::Attempt]) -> Reach {
+        use outcome::{Stage, Verdict};
+        let before_conversation = |attempt: &outcome::Attempt| {
+            attempt.verdict == Verdict::Temporary
+                && matches!(
+                    attempt.stage,
+                    Stage::Routing | Stage::Connect | Stage::Greeting | Stage::Hello
+                )
+        };
+        if attempts.is_empty() {
+            Reach::Unknown
+        } else if attempts.iter().all(before_conversation) {
+            Reach::Unreachable
+        } else {
+            Reach::Reached
         }
     }
 }
@@ -86,9 +127,10 @@ impl Waker {
 crate::error::message_error!(DeliveryError, "Delivery could not start.");
 
 pub struct Delivery {
+    context: Arc<DeliveryContext>,
     waker: Waker,
     stop: Arc<AtomicBool>,
-    scheduler: Option<JoinHandle<()>>,
+    scheduler: Option<JoinHandle<scheduler::Stopped>>,
     workers: Vec<JoinHandle<()>>,
     finished: Receiver<()>,
 }
@@ -146,42 +188,59 @@ impl Delivery {
         let (wake_sender, wake_receiver) = crossbeam_channel::bounded(1);
         let waker = Waker(wake_sender);
         let stop = Arc::new(AtomicBool::new(false));
-        let in_flight = Arc::new(AtomicUsize::new(0));
-        let (jobs, job_receiver) = crossbeam_channel::unbounded::<Job>();
+        let (local_jobs, local_receiver) = crossbeam_channel::unbounded::<Job>();
+        let (remote_jobs, remote_receiver) = crossbeam_channel::unbounded::<Job>();
+        let (events, event_receiver) = crossbeam_channel::unbounded::<scheduler::Event>();
         let (finished_sender, finished) = crossbeam_channel::unbounded();
 
         let mut workers = Vec::new();
-        for index in 0..config.delivery.workers {
-            let jobs = job_receiver.clone();
-            let context = Arc::clone(&context);
-            let in_flight = Arc::clone(&in_flight);
-            let waker = waker.clone();
-            let finished = finished_sender.clone();
-            let handle = std::thread::Builder::new()
-                .name(format!("delivery-{index}"))
-                .spawn(move || {
-                    worker::run(jobs, &context, &in_flight, &waker);
-                    let _ = finished.send(());
-                })
-                .map_err(|e| DeliveryError(format!("cannot start delivery worker: {e}")))?;
-            workers.push(handle);
+        let lanes = [
+            ("local", config.delivery.local_workers, &local_receiver),
+            ("delivery", config.delivery.workers, &remote_receiver),
+        ];
+        for (name, count, lane) in lanes {
+            for index in 0..count {
+                let jobs = lane.clone();
+                let context = Arc::clone(&context);
+                let events = events.clone();
+                let stop = Arc::clone(&stop);
+                let finished = finished_sender.clone();
+                let handle = std::thread::Builder::new()
+                    .name(format!("{name}-{index}"))
+                    .spawn(move || {
+                        worker::run(jobs, &context, &events, &stop);
+                        let _ = finished.send(());
+                    })
+                    .map_err(|e| DeliveryError(format!("cannot start delivery worker: {e}")))?;
+                workers.push(handle);
+            }
         }
+        // Only workers hold event senders: the scheduler sees them all go.
+        drop(events);
 
-        let scheduler = scheduler::Scheduler {
-            context: Arc::clone(&context),
-            jobs,
-            wake: wake_receiver,
-            stop: Arc::clone(&stop),
-            in_flight,
-            capacity: config.delivery.workers,
-        };
+        let scheduler = scheduler::Scheduler::new(
+            Arc::clone(&context),
+            scheduler::Lanes {
+                local: local_jobs,
+                remote: remote_jobs,
+            },
+            (local_receiver, remote_receiver),
+            event_receiver,
+            wake_receiver,
+            Arc::clone(&stop),
+        );
         let scheduler = std::thread::Builder::new()
             .name("scheduler".into())
             .spawn(move || scheduler.run())
             .map_err(|e| DeliveryError(format!("cannot start the scheduler: {e}")))?;
 
-        log::info!("delivery: {} workers started", config.delivery.workers);
+        log::info!(
+            "delivery: {} remote and {} local workers started",
+            config.delivery.workers,
+            config.delivery.local_workers
+        );
         Ok(Delivery {
+            context,
             waker,
             stop,
             scheduler: Some(scheduler),
@@ -194,18 +253,22 @@ impl Delivery {
         self.waker.clone()
     }
 
-    /// Stops scheduling, then gives running deliveries `grace` to finish.
-    /// Deliveries still running after that are abandoned: their recipients
-    /// are retried at the next start (at least once, never lost).
+    /// Stops scheduling; jobs not started go back to the queue untouched;
+    /// running deliveries get `grace` to finish. Deliveries still running
+    /// after that are abandoned: their recipients are retried at the next
+    /// start (the only case where a message can be sent twice).
     pub fn shutdown(mut self, grace: Duration) {
         self.stop.store(true, Ordering::SeqCst);
         self.waker.wake();
-        if let Some(scheduler) = self.scheduler.take()
-            && scheduler.join().is_err()
-        {
-            log::error!("delivery: the scheduler panicked");
-        }
-        // The scheduler held the only job sender; workers now drain and exit.
+        let stopped = match self.scheduler.take().map(JoinHandle::join) {
+            Some(Ok(stopped)) => Some(stopped),
+            Some(Err(_)) => {
+                log::error!("delivery: the scheduler panicked");
+                None
+            }
+            None => None,
+        };
+        // The scheduler held the only job senders; idle workers now exit.
         let deadline = Instant::now() + grace;
         let mut done = 0;
         while done < self.workers.len() {
@@ -213,6 +276,25 @@ impl Delivery {
             match self.finished.recv_timeout(left) {
                 Ok(()) => done += 1,
                 Err(_) => break,
+            }
+        }
+        // Jobs a worker took after the stop and handed back.
+        if let Some(stopped) = stopped {
+            let ids: Vec<i64> = stopped
+                .events
+                .try_iter()
+                .filter_map(|event| match event {
+                    scheduler::Event::Unstarted(job) => Some(job),
+                    scheduler::Event::Finished { .. } => None,
+                })
+                .flat_map(|job| job.recipients.into_iter().map(|r| r.id))
+                .collect();
+            if !ids.is_empty()
+                && let Err(error) = self.context.queue.requeue(ids)
+            {
+                log::error!(
+                    "delivery: cannot put back unstarted jobs ({error}); recovered at next start"
+                );
             }
         }
         if done < self.workers.len() {

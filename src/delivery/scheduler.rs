@@ -1,50 +1,142 @@
 //! The scheduler thread: sleeps until the next recipient is due or until
-//! woken (new mail, a worker freed, an operator's retry), then claims what
-//! is due and hands it out. Keeps a few jobs ready per worker, no more,
-//! so little sits "delivering" in the channel while workers are busy.
+//! woken (new mail, a job finished, an operator's retry), then claims what
+//! is due and hands it out, fairly:
+//! - local Maildir deliveries go to a lane of their own, so local mail
+//!   never waits behind remote hosts;
+//! - each remote destination (a domain's MX hosts, or the smart host) has
+//!   a window of jobs that may run at once: it starts small, grows by one
+//!   per delivery that reaches the destination, up to
+//!   `delivery.destination_concurrency`, and falls to one when the
+//!   destination cannot be reached. Claims pass over destinations whose
+//!   window is full, so one dead domain never holds every worker;
+//! - a destination that cannot be reached is backed off as a whole: its
+//!   waiting recipients are put back by `queue.retry_min` in one indexed
+//!   update and its window stays at one, so the next try is one probe,
+//!   not one connection per recipient.
+//!
+//! At shutdown, jobs no worker has started go back to the queue untouched
+//! (same attempts, same due time): nothing runs after the stop, so
+//! nothing is delivered twice.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, Sender, select};
 
-use super::{DeliveryContext, Destination, Job};
+use super::{DeliveryContext, Destination, Job, Reach};
 use crate::queue::delivery::{self, ClaimedRecipient};
 
 /// Longest sleep without a reason: a safety net for changes made while no
 /// control socket could tell us (it is one indexed query, not polling work).
 const IDLE_RESCAN: Duration = Duration::from_secs(60);
-/// Jobs kept ready per worker, so no worker waits for the scheduler's next
-/// claim; few enough that a crash has little to redo.
+/// Jobs kept claimed per worker, so no worker waits for the scheduler's
+/// next claim; few enough that a crash has little to redo.
 const JOBS_PER_WORKER: usize = 8;
 /// When something is due but nothing could be claimed (another process
-/// holds it), wait this long rather than spin.
+/// holds it, or only busy destinations have due mail), wait this long.
 const CLAIM_RETRY: Duration = Duration::from_secs(1);
+/// A destination's window when it is first seen (Postfix starts at 5).
+const INITIAL_WINDOW: usize = 4;
+
+/// What a worker tells the scheduler.
+pub enum Event {
+    /// A job ended; what it showed about its destination.
+    Finished {
+        destination: Destination,
+        reach: Reach,
+    },
+    /// Taken from a lane after the stop: not started, goes back untouched.
+    Unstarted(Job),
+}
+
+/// The two kinds of workers.
+pub struct Lanes {
+    pub local: Sender<Job>,
+    pub remote: Sender<Job>,
+}
+
+#[derive(Default)]
+struct DestinationState {
+    running: usize,
+    window: usize,
+    /// Claimed while the window was full.
+    waiting: VecDeque<Job>,
+    /// Unreachable: its window stays at 1 until then (the queue holds its
+    /// waiting recipients back; new mail and an operator's retry still
+    /// go, one at a time).
+    backed_off_until: Option<Instant>,
+}
 
 pub struct Scheduler {
     pub context: Arc<DeliveryContext>,
-    pub jobs: Sender<Job>,
+    pub lanes: Lanes,
+    /// The lanes' receiving ends, to take back what no worker started.
+    pub lane_receivers: (Receiver<Job>, Receiver<Job>),
+    pub events: Receiver<Event>,
     pub wake: Receiver<()>,
     pub stop: Arc<AtomicBool>,
-    pub in_flight: Arc<AtomicUsize>,
-    pub capacity: usize,
+    /// Jobs claimed and not finished, at most.
+    pub budget: usize,
+    destinations: HashMap<Destination, DestinationState>,
+    outstanding: usize,
+}
+
+/// What the scheduler leaves behind when it stops.
+pub struct Stopped {
+    pub events: Receiver<Event>,
 }
 
 impl Scheduler {
-    pub fn run(self) {
+    pub fn new(
+        context: Arc<DeliveryContext>,
+        lanes: Lanes,
+        lane_receivers: (Receiver<Job>, Receiver<Job>),
+        events: Receiver<Event>,
+        wake: Receiver<()>,
+        stop: Arc<AtomicBool>,
+    ) -> Scheduler {
+        let workers = context.config.delivery.workers + context.config.delivery.local_workers;
+        Scheduler {
+            context,
+            lanes,
+            lane_receivers,
+            events,
+            wake,
+            stop,
+            budget: workers * JOBS_PER_WORKER,
+            destinations: HashMap::new(),
+            outstanding: 0,
+        }
+    }
+
+    pub fn run(mut self) -> Stopped {
         while !self.stop.load(Ordering::SeqCst) {
             let wait = self.tick();
-            match self.wake.recv_timeout(wait) {
-                Ok(()) | Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
+            let events = self.events.clone();
+            let wake = self.wake.clone();
+            select! {
+                recv(events) -> event => match event {
+                    Ok(event) => self.handle(event),
+                    Err(_) => break,
+                },
+                recv(wake) -> woken => if woken.is_err() { break },
+                default(wait) => {}
             }
+            // Everything else that finished meanwhile, before claiming.
+            while let Ok(event) = self.events.try_recv() {
+                self.handle(event);
+            }
+        }
+        self.give_back_unstarted();
+        Stopped {
+            events: self.events,
         }
     }
 
     /// Claims and dispatches what is due; returns how long to sleep.
-    fn tick(&self) -> Duration {
+    fn tick(&mut self) -> Duration {
         let next_due = match self.context.reads.run(delivery::next_due) {
             Ok(next) => next,
             Err(error) => {
@@ -52,23 +144,22 @@ impl Scheduler {
                 return CLAIM_RETRY * 5;
             }
         };
-        let now = SystemTime::now();
         let Some(due_at) = next_due else {
             return IDLE_RESCAN;
         };
-        if let Ok(wait) = due_at.duration_since(now)
+        if let Ok(wait) = due_at.duration_since(SystemTime::now())
             && !wait.is_zero()
         {
             return wait.min(IDLE_RESCAN);
         }
-        let budget = self.capacity * JOBS_PER_WORKER;
-        let free = budget.saturating_sub(self.in_flight.load(Ordering::SeqCst));
+        let free = self.budget.saturating_sub(self.outstanding);
         // Refill in batches (each claim is a commit), before workers run dry.
-        if free < budget / 2 {
-            // A worker finishing wakes us.
+        if free < self.budget / 2 {
+            // A job finishing wakes us.
             return IDLE_RESCAN;
         }
-        let claimed = match self.context.queue.claim_due(free, Vec::new()) {
+        let busy = self.busy_destinations();
+        let claimed = match self.context.queue.claim_due(free, busy) {
             Ok(claimed) => claimed,
             Err(error) => {
                 log::error!("scheduler: cannot claim due recipients: {error}");
@@ -79,13 +170,177 @@ impl Scheduler {
             return CLAIM_RETRY;
         }
         for job in group(claimed) {
-            self.in_flight.fetch_add(1, Ordering::SeqCst);
-            if self.jobs.send(job).is_err() {
-                self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            self.outstanding += 1;
+            let window = self.window_for(&job.destination);
+            let state = self
+                .destinations
+                .entry(job.destination.clone())
+                .or_default();
+            if state.window == 0 {
+                state.window = window;
             }
+            state.waiting.push_back(job);
+        }
+        let keys: Vec<Destination> = self.destinations.keys().cloned().collect();
+        for destination in keys {
+            self.dispatch(&destination);
         }
         // More may be due; look again at once.
         Duration::ZERO
+    }
+
+    /// A new destination's window: the local lane takes what its workers
+    /// can; remote destinations start small.
+    fn window_for(&self, destination: &Destination) -> usize {
+        let delivery = &self.context.config.delivery;
+        match destination {
+            Destination::Local => delivery.local_workers * JOBS_PER_WORKER,
+            _ => INITIAL_WINDOW.min(delivery.destination_concurrency),
+        }
+    }
+
+    /// Destinations the next claim passes over: window full, or backed off.
+    fn busy_destinations(&mut self) -> Vec<String> {
+        let now = Instant::now();
+        let mut busy = Vec::new();
+        self.destinations.retain(|destination, state| {
+            if state.backed_off_until.is_some_and(|until| until <= now) {
+                state.backed_off_until = None;
+            }
+            if state.running + state.waiting.len() >= state.window {
+                busy.push(destination.key());
+            }
+            // Forget idle destinations (their window starts over), but
+            // remember an unreachable one's window of 1 for a while.
+            state.running > 0 || !state.waiting.is_empty() || state.backed_off_until.is_some()
+        });
+        busy
+    }
+
+    /// Starts waiting jobs of `destination` while its window allows.
+    fn dispatch(&mut self, destination: &Destination) {
+        let Some(state) = self.destinations.get_mut(destination) else {
+            return;
+        };
+        while state.running < state.window {
+            let Some(job) = state.waiting.pop_front() else {
+                break;
+            };
+            let lane = match destination {
+                Destination::Local => &self.lanes.local,
+                _ => &self.lanes.remote,
+            };
+            if lane.send(job).is_err() {
+                // No workers left (shutting down): the job stays claimed
+                // and is recovered at the next start.
+                self.outstanding -= 1;
+                continue;
+            }
+            state.running += 1;
+        }
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Finished { destination, reach } => {
+                self.outstanding = self.outstanding.saturating_sub(1);
+                let maximum = self.context.config.delivery.destination_concurrency;
+                let retry_min = self.context.config.queue.retry_min.get();
+                let Some(state) = self.destinations.get_mut(&destination) else {
+                    return;
+                };
+                state.running = state.running.saturating_sub(1);
+                if destination == Destination::Local {
+                    self.dispatch(&destination);
+                    return;
+                }
+                match reach {
+                    Reach::Reached => state.window = (state.window + 1).min(maximum),
+                    Reach::Unknown => {}
+                    Reach::Unreachable => {
+                        state.window = 1;
+                        state.backed_off_until = Some(Instant::now() + retry_min);
+                        let waiting: Vec<Job> = state.waiting.drain(..).collect();
+                        self.back_off(&destination, waiting, retry_min);
+                    }
+                }
+                self.dispatch(&destination);
+            }
+            Event::Unstarted(job) => {
+                self.outstanding = self.outstanding.saturating_sub(1);
+                if let Some(state) = self.destinations.get_mut(&job.destination) {
+                    state.running = state.running.saturating_sub(1);
+                }
+                self.requeue_untouched(vec![job]);
+            }
+        }
+    }
+
+    /// The destination could not be reached: its waiting recipients in the
+    /// queue, and the jobs claimed for it here, wait `delay` as a whole.
+    fn back_off(&mut self, destination: &Destination, claimed: Vec<Job>, delay: Duration) {
+        let until = SystemTime::now() + delay;
+        self.outstanding = self.outstanding.saturating_sub(claimed.len());
+        let ids: Vec<i64> = claimed
+            .iter()
+            .flat_map(|job| job.recipients.iter().map(|r| r.id))
+            .collect();
+        if !ids.is_empty()
+            && let Err(error) = self.context.queue.requeue_at(ids, until)
+        {
+            log::error!("scheduler: cannot put back jobs for {destination:?}: {error}");
+        }
+        match self.context.queue.back_off(destination.key(), until) {
+            Ok(count) => log::info!(
+                "delivery: {} unreachable; {count} waiting recipients for it retry in {}",
+                destination.key(),
+                crate::timefmt::short_duration(delay)
+            ),
+            Err(error) => log::error!("scheduler: cannot back off {destination:?}: {error}"),
+        }
+    }
+
+    /// Jobs no worker started go back as they were: attempts and due time
+    /// unchanged.
+    fn requeue_untouched(&self, jobs: Vec<Job>) {
+        let ids: Vec<i64> = jobs
+            .iter()
+            .flat_map(|job| job.recipients.iter().map(|r| r.id))
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
+        if let Err(error) = self.context.queue.requeue(ids) {
+            log::error!(
+                "scheduler: cannot put back unstarted jobs ({error}); recovered at next start"
+            );
+        }
+    }
+
+    /// At the stop: what waits here and in the lanes goes back untouched.
+    fn give_back_unstarted(&mut self) {
+        let mut unstarted: Vec<Job> = Vec::new();
+        for state in self.destinations.values_mut() {
+            unstarted.extend(state.waiting.drain(..));
+        }
+        while let Ok(job) = self.lane_receivers.0.try_recv() {
+            unstarted.push(job);
+        }
+        while let Ok(job) = self.lane_receivers.1.try_recv() {
+            unstarted.push(job);
+        }
+        while let Ok(event) = self.events.try_recv() {
+            if let Event::Unstarted(job) = event {
+                unstarted.push(job);
+            }
+        }
+        if !unstarted.is_empty() {
+            log::info!(
+                "delivery: {} jobs not started yet go back to the queue",
+                unstarted.len()
+            );
+            self.requeue_untouched(unstarted);
+        }
     }
 }
 

@@ -4,16 +4,17 @@
 //! notice and records it all in one queue transaction. Logs one line per
 //! recipient and attempt, Postfix-style.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, Sender};
 
 use super::backoff::{random_fraction, retry_delay};
 use super::dsn::{self, NoticeKind, Problem};
 use super::outcome::{self, Attempt, Stage, Verdict};
 use super::remote::{self, Envelope, RemoteRecipient};
-use super::{DeliveryContext, Destination, Job, Waker, maildir};
+use super::scheduler::Event;
+use super::{DeliveryContext, Destination, Job, Reach, maildir};
 use crate::config::Config;
 use crate::printable::escape;
 use crate::queue::QueueError;
@@ -27,14 +28,20 @@ use crate::timefmt::short_duration;
 /// After a worker fails internally, its recipients wait this long.
 const FAILED_JOB_RETRY: Duration = Duration::from_secs(60);
 
-pub fn run(jobs: Receiver<Job>, ctx: &DeliveryContext, in_flight: &AtomicUsize, waker: &Waker) {
+/// Takes jobs from one lane until it closes. After the stop, a job taken
+/// is handed back unstarted: nothing new begins during the shutdown grace.
+pub fn run(jobs: Receiver<Job>, ctx: &DeliveryContext, events: &Sender<Event>, stop: &AtomicBool) {
     while let Ok(job) = jobs.recv() {
+        if stop.load(Ordering::SeqCst) {
+            let _ = events.send(Event::Unstarted(job));
+            continue;
+        }
         let ids: Vec<i64> = job.recipients.iter().map(|r| r.id).collect();
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| deliver(ctx, &job)));
-        let failure = match outcome {
-            Ok(Ok(())) => None,
-            Ok(Err(error)) => Some(error.to_string()),
-            Err(_) => Some("delivery worker panicked".to_string()),
+        let (reach, failure) = match outcome {
+            Ok(Ok(reach)) => (reach, None),
+            Ok(Err(error)) => (Reach::Unknown, Some(error.to_string())),
+            Err(_) => (Reach::Unknown, Some("delivery worker panicked".to_string())),
         };
         if let Some(why) = failure {
             log::error!(
@@ -49,19 +56,21 @@ pub fn run(jobs: Receiver<Job>, ctx: &DeliveryContext, in_flight: &AtomicUsize, 
                 );
             }
         }
-        in_flight.fetch_sub(1, Ordering::SeqCst);
-        waker.wake();
+        let _ = events.send(Event::Finished {
+            destination: job.destination,
+            reach,
+        });
     }
 }
 
-fn deliver(ctx: &DeliveryContext, job: &Job) -> Result<(), QueueError> {
+fn deliver(ctx: &DeliveryContext, job: &Job) -> Result<Reach, QueueError> {
     let Some(message) = ctx
         .reads
         .run(|conn| delivery::load_message(conn, &job.message_id, dsn::MAX_RETURNED_MESSAGE))?
     else {
         // Deleted by an operator while it was being scheduled.
         log::info!("{}: no longer in the queue; skipped", job.message_id);
-        return Ok(());
+        return Ok(Reach::Unknown);
     };
     let (attempts, relay, peer_reports) = match &job.destination {
         Destination::Local => (
@@ -95,6 +104,7 @@ fn deliver(ctx: &DeliveryContext, job: &Job) -> Result<(), QueueError> {
             (outcome.attempts, outcome.relay, outcome.peer_reports)
         }
     };
+    let reach = Reach::of(&attempts);
     // Routed only when a notice is actually built (rarely).
     let route_sender = || routing::notice_route(&ctx.config, &ctx.accounts, &message.sender);
     let report = settle(
@@ -109,7 +119,8 @@ fn deliver(ctx: &DeliveryContext, job: &Job) -> Result<(), QueueError> {
         },
         SystemTime::now(),
     );
-    ctx.queue.record(report)
+    ctx.queue.record(report)?;
+    Ok(reach)
 }
 
 /// Writes the message into each recipient's Maildir. The mailbox was

@@ -296,6 +296,22 @@ pub fn requeue(
     }
 }
 
+/// Puts every waiting recipient for `destination` due before `until` back
+/// to `until`, through the destination index; returns how many.
+pub fn back_off(
+    conn: &Connection,
+    destination: &str,
+    until: &str,
+    now: &str,
+) -> Result<usize, QueueError> {
+    conn.prepare_cached(
+        "UPDATE recipients SET next_attempt_at = ?2, updated_at = ?3
+         WHERE status = 'queued' AND destination = ?1 AND next_attempt_at < ?2",
+    )
+    .and_then(|mut statement| statement.execute(params![destination, until, now]))
+    .map_err(QueueError::sqlite(format!("cannot back off {destination}")))
+}
+
 /// When the scheduler next has something to do.
 pub fn next_due(conn: &Connection) -> Result<Option<SystemTime>, QueueError> {
     let next: Option<String> = conn

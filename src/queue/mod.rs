@@ -171,7 +171,7 @@ impl QueueHandle {
 
     /// Puts every in-flight recipient back in the queue (crash recovery).
     pub fn requeue_all(&self) -> Result<usize, QueueError> {
-        self.requeue(None, None)
+        self.requeue_with(None, None)
     }
 
     /// Puts these in-flight recipients back, due at `retry_at`.
@@ -180,10 +180,30 @@ impl QueueHandle {
         ids: Vec<i64>,
         retry_at: std::time::SystemTime,
     ) -> Result<usize, QueueError> {
-        self.requeue(Some(ids), Some(crate::timefmt::sql_timestamp(retry_at)))
+        self.requeue_with(Some(ids), Some(crate::timefmt::sql_timestamp(retry_at)))
     }
 
-    fn requeue(
+    /// Puts claimed recipients back as they were (a job never started).
+    pub fn requeue(&self, ids: Vec<i64>) -> Result<usize, QueueError> {
+        self.requeue_with(Some(ids), None)
+    }
+
+    /// Every waiting recipient for `destination` (a
+    /// [`crate::routing::Route::destination`] key) due before `until` is
+    /// put back to `until`; returns how many.
+    pub fn back_off(
+        &self,
+        destination: String,
+        until: std::time::SystemTime,
+    ) -> Result<usize, QueueError> {
+        let until = crate::timefmt::sql_timestamp(until);
+        match self.submit(WriteOp::BackOff { destination, until })? {
+            WriteOutput::Count(count) => Ok(count),
+            _ => Ok(0),
+        }
+    }
+
+    fn requeue_with(
         &self,
         ids: Option<Vec<i64>>,
         retry_at: Option<String>,

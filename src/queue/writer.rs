@@ -46,6 +46,11 @@ pub enum WriteOp {
         ids: Option<Vec<i64>>,
         retry_at: Option<String>,
     },
+    /// A destination's waiting recipients wait until `until`.
+    BackOff {
+        destination: String,
+        until: String,
+    },
     /// A login, for `petrel user list` (accounts live in this database).
     Login(Box<LoginEvent>),
 }
@@ -206,6 +211,9 @@ fn apply(conn: &Connection, op: &WriteOp, now: &str) -> Result<WriteOutput, Queu
             delivery::claim_due(conn, now, *rows, skip).map(WriteOutput::Claimed)
         }
         WriteOp::Record(report) => delivery::record(conn, report, now).map(|()| WriteOutput::Done),
+        WriteOp::BackOff { destination, until } => {
+            delivery::back_off(conn, destination, until, now).map(WriteOutput::Count)
+        }
         WriteOp::Login(event) => accounts::record(conn, event, now)
             .map(|()| WriteOutput::Done)
             .map_err(QueueError::sqlite("cannot record a login")),

@@ -34,6 +34,8 @@ pub struct ControlSocket {
     path: PathBuf,
     stop: Arc<AtomicBool>,
     thread: JoinHandle<()>,
+    /// The listening socket, to end the accept loop with.
+    listener: UnixListener,
 }
 
 impl ControlSocket {
@@ -47,6 +49,7 @@ impl ControlSocket {
             Err(error) => return Err(error),
         }
         let listener = UnixListener::bind(&path)?;
+        let waker = listener.try_clone()?;
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let stop = Arc::clone(&stop);
@@ -64,12 +67,22 @@ impl ControlSocket {
                     }
                 })?
         };
-        Ok(ControlSocket { path, stop, thread })
+        Ok(ControlSocket {
+            path,
+            stop,
+            thread,
+            listener: waker,
+        })
     }
 
     pub fn stop(self) {
         self.stop.store(true, Ordering::SeqCst);
-        let _ = UnixStream::connect(&self.path);
+        // Ends the blocked accept even when the socket file is gone (the
+        // data dir removed under us): a shut-down listening socket fails
+        // accept at once on Linux. Connecting is the fallback elsewhere.
+        if rustix::net::shutdown(&self.listener, rustix::net::Shutdown::Read).is_err() {
+            let _ = UnixStream::connect(&self.path);
+        }
         let _ = self.thread.join();
         let _ = std::fs::remove_file(&self.path);
     }
