@@ -159,6 +159,37 @@ fn queue_commands_steer_a_running_server() {
     }
     assert!(list.contains(", retry at 20"), "{list}");
     assert!(list.contains("3 messages, 3 recipients waiting"), "{list}");
+    assert!(!list.contains("more:"), "one page: {list}");
+
+    // A page at a time: the next page starts after the last id shown.
+    let (code, page, _) = queue_cli(&config, &["list", "--limit", "2"]);
+    assert_eq!(code, 0);
+    assert!(page.contains(&ids[0]) && page.contains(&ids[1]), "{page}");
+    assert!(!page.contains(&ids[2]), "{page}");
+    assert!(
+        page.contains(&format!("more: petrel queue list --after {}", ids[1])),
+        "{page}"
+    );
+    let (_, next, _) = queue_cli(&config, &["list", "--limit", "2", "--after", &ids[1]]);
+    assert!(next.contains(&ids[2]) && !next.contains(&ids[0]), "{next}");
+
+    // The queue's shape: per destination and age.
+    let (code, shape, _) = queue_cli(&config, &["summary"]);
+    assert_eq!(code, 0);
+    let row = shape
+        .lines()
+        .find(|l| l.starts_with("mx:elsewhere.example"))
+        .unwrap_or_else(|| panic!("{shape}"));
+    let counts: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(counts[1], "3", "{shape}");
+    assert_eq!(
+        counts[2], "3",
+        "all received in the last 5 minutes: {shape}"
+    );
+    assert!(
+        shape.lines().last().unwrap().starts_with("TOTAL"),
+        "{shape}"
+    );
 
     let (code, show, _) = queue_cli(&config, &["show", &ids[0]]);
     assert_eq!(code, 0);

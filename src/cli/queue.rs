@@ -12,15 +12,25 @@ use crate::config::Config;
 use crate::delivery::dsn;
 use crate::delivery::outcome::{self, Attempt, Stage};
 use crate::printable::{escape, escape_lines};
-use crate::queue::{self, QueueId, delivery};
+use crate::queue::{self, QueueId, delivery, views};
 use crate::routing;
 use crate::server::control;
 use crate::timefmt::sql_timestamp;
 
 #[derive(Debug, Subcommand)]
 pub enum QueueCommand {
-    /// List waiting messages and where each recipient stands
-    List,
+    /// List waiting messages and where each recipient stands, a page at a time
+    List {
+        /// Messages per page
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Start after this queue id (the last one of the previous page)
+        #[arg(long)]
+        after: Option<String>,
+    },
+    /// The queue's shape, as Postfix's qshape: waiting recipients per
+    /// destination and age
+    Summary,
     /// Show one message: envelope, recipients and headers
     Show { id: String },
     /// Make waiting recipients due now
@@ -42,7 +52,14 @@ pub fn run(config: &Config, command: QueueCommand) -> Result<(), Failure> {
     super::as_server_user(config)?;
     let mut conn = queue::open_direct(&config.data_dir).map_err(runtime)?;
     match command {
-        QueueCommand::List => list(&conn),
+        QueueCommand::List { limit, after } => {
+            let after = match after {
+                Some(after) => parse_id(&after)?.to_string(),
+                None => String::new(),
+            };
+            list(&conn, &after, limit.max(1))
+        }
+        QueueCommand::Summary => summary(&conn),
         QueueCommand::Show { id } => show(&conn, &parse_id(&id)?),
         QueueCommand::Retry { id, all } => {
             let id = match (id, all) {
@@ -50,8 +67,11 @@ pub fn run(config: &Config, command: QueueCommand) -> Result<(), Failure> {
                 _ => None,
             };
             let now = sql_timestamp(SystemTime::now());
-            let count = delivery::retry_now(&conn, id.as_ref().map(QueueId::as_str), &now)
-                .map_err(runtime)?;
+            let count = match &id {
+                Some(id) => delivery::retry_now(&conn, id.as_str(), &now),
+                None => delivery::retry_all(&conn, &now, delivery::RETRY_CHUNK),
+            }
+            .map_err(runtime)?;
             if let Some(id) = &id
                 && count == 0
             {
@@ -111,40 +131,15 @@ fn log_action(config: &Config, what: &str) {
     eprintln!("petrel: {what}");
 }
 
-fn list(conn: &Connection) -> Result<(), Failure> {
-    let mut statement = conn
-        .prepare(
-            "SELECT m.id, m.size, m.received_at, m.sender, r.address, r.status, r.attempts,
-                    q.waiting, r.last_reply
-             FROM recipients r
-             JOIN messages m ON m.id = r.message_id
-             LEFT JOIN queue_status q ON q.queue_id = m.id AND q.recipient = r.address
-             WHERE r.status IN ('queued', 'delivering')
-             ORDER BY m.id, r.id",
-        )
-        .map_err(runtime)?;
-    let rows = statement
-        .query_map([], |row| {
-            Ok((
-                row.get::<_, String>(0)?,
-                row.get::<_, i64>(1)?,
-                row.get::<_, String>(2)?,
-                row.get::<_, String>(3)?,
-                row.get::<_, String>(4)?,
-                row.get::<_, String>(5)?,
-                row.get::<_, i64>(6)?,
-                row.get::<_, Option<String>>(7)?,
-                row.get::<_, Option<String>>(8)?,
-            ))
-        })
-        .map_err(runtime)?;
-    let mut current = String::new();
-    let (mut messages, mut recipients) = (0, 0);
-    for row in rows {
-        let (id, size, received, sender, address, status, attempts, waiting, reply) =
-            row.map_err(runtime)?;
-        if id != current {
-            if messages == 0 {
+fn list(conn: &Connection, after: &str, limit: usize) -> Result<(), Failure> {
+    let page = views::list_page(conn, after, limit).map_err(runtime)?;
+    let (messages, recipients) = views::totals(conn).map_err(runtime)?;
+    let now = SystemTime::now();
+    let mut current = "";
+    let mut shown = 0;
+    for row in &page {
+        if row.message_id != current {
+            if shown == 0 {
                 say!(
                     "{:<16}  {:>9}  {:<19}  SENDER",
                     "QUEUE ID",
@@ -152,25 +147,67 @@ fn list(conn: &Connection) -> Result<(), Failure> {
                     "RECEIVED"
                 );
             }
-            say!("{id}  {size:>9}  {received}  <{}>", escape(&sender));
-            current = id;
-            messages += 1;
+            say!(
+                "{}  {:>9}  {}  <{}>",
+                row.message_id,
+                row.size,
+                row.received_at,
+                escape(&row.sender)
+            );
+            current = &row.message_id;
+            shown += 1;
         }
-        recipients += 1;
-        let waiting = waiting.unwrap_or_else(|| status.clone());
-        let reply = reply
-            .map(|r| format!("; last reply: {}", escape(&r)))
+        let reply = row
+            .last_reply
+            .as_deref()
+            .map(|r| format!("; last reply: {}", escape(r)))
             .unwrap_or_default();
         say!(
-            "    <{}>  {status}, {attempts} attempts, {waiting}{reply}",
-            escape(&address)
+            "    <{}>  {}, {} attempts, {}{reply}",
+            escape(&row.address),
+            row.status,
+            row.attempts,
+            row.waiting(now)
         );
     }
     if messages == 0 {
         say!("the queue is empty");
-    } else {
-        say!("{messages} messages, {recipients} recipients waiting");
+        return Ok(());
     }
+    say!("{messages} messages, {recipients} recipients waiting");
+    if shown == limit {
+        say!("more: petrel queue list --after {current}");
+    }
+    Ok(())
+}
+
+fn summary(conn: &Connection) -> Result<(), Failure> {
+    let rows = views::shape(conn, SystemTime::now()).map_err(runtime)?;
+    if rows.is_empty() {
+        say!("the queue is empty");
+        return Ok(());
+    }
+    let mut header = format!("{:<32} {:>8}", "DESTINATION", "T");
+    for upper in views::AGE_BUCKETS {
+        header.push_str(&format!(" {:>6}", format!("{upper}m")));
+    }
+    header.push_str(&format!(" {:>6}", "older"));
+    say!("{header}  (recipients waiting, by minutes since received)");
+    let mut totals = vec![0i64; views::AGE_BUCKETS.len() + 2];
+    for row in &rows {
+        let mut line = format!("{:<32} {:>8}", escape(&row.destination), row.total);
+        totals[0] += row.total;
+        for (n, count) in row.by_age.iter().enumerate() {
+            line.push_str(&format!(" {count:>6}"));
+            totals[n + 1] += count;
+        }
+        say!("{line}");
+    }
+    let mut line = format!("{:<32} {:>8}", "TOTAL", totals[0]);
+    for count in &totals[1..] {
+        line.push_str(&format!(" {count:>6}"));
+    }
+    say!("{line}");
     Ok(())
 }
 

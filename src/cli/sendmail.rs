@@ -246,7 +246,13 @@ pub fn run(config: &Config, args: &[String], invoked_as: &str) -> Result<(), Fai
     match request.mode {
         Mode::Submit => submit(config, &request),
         Mode::Smtp => smtp_on_stdio(config),
-        Mode::ListQueue => super::queue::run(config, super::queue::QueueCommand::List),
+        Mode::ListQueue => super::queue::run(
+            config,
+            super::queue::QueueCommand::List {
+                limit: 100,
+                after: None,
+            },
+        ),
         Mode::RunQueue => super::queue::run(
             config,
             super::queue::QueueCommand::Retry {

@@ -296,8 +296,14 @@ pub fn requeue(
     }
 }
 
-/// Puts every waiting recipient for `destination` due before `until` back
-/// to `until`, through the destination index; returns how many.
+/// Recipients one back-off moves at most: the ones due soonest. It runs
+/// in the writer, so it must be short; the rest move at the next failed
+/// probe (the destination's window is one by then).
+pub const BACK_OFF_CHUNK: usize = 500;
+
+/// Puts the waiting recipients for `destination` due soonest (before
+/// `until`, at most [`BACK_OFF_CHUNK`]) back to `until`, through the
+/// destination index; returns how many.
 pub fn back_off(
     conn: &Connection,
     destination: &str,
@@ -306,9 +312,13 @@ pub fn back_off(
 ) -> Result<usize, QueueError> {
     conn.prepare_cached(
         "UPDATE recipients SET next_attempt_at = ?2, updated_at = ?3
-         WHERE status = 'queued' AND destination = ?1 AND next_attempt_at < ?2",
+         WHERE id IN (SELECT id FROM recipients INDEXED BY recipients_by_destination
+                      WHERE status = 'queued' AND destination = ?1 AND next_attempt_at < ?2
+                      ORDER BY next_attempt_at LIMIT ?4)",
     )
-    .and_then(|mut statement| statement.execute(params![destination, until, now]))
+    .and_then(|mut statement| {
+        statement.execute(params![destination, until, now, BACK_OFF_CHUNK as i64])
+    })
     .map_err(QueueError::sqlite(format!("cannot back off {destination}")))
 }
 
@@ -377,18 +387,45 @@ pub fn load_message(
     Ok(Some(message))
 }
 
-/// Makes waiting recipients due now (`queue retry`). `None`: every message.
-pub fn retry_now(
-    conn: &Connection,
-    message_id: Option<&str>,
-    now: &str,
-) -> Result<usize, QueueError> {
+/// Makes a message's waiting recipients due now (`queue retry ID`).
+pub fn retry_now(conn: &Connection, message_id: &str, now: &str) -> Result<usize, QueueError> {
     conn.execute(
         "UPDATE recipients SET next_attempt_at = ?1, updated_at = ?1
-         WHERE status = 'queued' AND (?2 IS NULL OR message_id = ?2)",
+         WHERE status = 'queued' AND message_id = ?2",
         params![now, message_id],
     )
     .map_err(QueueError::sqlite("cannot schedule retry"))
+}
+
+/// Recipients `retry --all` makes due per transaction: each is short, so
+/// the server's writer (and every inbound 250) waits milliseconds between
+/// them, never the whole update.
+pub const RETRY_CHUNK: usize = 5000;
+
+/// `queue retry --all`: every waiting recipient due now, in transactions
+/// of `chunk`, each through the due index. Returns how many are due now.
+pub fn retry_all(conn: &Connection, now: &str, chunk: usize) -> Result<usize, QueueError> {
+    let mut statement = conn
+        .prepare(
+            "UPDATE recipients SET next_attempt_at = ?1, updated_at = ?1
+             WHERE id IN (SELECT id FROM recipients INDEXED BY recipients_due
+                          WHERE status = 'queued' AND next_attempt_at > ?1 LIMIT ?2)",
+        )
+        .map_err(QueueError::sqlite("cannot schedule retry"))?;
+    // Each round leaves fewer rows after `now`, so the loop ends.
+    while statement
+        .execute(params![now, chunk as i64])
+        .map_err(QueueError::sqlite("cannot schedule retry"))?
+        == chunk
+    {}
+    let due: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM recipients WHERE status = 'queued' AND next_attempt_at <= ?1",
+            [now],
+            |row| row.get(0),
+        )
+        .map_err(QueueError::sqlite("cannot count due recipients"))?;
+    Ok(usize::try_from(due).unwrap_or(0))
 }
 
 /// Removes a message and all its recipients (`queue delete`).
@@ -670,6 +707,24 @@ mod tests {
                 .unwrap();
             assert_eq!(stored, recipient.route.destination());
         }
+    }
+
+    #[test]
+    fn retry_all_goes_in_chunks_and_makes_everything_due() {
+        let (_dir, conn) = queue();
+        fill(&conn, 0, 10, &["a.example"], "2030-01-01 00:00:00");
+        fill(&conn, 10, 2, &["a.example"], "2026-01-01 00:00:00");
+        let now = "2026-06-01 00:00:00";
+        assert_eq!(retry_all(&conn, now, 3).unwrap(), 12);
+        let later: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM recipients WHERE next_attempt_at > ?1",
+                [now],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(later, 0);
+        assert_eq!(retry_all(&conn, now, 3).unwrap(), 12, "idempotent");
     }
 
     #[test]

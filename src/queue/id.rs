@@ -31,6 +31,17 @@ impl QueueId {
         QueueId(format!("{micros:013X}{:03X}", process_salt()))
     }
 
+    /// The first 13 digits of the ids made at `at`: ids compare as text in
+    /// time order, so this is a bound for "received before/after `at`".
+    pub fn prefix_at(at: SystemTime) -> String {
+        let micros = at
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0)
+            & 0x000F_FFFF_FFFF_FFFF;
+        format!("{micros:013X}")
+    }
+
     /// Accepts what `generate` makes (and what an operator types, in any case).
     pub fn parse(text: &str) -> Option<QueueId> {
         let valid = text.len() == 16 && text.chars().all(|c| c.is_ascii_hexdigit());

@@ -8,6 +8,7 @@ pub mod content;
 pub mod delivery;
 mod id;
 mod schema;
+pub mod views;
 mod writer;
 
 use std::fmt;
