@@ -69,29 +69,39 @@ fn maildir_count(server: &TestServer, local: &str) -> usize {
 fn a_dead_destination_holds_only_its_limit_while_others_flow() {
     let sink = Sink::start("accept", 0);
     let dead = blackhole(&format!("127.0.0.2:{}", sink.port));
-    let dns = standard_dns();
-    dns.mx("dead.example", 10, "mx.dead.example")
-        .a("mx.dead.example", "127.0.0.2");
-    let server = TestServer::start_delivering(dns, |config| {
+    let dns = || {
+        let dns = standard_dns();
+        dns.mx("dead.example", 10, "mx.dead.example")
+            .a("mx.dead.example", "127.0.0.2");
+        dns
+    };
+    // Queued while no delivery runs, the dead domain's mail first: at the
+    // start it is all due at once, more of it than one claim takes.
+    let mut accepting =
+        TestServer::start_with(dns(), petrel::instance::Options { delivery: false }, |_| {});
+    let to_dead: Vec<String> = (0..100).map(|n| format!("user{n}@dead.example")).collect();
+    submit_each(&accepting, &to_dead);
+    let to_good: Vec<String> = (0..20)
+        .map(|n| format!("friend{n}@elsewhere.example"))
+        .collect();
+    submit_each(&accepting, &to_good);
+    let to_local: Vec<String> = (0..10)
+        .map(|n| format!("{}@example.test", ["bob", "carol"][n % 2]))
+        .collect();
+    submit_each(&accepting, &to_local);
+    let data_dir = accepting.instance().config().data_dir.clone();
+    let dir = std::mem::replace(&mut accepting.dir, tempfile::tempdir().unwrap());
+    accepting.shutdown();
+
+    let server = TestServer::start_delivering(dns(), |config| {
+        config.data_dir = data_dir.clone();
         config.delivery.port = sink.port;
         config.delivery.workers = 6;
         config.delivery.destination_concurrency = 3;
     });
-
-    // The dead domain's mail comes first, so it is due first.
-    let to_dead: Vec<String> = (0..30).map(|n| format!("user{n}@dead.example")).collect();
-    submit_each(&server, &to_dead);
-    let to_good: Vec<String> = (0..20)
-        .map(|n| format!("friend{n}@elsewhere.example"))
-        .collect();
-    submit_each(&server, &to_good);
-    let to_local: Vec<String> = (0..10)
-        .map(|n| format!("{}@example.test", ["bob", "carol"][n % 2]))
-        .collect();
-    submit_each(&server, &to_local);
-
-    // Polled, not timed: with every worker stuck at the blackhole this
-    // would never happen (the blackhole never answers, for minutes).
+    // Polled, not timed: with every worker, or the whole claim budget,
+    // stuck at the blackhole (which never answers, for minutes) this
+    // would never happen.
     sink.wait_for_messages(20);
     wait_for("local mail in the Maildirs", || {
         maildir_count(&server, "bob") + maildir_count(&server, "carol") == 10
@@ -109,7 +119,9 @@ fn a_dead_destination_holds_only_its_limit_while_others_flow() {
             |r| r.get(0),
         )
         .unwrap();
-    assert_eq!(waiting, 30, "the dead domain's mail waits, none lost");
+    assert_eq!(waiting, 100, "the dead domain's mail waits, none lost");
+    drop(server);
+    drop(dir);
 }
 
 #[test]

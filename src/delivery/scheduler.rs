@@ -169,8 +169,8 @@ impl Scheduler {
         if claimed.is_empty() {
             return CLAIM_RETRY;
         }
+        let mut surplus = Vec::new();
         for job in group(claimed) {
-            self.outstanding += 1;
             let window = self.window_for(&job.destination);
             let state = self
                 .destinations
@@ -179,7 +179,18 @@ impl Scheduler {
             if state.window == 0 {
                 state.window = window;
             }
+            // One window's worth may wait here beyond what runs; more
+            // would tie up the claim budget behind one destination (a
+            // dead one holds its jobs for minutes) and starve the others.
+            if state.running + state.waiting.len() >= 2 * state.window {
+                surplus.push(job);
+                continue;
+            }
+            self.outstanding += 1;
             state.waiting.push_back(job);
+        }
+        if !surplus.is_empty() {
+            self.requeue_untouched(surplus);
         }
         let keys: Vec<Destination> = self.destinations.keys().cloned().collect();
         for destination in keys {
