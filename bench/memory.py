@@ -6,8 +6,10 @@ usage: memory.py SCENARIO PID SMTP_PORT SMTPS_PORT
          each from its own loopback address (127.0.2.x)
   data   50 parallel 20 MiB messages to a local mailbox (127.0.3.x)
   idle   1000 idle connections to port 25 (127.0.4.x / 127.0.5.x ...)
+  senders  100 parallel senders, 20 messages of 1 KiB each, one session
+         per message, to a local mailbox (127.0.6.x)
 Prints one line: peak and settled RSS (MB, from VmRSS sampled every 20 ms
-and VmHWM) and what the clients got.
+and VmHWM), peak PSS (from smaps_rollup) and what the clients got.
 """
 import base64
 import socket
@@ -27,13 +29,26 @@ def status(field):
     return 0.0
 
 
+def pss():
+    try:
+        with open("/proc/%d/smaps_rollup" % pid) as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return 0.0
+
+
 peak = [0.0]
+peak_pss = [0.0]
 sampling = [True]
 
 
 def sampler():
     while sampling[0]:
         peak[0] = max(peak[0], status("VmRSS"))
+        peak_pss[0] = max(peak_pss[0], pss())
         time.sleep(0.02)
 
 
@@ -103,6 +118,25 @@ def data(n, start):
         record("error:" + type(e).__name__)
 
 
+def senders(n, start):
+    try:
+        start.wait()
+        for m in range(20):
+            s = socket.create_connection(("127.0.0.1", smtp_port), timeout=60, source_address=(source(n, 6), 0))
+            f = s.makefile("rb")
+            reply(f)
+            for command in [b"EHLO bench.test", b"MAIL FROM:<bench@localhost>", b"RCPT TO:<alice@localhost>", b"DATA"]:
+                s.sendall(command + b"\r\n")
+                reply(f)
+            s.sendall(b"Subject: small\r\n\r\n" + b"y" * 1000 + b"\r\n.\r\n")
+            record(reply(f))
+            s.sendall(b"QUIT\r\n")
+            reply(f)
+            s.close()
+    except Exception as e:
+        record("error:" + type(e).__name__)
+
+
 held = []
 
 
@@ -119,7 +153,12 @@ def idle(n, start):
 
 def main():
     global BODY
-    count, work = {"auth": (128, auth), "data": (50, data), "idle": (1000, idle)}[scenario]
+    count, work = {
+        "auth": (128, auth),
+        "data": (50, data),
+        "idle": (1000, idle),
+        "senders": (100, senders),
+    }[scenario]
     if scenario == "data":
         line = b"x" * 998 + b"\r\n"
         BODY = b"Subject: big\r\n\r\n" + line * (20 * 1024 * 1024 // len(line))
@@ -144,12 +183,13 @@ def main():
     for r in results:
         outcome[r] = outcome.get(r, 0) + 1
     print(
-        "%s: peak VmHWM %.1f MB, peak VmRSS %.1f MB, VmRSS now %.1f MB, under 60 MB after %s, "
-        "%.1f s, replies %s"
+        "%s: peak VmHWM %.1f MB, peak VmRSS %.1f MB, peak PSS %.1f MB, VmRSS now %.1f MB, "
+        "under 60 MB after %s, %.1f s, replies %s"
         % (
             scenario,
             status("VmHWM"),
             peak[0],
+            peak_pss[0],
             status("VmRSS"),
             "%.1f s" % settled_after if settled_after is not None else "never (10 s)",
             elapsed,

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Peak memory of petrel under the loads an attacker can make (issue #8):
 # 128 parallel wrong AUTHs, 50 parallel 20 MiB messages, 1000 idle
-# connections. Each scenario runs against a fresh server; with OLD (a
+# connections; and the memory of ordinary load (issue #10): 100 parallel
+# senders of 1 KiB messages. Each scenario runs against a fresh server; with OLD (a
 # petrel binary of an earlier build) both run alternately, ROUNDS times.
 #
-#   bench/memory.sh [OLD_BINARY] [ROUNDS]
+#   bench/memory.sh [OLD_BINARY] [ROUNDS] [SCENARIOS]
 #
 # Loopback only. Needs python3. Figures are from /proc/PID/status (VmHWM,
-# VmRSS) sampled by bench/memory.py.
+# VmRSS) and /proc/PID/smaps_rollup (Pss) sampled by bench/memory.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 old="${1:-}"
@@ -47,7 +48,7 @@ TOML
     rm -rf "$work"
 }
 
-for scenario in auth data idle; do
+for scenario in ${3:-auth data idle senders}; do
     for _ in $(seq 1 "$rounds"); do
         if [ -n "$old" ]; then run "$old" "$scenario" old; fi
         run "$new" "$scenario" new

@@ -180,6 +180,11 @@ impl Instance {
         self.server.active_sessions()
     }
 
+    /// Session threads started so far (started as sessions need them).
+    pub fn session_threads(&self) -> usize {
+        self.server.worker_threads()
+    }
+
     pub fn queue(&self) -> QueueHandle {
         self.queue.handle()
     }

@@ -227,3 +227,34 @@ fn the_database_gives_space_back_after_the_queue_drains() {
     let dir = data_dir.join("mail/example.test/carol/new");
     assert_eq!(std::fs::read_dir(dir).unwrap().count(), 8);
 }
+
+#[test]
+fn session_threads_start_as_sessions_need_them_and_are_reused() {
+    let server = TestServer::start(|config| {
+        config.limits.max_sessions_per_ip = 50;
+    });
+    let started = server.instance().session_threads();
+    assert!(started <= 4, "a few at first, not max_sessions: {started}");
+    // Twelve at once: each is greeted at once (none waits for a thread).
+    for round in 0..2 {
+        let mut clients: Vec<RawClient> =
+            (0..12).map(|_| RawClient::greeted(server.smtp())).collect();
+        for client in &mut clients {
+            assert_eq!(client.command("NOOP").code, 250);
+        }
+        let threads = server.instance().session_threads();
+        assert!(
+            (12..=16).contains(&threads),
+            "round {round}: {threads} threads for 12 sessions"
+        );
+        for client in &mut clients {
+            client.command("QUIT");
+        }
+        drop(clients);
+        wait_for("the sessions to end", || {
+            server.instance().active_sessions() == 0
+        });
+    }
+    // Reused, not started anew.
+    assert!(server.instance().session_threads() <= 16);
+}

@@ -6,11 +6,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam_channel::Sender;
-
 use super::ServerContext;
 use super::connection::{Job, Stream};
 use super::limits::{ConnectionLimits, Refusal};
+use super::pool::WorkerPool;
 use crate::protocol::reply::{self, Reply};
 use crate::protocol::session::ListenerKind;
 
@@ -23,7 +22,7 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 pub struct Acceptor {
     pub listener: TcpListener,
     pub kind: ListenerKind,
-    pub jobs: Sender<Job>,
+    pub pool: Arc<WorkerPool>,
     pub limits: Arc<ConnectionLimits>,
     pub context: Arc<ServerContext>,
 }
@@ -55,7 +54,7 @@ impl Acceptor {
                         permit,
                         local: None,
                     };
-                    if self.jobs.send(job).is_err() {
+                    if self.pool.submit(job).is_err() {
                         return;
                     }
                 }

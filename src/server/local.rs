@@ -110,7 +110,7 @@ pub fn local_user(config: &Config, uid: u32, gid: u32) -> LocalUser {
 /// Accepts on the local socket and hands sessions to the worker pool.
 pub struct LocalAcceptor {
     pub listener: UnixListener,
-    pub jobs: crossbeam_channel::Sender<Job>,
+    pub pool: Arc<super::pool::WorkerPool>,
     pub limits: Arc<ConnectionLimits>,
     pub context: Arc<ServerContext>,
 }
@@ -149,7 +149,7 @@ impl LocalAcceptor {
                 permit,
                 local: Some(user),
             };
-            if self.jobs.send(job).is_err() {
+            if self.pool.submit(job).is_err() {
                 return;
             }
         }

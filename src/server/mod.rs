@@ -13,6 +13,7 @@ pub mod directory;
 mod limits;
 pub mod local;
 pub mod notify;
+mod pool;
 pub mod privileges;
 
 use std::collections::HashMap;
@@ -21,21 +22,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
-use crossbeam_channel::Sender;
-
 use crate::config::Config;
 use crate::protocol::address::Address;
 use crate::protocol::session::{ListenerKind, SessionConfig};
 use crate::queue::QueueHandle;
 use crate::tls::ServerTls;
-use connection::Job;
 use directory::Directory;
 pub use limits::{ConnectionLimits, LimitSettings, Refusal};
+use pool::WorkerPool;
 
-/// Worker threads run deep-ish code (TLS handshakes, SQLite, argon2 with
-/// its memory on the heap) but nothing recursive; 256 KiB is plenty and
-/// keeps hundreds of idle sessions cheap.
-const WORKER_STACK: usize = 256 * 1024;
 const ACCEPTOR_STACK: usize = 128 * 1024;
 /// Pending connections the kernel keeps for us; small backlogs (5, 20)
 /// drop bursts of connects and stall clients for seconds in SYN retries.
@@ -222,8 +217,7 @@ pub struct Server {
     context: Arc<ServerContext>,
     listeners: Vec<(ListenerKind, SocketAddr)>,
     acceptors: Vec<JoinHandle<()>>,
-    workers: Vec<JoinHandle<()>>,
-    jobs: Option<Sender<Job>>,
+    pool: Arc<WorkerPool>,
     limits: Arc<ConnectionLimits>,
     local_path: std::path::PathBuf,
     pickup: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
@@ -269,20 +263,10 @@ impl Server {
         });
 
         let max_sessions = config.limits.max_sessions;
-        // Permits cap the jobs in flight at max_sessions, so this channel
-        // never blocks an acceptor.
-        let (jobs, receiver) = crossbeam_channel::bounded::<Job>(max_sessions);
-        let mut workers = Vec::with_capacity(max_sessions);
-        for index in 0..max_sessions {
-            let receiver = receiver.clone();
-            let context = Arc::clone(&context);
-            let worker = std::thread::Builder::new()
-                .name(format!("smtp-worker-{index}"))
-                .stack_size(WORKER_STACK)
-                .spawn(move || worker_loop(receiver, context))
-                .map_err(|e| StartError(format!("cannot start worker thread: {e}")))?;
-            workers.push(worker);
-        }
+        let pool = Arc::new(
+            WorkerPool::start(Arc::clone(&context), max_sessions)
+                .map_err(|e| StartError(format!("cannot start worker thread: {e}")))?,
+        );
 
         let reserved = config.limits.submission_reserved.min(max_sessions / 2);
         let limits = ConnectionLimits::new(LimitSettings {
@@ -302,7 +286,7 @@ impl Server {
             let acceptor = acceptor::Acceptor {
                 listener,
                 kind,
-                jobs: jobs.clone(),
+                pool: Arc::clone(&pool),
                 limits: Arc::clone(&limits),
                 context: Arc::clone(&context),
             };
@@ -315,7 +299,7 @@ impl Server {
         }
         let local_acceptor = local::LocalAcceptor {
             listener: bound.local,
-            jobs: jobs.clone(),
+            pool: Arc::clone(&pool),
             limits: Arc::clone(&limits),
             context: Arc::clone(&context),
         };
@@ -339,8 +323,7 @@ impl Server {
             context,
             listeners,
             acceptors,
-            workers,
-            jobs: Some(jobs),
+            pool,
             limits,
             local_path: bound.local_path,
             pickup: Some((stop, pickup)),
@@ -381,25 +364,12 @@ impl Server {
             let _ = acceptor.join();
         }
         self.context.registry.shut_down_reads();
-        self.jobs = None;
-        for worker in self.workers.drain(..) {
-            if worker.join().is_err() {
-                log::error!("a worker thread panicked during shutdown");
-            }
-        }
+        self.pool.close();
     }
-}
 
-fn worker_loop(jobs: crossbeam_channel::Receiver<Job>, context: Arc<ServerContext>) {
-    while let Ok(job) = jobs.recv() {
-        let peer = job.peer;
-        // A bug in one session must not take a worker away from the pool.
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            connection::serve(job, &context);
-        }));
-        if outcome.is_err() {
-            log::error!("{peer}: session panicked; connection dropped");
-        }
+    /// Session threads started so far (they start as sessions need them).
+    pub fn worker_threads(&self) -> usize {
+        self.pool.size()
     }
 }
 
