@@ -28,7 +28,13 @@ impl LocalSetup {
     fn new(server_dir: &Path, config: &Config) -> LocalSetup {
         std::fs::set_permissions(server_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         let binary = server_dir.join("petrel");
-        std::fs::copy(env!("CARGO_BIN_EXE_petrel"), &binary).unwrap();
+        // A hard link, not a copy, where it can be: a copy is a file open
+        // for writing, and a child another test forks meanwhile inherits
+        // that descriptor until it execs, so running the copy can fail
+        // with "text file busy" (ETXTBSY).
+        if std::fs::hard_link(env!("CARGO_BIN_EXE_petrel"), &binary).is_err() {
+            std::fs::copy(env!("CARGO_BIN_EXE_petrel"), &binary).unwrap();
+        }
         std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
         let config_path = server_dir.join("sendmail.toml");
         std::fs::write(
@@ -63,12 +69,11 @@ impl LocalSetup {
             // std drops supplementary groups when root sets the uid.
             command.uid(uid).gid(uid);
         }
-        let mut child = command
+        command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::piped());
+        let mut child = spawn_when_not_busy(&mut command);
         let _ = child.stdin.take().unwrap().write_all(message);
         let output = child.wait_with_output().unwrap();
         (
@@ -76,6 +81,30 @@ impl LocalSetup {
             String::from_utf8_lossy(&output.stderr).into_owned(),
         )
     }
+}
+
+/// Spawns, trying again while the binary is "text file busy": when it had
+/// to be copied, a child forked by another test may still hold the copy's
+/// write descriptor for a moment (bounded: 5 s).
+fn spawn_when_not_busy(command: &mut Command) -> std::process::Child {
+    for _ in 0..250 {
+        match command.spawn() {
+            Err(error) if error.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other.unwrap(),
+        }
+    }
+    panic!("the binary stayed busy for 5 s");
+}
+
+/// `Command::output`, with [`spawn_when_not_busy`].
+fn output_when_not_busy(command: &mut Command) -> std::process::Output {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    spawn_when_not_busy(command).wait_with_output().unwrap()
 }
 
 fn running_as_root(test: &str) -> bool {
@@ -162,12 +191,8 @@ fn a_local_user_sends_as_themselves_and_only_root_chooses_the_sender() {
     );
     // The queue itself is closed to the user: no reading others' mail.
     let (code, err) = {
-        let output = setup
-            .command(&["queue", "list"])
-            .uid(NOBODY)
-            .gid(NOBODY)
-            .output()
-            .unwrap();
+        let output =
+            output_when_not_busy(setup.command(&["queue", "list"]).uid(NOBODY).gid(NOBODY));
         (
             output.status.code(),
             String::from_utf8_lossy(&output.stderr).into_owned(),
@@ -312,17 +337,13 @@ fn mailq_lists_the_queue_and_sendmail_q_retries_it() {
 
     let mailq = server.dir.path().join("mailq");
     std::os::unix::fs::symlink(&setup.binary, &mailq).unwrap();
-    let output = Command::new(&mailq)
-        .arg("-c")
-        .arg(&setup.config)
-        .output()
-        .unwrap();
+    let output = output_when_not_busy(Command::new(&mailq).arg("-c").arg(&setup.config));
     let listing = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{output:?}");
     assert!(listing.contains(&id), "{listing}");
     assert!(listing.contains("bob@example.test"), "{listing}");
 
-    let output = setup.command(&["sendmail", "-q"]).output().unwrap();
+    let output = output_when_not_busy(&mut setup.command(&["sendmail", "-q"]));
     assert!(output.status.success(), "{output:?}");
     assert!(
         String::from_utf8_lossy(&output.stdout).contains("1 recipient"),
