@@ -50,13 +50,18 @@ pub struct Instance {
     server: Server,
     delivery: Option<Delivery>,
     control: Option<ControlSocket>,
+    /// Where `reload-aliases` reads from (set by `petrel serve`).
+    config_file: Arc<std::sync::Mutex<Option<std::path::PathBuf>>>,
     _lock: File,
 }
 
-/// What the control socket reaches: the scheduler and the AUTH limiter.
+/// What the control socket reaches: the scheduler, the AUTH limiter, and
+/// the routing's aliases with the file they come from.
 struct InstanceControls {
     waker: Option<Waker>,
     limiter: Arc<AuthLimiter>,
+    server: Arc<crate::server::ServerContext>,
+    config_file: Arc<std::sync::Mutex<Option<std::path::PathBuf>>>,
 }
 
 impl Controls for InstanceControls {
@@ -68,6 +73,24 @@ impl Controls for InstanceControls {
 
     fn unlock(&self, account: &str) -> Vec<std::net::IpAddr> {
         self.limiter.unlock_account(account)
+    }
+
+    fn reload_aliases(&self) -> Result<usize, String> {
+        let path = self
+            .config_file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .ok_or("petrel runs on its built-in defaults: there is no config file to read")?;
+        // The whole file is checked, as at start; only the aliases change.
+        let config = Config::load_file(&path).map_err(|e| e.to_string())?;
+        let count = config.aliases.len();
+        self.server.services.replace_aliases(config.aliases);
+        log::info!(
+            "aliases reloaded from {}: {count} aliases (other settings apply at restart)",
+            path.display()
+        );
+        Ok(count)
     }
 }
 
@@ -138,9 +161,12 @@ impl Instance {
                 return Err(error(e));
             }
         };
+        let config_file = Arc::new(std::sync::Mutex::new(None));
         let controls = InstanceControls {
             waker: delivery.as_ref().map(Delivery::waker),
             limiter,
+            server: server.shared_context(),
+            config_file: Arc::clone(&config_file),
         };
         let control = match ControlSocket::start(&config.data_dir, Arc::new(controls)) {
             Ok(control) => Some(control),
@@ -159,6 +185,7 @@ impl Instance {
             server,
             delivery,
             control,
+            config_file,
             _lock: lock,
         })
     }
@@ -178,6 +205,14 @@ impl Instance {
 
     pub fn active_sessions(&self) -> usize {
         self.server.active_sessions()
+    }
+
+    /// The file the config came from, for `newaliases` to reload from.
+    pub fn set_config_file(&self, path: &std::path::Path) {
+        *self
+            .config_file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(path.to_path_buf());
     }
 
     /// Session threads started so far (started as sessions need them).

@@ -366,3 +366,30 @@ fn cron_output_without_headers_becomes_the_body() {
     assert!(header.contains("\r\nMessage-ID: <"), "{content}");
     assert_eq!(body, "disk usage: 42%\r\n");
 }
+
+#[test]
+fn newaliases_reloads_the_running_servers_aliases() {
+    let server = TestServer::start(|_| {});
+    let setup = LocalSetup::new(server.dir.path(), server.instance().config());
+    server.instance().set_config_file(&setup.config);
+    let rcpt = |address: &str| {
+        let mut client = RawClient::greeted(server.smtp());
+        client.command("EHLO client.test");
+        assert_eq!(client.command("MAIL FROM:<>").code, 250);
+        client.command(&format!("RCPT TO:<{address}>")).code
+    };
+    assert_eq!(rcpt("helpdesk@example.test"), 550, "no such alias yet");
+
+    let mut text = std::fs::read_to_string(&setup.config).unwrap();
+    text.push_str("[aliases]\n\"helpdesk@example.test\" = \"bob@example.test\"\n");
+    std::fs::write(&setup.config, text).unwrap();
+    let output = output_when_not_busy(&mut setup.command(&["sendmail", "-bi"]));
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
+    assert!(said.contains("1 aliases checked"), "{said}");
+    assert!(
+        said.contains("the running server now routes with these aliases (1)"),
+        "{said}"
+    );
+    assert_eq!(rcpt("helpdesk@example.test"), 250, "the new alias is live");
+}

@@ -81,8 +81,8 @@ trusted_group.
 Options: -t recipients from To:, Cc: and Bcc: (Bcc: is removed); -i, -oi a lone dot does not \
 end the message; -f ADDR, -r ADDR envelope sender; -F NAME full name for the From: header \
 added when missing; -bm submit (default); -bs SMTP on standard input and output; -bp, mailq \
-list the queue; -q retry the queue now; -bi, newaliases check the aliases (they are read at \
-start: restart to apply); -v print the queue id. Other sendmail options (-o..., -B..., \
+list the queue; -q retry the queue now; -bi, newaliases check the aliases and have the \
+running server reload them; -v print the queue id. Other sendmail options (-o..., -B..., \
 -N...) are accepted and ignored.
 
 Silent on success (cron mails any output back to the job's owner). Exit status: 0 sent or \

@@ -265,7 +265,7 @@ pub fn run(config: &Config, args: &[String], invoked_as: &str) -> Result<(), Fai
 }
 
 /// `newaliases`: aliases live in the config, so this checks them the way
-/// the server will use them, and says how to apply a change.
+/// the server will use them, then has the running server read them again.
 fn check_aliases(config: &Config) -> Result<(), Failure> {
     let findings = super::check::check(config);
     let problems: Vec<&String> = findings
@@ -277,12 +277,23 @@ fn check_aliases(config: &Config) -> Result<(), Failure> {
         eprintln!("petrel: warning: {problem}");
     }
     say!(
-        "{} aliases checked, {} problems; petrel reads [aliases] from its config at start: \
-         restart it (systemctl restart petrel) to apply changes",
+        "{} aliases checked, {} problems",
         config.aliases.len(),
         problems.len()
     );
-    Ok(())
+    match crate::server::control::reload_aliases(&config.data_dir) {
+        Some(Ok(count)) => {
+            say!("the running server now routes with these aliases ({count})");
+            Ok(())
+        }
+        Some(Err(why)) => Err(Failure::Runtime(format!(
+            "the running server did not reload its aliases: {why}"
+        ))),
+        None => {
+            say!("no running server was reached; it reads them when it starts");
+            Ok(())
+        }
+    }
 }
 
 /// Builds the message and the envelope from the command line and stdin.

@@ -25,6 +25,9 @@ pub fn serve(config: Config, source: ConfigSource) -> Result<(), Failure> {
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])
         .map_err(|e| Failure::Runtime(format!("cannot install signal handlers: {e}")))?;
     let instance = Instance::start(config).map_err(|e| Failure::Runtime(e.to_string()))?;
+    if let ConfigSource::File(path) = &source {
+        instance.set_config_file(path);
+    }
     log::info!("petrel ready");
     notify("READY=1\nSTATUS=serving");
     for signal in signals.forever() {

@@ -5,7 +5,9 @@
 //! - `note <text>`: the server writes the line to its log, so what an
 //!   operator did appears beside what the server did;
 //! - `unlock <account>` (`petrel user unlock`): lifts the AUTH lockouts of
-//!   the addresses that failed at the account; the reply says which.
+//!   the addresses that failed at the account; the reply says which;
+//! - `reload-aliases` (`newaliases`): the server reads the aliases from its
+//!   config file again; the reply says how many, or why not.
 //!
 //! It can do nothing else. The socket is in the private data dir: only
 //! petrel's own user (and root) can reach it.
@@ -26,6 +28,9 @@ pub trait Controls: Send + Sync + 'static {
     /// Lifts the lockouts `account`'s failures caused; returns the
     /// addresses they held.
     fn unlock(&self, account: &str) -> Vec<IpAddr>;
+    /// Reads the aliases from the config file again and routes with them
+    /// from now on; returns how many there are.
+    fn reload_aliases(&self) -> Result<usize, String>;
 }
 
 pub const CONTROL_SOCKET: &str = "control.sock";
@@ -103,6 +108,15 @@ fn serve(connection: UnixStream, controls: &dyn Controls) {
     let mut reader = BufReader::new(connection.take(MAX_LINE));
     let _ = reader.read_line(&mut line);
     let line = line.trim_end();
+    if line == "reload-aliases" {
+        let answer = match controls.reload_aliases() {
+            Ok(count) => format!("reloaded {count}"),
+            Err(error) => format!("error {}", error.replace(['\r', '\n'], " ")),
+        };
+        let _ = writer.set_write_timeout(Some(Duration::from_millis(200)));
+        let _ = writeln!(writer, "{answer}");
+        return;
+    }
     if let Some(note) = line.strip_prefix("note ") {
         log::info!("{}", crate::printable::escape(note));
     } else if let Some(account) = line.strip_prefix("unlock ") {
@@ -156,4 +170,28 @@ pub fn unlock(data_dir: &Path, account: &str) -> Option<Vec<String>> {
         .ok()?;
     let lifted = reply.trim_end().strip_prefix("unlocked")?;
     Some(lifted.split_whitespace().map(str::to_string).collect())
+}
+
+/// Asks the server running on `data_dir` to read its aliases again.
+/// `None`: no server was reached; `Some(Ok(count))` or the server's reason.
+pub fn reload_aliases(data_dir: &Path) -> Option<Result<usize, String>> {
+    let mut stream = UnixStream::connect(data_dir.join(CONTROL_SOCKET)).ok()?;
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    stream.write_all(b"reload-aliases\n").ok()?;
+    let mut reply = String::new();
+    BufReader::new(stream.take(64 * 1024))
+        .read_line(&mut reply)
+        .ok()?;
+    let reply = reply.trim_end();
+    if let Some(count) = reply.strip_prefix("reloaded ") {
+        return Some(
+            count
+                .parse()
+                .map_err(|_| format!("unexpected reply {reply:?}")),
+        );
+    }
+    Some(Err(reply
+        .strip_prefix("error ")
+        .unwrap_or(reply)
+        .to_string()))
 }

@@ -22,6 +22,9 @@ use crate::routing::{self, Route, RouteError, Routed};
 
 pub struct Directory {
     config: Arc<Config>,
+    /// The config routing reads: `config` with the aliases of the last
+    /// reload (`newaliases`), swapped whole so a lookup sees one table.
+    routing: std::sync::RwLock<Arc<Config>>,
     accounts: Accounts,
     /// Shared with the control socket (`petrel user unlock`).
     limiter: Arc<AuthLimiter>,
@@ -51,6 +54,7 @@ impl Directory {
             config.auth.check_wait.get(),
         );
         Directory {
+            routing: std::sync::RwLock::new(Arc::clone(&config)),
             config,
             accounts,
             limiter,
@@ -59,6 +63,31 @@ impl Directory {
             dns,
             outbound,
         }
+    }
+
+    /// The config with the current aliases, for routing.
+    fn routing_config(&self) -> Arc<Config> {
+        Arc::clone(
+            &self
+                .routing
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// `newaliases`: routing uses these aliases from the next lookup on.
+    /// (Routes already stored with queued mail stay as they were decided.)
+    pub fn replace_aliases(
+        &self,
+        aliases: std::collections::BTreeMap<String, crate::config::AliasTargets>,
+    ) {
+        let mut routing = self
+            .routing
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut config = Config::clone(&routing);
+        config.aliases = aliases;
+        *routing = Arc::new(config);
     }
 
     /// The brute-force limiter, for the control socket's `unlock`.
@@ -197,7 +226,7 @@ impl Services for Directory {
         let owned_by_user = match (client.user, address) {
             (Some(user), Some(address)) => {
                 address.mailbox_key() == user
-                    || routing::expand_alias(&self.config, address)
+                    || routing::expand_alias(&self.routing_config(), address)
                         .ok()
                         .flatten()
                         .is_some_and(|targets| targets.iter().any(|t| t.mailbox_key() == user))
@@ -230,7 +259,7 @@ impl Services for Directory {
         client: &ClientView,
         recipient: &Address,
     ) -> Result<Vec<Routed>, Reply> {
-        let resolution = routing::resolve(&self.config, &self.accounts, recipient);
+        let resolution = routing::resolve(&self.routing_config(), &self.accounts, recipient);
         let (local_domain, mailbox_exists) = match &resolution {
             Ok(resolution) => (resolution.local_domain, resolution.local_domain),
             Err(RouteError::NoSuchMailbox) => (true, false),

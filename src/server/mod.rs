@@ -347,6 +347,11 @@ impl Server {
         &self.context
     }
 
+    /// The context, to keep (the control socket's `reload-aliases`).
+    pub fn shared_context(&self) -> Arc<ServerContext> {
+        Arc::clone(&self.context)
+    }
+
     /// Stops accepting, ends open sessions (421 to idle ones) and waits for
     /// the workers. Messages already acknowledged are in the queue.
     pub fn shutdown(mut self) {
