@@ -10,7 +10,7 @@ mod common;
 use std::path::Path;
 use std::process::Stdio;
 
-use common::serving::{Serving, petrel, write_config};
+use common::serving::{Serving, add_user, petrel, write_config};
 use common::*;
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
@@ -42,6 +42,24 @@ fn cli(config: &Path, args: &[&str], stdin: &str) -> (i32, String, String) {
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
+}
+
+/// A config for `petrel serve` (DNS on loopback, delivery nowhere) with
+/// `extra` appended, and the account alice@example.test on it. The DNS
+/// server and the directory live as long as the returned values.
+fn alice_on_a_test_config(extra: &str) -> (dns::TestDns, tempfile::TempDir, std::path::PathBuf) {
+    let dns = standard_dns();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[domains]\nlocal = [\"example.test\"]\n[dns]\nnameservers = [\"{}\"]\n\
+             [delivery]\nport = 9\n[queue]\nretry_min = \"1h\"\nretry_max = \"1h\"\n{extra}",
+            dns.addr
+        ),
+    );
+    add_user(&config, "alice@example.test");
+    (dns, dir, config)
 }
 
 /// `user app-password add`: the password it showed (once).
@@ -96,22 +114,7 @@ fn message() -> Message {
 
 #[test]
 fn an_app_password_logs_in_shows_its_use_and_is_revoked() {
-    let dns = standard_dns();
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &format!(
-            "[domains]\nlocal = [\"example.test\"]\n[dns]\nnameservers = [\"{}\"]\n\
-             [delivery]\nport = 9\n[queue]\nretry_min = \"1h\"\nretry_max = \"1h\"\n",
-            dns.addr
-        ),
-    );
-    let (code, _, err) = cli(
-        &config,
-        &["user", "add", "alice@example.test", "--password-stdin"],
-        PASSWORD,
-    );
-    assert_eq!(code, 0, "{err}");
+    let (_dns, dir, config) = alice_on_a_test_config("");
     let mut serving = Serving::start(&config);
     let phone = add_app_password(&config, "alice@example.test", "phone");
 
@@ -265,22 +268,7 @@ fn an_app_password_logs_in_shows_its_use_and_is_revoked() {
 
 #[test]
 fn concurrent_user_commands_while_serving_lose_nothing() {
-    let dns = standard_dns();
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &format!(
-            "[domains]\nlocal = [\"example.test\"]\n[dns]\nnameservers = [\"{}\"]\n\
-             [delivery]\nport = 9\n[queue]\nretry_min = \"1h\"\nretry_max = \"1h\"\n",
-            dns.addr
-        ),
-    );
-    let (code, _, err) = cli(
-        &config,
-        &["user", "add", "alice@example.test", "--password-stdin"],
-        PASSWORD,
-    );
-    assert_eq!(code, 0, "{err}");
+    let (_dns, dir, config) = alice_on_a_test_config("");
     let serving = Serving::start(&config);
     let adders: Vec<_> = (0..8)
         .map(|n| {
@@ -379,22 +367,9 @@ fn required_app_passwords_refuse_the_main_password_at_the_same_cost() {
 
 #[test]
 fn guessing_app_passwords_locks_out_and_unlock_lifts_it() {
-    let dns = standard_dns();
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &format!(
-            "[domains]\nlocal = [\"example.test\"]\n[dns]\nnameservers = [\"{}\"]\n\
-             [auth]\nslowdown_after = 100\nlockout_after = 3\nlockout_duration = \"10m\"\n",
-            dns.addr
-        ),
+    let (_dns, dir, config) = alice_on_a_test_config(
+        "[auth]\nslowdown_after = 100\nlockout_after = 3\nlockout_duration = \"10m\"\n",
     );
-    let (code, _, err) = cli(
-        &config,
-        &["user", "add", "alice@example.test", "--password-stdin"],
-        PASSWORD,
-    );
-    assert_eq!(code, 0, "{err}");
     let mut serving = Serving::start(&config);
     let phone = add_app_password(&config, "alice@example.test", "phone");
     let smtps = serving.listen_address("smtps");

@@ -48,6 +48,30 @@ fn submit(server: &TestServer, to: &[&str], body: &[u8]) -> String {
     queue_id_from(&reply.text())
 }
 
+/// Waits for the message's first failed attempt to be recorded (its
+/// recipient queued again) and returns the reply it got.
+fn first_failed_reply(server: &TestServer, id: &str) -> String {
+    wait_for("the failed attempt to be recorded", || {
+        server
+            .db()
+            .query_row(
+                "SELECT attempts FROM recipients WHERE message_id = ?1 AND status = 'queued'",
+                [id],
+                |r| r.get::<_, i64>(0),
+            )
+            .unwrap_or(0)
+            == 1
+    });
+    server
+        .db()
+        .query_row(
+            "SELECT last_reply FROM recipients WHERE message_id = ?1",
+            [id],
+            |r| r.get(0),
+        )
+        .unwrap()
+}
+
 /// Drops the trace headers petrel adds (Return-Path, Delivered-To and
 /// every Received) from the top of a Maildir message.
 fn without_trace_headers(message: &str) -> String {
@@ -286,24 +310,7 @@ fn smart_host_with_an_untrusted_certificate_is_not_used() {
         &["friend@elsewhere.example"],
         b"Subject: should wait\r\n\r\nx\r\n",
     );
-    wait_for("the failed attempt to be recorded", || {
-        a.db()
-            .query_row(
-                "SELECT attempts FROM recipients WHERE message_id = ?1 AND status = 'queued'",
-                [&id],
-                |r| r.get::<_, i64>(0),
-            )
-            .unwrap_or(0)
-            == 1
-    });
-    let reply: String = a
-        .db()
-        .query_row(
-            "SELECT last_reply FROM recipients WHERE message_id = ?1",
-            [&id],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let reply = first_failed_reply(&a, &id);
     assert!(reply.contains("TLS handshake failed"), "{reply}");
     assert_eq!(b.message_count(), 0, "nothing reached the untrusted host");
 }
@@ -489,24 +496,7 @@ fn smart_host_pinned_by_its_self_signed_certificate_or_fingerprint() {
         &["friend@elsewhere.example"],
         b"Subject: pinned\r\n\r\nx\r\n",
     );
-    wait_for("the refused attempt to be recorded", || {
-        a.db()
-            .query_row(
-                "SELECT attempts FROM recipients WHERE message_id = ?1 AND status = 'queued'",
-                [&id],
-                |r| r.get::<_, i64>(0),
-            )
-            .unwrap_or(0)
-            == 1
-    });
-    let reply: String = a
-        .db()
-        .query_row(
-            "SELECT last_reply FROM recipients WHERE message_id = ?1",
-            [&id],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let reply = first_failed_reply(&a, &id);
     assert!(reply.contains("TLS handshake failed"), "{reply}");
     assert_eq!(b.message_count(), 0, "nothing reached the unpinned host");
 

@@ -9,33 +9,9 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::process::Command;
 
-use common::serving::{Serving, petrel, write_config};
+use common::serving::{Serving, add_user, petrel, write_config};
 use common::sink::Sink;
 use common::*;
-
-fn add_user(config: &Path, address: &str) {
-    use std::io::Write as _;
-    let mut child = petrel()
-        .args([
-            "-c",
-            config.to_str().unwrap(),
-            "user",
-            "add",
-            address,
-            "--password-stdin",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"Quiet-Lantern-42!\n")
-        .unwrap();
-    assert!(child.wait().unwrap().success());
-}
 
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path)

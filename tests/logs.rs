@@ -8,32 +8,8 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::serving::{Serving, petrel, write_config};
+use common::serving::{Serving, add_user, petrel, write_config};
 use common::*;
-
-fn add_user(config: &Path, address: &str) {
-    use std::io::Write as _;
-    let mut child = petrel()
-        .args([
-            "-c",
-            config.to_str().unwrap(),
-            "user",
-            "add",
-            address,
-            "--password-stdin",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{PASSWORD}\n").as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success());
-}
 
 #[test]
 fn every_event_gets_a_line_that_operators_and_fail2ban_can_use() {

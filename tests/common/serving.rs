@@ -36,6 +36,27 @@ pub fn petrel() -> Command {
     Command::new(env!("CARGO_BIN_EXE_petrel"))
 }
 
+/// `petrel user add ADDRESS` with the shared test password.
+#[allow(dead_code)] // not every test binary adds users
+pub fn add_user(config: &Path, address: &str) {
+    use std::io::Write as _;
+    let mut child = petrel()
+        .arg("-c")
+        .arg(config)
+        .args(["user", "add", address, "--password-stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{}\n", super::PASSWORD).as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "user add {address}");
+}
+
 /// A `petrel serve` child whose log is read line by line.
 pub struct Serving {
     child: Child,
