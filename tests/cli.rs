@@ -418,6 +418,18 @@ fn serve_accepts_mail_from_swaks_and_stops_on_sigterm() {
     assert_eq!(code, 0, "{}", log.join("\n"));
 }
 
+/// A cleaned-up /run, an operator's stray `rm`: shutdown must not
+/// depend on the socket file still being there.
+#[test]
+fn sigterm_stops_the_server_after_its_socket_file_was_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "[dns]\nnameservers = [\"127.0.0.1:9\"]\n");
+    let serving = Serving::start(&config);
+    std::fs::remove_file(dir.path().join("data/public/submit.sock")).unwrap();
+    let (code, log) = serving.terminate();
+    assert_eq!(code, 0, "{}", log.join("\n"));
+}
+
 #[test]
 fn config_is_found_by_variable_then_in_the_working_directory() {
     let dir = tempfile::tempdir().unwrap();

@@ -2,7 +2,7 @@
 //! pool, or refuses them at once with 421 when the limits say no.
 
 use std::io::Write as _;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use crate::protocol::session::ListenerKind;
 const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_millis(500);
 /// After accept() fails (e.g. out of file descriptors), wait before trying
 /// again rather than spinning on the error.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+pub(super) const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 pub struct Acceptor {
     pub listener: TcpListener,
@@ -92,14 +92,4 @@ impl Acceptor {
         }
         let _ = stream.shutdown(std::net::Shutdown::Both);
     }
-}
-
-/// Where to connect to wake an acceptor blocked on `address`.
-pub fn wake_address(address: SocketAddr) -> SocketAddr {
-    let ip = match address.ip() {
-        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        ip => ip,
-    };
-    SocketAddr::new(ip, address.port())
 }

@@ -121,7 +121,14 @@ impl LocalAcceptor {
             if self.context.is_shutting_down() {
                 return;
             }
-            let Ok(stream) = stream else { continue };
+            let stream = match stream {
+                Ok(stream) => stream,
+                Err(error) => {
+                    log::warn!("accept on the local socket failed: {error}");
+                    std::thread::sleep(super::acceptor::ACCEPT_ERROR_PAUSE);
+                    continue;
+                }
+            };
             let Ok(credentials) = rustix::net::sockopt::socket_peercred(&stream) else {
                 continue;
             };

@@ -219,7 +219,11 @@ pub struct Server {
     acceptors: Vec<JoinHandle<()>>,
     pool: Arc<WorkerPool>,
     limits: Arc<ConnectionLimits>,
-    local_path: std::path::PathBuf,
+    /// Duplicates of every listening socket, shut down to wake the
+    /// acceptors blocked in accept(). Connecting to the listener would
+    /// hang shutdown forever if the socket file was removed or the
+    /// address can no longer be reached.
+    wakers: Vec<std::os::fd::OwnedFd>,
     pickup: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
 }
 
@@ -277,10 +281,15 @@ impl Server {
         });
         let mut listeners = Vec::new();
         let mut acceptors = Vec::new();
+        let mut wakers = Vec::new();
+        let waker_of = |fd: std::io::Result<std::os::fd::OwnedFd>| {
+            fd.map_err(|e| StartError(format!("cannot duplicate a listening socket: {e}")))
+        };
         for (kind, listener) in bound.listeners {
             let address = listener
                 .local_addr()
                 .map_err(|e| StartError(format!("cannot read listen address: {e}")))?;
+            wakers.push(waker_of(listener.try_clone().map(Into::into))?);
             log::info!("listening on {address} ({})", kind.name());
             listeners.push((kind, address));
             let acceptor = acceptor::Acceptor {
@@ -297,6 +306,7 @@ impl Server {
                 .map_err(|e| StartError(format!("cannot start acceptor thread: {e}")))?;
             acceptors.push(handle);
         }
+        wakers.push(waker_of(bound.local.try_clone().map(Into::into))?);
         let local_acceptor = local::LocalAcceptor {
             listener: bound.local,
             pool: Arc::clone(&pool),
@@ -325,7 +335,7 @@ impl Server {
             acceptors,
             pool,
             limits,
-            local_path: bound.local_path,
+            wakers,
             pickup: Some((stop, pickup)),
         })
     }
@@ -356,11 +366,12 @@ impl Server {
     /// the workers. Messages already acknowledged are in the queue.
     pub fn shutdown(mut self) {
         self.context.shutting_down.store(true, Ordering::SeqCst);
-        for (_, address) in &self.listeners {
-            // Wake the acceptor blocked in accept(); it sees the flag.
-            let _ = TcpStream::connect(acceptor::wake_address(*address));
+        for listener in &self.wakers {
+            // accept() then fails at once (EINVAL); the acceptor sees the flag.
+            if let Err(error) = rustix::net::shutdown(listener, rustix::net::Shutdown::Both) {
+                log::warn!("cannot wake an acceptor: {error}");
+            }
         }
-        let _ = std::os::unix::net::UnixStream::connect(&self.local_path);
         if let Some((stop, pickup)) = self.pickup.take() {
             stop.store(true, Ordering::SeqCst);
             let _ = pickup.join();
