@@ -9,7 +9,12 @@ server=""
 extra_cleanup=""
 cleanup() {
     if [ -n "$extra_cleanup" ]; then eval "$extra_cleanup"; fi
-    if [ -n "$server" ]; then kill "$server" 2>/dev/null || true; fi
+    if [ -n "$server" ]; then
+        kill "$server" 2>/dev/null || true
+        # A server that does not stop in 10 s must not outlive the run.
+        for _ in $(seq 1 100); do kill -0 "$server" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$server" 2>/dev/null || true
+    fi
     rm -rf "$work"
 }
 trap cleanup EXIT

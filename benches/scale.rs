@@ -20,7 +20,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
-use petrel::queue::delivery::{back_off, claim_due};
+use petrel::queue::delivery::{ClaimLimits, back_off, claim_due};
 use petrel::queue::views;
 use petrel::timefmt::sql_timestamp;
 use rusqlite::{Connection, params};
@@ -66,13 +66,13 @@ fn main() {
         .expect("put back");
     };
     // Warm both (statement preparation, page cache), unmeasured.
-    claim_due(&conn, &now, 64, &[]).expect("claim");
+    claim_due(&conn, &now, &ClaimLimits::rows(64)).expect("claim");
     put_back(&conn);
     for _ in 0..20 {
         let t = Instant::now();
-        let claimed = claim_due(&conn, &now, 64, &[]).expect("claim");
+        let claimed = claim_due(&conn, &now, &ClaimLimits::rows(64)).expect("claim");
         new.push(t.elapsed());
-        assert!(!claimed.is_empty());
+        assert!(!claimed.recipients.is_empty());
         put_back(&conn);
         let t = Instant::now();
         let mut statement = conn.prepare_cached(PREVIOUS_CLAIM).expect("prepare");
@@ -90,7 +90,12 @@ fn main() {
     let mut skipping = Vec::new();
     for _ in 0..20 {
         let t = Instant::now();
-        claim_due(&conn, &now, 64, &["mx:good.example".to_string()]).expect("claim");
+        claim_due(
+            &conn,
+            &now,
+            &ClaimLimits::rows(64).skipping(&["mx:good.example"]),
+        )
+        .expect("claim");
         skipping.push(t.elapsed());
         put_back(&conn);
     }
@@ -109,7 +114,7 @@ fn main() {
     let mut old = Vec::new();
     for _ in 0..5 {
         let t = Instant::now();
-        claim_due(&conn, &now, 64, &[]).expect("claim");
+        claim_due(&conn, &now, &ClaimLimits::rows(64)).expect("claim");
         new.push(t.elapsed());
         put_back(&conn);
         let t = Instant::now();

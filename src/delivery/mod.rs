@@ -50,6 +50,17 @@ impl Destination {
         }
     }
 
+    /// The inverse of [`Destination::key`].
+    pub fn from_key(key: &str) -> Option<Destination> {
+        match key {
+            "local" => Some(Destination::Local),
+            "smarthost" => Some(Destination::SmartHost),
+            _ => key
+                .strip_prefix("mx:")
+                .map(|domain| Destination::Domain(domain.to_string())),
+        }
+    }
+
     pub fn of(route: &Route) -> Destination {
         match route {
             Route::Local { .. } => Destination::Local,

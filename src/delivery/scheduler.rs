@@ -26,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::{Receiver, Sender, select};
 
 use super::{DeliveryContext, Destination, Job, Reach};
-use crate::queue::delivery::{self, ClaimedRecipient};
+use crate::queue::delivery::{self, ClaimLimits, ClaimedRecipient};
 
 /// Longest sleep without a reason: a safety net for changes made while no
 /// control socket could tell us (it is one indexed query, not polling work).
@@ -36,7 +36,12 @@ const IDLE_RESCAN: Duration = Duration::from_secs(60);
 const JOBS_PER_WORKER: usize = 8;
 /// When something is due but nothing could be claimed (another process
 /// holds it, or only busy destinations have due mail), wait this long.
+/// Also how often a claim passes over the destinations known to have a
+/// backlog, so mail for others queued behind it is found.
 const CLAIM_RETRY: Duration = Duration::from_secs(1);
+/// Claims for new mail come at most this often: under a steady stream of
+/// mail each claim takes a batch, rather than one commit per message.
+const MIN_CLAIM_INTERVAL: Duration = Duration::from_millis(10);
 /// A destination's window when it is first seen (Postfix starts at 5).
 const INITIAL_WINDOW: usize = 4;
 
@@ -63,6 +68,9 @@ struct DestinationState {
     window: usize,
     /// Claimed while the window was full.
     waiting: VecDeque<Job>,
+    /// The last claim filled this destination's room (or passed it
+    /// over): more of its mail may be due in the queue.
+    more_due: bool,
     /// Unreachable: its window stays at 1 until then (the queue holds its
     /// waiting recipients back; new mail and an operator's retry still
     /// go, one at a time).
@@ -81,6 +89,27 @@ pub struct Scheduler {
     pub budget: usize,
     destinations: HashMap<Destination, DestinationState>,
     outstanding: usize,
+    /// Woken (new mail, an operator) or a due time reached: claim soon.
+    fresh: bool,
+    /// The last claim stopped at its row limit with room left: claim
+    /// again when workers free up.
+    backlog: bool,
+    last_claim: Option<Instant>,
+    last_sweep: Instant,
+}
+
+impl DestinationState {
+    /// Jobs this destination may still take: what runs plus one window
+    /// waiting. More would tie up the claim budget behind one destination
+    /// (a dead one holds its jobs for minutes) and starve the others.
+    fn room(&self) -> usize {
+        (2 * self.window).saturating_sub(self.running + self.waiting.len())
+    }
+
+    /// Worth a claim of its own: a window's worth of room and mail due.
+    fn wants_refill(&self) -> bool {
+        self.more_due && self.room() >= self.window
+    }
 }
 
 /// What the scheduler leaves behind when it stops.
@@ -108,6 +137,10 @@ impl Scheduler {
             budget: workers * JOBS_PER_WORKER,
             destinations: HashMap::new(),
             outstanding: 0,
+            fresh: true,
+            backlog: false,
+            last_claim: None,
+            last_sweep: Instant::now(),
         }
     }
 
@@ -121,8 +154,13 @@ impl Scheduler {
                     Ok(event) => self.handle(event),
                     Err(_) => break,
                 },
-                recv(wake) -> woken => if woken.is_err() { break },
-                default(wait) => {}
+                recv(wake) -> woken => {
+                    if woken.is_err() {
+                        break;
+                    }
+                    self.fresh = true;
+                }
+                default(wait) => self.fresh = true,
             }
             // Everything else that finished meanwhile, before claiming.
             while let Ok(event) = self.events.try_recv() {
@@ -136,58 +174,79 @@ impl Scheduler {
     }
 
     /// Claims and dispatches what is due; returns how long to sleep.
+    /// A claim is a write, so it runs only when it can take something: on
+    /// new mail or a due time (at most every [`MIN_CLAIM_INTERVAL`]), when
+    /// a destination with a backlog has a window's worth of room, or when
+    /// half the workers' budget is free and the last claim stopped short.
     fn tick(&mut self) -> Duration {
-        let next_due = match self.context.reads.run(delivery::next_due) {
-            Ok(next) => next,
-            Err(error) => {
-                log::error!("scheduler: {error}");
-                return CLAIM_RETRY * 5;
-            }
-        };
-        let Some(due_at) = next_due else {
-            return IDLE_RESCAN;
-        };
-        if let Ok(wait) = due_at.duration_since(SystemTime::now())
-            && !wait.is_zero()
-        {
-            return wait.min(IDLE_RESCAN);
-        }
+        self.forget_idle();
         let free = self.budget.saturating_sub(self.outstanding);
-        // Refill in batches (each claim is a commit), before workers run dry.
-        if free < self.budget / 2 {
+        let refill = self
+            .destinations
+            .values()
+            .any(DestinationState::wants_refill)
+            || (self.backlog && free >= self.budget / 2);
+        if !self.fresh && !refill {
+            return CLAIM_RETRY;
+        }
+        if !refill
+            && let Some(since) = self.last_claim.map(|at| at.elapsed())
+            && since < MIN_CLAIM_INTERVAL
+        {
+            return MIN_CLAIM_INTERVAL - since;
+        }
+        if !refill {
+            // Only woken: look (a read) before claiming (a write).
+            match self.context.reads.run(delivery::next_due) {
+                Ok(None) => {
+                    self.fresh = false;
+                    return IDLE_RESCAN;
+                }
+                Ok(Some(due_at)) => {
+                    if let Ok(wait) = due_at.duration_since(SystemTime::now())
+                        && !wait.is_zero()
+                    {
+                        self.fresh = false;
+                        return wait.min(IDLE_RESCAN);
+                    }
+                }
+                Err(error) => {
+                    log::error!("scheduler: {error}");
+                    return CLAIM_RETRY * 5;
+                }
+            }
+        }
+        if free == 0 {
             // A job finishing wakes us.
             return IDLE_RESCAN;
         }
-        let busy = self.busy_destinations();
-        let claimed = match self.context.queue.claim_due(free, busy) {
-            Ok(claimed) => claimed,
-            Err(error) => {
-                log::error!("scheduler: cannot claim due recipients: {error}");
-                return CLAIM_RETRY * 5;
-            }
+        self.fresh = false;
+        self.last_claim = Some(Instant::now());
+        let mut recipients = match self.claim(free, false) {
+            Ok(recipients) => recipients,
+            Err(()) => return CLAIM_RETRY * 5,
         };
-        if claimed.is_empty() {
-            return CLAIM_RETRY;
+        let backlogs = self.destinations.values().any(|state| state.more_due);
+        if backlogs && self.last_sweep.elapsed() >= CLAIM_RETRY {
+            self.last_sweep = Instant::now();
+            let free = free.saturating_sub(recipients.len());
+            if free > 0
+                && let Ok(found) = self.claim(free, true)
+            {
+                recipients.extend(found);
+            }
         }
         let mut surplus = Vec::new();
-        for job in group(claimed) {
-            let window = self.window_for(&job.destination);
-            let state = self
-                .destinations
-                .entry(job.destination.clone())
-                .or_default();
-            if state.window == 0 {
-                state.window = window;
-            }
-            // One window's worth may wait here beyond what runs; more
-            // would tie up the claim budget behind one destination (a
-            // dead one holds its jobs for minutes) and starve the others.
-            if state.running + state.waiting.len() >= 2 * state.window {
+        for job in group(recipients) {
+            let state = self.state_of(&job.destination);
+            // The claim kept to the room; recipients of a message taken
+            // for another destination may still overshoot it.
+            if state.room() == 0 {
                 surplus.push(job);
                 continue;
             }
-            self.outstanding += 1;
             state.waiting.push_back(job);
+            self.outstanding += 1;
         }
         if !surplus.is_empty() {
             self.requeue_untouched(surplus);
@@ -196,8 +255,84 @@ impl Scheduler {
         for destination in keys {
             self.dispatch(&destination);
         }
-        // More may be due; look again at once.
-        Duration::ZERO
+        if self
+            .destinations
+            .values()
+            .any(DestinationState::wants_refill)
+        {
+            Duration::ZERO
+        } else {
+            CLAIM_RETRY
+        }
+    }
+
+    /// One claim; a sweep passes over the destinations with a backlog.
+    fn claim(&mut self, free: usize, sweep: bool) -> Result<Vec<ClaimedRecipient>, ()> {
+        let limits = self.claim_limits(free, sweep);
+        let claimed = match self.context.queue.claim_due(limits.clone()) {
+            Ok(claimed) => claimed,
+            Err(error) => {
+                log::error!("scheduler: cannot claim due recipients: {error}");
+                return Err(());
+            }
+        };
+        self.note_backlogs(&limits, &claimed.filled, sweep);
+        self.backlog = claimed.filled.is_empty() && claimed.walked == limits.rows;
+        Ok(claimed.recipients)
+    }
+
+    fn state_of(&mut self, destination: &Destination) -> &mut DestinationState {
+        let window = self.window_for(destination);
+        let state = self.destinations.entry(destination.clone()).or_default();
+        if state.window == 0 {
+            state.window = window;
+        }
+        state
+    }
+
+    /// Each known destination's room; a sweep passes over those with a
+    /// backlog so that mail queued behind them is found.
+    fn claim_limits(&mut self, rows: usize, sweep: bool) -> ClaimLimits {
+        let mut room: Vec<(String, usize)> = self
+            .destinations
+            .iter()
+            .map(|(destination, state)| {
+                let room = if sweep && state.more_due {
+                    0
+                } else {
+                    state.room()
+                };
+                (destination.key(), room)
+            })
+            .collect();
+        if !self.destinations.contains_key(&Destination::Local) {
+            let window = self.window_for(&Destination::Local);
+            room.push((Destination::Local.key(), 2 * window));
+        }
+        let default_window = self.window_for(&Destination::SmartHost);
+        ClaimLimits {
+            rows,
+            room,
+            default_room: 2 * default_window,
+        }
+    }
+
+    /// Which destinations may have more due: filled or passed over.
+    fn note_backlogs(&mut self, limits: &ClaimLimits, filled: &[String], sweep: bool) {
+        for (destination, state) in self.destinations.iter_mut() {
+            let key = destination.key();
+            let passed_over = limits.room.iter().any(|(d, room)| *d == key && *room == 0);
+            if sweep && state.more_due {
+                continue;
+            }
+            state.more_due = passed_over || filled.contains(&key);
+        }
+        for key in filled {
+            let Some(destination) = Destination::from_key(key) else {
+                continue;
+            };
+            self.state_of(&destination).more_due = true;
+        }
     }
 
     /// A new destination's window: the local lane takes what its workers
@@ -210,22 +345,20 @@ impl Scheduler {
         }
     }
 
-    /// Destinations the next claim passes over: window full, or backed off.
-    fn busy_destinations(&mut self) -> Vec<String> {
+    /// Forgets idle destinations (their window starts over), but
+    /// remembers an unreachable one's window of 1 for a while, and one
+    /// with mail still due.
+    fn forget_idle(&mut self) {
         let now = Instant::now();
-        let mut busy = Vec::new();
-        self.destinations.retain(|destination, state| {
+        self.destinations.retain(|_, state| {
             if state.backed_off_until.is_some_and(|until| until <= now) {
                 state.backed_off_until = None;
             }
-            if state.running + state.waiting.len() >= state.window {
-                busy.push(destination.key());
-            }
-            // Forget idle destinations (their window starts over), but
-            // remember an unreachable one's window of 1 for a while.
-            state.running > 0 || !state.waiting.is_empty() || state.backed_off_until.is_some()
+            state.running > 0
+                || !state.waiting.is_empty()
+                || state.backed_off_until.is_some()
+                || state.more_due
         });
-        busy
     }
 
     /// Starts waiting jobs of `destination` while its window allows.
@@ -270,6 +403,7 @@ impl Scheduler {
                     Reach::Unknown => {}
                     Reach::Unreachable => {
                         state.window = 1;
+                        state.more_due = false;
                         state.backed_off_until = Some(Instant::now() + retry_min);
                         let waiting: Vec<Job> = state.waiting.drain(..).collect();
                         self.back_off(&destination, waiting, retry_min);

@@ -4,6 +4,7 @@
 //! actions. Plain functions over a connection: the writer thread runs them
 //! for the server, the CLI runs them directly.
 
+use std::collections::{HashMap, HashSet};
 use std::time::SystemTime;
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -137,47 +138,153 @@ fn claimed_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ClaimedRecipien
     })
 }
 
-/// Takes the `rows` recipients due longest, leaving out the destinations
-/// in `skip` (those already at their concurrency limit), and with them
-/// every other due recipient of their messages; marks them as being
-/// delivered and returns them. Claiming whole messages keeps one message's
-/// recipients at one domain in one job.
+/// How much one claim may take.
+#[derive(Debug, Clone)]
+pub struct ClaimLimits {
+    /// Due recipient rows read, at most (the walk's length).
+    pub rows: usize,
+    /// Jobs (one message to one destination) a destination may take now;
+    /// 0 passes it over (its window is full).
+    pub room: Vec<(String, usize)>,
+    /// Room of destinations not listed.
+    pub default_room: usize,
+}
+
+impl ClaimLimits {
+    /// Up to `rows` rows, no destination limited.
+    pub fn rows(rows: usize) -> ClaimLimits {
+        ClaimLimits {
+            rows,
+            room: Vec::new(),
+            default_room: usize::MAX,
+        }
+    }
+
+    /// ... passing over these destinations.
+    pub fn skipping(mut self, destinations: &[&str]) -> ClaimLimits {
+        self.room
+            .extend(destinations.iter().map(|d| (d.to_string(), 0)));
+        self
+    }
+
+    fn room_of(&self, destination: &str) -> usize {
+        self.room
+            .iter()
+            .find(|(d, _)| d == destination)
+            .map_or(self.default_room, |(_, room)| *room)
+    }
+}
+
+/// What a claim took, and which destinations it stopped short for.
+#[derive(Debug, Default)]
+pub struct Claimed {
+    pub recipients: Vec<ClaimedRecipient>,
+    /// Destinations whose room was filled: more of theirs may be due.
+    pub filled: Vec<String>,
+    /// Due rows read; `rows` when the walk stopped at its limit.
+    pub walked: usize,
+}
+
+/// Takes the recipients due longest, at most `limits.rows`, leaving out
+/// the destinations without room (those already at their concurrency
+/// limit) and taking at most its room of messages for each other one;
+/// every due recipient of a taken message at the same destination comes
+/// along, so one message's recipients at one domain share one job. Marks
+/// them as being delivered and returns them.
 ///
-/// The cost is O(claimed · log n) plus the due rows of skipped
-/// destinations passed over: the earliest due rows are read in index
-/// order and the walk stops at `rows`; their messages' recipients are
-/// found through the message index. Nothing scans the queue
-/// (`tests::claim_uses_indexes_only` checks the plan).
+/// The cost is O(rows · log n) plus the due rows of passed-over
+/// destinations: the earliest due rows are read in index order and the
+/// walk stops at `rows`; the taken messages' recipients are found through
+/// the message index. Nothing scans the queue
+/// (`tests::claim_uses_indexes_only` checks the plans). Choosing per
+/// destination in Rust, in the same transaction, rather than claiming
+/// and putting back, keeps a busy destination's surplus from being
+/// written twice.
 pub fn claim_due(
     conn: &Connection,
     now: &str,
-    rows: usize,
-    skip: &[String],
-) -> Result<Vec<ClaimedRecipient>, QueueError> {
-    let mut statement = conn
+    limits: &ClaimLimits,
+) -> Result<Claimed, QueueError> {
+    let skip: Vec<String> = limits
+        .room
+        .iter()
+        .filter(|(_, room)| *room == 0)
+        .map(|(destination, _)| destination.clone())
+        .collect();
+    let skip = json_array(&skip);
+    let mut walk = conn
+        .prepare_cached(&due_walk_sql())
+        .map_err(QueueError::sqlite("cannot prepare claim"))?;
+    let due = walk
+        .query_map(params![now, limits.rows as i64, skip], |row| {
+            Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+        })
+        .map_err(QueueError::sqlite("cannot read due recipients"))?;
+    let mut taken: HashMap<String, HashSet<String>> = HashMap::new();
+    let mut messages: Vec<String> = Vec::new();
+    let mut chosen: HashSet<String> = HashSet::new();
+    let mut filled: Vec<String> = Vec::new();
+    let mut walked = 0;
+    for row in due {
+        walked += 1;
+        let (message_id, destination) =
+            row.map_err(QueueError::sqlite("cannot read due recipients"))?;
+        let room = limits.room_of(&destination);
+        let jobs = taken.entry(destination.clone()).or_default();
+        if jobs.contains(&message_id) {
+            continue;
+        }
+        if jobs.len() >= room {
+            if !filled.contains(&destination) {
+                filled.push(destination);
+            }
+            continue;
+        }
+        jobs.insert(message_id.clone());
+        if chosen.insert(message_id.clone()) {
+            messages.push(message_id);
+        }
+    }
+    if messages.is_empty() {
+        return Ok(Claimed {
+            recipients: Vec::new(),
+            filled,
+            walked,
+        });
+    }
+    let mut claim = conn
         .prepare_cached(&claim_sql())
         .map_err(QueueError::sqlite("cannot prepare claim"))?;
-    let rows = statement
-        .query_map(
-            params![now, rows as i64, json_array(skip)],
-            claimed_from_row,
-        )
+    let rows = claim
+        .query_map(params![now, json_array(&messages), skip], claimed_from_row)
         .map_err(QueueError::sqlite("cannot claim recipients"))?;
-    let mut claimed = rows
+    let mut recipients = rows
         .collect::<rusqlite::Result<Vec<_>>>()
         .map_err(QueueError::sqlite("cannot claim recipients"))?;
-    claimed.sort_by_key(|r| r.id);
-    Ok(claimed)
+    recipients.sort_by_key(|r| r.id);
+    Ok(Claimed {
+        recipients,
+        filled,
+        walked,
+    })
 }
 
+/// The due rows, earliest first, of destinations not passed over.
+fn due_walk_sql() -> String {
+    format!(
+        "SELECT message_id, destination FROM recipients INDEXED BY recipients_due
+         WHERE status = 'queued' AND next_attempt_at <= ?1 AND {ROUTED}
+           AND destination NOT IN (SELECT value FROM json_each(?3))
+         ORDER BY next_attempt_at LIMIT ?2"
+    )
+}
+
+/// Every due recipient of the chosen messages, at destinations not passed over.
 fn claim_sql() -> String {
     format!(
         "UPDATE recipients INDEXED BY recipients_by_message
          SET status = 'delivering', updated_at = ?1
-         WHERE message_id IN (SELECT message_id FROM recipients INDEXED BY recipients_due
-                              WHERE status = 'queued' AND next_attempt_at <= ?1 AND {ROUTED}
-                                AND destination NOT IN (SELECT value FROM json_each(?3))
-                              ORDER BY next_attempt_at LIMIT ?2)
+         WHERE message_id IN (SELECT value FROM json_each(?2))
            AND status = 'queued' AND next_attempt_at <= ?1 AND {ROUTED}
            AND destination NOT IN (SELECT value FROM json_each(?3))
          RETURNING {CLAIMED_COLUMNS}"
@@ -621,15 +728,22 @@ mod tests {
             "2026-01-01 00:00:00",
         );
         conn.execute_batch("ANALYZE").unwrap();
-        let mut explain = conn
-            .prepare(&format!("EXPLAIN QUERY PLAN {}", claim_sql()))
-            .unwrap();
-        let plan: Vec<String> = explain
-            .query_map(params!["2026-06-01 00:00:00", 8, "[]"], |row| row.get(3))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
-        let text = plan.join("\n");
+        let plan_of = |sql: String, second: &dyn rusqlite::ToSql| {
+            let mut explain = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let plan: Vec<String> = explain
+                .query_map(params!["2026-06-01 00:00:00", second, "[]"], |row| {
+                    row.get(3)
+                })
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            plan.join("\n")
+        };
+        let text = format!(
+            "{}\n{}",
+            plan_of(due_walk_sql(), &8),
+            plan_of(claim_sql(), &"[\"0000000000000001\"]")
+        );
         assert!(
             text.contains("SEARCH recipients USING INDEX recipients_by_message"),
             "{text}"
@@ -658,13 +772,15 @@ mod tests {
         fill(&conn, 6, 1, &["good.example"], "2030-01-01 00:00:00");
         let now = "2026-06-01 00:00:00";
 
-        let first = claim_due(&conn, now, 2, &[]).unwrap();
+        let first = claim_due(&conn, now, &ClaimLimits::rows(2))
+            .unwrap()
+            .recipients;
         let messages: Vec<&str> = first.iter().map(|r| r.message_id.as_str()).collect();
         assert_eq!(messages, vec!["0000000000000000", "0000000000000001"]);
 
         // dead.example is at its limit: the next claim passes it over.
-        let skip = vec!["mx:dead.example".to_string()];
-        let second = claim_due(&conn, now, 4, &skip).unwrap();
+        let limits = ClaimLimits::rows(4).skipping(&["mx:dead.example"]);
+        let second = claim_due(&conn, now, &limits).unwrap().recipients;
         let mut claimed: Vec<(String, String)> = second
             .iter()
             .map(|r| (r.message_id.clone(), r.route.destination()))
@@ -680,9 +796,48 @@ mod tests {
             ]
         );
         // Not due yet: never claimed.
-        let rest = claim_due(&conn, now, 100, &[]).unwrap();
+        let rest = claim_due(&conn, now, &ClaimLimits::rows(100))
+            .unwrap()
+            .recipients;
         assert!(rest.iter().all(|r| r.message_id != "0000000000000006"));
         assert_eq!(rest.len(), 3, "{rest:?}");
+    }
+
+    #[test]
+    fn a_claim_takes_each_destination_up_to_its_room_and_says_which_it_filled() {
+        let (_dir, conn) = queue();
+        // Ten messages for a busy domain come first, then three for another.
+        fill(&conn, 0, 10, &["busy.example"], "2026-01-01 00:00:00");
+        fill(&conn, 10, 3, &["other.example"], "2026-01-02 00:00:00");
+        let now = "2026-06-01 00:00:00";
+        let limits = ClaimLimits {
+            rows: 100,
+            room: vec![("mx:busy.example".into(), 4)],
+            default_room: 8,
+        };
+        let claimed = claim_due(&conn, now, &limits).unwrap();
+        let count = |destination: &str| {
+            claimed
+                .recipients
+                .iter()
+                .filter(|r| r.route.destination() == destination)
+                .count()
+        };
+        assert_eq!(count("mx:busy.example"), 4);
+        assert_eq!(count("mx:other.example"), 3);
+        assert_eq!(claimed.filled, vec!["mx:busy.example".to_string()]);
+        assert_eq!(claimed.walked, 13);
+        // What was left over is still queued, untouched: not claimed and
+        // put back.
+        let (queued, updated): (i64, i64) = conn
+            .query_row(
+                "SELECT count(*), sum(updated_at != next_attempt_at) FROM recipients
+                 WHERE status = 'queued'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((queued, updated), (6, 0));
     }
 
     #[test]
@@ -695,7 +850,9 @@ mod tests {
             &["b.example", "local", "smarthost"],
             "2026-01-01 00:00:00",
         );
-        let claimed = claim_due(&conn, "2026-06-01 00:00:00", 10, &[]).unwrap();
+        let claimed = claim_due(&conn, "2026-06-01 00:00:00", &ClaimLimits::rows(10))
+            .unwrap()
+            .recipients;
         assert_eq!(claimed.len(), 3);
         for recipient in claimed {
             let stored: String = conn

@@ -23,7 +23,7 @@ use rusqlite::Connection;
 
 use crate::protocol::dsn::{Notify, Ret};
 use crate::routing::Route;
-use delivery::{ClaimedRecipient, DeliveryReport};
+use delivery::{ClaimLimits, Claimed, DeliveryReport};
 pub use id::QueueId;
 pub use schema::SCHEMA_VERSION;
 use writer::{Request, WriteOp, WriteOutput, WriteRequest};
@@ -155,14 +155,10 @@ impl QueueHandle {
     /// Marks the `rows` recipients due longest, and the other due
     /// recipients of their messages, as being delivered, leaving out the
     /// destinations in `skip`.
-    pub fn claim_due(
-        &self,
-        rows: usize,
-        skip: Vec<String>,
-    ) -> Result<Vec<ClaimedRecipient>, QueueError> {
-        match self.submit(WriteOp::Claim { rows, skip })? {
+    pub fn claim_due(&self, limits: ClaimLimits) -> Result<Claimed, QueueError> {
+        match self.submit(WriteOp::Claim(limits))? {
             WriteOutput::Claimed(claimed) => Ok(claimed),
-            _ => Ok(Vec::new()),
+            _ => Ok(Claimed::default()),
         }
     }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use rusqlite::{Connection, TransactionBehavior, params};
 
-use super::delivery::{self, ClaimedRecipient, DeliveryReport};
+use super::delivery::{self, ClaimLimits, Claimed, DeliveryReport};
 use super::{NewMessage, QueueError, QueueStats};
 use crate::auth::accounts::{self, LoginEvent};
 use crate::routing::Route;
@@ -34,11 +34,7 @@ const PAGES_PER_STEP: i64 = 2048;
 pub enum WriteOp {
     Insert(Box<NewMessage>),
     /// Take due recipients for delivery (see [`delivery::claim_due`]).
-    Claim {
-        rows: usize,
-        /// Destinations not to claim for (at their concurrency limit).
-        skip: Vec<String>,
-    },
+    Claim(ClaimLimits),
     Record(Box<DeliveryReport>),
     /// Put recipients stuck "delivering" back: these, or all when `None`;
     /// due at `retry_at` if given, else when they were due before.
@@ -57,7 +53,7 @@ pub enum WriteOp {
 
 pub enum WriteOutput {
     Done,
-    Claimed(Vec<ClaimedRecipient>),
+    Claimed(Claimed),
     Count(usize),
 }
 
@@ -207,9 +203,7 @@ fn commit_batch(
 fn apply(conn: &Connection, op: &WriteOp, now: &str) -> Result<WriteOutput, QueueError> {
     match op {
         WriteOp::Insert(message) => insert_message(conn, message, now).map(|()| WriteOutput::Done),
-        WriteOp::Claim { rows, skip } => {
-            delivery::claim_due(conn, now, *rows, skip).map(WriteOutput::Claimed)
-        }
+        WriteOp::Claim(limits) => delivery::claim_due(conn, now, limits).map(WriteOutput::Claimed),
         WriteOp::Record(report) => delivery::record(conn, report, now).map(|()| WriteOutput::Done),
         WriteOp::BackOff { destination, until } => {
             delivery::back_off(conn, destination, until, now).map(WriteOutput::Count)
