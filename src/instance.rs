@@ -220,6 +220,11 @@ impl Instance {
         self.server.worker_threads()
     }
 
+    /// Outbound SMTP connections cached for reuse; `None` without delivery.
+    pub fn delivery_connections_idle(&self) -> Option<usize> {
+        self.delivery.as_ref().map(Delivery::connections_idle)
+    }
+
     pub fn queue(&self) -> QueueHandle {
         self.queue.handle()
     }

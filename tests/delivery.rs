@@ -179,6 +179,87 @@ fn temporary_failure_is_retried_after_backoff() {
     wait_for("A's queue to empty", || queue_is_empty(&a));
 }
 
+/// Postfix's connection cache: messages to one destination share
+/// connections, none is sent twice, and idle connections are closed.
+#[test]
+fn messages_to_one_destination_share_connections_that_close_when_idle() {
+    let sink = Sink::start("accept", 0);
+    let port = sink.port;
+    let a = TestServer::start_delivering(standard_dns(), |config| {
+        config.delivery.port = port;
+        config.delivery.connection_idle = HumanDuration::secs(1);
+        config.relay.trusted_networks = vec!["127.0.0.0/8".parse().unwrap()];
+    });
+    let mut client = RawClient::greeted(a.smtp());
+    client.command("EHLO client.test");
+    const MESSAGES: usize = 20;
+    for n in 0..MESSAGES {
+        let body = format!("Subject: number {n}\r\n\r\nx\r\n");
+        let reply = client.send_transaction(
+            "sender@example.test",
+            &["friend@elsewhere.example"],
+            body.as_bytes(),
+        );
+        assert_eq!(reply.code, 250, "{reply:?}");
+    }
+    client.command("QUIT");
+    let received = sink.wait_for_messages(MESSAGES);
+    wait_for("A's queue to empty", || queue_is_empty(&a));
+    assert_eq!(received.len(), MESSAGES, "each message arrived once");
+    assert_eq!(sink.data_attempts(), MESSAGES, "and was sent once");
+    let (opened, _) = sink.connections();
+    assert!(
+        opened < MESSAGES,
+        "{MESSAGES} messages took {opened} connections"
+    );
+    // None stays open past connection_idle (polled, within the wait bound).
+    wait_for("idle connections to be closed", || {
+        let (opened, closed) = sink.connections();
+        closed == opened
+    });
+    assert_eq!(a.instance().delivery_connections_idle(), Some(0));
+}
+
+/// A cached connection that the server has closed meanwhile (its idle
+/// timeout was shorter than ours) is noticed before the message is sent;
+/// the message goes over a new connection at once, not at the next retry.
+#[test]
+fn a_cached_connection_the_server_closed_is_replaced_by_a_new_one() {
+    let sink = Sink::start("hangup", 0);
+    let port = sink.port;
+    let a = TestServer::start_delivering(standard_dns(), |config| {
+        config.delivery.port = port;
+        config.delivery.connection_idle = HumanDuration::secs(60);
+        config.relay.trusted_networks = vec!["127.0.0.0/8".parse().unwrap()];
+    });
+    let send = |n: usize| {
+        let mut client = RawClient::greeted(a.smtp());
+        let body = format!("Subject: number {n}\r\n\r\nx\r\n");
+        let reply = client.send_message(
+            "sender@example.test",
+            &["friend@elsewhere.example"],
+            body.as_bytes(),
+        );
+        assert_eq!(reply.code, 250, "{reply:?}");
+    };
+    send(1);
+    sink.wait_for_messages(1);
+    wait_for("the sink to hang up", || sink.connections() == (1, 1));
+    assert_eq!(a.instance().delivery_connections_idle(), Some(1));
+    send(2);
+    let received = sink.wait_for_messages(2);
+    wait_for("A's queue to empty", || queue_is_empty(&a));
+    assert_eq!(received.len(), 2);
+    assert_eq!(sink.data_attempts(), 2, "nothing sent twice");
+    assert_eq!(
+        sink.connections().0,
+        2,
+        "the second message took a new connection"
+    );
+    // Had the lost connection failed the attempt, the message would wait
+    // for queue.retry_min (5 minutes), far past the wait bound above.
+}
+
 #[test]
 fn permanent_failure_bounces_once_to_the_sender_and_never_to_null() {
     let sink = Sink::start("reject-rcpt", 0);

@@ -256,6 +256,14 @@ pub struct DeliveryConfig {
     pub local_workers: usize,
     /// Connecting to a remote host; RFC 5321 leaves it open, 30s is common.
     pub connect_timeout: HumanDuration,
+    /// Messages sent over one outbound SMTP connection before it is
+    /// closed (0: a new connection per message). Connections wait for the
+    /// next message to the same destination for `connection_idle`, as
+    /// Postfix's connection cache does.
+    pub connection_reuse_limit: usize,
+    /// How long an outbound connection waits for another message before
+    /// it is closed (Postfix: smtp_connection_cache_time_limit, 2s).
+    pub connection_idle: HumanDuration,
 }
 
 impl Default for DeliveryConfig {
@@ -276,6 +284,8 @@ impl Default for DeliveryConfig {
             destination_concurrency: 8,
             local_workers: 2,
             connect_timeout: HumanDuration::secs(30),
+            connection_reuse_limit: 100,
+            connection_idle: HumanDuration::secs(2),
         }
     }
 }

@@ -371,9 +371,14 @@ impl SmtpClient {
     }
 
     /// Best effort: the transaction's outcome is already known.
-    pub fn quit(mut self) {
+    pub fn quit(self) {
+        self.quit_within(Duration::from_secs(10));
+    }
+
+    /// QUIT, waiting at most `wait` for the reply.
+    pub fn quit_within(mut self, wait: Duration) {
         if self.send(b"QUIT\r\n").is_ok() {
-            let _ = self.read_reply(Duration::from_secs(10));
+            let _ = self.read_reply(wait);
         }
     }
 }

@@ -8,6 +8,7 @@
 
 mod backoff;
 pub mod client;
+pub mod connections;
 pub mod dsn;
 pub mod maildir;
 pub mod outcome;
@@ -122,6 +123,8 @@ pub struct DeliveryContext {
     pub tls_unverified: Arc<ClientConfig>,
     /// `None` when the smart host's trust anchors could not be loaded.
     pub tls_smarthost: Option<Arc<ClientConfig>>,
+    /// Outbound SMTP connections waiting for the next message.
+    pub connections: connections::ConnectionCache,
 }
 
 /// Wakes the scheduler: new mail, a freed worker, an operator's retry.
@@ -194,6 +197,11 @@ impl Delivery {
             outbound,
             tls_unverified,
             tls_smarthost,
+            connections: connections::ConnectionCache::new(
+                config.delivery.workers,
+                config.delivery.connection_reuse_limit,
+                config.delivery.connection_idle.get(),
+            ),
         });
 
         let (wake_sender, wake_receiver) = crossbeam_channel::bounded(1);
@@ -264,6 +272,11 @@ impl Delivery {
         self.waker.clone()
     }
 
+    /// Outbound connections waiting for their next message.
+    pub fn connections_idle(&self) -> usize {
+        self.context.connections.idle()
+    }
+
     /// Stops scheduling; jobs not started go back to the queue untouched;
     /// running deliveries get `grace` to finish. Deliveries still running
     /// after that are abandoned: their recipients are retried at the next
@@ -308,6 +321,7 @@ impl Delivery {
                 );
             }
         }
+        self.context.connections.close_all();
         if done < self.workers.len() {
             log::warn!(
                 "delivery: {} deliveries still running at shutdown; they will be retried at the next start",

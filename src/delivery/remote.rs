@@ -10,6 +10,7 @@ use rustls::ClientConfig;
 
 use super::DeliveryContext;
 use super::client::{self, ClientError, Extensions, ServerReply, SmtpClient};
+use super::connections::Session;
 use super::outcome::{self, Attempt, Stage};
 use crate::config::SmarthostTls;
 use crate::dns::DnsFailure;
@@ -57,8 +58,9 @@ enum TlsPolicy {
 /// What one host did with the message.
 enum HostResult {
     /// The host answered for every recipient (in envelope order); `true`
-    /// when it took the DSN requests along.
-    Answered(Vec<Attempt>, bool),
+    /// when it took the DSN requests along; how many messages the
+    /// connection has carried.
+    Answered(Vec<Attempt>, bool, usize),
     /// Could not hand the message to this host; try the next one.
     TryNext(String),
     /// TLS handshake failed: retry this host in plaintext.
@@ -71,6 +73,9 @@ pub struct RemoteOutcome {
     pub relay: Option<String>,
     /// The host that took the message speaks DSN and got the requests.
     pub peer_reports: bool,
+    /// Messages the connection carried, this one included (Postfix's
+    /// conn_use); 0 when none was made.
+    pub conn_use: usize,
 }
 
 impl RemoteOutcome {
@@ -79,6 +84,7 @@ impl RemoteOutcome {
             attempts: all(envelope, attempt),
             relay: None,
             peer_reports: false,
+            conn_use: 0,
         }
     }
 }
@@ -118,6 +124,7 @@ pub fn to_domain(ctx: &DeliveryContext, domain: &str, envelope: &Envelope) -> Re
         fallback: config.plaintext_fallback,
     };
     let route = Hosts {
+        destination: format!("mx:{domain}"),
         hosts: &hosts,
         port: config.port,
         checked: true,
@@ -189,6 +196,7 @@ pub fn to_smarthost(ctx: &DeliveryContext, envelope: &Envelope) -> RemoteOutcome
     // The smart host is the operator's choice: trusted as given, wherever it is.
     let hosts = [host];
     let route = Hosts {
+        destination: "smarthost".into(),
         hosts: &hosts,
         port,
         checked: false,
@@ -200,6 +208,8 @@ pub fn to_smarthost(ctx: &DeliveryContext, envelope: &Envelope) -> RemoteOutcome
 
 /// The hosts to try for one job and how to talk to them.
 struct Hosts<'a> {
+    /// The destination's key, for the connection cache.
+    destination: String,
     hosts: &'a [String],
     port: u16,
     /// Subject to the outbound address policy (MX and literal delivery).
@@ -209,6 +219,11 @@ struct Hosts<'a> {
 }
 
 fn try_hosts(ctx: &DeliveryContext, route: &Hosts, envelope: &Envelope) -> RemoteOutcome {
+    if let Some(session) = ctx.connections.take(&route.destination)
+        && let Some(outcome) = reuse(ctx, session, route, envelope)
+    {
+        return outcome;
+    }
     let port = route.port;
     let mut last_error = String::from("no host could be tried");
     let mut last_relay = None;
@@ -241,11 +256,12 @@ fn try_hosts(ctx: &DeliveryContext, route: &Hosts, envelope: &Envelope) -> Remot
                 result = deliver_to_host(ctx, host, peer, route, &TlsPolicy::Plaintext, envelope);
             }
             match result {
-                HostResult::Answered(attempts, peer_reports) => {
+                HostResult::Answered(attempts, peer_reports, conn_use) => {
                     return RemoteOutcome {
                         attempts,
                         relay: Some(relay),
                         peer_reports,
+                        conn_use,
                     };
                 }
                 HostResult::TryNext(why) | HostResult::TlsFailed(why) => {
@@ -275,6 +291,66 @@ fn try_hosts(ctx: &DeliveryContext, route: &Hosts, envelope: &Envelope) -> Remot
         attempts: all(envelope, attempt),
         relay: last_relay,
         peer_reports: false,
+        conn_use: 0,
+    }
+}
+
+/// The next message over a cached connection. `None` when the connection
+/// turned out to be gone before the message was complete: the caller
+/// sends it over a new one, so nothing is lost and nothing sent twice.
+fn reuse(
+    ctx: &DeliveryContext,
+    mut session: Session,
+    route: &Hosts,
+    envelope: &Envelope,
+) -> Option<RemoteOutcome> {
+    session.uses += 1;
+    let outcome = |attempts, session: &Session| RemoteOutcome {
+        attempts,
+        relay: Some(session.relay.clone()),
+        peer_reports: session.extensions.dsn,
+        conn_use: session.uses,
+    };
+    if let Some(refusal) = unsendable(&session.extensions, envelope) {
+        let done = outcome(all(envelope, refusal), &session);
+        ctx.connections.put(&route.destination, session);
+        return Some(done);
+    }
+    let mut ended = false;
+    match send_message(
+        ctx,
+        &mut session.client,
+        &session.extensions,
+        envelope,
+        &mut ended,
+    ) {
+        Ok(attempts) => {
+            let done = outcome(attempts, &session);
+            ctx.connections.put(&route.destination, session);
+            Some(done)
+        }
+        Err(error) if !ended => {
+            log::info!(
+                "{}: reused connection lost ({error}); sending over a new one",
+                session.relay
+            );
+            None
+        }
+        Err(error) => {
+            // The server may have taken it: retry later, as after any
+            // connection lost while waiting for the final reply.
+            let text = format!(
+                "{}: lost connection after end of data: {error}",
+                session.relay
+            );
+            Some(outcome(
+                all(
+                    envelope,
+                    Attempt::local(outcome::NO_ANSWER, Stage::EndOfData, text),
+                ),
+                &session,
+            ))
+        }
     }
 }
 
@@ -314,7 +390,17 @@ fn deliver_to_host(
         credentials,
         envelope,
     ) {
-        Ok(result) => {
+        Ok((result, Some(extensions))) => {
+            let session = Session {
+                client,
+                extensions,
+                relay: format!("{host}[{}]:{}", peer.ip(), peer.port()),
+                uses: 1,
+            };
+            ctx.connections.put(&route.destination, session);
+            result
+        }
+        Ok((result, None)) => {
             client.quit();
             result
         }
@@ -353,18 +439,22 @@ fn connect_implicit_tls(
     SmtpClient::connect_tls(peer, timeout, Arc::clone(config), host)
 }
 
-fn transaction(
+/// EHLO, STARTTLS and AUTH as the policy asks: the extensions when the
+/// connection is ready for a transaction, else what the host did.
+fn open_session(
     ctx: &DeliveryContext,
     client: &mut SmtpClient,
     (host, peer): (&str, SocketAddr),
     policy: &TlsPolicy,
     credentials: Option<&(String, String)>,
     envelope: &Envelope,
-) -> Result<HostResult, ClientError> {
+) -> Result<Result<Extensions, HostResult>, ClientError> {
     let hostname = &ctx.config.hostname;
     let (hello, mut extensions) = client.hello(hostname)?;
     if !hello.is_positive() {
-        return Ok(HostResult::TryNext(format!("EHLO/HELO refused: {hello}")));
+        return Ok(Err(HostResult::TryNext(format!(
+            "EHLO/HELO refused: {hello}"
+        ))));
     }
     if !client.is_tls() {
         let wanted = match policy {
@@ -373,9 +463,9 @@ fn transaction(
             }
             TlsPolicy::Required { config, .. } => {
                 if !extensions.starttls {
-                    return Ok(HostResult::TryNext(
+                    return Ok(Err(HostResult::TryNext(
                         "TLS is required but the server does not offer STARTTLS".into(),
-                    ));
+                    )));
                 }
                 Some(Arc::clone(config))
             }
@@ -387,22 +477,24 @@ fn transaction(
                     log_tls(client, host, peer, policy);
                     let (hello, again) = client.hello(hostname)?;
                     if !hello.is_positive() {
-                        return Ok(HostResult::TryNext(format!(
+                        return Ok(Err(HostResult::TryNext(format!(
                             "EHLO after STARTTLS refused: {hello}"
-                        )));
+                        ))));
                     }
                     extensions = again;
                 }
                 Ok(Err(refused)) => {
                     if matches!(policy, TlsPolicy::Required { .. }) {
-                        return Ok(HostResult::TryNext(format!("STARTTLS refused: {refused}")));
+                        return Ok(Err(HostResult::TryNext(format!(
+                            "STARTTLS refused: {refused}"
+                        ))));
                     }
                 }
                 Err(ClientError::Tls(why)) => {
-                    return Ok(match policy {
+                    return Ok(Err(match policy {
                         TlsPolicy::Opportunistic { fallback: true } => HostResult::TlsFailed(why),
                         _ => HostResult::TryNext(format!("TLS handshake failed: {why}")),
-                    });
+                    }));
                 }
                 Err(other) => return Err(other),
             }
@@ -410,9 +502,9 @@ fn transaction(
     }
     if let Some((user, password)) = credentials {
         if !client.is_tls() && !matches!(policy, TlsPolicy::Plaintext) {
-            return Ok(HostResult::TryNext(
+            return Ok(Err(HostResult::TryNext(
                 "refusing to send credentials without TLS".into(),
-            ));
+            )));
         }
         let reply = client.authenticate(&extensions, user, password)?;
         if !reply.is_positive() {
@@ -423,14 +515,34 @@ fn transaction(
                 refused.text
             );
             let attempt = refused.with_text(text).retried();
-            return Ok(HostResult::Answered(all(envelope, attempt), false));
+            return Ok(Err(HostResult::Answered(all(envelope, attempt), false, 1)));
         }
     }
+    Ok(Ok(extensions))
+}
+
+/// One transaction on a new connection; the extensions come back when
+/// the connection can carry another message.
+fn transaction(
+    ctx: &DeliveryContext,
+    client: &mut SmtpClient,
+    (host, peer): (&str, SocketAddr),
+    policy: &TlsPolicy,
+    credentials: Option<&(String, String)>,
+    envelope: &Envelope,
+) -> Result<(HostResult, Option<Extensions>), ClientError> {
+    let extensions = match open_session(ctx, client, (host, peer), policy, credentials, envelope)? {
+        Ok(extensions) => extensions,
+        Err(result) => return Ok((result, None)),
+    };
     if let Some(refusal) = unsendable(&extensions, envelope) {
-        return Ok(HostResult::Answered(all(envelope, refusal), false));
+        let result = HostResult::Answered(all(envelope, refusal), false, 1);
+        return Ok((result, Some(extensions)));
     }
-    let attempts = send_message(ctx, client, &extensions, envelope)?;
-    Ok(HostResult::Answered(attempts, extensions.dsn))
+    let mut ended = false;
+    let attempts = send_message(ctx, client, &extensions, envelope, &mut ended)?;
+    let result = HostResult::Answered(attempts, extensions.dsn, 1);
+    Ok((result, Some(extensions)))
 }
 
 /// Messages the server cannot take as they are (RFC 1870, 6152, 6531).
@@ -462,11 +574,14 @@ fn unsendable(extensions: &Extensions, envelope: &Envelope) -> Option<Attempt> {
     None
 }
 
+/// `ended` turns true once the final dot is sent: from then on the
+/// server may have taken the message even if its reply never comes.
 fn send_message(
     ctx: &DeliveryContext,
     client: &mut SmtpClient,
     extensions: &Extensions,
     envelope: &Envelope,
+    ended: &mut bool,
 ) -> Result<Vec<Attempt>, ClientError> {
     let mut mail = format!("MAIL FROM:<{}>", envelope.sender);
     if extensions.size.is_some() {
@@ -567,6 +682,7 @@ fn send_message(
             .collect());
     }
     send_body(ctx, client, envelope.message)?;
+    *ended = true;
     client.send(b".\r\n")?;
     let final_reply = client.read_reply(client::DATA_END_TIMEOUT)?;
     let outcome = Attempt::from_reply(&final_reply, Stage::EndOfData);

@@ -72,11 +72,12 @@ fn deliver(ctx: &DeliveryContext, job: &Job) -> Result<Reach, QueueError> {
         log::info!("{}: no longer in the queue; skipped", job.message_id);
         return Ok(Reach::Unknown);
     };
-    let (attempts, relay, peer_reports) = match &job.destination {
+    let (attempts, relay, peer_reports, conn_use) = match &job.destination {
         Destination::Local => (
             deliver_locally(ctx, &message, &job.recipients),
             Some("local".to_string()),
             false,
+            0,
         ),
         destination => {
             let envelope = Envelope {
@@ -101,7 +102,12 @@ fn deliver(ctx: &DeliveryContext, job: &Job) -> Result<Reach, QueueError> {
                 Destination::Domain(domain) => remote::to_domain(ctx, domain, &envelope),
                 _ => remote::to_smarthost(ctx, &envelope),
             };
-            (outcome.attempts, outcome.relay, outcome.peer_reports)
+            (
+                outcome.attempts,
+                outcome.relay,
+                outcome.peer_reports,
+                outcome.conn_use,
+            )
         }
     };
     let reach = Reach::of(&attempts);
@@ -114,6 +120,7 @@ fn deliver(ctx: &DeliveryContext, job: &Job) -> Result<Reach, QueueError> {
         attempts,
         &Settlement {
             relay: relay.as_deref(),
+            conn_use,
             peer_reports,
             route_sender: &route_sender,
         },
@@ -196,6 +203,8 @@ pub fn copy_content(
 pub struct Settlement<'a> {
     /// host[ip]:port, or "local".
     pub relay: Option<&'a str>,
+    /// Messages the connection carried, this one included.
+    pub conn_use: usize,
     /// The next hop took the DSN requests along (RFC 3461), so success
     /// reports are its job now.
     pub peer_reports: bool,
@@ -277,8 +286,13 @@ pub fn settle(
             .as_deref()
             .map(|o| format!(", orig_to=<{}>", escape(o)))
             .unwrap_or_default();
+        // As Postfix: said only of a connection that was reused.
+        let conn_use = match how.conn_use {
+            0 | 1 => String::new(),
+            uses => format!(", conn_use={uses}"),
+        };
         log::info!(
-            "{}: to=<{}>{original}, relay={}, delay={}, attempt={attempt_number}, status={word} ({})",
+            "{}: to=<{}>{original}, relay={}{conn_use}, delay={}, attempt={attempt_number}, status={word} ({})",
             message.id,
             escape(&recipient.address),
             escape(relay.unwrap_or("none")),

@@ -74,6 +74,14 @@ impl Sink {
             .unwrap_or(0)
     }
 
+    /// Connections opened and closed so far.
+    pub fn connections(&self) -> (usize, usize) {
+        let log =
+            std::fs::read_to_string(self.dir.path().join("connections.log")).unwrap_or_default();
+        let count = |event: &str| log.lines().filter(|l| *l == event).count();
+        (count("open"), count("closed"))
+    }
+
     pub fn wait_for_messages(&self, count: usize) -> Vec<Received> {
         super::wait_for(&format!("{count} messages at the sink"), || {
             self.files("eml").len() >= count

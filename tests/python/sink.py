@@ -5,7 +5,8 @@ Prints the port it listens on (127.0.0.1), then serves until killed. Each
 accepted message is written as OUTDIR/<n>.env (the envelope sender, then
 one recipient per line) and OUTDIR/<n>.eml (the content, byte for byte,
 written last). Every DATA attempt, accepted or not, is appended to
-OUTDIR/attempts.log.
+OUTDIR/attempts.log; every connection opened and closed to
+OUTDIR/connections.log ("open" / "closed" lines).
 
 MODE:
   accept         take everything
@@ -14,6 +15,8 @@ MODE:
   reject-rcpt    550 for recipients whose local part starts with "reject"
   slow           accept, after a 0.3 s pause per message
   hostile        451 to every RCPT, with terminal escape sequences in the text
+  hangup         accept, then close the connection 0.2 s after each message
+                 without a word (as a server whose idle timeout is short)
 """
 import asyncio
 import os
@@ -54,14 +57,33 @@ class Handler:
         with open(base + ".tmp", "wb") as out:
             out.write(envelope.original_content)
         os.rename(base + ".tmp", base + ".eml")
+        if mode == "hangup":
+            asyncio.get_running_loop().call_later(0.2, server.transport.close)
         return "250 2.0.0 stored as %d" % self.stored
+
+
+def note_connection(event):
+    with open(os.path.join(outdir, "connections.log"), "a") as log:
+        log.write(event + "\n")
+
+
+class CountingSMTP(SMTP):
+    def connection_made(self, transport):
+        note_connection("open")
+        super().connection_made(transport)
+
+    def connection_lost(self, error):
+        note_connection("closed")
+        super().connection_lost(error)
 
 
 async def main():
     handler = Handler()
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: SMTP(handler, hostname="sink.test", enable_SMTPUTF8=True, decode_data=False),
+        lambda: CountingSMTP(
+            handler, hostname="sink.test", enable_SMTPUTF8=True, decode_data=False
+        ),
         "127.0.0.1",
         port,
     )
