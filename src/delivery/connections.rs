@@ -42,7 +42,7 @@ struct Idle {
 
 struct Shared {
     idle: Mutex<VecDeque<Idle>>,
-    /// Wakes the closer when a connection comes in, and at shutdown.
+    /// Wakes the closer at shutdown.
     changed: Condvar,
     stopped: Mutex<bool>,
 }
