@@ -127,8 +127,15 @@ fn reclaim_space(conn: &Connection) {
     if free <= FREE_PAGES_KEPT {
         return;
     }
+    // The pragma frees one page per step of the statement: it must be
+    // stepped to the end (execute_batch stops after the first).
     let step = format!("PRAGMA incremental_vacuum({PAGES_PER_STEP})");
-    if let Err(error) = conn.execute_batch(&step) {
+    let vacuumed = conn.prepare(&step).and_then(|mut statement| {
+        let mut rows = statement.query([])?;
+        while rows.next()?.is_some() {}
+        Ok(())
+    });
+    if let Err(error) = vacuumed {
         log::warn!("queue: incremental vacuum failed: {error}");
         return;
     }
@@ -282,4 +289,36 @@ pub fn insert_message(
             .map_err(QueueError::sqlite(format!("{id}: cannot insert recipient")))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pages(conn: &Connection, pragma: &str) -> i64 {
+        conn.query_row(&format!("PRAGMA {pragma}"), [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_maintenance_step_gives_back_up_to_its_share_of_free_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = crate::queue::open_direct(dir.path()).unwrap();
+        // 16 MiB of content, then gone: 4,096 free pages of 4 KiB.
+        let blob = vec![7u8; 1 << 20];
+        for _ in 0..16 {
+            conn.execute(
+                "INSERT INTO message_contents (content) VALUES (?1)",
+                params![blob],
+            )
+            .unwrap();
+        }
+        conn.execute("DELETE FROM message_contents", []).unwrap();
+        let free = pages(&conn, "freelist_count");
+        assert!(free > PAGES_PER_STEP, "{free} free pages");
+        reclaim_space(&conn);
+        assert_eq!(pages(&conn, "freelist_count"), free - PAGES_PER_STEP);
+        reclaim_space(&conn);
+        assert!(pages(&conn, "freelist_count") <= FREE_PAGES_KEPT);
+    }
 }
