@@ -414,25 +414,61 @@ impl Default for DotStuffer {
 impl DotStuffer {
     pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
         out.reserve(chunk.len() + chunk.len() / 64 + 2);
-        for &byte in chunk {
-            if byte != b'\r' && byte != b'\n' && self.line_length >= MAX_LINE_OUT {
-                out.extend_from_slice(b"\r\n ");
-                self.line_length = 1;
-                self.at_line_start = false;
-            }
-            if self.at_line_start && byte == b'.' {
-                out.push(b'.');
-                self.line_length += 1;
-            }
-            out.push(byte);
-            self.at_line_start = byte == b'\n';
-            if byte == b'\n' {
-                self.line_length = 0;
-            } else if byte != b'\r' {
-                self.line_length += 1;
-            }
-            self.tail = [self.tail[1], byte];
+        let mut rest = chunk;
+        while !rest.is_empty() {
+            let end = memchr::memchr(b'\n', rest).map_or(rest.len(), |at| at + 1);
+            let (segment, after) = rest.split_at(end);
+            self.push_segment(segment, out);
+            rest = after;
         }
+    }
+
+    /// A line, or the part of one a chunk holds, copied whole when it
+    /// needs no folding and has no bare CR (nearly always); octet by
+    /// octet otherwise.
+    fn push_segment(&mut self, segment: &[u8], out: &mut Vec<u8>) {
+        let ends_line = segment.last() == Some(&b'\n');
+        let text = segment.strip_suffix(b"\n").unwrap_or(segment);
+        let text = text.strip_suffix(b"\r").unwrap_or(text);
+        let stuffed = self.at_line_start && text.first() == Some(&b'.');
+        let length = self.line_length + usize::from(stuffed) + text.len();
+        if length > MAX_LINE_OUT || memchr::memchr(b'\r', text).is_some() {
+            for &byte in segment {
+                self.push_byte(byte, out);
+            }
+            return;
+        }
+        if stuffed {
+            out.push(b'.');
+        }
+        out.extend_from_slice(segment);
+        self.line_length = if ends_line { 0 } else { length };
+        self.at_line_start = ends_line;
+        self.tail = match segment {
+            [.., a, b] => [*a, *b],
+            [b] => [self.tail[1], *b],
+            [] => self.tail,
+        };
+    }
+
+    fn push_byte(&mut self, byte: u8, out: &mut Vec<u8>) {
+        if byte != b'\r' && byte != b'\n' && self.line_length >= MAX_LINE_OUT {
+            out.extend_from_slice(b"\r\n ");
+            self.line_length = 1;
+            self.at_line_start = false;
+        }
+        if self.at_line_start && byte == b'.' {
+            out.push(b'.');
+            self.line_length += 1;
+        }
+        out.push(byte);
+        self.at_line_start = byte == b'\n';
+        if byte == b'\n' {
+            self.line_length = 0;
+        } else if byte != b'\r' {
+            self.line_length += 1;
+        }
+        self.tail = [self.tail[1], byte];
     }
 
     /// What must follow the last chunk before the terminating ".CRLF".
@@ -510,6 +546,46 @@ mod tests {
         assert!(extensions.starttls && extensions.eight_bit_mime && extensions.smtputf8);
         assert_eq!(extensions.auth, vec!["PLAIN", "LOGIN"]);
         assert_eq!(extensions.size, None);
+    }
+
+    #[test]
+    fn whole_lines_are_stuffed_exactly_as_octet_by_octet() {
+        // Lines of every kind (dots, bare CRs, long ones to fold), split at
+        // arbitrary points: the fast path must not change a single octet.
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |bound: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % bound as u64) as usize
+        };
+        for _ in 0..200 {
+            let mut message = Vec::new();
+            for _ in 0..next(20) {
+                let pieces: [&[u8]; 6] = [b".", b"\r", b"\n", b"\r\n", b"x", b"abcdefghij"];
+                let piece = pieces[next(pieces.len())];
+                let repeat = if next(10) == 0 { 150 } else { 1 + next(3) };
+                for _ in 0..repeat {
+                    message.extend_from_slice(piece);
+                }
+            }
+            let mut expected = Vec::new();
+            let mut reference = DotStuffer::default();
+            for &byte in &message {
+                reference.push_byte(byte, &mut expected);
+            }
+            reference.finish(&mut expected);
+            let mut got = Vec::new();
+            let mut stuffer = DotStuffer::default();
+            let mut rest = &message[..];
+            while !rest.is_empty() {
+                let (chunk, after) = rest.split_at(1 + next(rest.len()));
+                stuffer.push(chunk, &mut got);
+                rest = after;
+            }
+            stuffer.finish(&mut got);
+            assert_eq!(got, expected, "{:?}", String::from_utf8_lossy(&message));
+        }
     }
 
     #[test]
