@@ -146,7 +146,12 @@ impl Instance {
             let waker = d.waker();
             Box::new(move || waker.wake()) as Box<dyn Fn() + Send + Sync>
         });
+        let dkim = crate::dkim::Signer::load(&config).map_err(error)?;
+        if !dkim.domains().is_empty() {
+            log::info!("dkim: signing for {}", dkim.domains().join(", "));
+        }
         let parts = ServerParts {
+            dkim: Arc::new(dkim),
             queue: queue.handle(),
             tls: Some(Arc::clone(&tls)),
             services,

@@ -47,6 +47,7 @@ pub fn check(config: &Config) -> Findings {
     check_data_dir(&config.data_dir, &mut findings);
     check_relay(config, &mut findings);
     check_run_as(config, &mut findings);
+    check_dkim(config, &mut findings);
     let existing = existing_accounts(config);
     findings
         .warnings
@@ -55,6 +56,24 @@ pub fn check(config: &Config) -> Findings {
             |a| existing.contains(a),
         ));
     findings
+}
+
+/// The keys `serve` would load; local domains it would not sign for.
+fn check_dkim(config: &Config, findings: &mut Findings) {
+    match crate::dkim::Signer::load(config) {
+        Err(error) => findings.errors.push(error.to_string()),
+        Ok(signer) => {
+            let signed = signer.domains();
+            for domain in &config.domains.local {
+                if !signed.contains(&domain.to_ascii_lowercase()) {
+                    findings.warnings.push(format!(
+                        "dkim: mail from {domain} leaves unsigned (many providers file it as \
+                         spam): `petrel dkim generate {domain}` makes a key"
+                    ));
+                }
+            }
+        }
+    }
 }
 
 fn check_tls(config: &Config, findings: &mut Findings) {

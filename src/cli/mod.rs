@@ -64,9 +64,30 @@ pub enum Command {
         #[command(subcommand)]
         command: user::UserCommand,
     },
+    /// DKIM keys: make one and print the DNS record to publish
+    Dkim {
+        #[command(subcommand)]
+        command: DkimCommand,
+    },
     /// Write the manual pages (section 8) into DIR, for packaging
     #[command(hide = true)]
     Manpages { dir: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DkimCommand {
+    /// Make a key for DOMAIN in dkim.key_dir (default data_dir/dkim) and
+    /// print the TXT record to publish; an existing key is never replaced
+    Generate {
+        domain: String,
+        /// Default: dkim.selector from the config ("petrel")
+        #[arg(long)]
+        selector: Option<String>,
+        /// ed25519 (RFC 8463; small) or rsa (2048 bits; what every
+        /// verifier knows). Publishing both under two selectors is common.
+        #[arg(long, default_value = "ed25519")]
+        algorithm: String,
+    },
 }
 
 const SENDMAIL_HELP: &str = "\
@@ -243,8 +264,33 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let (config, _) = load_config(cli.config.as_deref())?;
             user::run(&config, command)
         }
+        Command::Dkim { command } => {
+            let (config, _) = load_config(cli.config.as_deref())?;
+            dkim(&config, command)
+        }
         Command::Manpages { dir } => manpages::write(&dir),
     }
+}
+
+fn dkim(config: &Config, command: DkimCommand) -> Result<(), Failure> {
+    let DkimCommand::Generate {
+        domain,
+        selector,
+        algorithm,
+    } = command;
+    let algorithm =
+        crate::dkim::Algorithm::parse(&algorithm).map_err(|e| Failure::Usage(e.to_string()))?;
+    let selector = selector.unwrap_or_else(|| config.dkim.selector.clone());
+    as_server_user(config)?;
+    let (path, record) =
+        crate::dkim::generate(&config.dkim_key_dir(), &domain, &selector, algorithm)
+            .map_err(|e| Failure::Runtime(e.to_string()))?;
+    eprintln!(
+        "petrel: key written to {}; publish this record, then set dkim.selector = {selector:?}:",
+        path.display()
+    );
+    println!("{record}");
+    Ok(())
 }
 
 /// `user` and `queue` write in `data_dir`: run by root, they become the

@@ -56,6 +56,41 @@ pub struct Config {
     pub auth: AuthConfig,
     pub sendmail: SendmailConfig,
     pub server: ServerConfig,
+    pub dkim: DkimConfig,
+}
+
+/// DKIM signing of mail sent by local users (see src/dkim).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DkimConfig {
+    /// Domains to sign for; empty: every local domain that has a key.
+    pub domains: Vec<String>,
+    /// The selector in use; keys are `key_dir/DOMAIN.SELECTOR.pem`. A key
+    /// rollover publishes the new selector's record, switches this, and
+    /// removes the old record a few days later.
+    pub selector: String,
+    /// Default: `data_dir/dkim`.
+    pub key_dir: Option<PathBuf>,
+}
+
+impl Default for DkimConfig {
+    fn default() -> Self {
+        DkimConfig {
+            domains: Vec::new(),
+            selector: "petrel".into(),
+            key_dir: None,
+        }
+    }
+}
+
+impl Config {
+    /// Where DKIM keys live.
+    pub fn dkim_key_dir(&self) -> PathBuf {
+        self.dkim
+            .key_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("dkim"))
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -97,6 +132,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             sendmail: SendmailConfig::default(),
             server: ServerConfig::default(),
+            dkim: DkimConfig::default(),
         }
     }
 }

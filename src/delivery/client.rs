@@ -399,6 +399,9 @@ pub struct DotStuffer {
     line_length: usize,
     /// The last two octets seen, to know how the message ends.
     tail: [u8; 2],
+    /// Off: lines are only folded, as the receiver will see them once it
+    /// has removed the stuffing (what a DKIM signature must cover).
+    stuffing: bool,
 }
 
 impl Default for DotStuffer {
@@ -407,11 +410,20 @@ impl Default for DotStuffer {
             at_line_start: true,
             line_length: 0,
             tail: [0, 0],
+            stuffing: true,
         }
     }
 }
 
 impl DotStuffer {
+    /// Folds long lines exactly as sending will, without dot-stuffing.
+    pub fn folding_only() -> DotStuffer {
+        DotStuffer {
+            stuffing: false,
+            ..DotStuffer::default()
+        }
+    }
+
     pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
         out.reserve(chunk.len() + chunk.len() / 64 + 2);
         let mut rest = chunk;
@@ -430,7 +442,7 @@ impl DotStuffer {
         let ends_line = segment.last() == Some(&b'\n');
         let text = segment.strip_suffix(b"\n").unwrap_or(segment);
         let text = text.strip_suffix(b"\r").unwrap_or(text);
-        let stuffed = self.at_line_start && text.first() == Some(&b'.');
+        let stuffed = self.stuffing && self.at_line_start && text.first() == Some(&b'.');
         let length = self.line_length + usize::from(stuffed) + text.len();
         if length > MAX_LINE_OUT || memchr::memchr(b'\r', text).is_some() {
             for &byte in segment {
@@ -457,7 +469,7 @@ impl DotStuffer {
             self.line_length = 1;
             self.at_line_start = false;
         }
-        if self.at_line_start && byte == b'.' {
+        if self.stuffing && self.at_line_start && byte == b'.' {
             out.push(b'.');
             self.line_length += 1;
         }

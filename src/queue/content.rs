@@ -71,6 +71,20 @@ pub struct Content {
 }
 
 impl Content {
+    /// Reads the whole content, prefix first, from the start (the spool
+    /// file's position does not matter: storing seeks again).
+    pub fn reader(&self) -> io::Result<Box<dyn Read + '_>> {
+        let body: Box<dyn Read + '_> = match &self.body {
+            Body::Memory(bytes) => Box::new(&bytes[..]),
+            Body::File { file, .. } => {
+                let mut reader = &file.file;
+                reader.seek(io::SeekFrom::Start(0))?;
+                Box::new(reader)
+            }
+        };
+        Ok(Box::new((&self.prefix[..]).chain(body)))
+    }
+
     /// Content held in memory: notices, local submissions, tests.
     pub fn in_memory(bytes: Vec<u8>) -> Content {
         Content {

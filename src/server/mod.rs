@@ -105,6 +105,8 @@ pub struct ServerContext {
     pub services: Directory,
     pub queue: QueueHandle,
     pub tls: Option<Arc<ServerTls>>,
+    /// Signs what local users send.
+    pub dkim: Arc<crate::dkim::Signer>,
     /// Per listener kind: smtp, submission, smtps, local.
     sessions: [Arc<SessionConfig>; 4],
     registry: ConnectionRegistry,
@@ -207,6 +209,7 @@ impl Bound {
 pub struct ServerParts {
     pub queue: QueueHandle,
     pub tls: Option<Arc<ServerTls>>,
+    pub dkim: Arc<crate::dkim::Signer>,
     pub services: Directory,
     /// Called after each message is committed (wakes the scheduler).
     pub on_queued: Option<Box<dyn Fn() + Send + Sync>>,
@@ -260,6 +263,7 @@ impl Server {
             services: parts.services,
             queue: parts.queue,
             tls: parts.tls,
+            dkim: parts.dkim,
             sessions,
             registry: ConnectionRegistry::default(),
             shutting_down: AtomicBool::new(false),

@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use hickory_resolver::proto::op::{Message, MessageType, ResponseCode};
-use hickory_resolver::proto::rr::rdata::{A, AAAA, MX};
+use hickory_resolver::proto::rr::rdata::{A, AAAA, MX, TXT};
 use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
 
 #[derive(Default)]
@@ -89,6 +89,17 @@ impl TestDns {
             IpAddr::V4(v4) => self.add(host, RecordType::A, RData::A(A(v4))),
             IpAddr::V6(v6) => self.add(host, RecordType::AAAA, RData::AAAA(AAAA(v6))),
         }
+        self
+    }
+
+    /// A TXT record of one or more character strings.
+    #[allow(dead_code)] // not every test binary publishes TXT records
+    pub fn txt(&self, name: &str, strings: &[String]) -> &Self {
+        self.add(
+            name,
+            RecordType::TXT,
+            RData::TXT(TXT::new(strings.to_vec())),
+        );
         self
     }
 

@@ -1,0 +1,533 @@
+//! DKIM signing (RFC 6376; ed25519-sha256 from RFC 8463, and rsa-sha256)
+//! of mail sent by local users, done once when the message is accepted so
+//! that the queued copy is the signed one. Relaxed/relaxed
+//! canonicalization; the body is hashed as it streams past (a large
+//! message is never held whole), the header section is read up to its
+//! end, which the session has already bounded (`limits.max_header_size`).
+//!
+//! Keys: `key_dir/DOMAIN.SELECTOR.pem`, PKCS#8 (ed25519 or RSA) or PKCS#1
+//! (RSA), made by `petrel dkim generate`, which prints the TXT record.
+//! Signatures are made with ring; RustCrypto's `rsa` only generates RSA
+//! keys (ring cannot).
+
+pub mod canonical;
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use ring::rand::SystemRandom;
+use ring::signature::{Ed25519KeyPair, KeyPair as _, RSA_PKCS1_SHA256, RsaKeyPair};
+use rustls::pki_types::PrivateKeyDer;
+use rustls::pki_types::pem::PemObject;
+
+use crate::config::Config;
+use canonical::{RelaxedBody, relaxed_header};
+
+crate::error::message_error!(DkimError, "DKIM failed.");
+
+/// The header fields signed when present (RFC 6376 5.4.1): what
+/// identifies and describes the message. From is signed once more than it
+/// appears ("oversigning"), so a From added on the way breaks the
+/// signature instead of fooling the reader.
+pub const SIGNED_HEADERS: &[&str] = &[
+    "from",
+    "reply-to",
+    "subject",
+    "date",
+    "to",
+    "cc",
+    "message-id",
+    "in-reply-to",
+    "references",
+    "mime-version",
+    "content-type",
+    "content-transfer-encoding",
+    "list-unsubscribe",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    Ed25519,
+    Rsa,
+}
+
+impl Algorithm {
+    pub fn parse(name: &str) -> Result<Algorithm, DkimError> {
+        match name {
+            "ed25519" => Ok(Algorithm::Ed25519),
+            "rsa" => Ok(Algorithm::Rsa),
+            other => Err(DkimError(format!(
+                "unknown algorithm {other:?} (ed25519 or rsa)"
+            ))),
+        }
+    }
+}
+
+enum Key {
+    Ed25519(Ed25519KeyPair),
+    Rsa(RsaKeyPair),
+}
+
+impl Key {
+    fn tag(&self) -> &'static str {
+        match self {
+            Key::Ed25519(_) => "ed25519-sha256",
+            Key::Rsa(_) => "rsa-sha256",
+        }
+    }
+
+    fn sign(&self, data: &[u8]) -> Result<Vec<u8>, DkimError> {
+        match self {
+            // RFC 8463 3: Ed25519 signs the SHA-256 hash of the data.
+            Key::Ed25519(key) => {
+                let hash = ring::digest::digest(&ring::digest::SHA256, data);
+                Ok(key.sign(hash.as_ref()).as_ref().to_vec())
+            }
+            Key::Rsa(key) => {
+                let mut signature = vec![0u8; key.public().modulus_len()];
+                key.sign(
+                    &RSA_PKCS1_SHA256,
+                    &SystemRandom::new(),
+                    data,
+                    &mut signature,
+                )
+                .map_err(|_| DkimError("RSA signing failed".into()))?;
+                Ok(signature)
+            }
+        }
+    }
+}
+
+/// The keys petrel signs with, by domain (lower case).
+#[derive(Default)]
+pub struct Signer {
+    selector: String,
+    keys: HashMap<String, Key>,
+    /// `limits.max_header_size`: the session refuses larger header
+    /// sections, so the buffer that collects one never grows past it.
+    max_header_section: usize,
+}
+
+/// Where the key for `domain` and `selector` is.
+pub fn key_path(dir: &Path, domain: &str, selector: &str) -> PathBuf {
+    dir.join(format!("{}.{selector}.pem", domain.to_ascii_lowercase()))
+}
+
+impl Signer {
+    /// Loads the key of each domain to sign for. A domain listed in
+    /// `dkim.domains` without a usable key is an error (its mail would
+    /// leave unsigned and fail DMARC); a local domain without a key, when
+    /// none are listed, is simply not signed for.
+    pub fn load(config: &Config) -> Result<Signer, DkimError> {
+        let dir = config.dkim_key_dir();
+        let selector = config.dkim.selector.clone();
+        let listed = !config.dkim.domains.is_empty();
+        let domains = if listed {
+            &config.dkim.domains
+        } else {
+            &config.domains.local
+        };
+        let mut keys = HashMap::new();
+        for domain in domains {
+            let path = key_path(&dir, domain, &selector);
+            if !listed && !path.exists() {
+                continue;
+            }
+            let key = load_key(&path).map_err(|e| {
+                DkimError(format!(
+                    "dkim: {domain}: {e} (make one with `petrel dkim generate {domain} \
+                     --selector {selector}`)"
+                ))
+            })?;
+            keys.insert(domain.to_ascii_lowercase(), key);
+        }
+        Ok(Signer {
+            selector,
+            keys,
+            // Plus the trace fields petrel adds in front.
+            max_header_section: usize::try_from(config.limits.max_header_size.bytes() + 65536)
+                .unwrap_or(usize::MAX),
+        })
+    }
+
+    /// The domains signed for, sorted.
+    pub fn domains(&self) -> Vec<String> {
+        let mut domains: Vec<String> = self.keys.keys().cloned().collect();
+        domains.sort();
+        domains
+    }
+
+    /// A `DKIM-Signature:` header field (ending in CRLF) for the message
+    /// `content` reads, if mail from `domain` is signed.
+    pub fn sign(
+        &self,
+        domain: &str,
+        content: &mut dyn Read,
+        now: std::time::SystemTime,
+    ) -> Result<Option<String>, DkimError> {
+        let domain = domain.to_ascii_lowercase();
+        let Some(key) = self.keys.get(&domain) else {
+            return Ok(None);
+        };
+        let (headers, body_hash) = read_message(content, self.max_header_section)?;
+        let fields = header_fields(&headers);
+        let mut signed_names: Vec<&str> = Vec::new();
+        for name in SIGNED_HEADERS {
+            let count = fields.iter().filter(|(n, _)| n == name).count();
+            let count = if *name == "from" { count + 1 } else { count };
+            signed_names.extend(std::iter::repeat_n(*name, count));
+        }
+        let timestamp = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let unsigned = format!(
+            "DKIM-Signature: v=1; a={}; c=relaxed/relaxed; d={domain};\r\n\
+             \ts={}; t={timestamp};\r\n\th={};\r\n\tbh={};\r\n\tb=",
+            key.tag(),
+            self.selector,
+            signed_names.join(":"),
+            BASE64.encode(body_hash),
+        );
+        let mut data = Vec::new();
+        // RFC 6376 5.4.2: instances are taken from the bottom up.
+        let mut used: HashMap<&str, usize> = HashMap::new();
+        for name in &signed_names {
+            let taken = used.entry(name).or_default();
+            let instance = fields.iter().rev().filter(|(n, _)| n == name).nth(*taken);
+            *taken += 1;
+            if let Some((_, field)) = instance {
+                data.extend_from_slice(&relaxed_header(field));
+            }
+        }
+        let mut own = relaxed_header(unsigned.as_bytes());
+        own.truncate(own.len() - 2);
+        data.extend_from_slice(&own);
+        let signature = BASE64.encode(key.sign(&data)?);
+        let mut header = unsigned;
+        for (n, piece) in signature.as_bytes().chunks(64).enumerate() {
+            if n > 0 {
+                header.push_str("\r\n\t ");
+            }
+            header.push_str(&String::from_utf8_lossy(piece));
+        }
+        header.push_str("\r\n");
+        Ok(Some(header))
+    }
+}
+
+/// Reads the message as the next hop will receive it: lines longer than
+/// SMTP allows are folded on the way out (`DotStuffer`), so the signature
+/// must cover the folded form or it would break in transit.
+struct AsSent<'a> {
+    inner: &'a mut dyn Read,
+    folder: crate::delivery::client::DotStuffer,
+    pending: Vec<u8>,
+    at: usize,
+    done: bool,
+}
+
+impl Read for AsSent<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.pending.len() {
+            if self.done {
+                return Ok(0);
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            let n = self.inner.read(&mut chunk)?;
+            self.pending.clear();
+            self.at = 0;
+            if n == 0 {
+                self.done = true;
+                return Ok(0);
+            }
+            self.folder.push(&chunk[..n], &mut self.pending);
+        }
+        let n = out.len().min(self.pending.len() - self.at);
+        out[..n].copy_from_slice(&self.pending[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// The header section (up to the empty line) and the SHA-256 of the
+/// relaxed body, reading `content` in chunks, folded as it will be sent.
+fn read_message(
+    content: &mut dyn Read,
+    max_header_section: usize,
+) -> Result<(Vec<u8>, Vec<u8>), DkimError> {
+    let content = &mut AsSent {
+        inner: content,
+        folder: crate::delivery::client::DotStuffer::folding_only(),
+        pending: Vec::new(),
+        at: 0,
+        done: false,
+    };
+    let mut headers = Vec::new();
+    let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut body = RelaxedBody::default();
+    let mut in_body = false;
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut canonical = Vec::new();
+    loop {
+        let n = content
+            .read(&mut chunk)
+            .map_err(|e| DkimError(format!("cannot read the message: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        let mut rest = &chunk[..n];
+        if !in_body {
+            headers.extend_from_slice(rest);
+            match find_body(&headers) {
+                Some(start) => {
+                    rest = &[];
+                    let tail = headers.split_off(start);
+                    canonical.clear();
+                    body.push(&tail, &mut canonical);
+                    hasher.update(&canonical);
+                    in_body = true;
+                }
+                None if headers.len() > max_header_section => {
+                    return Err(DkimError("header section too large to sign".into()));
+                }
+                None => continue,
+            }
+        }
+        canonical.clear();
+        body.push(rest, &mut canonical);
+        hasher.update(&canonical);
+    }
+    canonical.clear();
+    body.finish(&mut canonical);
+    hasher.update(&canonical);
+    Ok((headers, hasher.finish().as_ref().to_vec()))
+}
+
+/// Where the body starts: after the first empty line.
+fn find_body(section: &[u8]) -> Option<usize> {
+    if section.starts_with(b"\r\n") {
+        return Some(2);
+    }
+    memchr::memmem::find(section, b"\r\n\r\n").map(|at| at + 4)
+}
+
+/// The fields of a header section, each with its lower-case name and its
+/// whole text (continuation lines included).
+fn header_fields(section: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let mut fields: Vec<(String, Vec<u8>)> = Vec::new();
+    for line in section.split_inclusive(|&b| b == b'\n') {
+        if line.starts_with(b" ") || line.starts_with(b"\t") {
+            if let Some((_, field)) = fields.last_mut() {
+                field.extend_from_slice(line);
+            }
+            continue;
+        }
+        if line == b"\r\n" {
+            break;
+        }
+        let name = line
+            .iter()
+            .position(|&b| b == b':')
+            .map(|colon| {
+                String::from_utf8_lossy(&line[..colon])
+                    .trim()
+                    .to_ascii_lowercase()
+            })
+            .unwrap_or_default();
+        fields.push((name, line.to_vec()));
+    }
+    fields
+}
+
+fn load_key(path: &Path) -> Result<Key, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let der = PrivateKeyDer::from_pem_slice(&pem)
+        .map_err(|e| format!("{}: not a PEM private key: {e}", path.display()))?;
+    let invalid = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    match der {
+        PrivateKeyDer::Pkcs8(pkcs8) => {
+            let der = pkcs8.secret_pkcs8_der();
+            // An ed25519 key, or an RSA key in PKCS#8 (as openssl writes).
+            match Ed25519KeyPair::from_pkcs8_maybe_unchecked(der) {
+                Ok(key) => Ok(Key::Ed25519(key)),
+                Err(_) => RsaKeyPair::from_pkcs8(der)
+                    .map(Key::Rsa)
+                    .map_err(|e| invalid(&e)),
+            }
+        }
+        PrivateKeyDer::Pkcs1(pkcs1) => RsaKeyPair::from_der(pkcs1.secret_pkcs1_der())
+            .map(Key::Rsa)
+            .map_err(|e| invalid(&e)),
+        _ => Err(format!(
+            "{}: an ed25519 or RSA key is needed",
+            path.display()
+        )),
+    }
+}
+
+/// Makes a key for `domain` (written 0600; an existing one is never
+/// replaced) and returns its path and the TXT record to publish.
+pub fn generate(
+    dir: &Path,
+    domain: &str,
+    selector: &str,
+    algorithm: Algorithm,
+) -> Result<(PathBuf, String), DkimError> {
+    let path = key_path(dir, domain, selector);
+    if path.exists() {
+        return Err(DkimError(format!(
+            "{} exists; use another --selector for a new key (README: key rollover)",
+            path.display()
+        )));
+    }
+    let failed = |e: &dyn std::fmt::Display| DkimError(format!("cannot generate a key: {e}"));
+    let (pem, public, k) = match algorithm {
+        Algorithm::Ed25519 => {
+            let pkcs8 =
+                Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|e| failed(&e))?;
+            let key = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|e| failed(&e))?;
+            let public = key.public_key().as_ref().to_vec();
+            (pem("PRIVATE KEY", pkcs8.as_ref()), public, "ed25519")
+        }
+        Algorithm::Rsa => {
+            use rsa::pkcs8::{EncodePrivateKey as _, EncodePublicKey as _};
+            let private =
+                rsa::RsaPrivateKey::new(&mut rand_core::OsRng, 2048).map_err(|e| failed(&e))?;
+            let pkcs8 = private.to_pkcs8_der().map_err(|e| failed(&e))?;
+            // The record's p= is a SubjectPublicKeyInfo, as OpenDKIM
+            // publishes and every verifier takes.
+            let public = private
+                .to_public_key()
+                .to_public_key_der()
+                .map_err(|e| failed(&e))?;
+            (
+                pem("PRIVATE KEY", pkcs8.as_bytes()),
+                public.as_bytes().to_vec(),
+                "rsa",
+            )
+        }
+    };
+    std::fs::create_dir_all(dir)
+        .map_err(|e| DkimError(format!("cannot create {}: {e}", dir.display())))?;
+    write_private(&path, &pem)?;
+    let record = format!(
+        "{selector}._domainkey.{domain}. IN TXT {}",
+        txt_strings(&format!("v=DKIM1; k={k}; p={}", BASE64.encode(public)))
+    );
+    Ok((path, record))
+}
+
+fn pem(label: &str, der: &[u8]) -> String {
+    let encoded = BASE64.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in encoded.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(line));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+/// A TXT value as quoted strings of at most 255 octets (RFC 1035 3.3.14):
+/// an RSA key does not fit in one.
+pub fn txt_strings(value: &str) -> String {
+    value
+        .as_bytes()
+        .chunks(255)
+        .map(|part| format!("\"{}\"", String::from_utf8_lossy(part)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn write_private(path: &Path, text: &str) -> Result<(), DkimError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| DkimError(format!("cannot create {}: {e}", path.display())))?;
+    file.write_all(text.as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(|e| DkimError(format!("cannot write {}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_keys_load_and_sign_with_both_algorithms() {
+        let dir = tempfile::tempdir().unwrap();
+        for (domain, algorithm, k) in [
+            ("ed.example", Algorithm::Ed25519, "k=ed25519"),
+            ("rsa.example", Algorithm::Rsa, "k=rsa"),
+        ] {
+            let (path, record) = generate(dir.path(), domain, "s1", algorithm).unwrap();
+            let expected = format!("s1._domainkey.{domain}. IN TXT \"v=DKIM1; {k}; p=");
+            assert!(record.starts_with(&expected), "{record}");
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+            assert!(
+                generate(dir.path(), domain, "s1", algorithm).is_err(),
+                "an existing key is never replaced"
+            );
+        }
+        let mut config = Config::default();
+        config.domains.local = vec![
+            "ed.example".into(),
+            "rsa.example".into(),
+            "none.example".into(),
+        ];
+        config.dkim.selector = "s1".into();
+        config.dkim.key_dir = Some(dir.path().to_path_buf());
+        let signer = Signer::load(&config).unwrap();
+        assert_eq!(signer.domains(), vec!["ed.example", "rsa.example"]);
+        let message = b"From: a@ed.example\r\nSubject: hi\r\n\r\nbody\r\n";
+        let now = std::time::SystemTime::now();
+        let header = signer
+            .sign("ED.example", &mut &message[..], now)
+            .unwrap()
+            .unwrap();
+        assert!(
+            header.starts_with(
+                "DKIM-Signature: v=1; a=ed25519-sha256; c=relaxed/relaxed; d=ed.example;"
+            ),
+            "{header}"
+        );
+        assert!(header.contains("h=from:from:subject;"), "{header}");
+        assert!(header.ends_with("\r\n"));
+        let header = signer
+            .sign("rsa.example", &mut &message[..], now)
+            .unwrap()
+            .unwrap();
+        assert!(header.contains("a=rsa-sha256"), "{header}");
+        assert!(
+            signer
+                .sign("none.example", &mut &message[..], now)
+                .unwrap()
+                .is_none()
+        );
+        config.dkim.domains = vec!["none.example".into()];
+        let error = Signer::load(&config).err().unwrap().to_string();
+        assert!(
+            error.contains("petrel dkim generate none.example"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn fields_keep_their_continuation_lines() {
+        let fields = header_fields(b"Subject: a\r\n  b\r\nFrom: x\r\n\r\n");
+        assert_eq!(fields.len(), 2);
+        assert_eq!(fields[0].0, "subject");
+        assert_eq!(fields[0].1, b"Subject: a\r\n  b\r\n");
+        assert_eq!(fields[1].0, "from");
+    }
+}
