@@ -2,6 +2,7 @@
 //! command. Exit codes: 0 ok, 1 runtime failure, 2 usage or config error.
 
 pub(crate) mod check;
+mod dns_check;
 mod manpages;
 pub(crate) mod queue;
 mod sendmail;
@@ -68,6 +69,19 @@ pub enum Command {
     Dkim {
         #[command(subcommand)]
         command: DkimCommand,
+    },
+    /// Check DOMAIN's DNS for mail (MX, A/AAAA, PTR, SPF, DKIM, DMARC,
+    /// MTA-STS, TLS-RPT) and print what to publish; exit 0 when every
+    /// required record is right, 1 otherwise (for monitoring)
+    DnsCheck {
+        domain: String,
+        /// This server's public address (repeatable); default: the
+        /// smtp listen addresses that name one
+        #[arg(long = "address")]
+        addresses: Vec<std::net::IpAddr>,
+        /// MTA-STS and TLS-RPT are required too
+        #[arg(long)]
+        strict: bool,
     },
     /// Write the manual pages (section 8) into DIR, for packaging
     #[command(hide = true)]
@@ -267,6 +281,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Dkim { command } => {
             let (config, _) = load_config(cli.config.as_deref())?;
             dkim(&config, command)
+        }
+        Command::DnsCheck {
+            domain,
+            addresses,
+            strict,
+        } => {
+            let (config, _) = load_config(cli.config.as_deref())?;
+            dns_check::run(&config, &domain, &addresses, strict)
         }
         Command::Manpages { dir } => manpages::write(&dir),
     }

@@ -79,6 +79,17 @@ impl Key {
         }
     }
 
+    /// The TXT record value that publishes this key.
+    fn record(&self) -> String {
+        let (k, public) = match self {
+            Key::Ed25519(key) => ("ed25519", key.public_key().as_ref().to_vec()),
+            // p= is a SubjectPublicKeyInfo, as OpenDKIM publishes and every
+            // verifier takes; ring gives the PKCS#1 key inside it.
+            Key::Rsa(key) => ("rsa", spki_of_rsa(key.public().as_ref())),
+        };
+        format!("v=DKIM1; k={k}; p={}", BASE64.encode(public))
+    }
+
     fn sign(&self, data: &[u8]) -> Result<Vec<u8>, DkimError> {
         match self {
             // RFC 8463 3: Ed25519 signs the SHA-256 hash of the data.
@@ -151,6 +162,16 @@ impl Signer {
             max_header_section: usize::try_from(config.limits.max_header_size.bytes() + 65536)
                 .unwrap_or(usize::MAX),
         })
+    }
+
+    /// The selector in use.
+    pub fn selector(&self) -> &str {
+        &self.selector
+    }
+
+    /// The TXT record value for `domain`'s key, if it has one.
+    pub fn record(&self, domain: &str) -> Option<String> {
+        self.keys.get(&domain.to_ascii_lowercase()).map(Key::record)
     }
 
     /// The domains signed for, sorted.
@@ -385,40 +406,59 @@ pub fn generate(
         )));
     }
     let failed = |e: &dyn std::fmt::Display| DkimError(format!("cannot generate a key: {e}"));
-    let (pem, public, k) = match algorithm {
+    let pem = match algorithm {
         Algorithm::Ed25519 => {
             let pkcs8 =
                 Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|e| failed(&e))?;
-            let key = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|e| failed(&e))?;
-            let public = key.public_key().as_ref().to_vec();
-            (pem("PRIVATE KEY", pkcs8.as_ref()), public, "ed25519")
+            pem("PRIVATE KEY", pkcs8.as_ref())
         }
         Algorithm::Rsa => {
-            use rsa::pkcs8::{EncodePrivateKey as _, EncodePublicKey as _};
+            use rsa::pkcs8::EncodePrivateKey as _;
             let private =
                 rsa::RsaPrivateKey::new(&mut rand_core::OsRng, 2048).map_err(|e| failed(&e))?;
             let pkcs8 = private.to_pkcs8_der().map_err(|e| failed(&e))?;
-            // The record's p= is a SubjectPublicKeyInfo, as OpenDKIM
-            // publishes and every verifier takes.
-            let public = private
-                .to_public_key()
-                .to_public_key_der()
-                .map_err(|e| failed(&e))?;
-            (
-                pem("PRIVATE KEY", pkcs8.as_bytes()),
-                public.as_bytes().to_vec(),
-                "rsa",
-            )
+            pem("PRIVATE KEY", pkcs8.as_bytes())
         }
     };
     std::fs::create_dir_all(dir)
         .map_err(|e| DkimError(format!("cannot create {}: {e}", dir.display())))?;
     write_private(&path, &pem)?;
+    // The record comes from the key as it will be loaded for signing.
+    let key = load_key(&path).map_err(DkimError)?;
     let record = format!(
         "{selector}._domainkey.{domain}. IN TXT {}",
-        txt_strings(&format!("v=DKIM1; k={k}; p={}", BASE64.encode(public)))
+        txt_strings(&key.record())
     );
     Ok((path, record))
+}
+
+/// SEQUENCE { SEQUENCE { rsaEncryption, NULL }, BIT STRING { key } }
+fn spki_of_rsa(pkcs1: &[u8]) -> Vec<u8> {
+    const RSA_ENCRYPTION: &[u8] = &[
+        0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05, 0x00,
+    ];
+    let mut bits = vec![0u8];
+    bits.extend_from_slice(pkcs1);
+    let mut body = RSA_ENCRYPTION.to_vec();
+    body.extend_from_slice(&der(0x03, &bits));
+    der(0x30, &body)
+}
+
+/// One DER element: tag, definite length, content.
+fn der(tag: u8, content: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    let length = content.len().to_be_bytes();
+    let significant: Vec<u8> = length.iter().copied().skip_while(|b| *b == 0).collect();
+    match significant.as_slice() {
+        [] => out.push(0),
+        [small] if *small < 0x80 => out.push(*small),
+        bytes => {
+            out.push(0x80 | bytes.len() as u8);
+            out.extend_from_slice(bytes);
+        }
+    }
+    out.extend_from_slice(content);
+    out
 }
 
 fn pem(label: &str, der: &[u8]) -> String {
@@ -469,6 +509,16 @@ mod tests {
             ("rsa.example", Algorithm::Rsa, "k=rsa"),
         ] {
             let (path, record) = generate(dir.path(), domain, "s1", algorithm).unwrap();
+            if algorithm == Algorithm::Rsa {
+                // The SubjectPublicKeyInfo petrel wraps is what RustCrypto
+                // makes of the same key.
+                use rsa::pkcs8::{DecodePrivateKey as _, EncodePublicKey as _};
+                let pem = std::fs::read_to_string(&path).unwrap();
+                let private = rsa::RsaPrivateKey::from_pkcs8_pem(&pem).unwrap();
+                let spki = private.to_public_key().to_public_key_der().unwrap();
+                let p = BASE64.encode(spki.as_bytes());
+                assert!(record.replace("\" \"", "").contains(&p), "{record}");
+            }
             let expected = format!("s1._domainkey.{domain}. IN TXT \"v=DKIM1; {k}; p=");
             assert!(record.starts_with(&expected), "{record}");
             use std::os::unix::fs::PermissionsExt as _;

@@ -361,21 +361,51 @@ impl Dns {
         name
     }
 
-    fn confirmed_name(&self, ip: IpAddr) -> Option<String> {
+    /// The PTR names of an address (at most a few); empty when it has none.
+    pub fn reverse_names(&self, ip: IpAddr) -> Result<Vec<String>, DnsFailure> {
         let resolver = self.resolver.clone();
         let arpa = hickory_resolver::proto::rr::Name::from(ip);
-        let lookup = self
-            .run(async move { resolver.reverse_lookup(arpa).await })
-            .ok()?;
-        let candidates: Vec<String> = lookup
-            .answers()
-            .iter()
-            .filter_map(|record| match &record.data {
-                RData::PTR(ptr) => Some(ptr.0.to_utf8().trim_end_matches('.').to_string()),
-                _ => None,
-            })
-            .take(3)
-            .collect();
+        match self.run(async move { resolver.reverse_lookup(arpa).await }) {
+            Ok(lookup) => Ok(lookup
+                .answers()
+                .iter()
+                .filter_map(|record| match &record.data {
+                    RData::PTR(ptr) => Some(ptr.0.to_utf8().trim_end_matches('.').to_string()),
+                    _ => None,
+                })
+                .take(3)
+                .collect()),
+            Err(LookupError::NxDomain | LookupError::NoRecords) => Ok(Vec::new()),
+            Err(LookupError::Temporary(why)) => Err(DnsFailure::Temporary(why)),
+        }
+    }
+
+    /// The TXT records at `name`, each with its strings joined (RFC 7208
+    /// 3.3); empty when the name has none or does not exist.
+    pub fn txt(&self, name: &str) -> Result<Vec<String>, DnsFailure> {
+        let resolver = self.resolver.clone();
+        let name = fqdn(name);
+        match self.run(async move { resolver.txt_lookup(name).await }) {
+            Ok(lookup) => Ok(lookup
+                .answers()
+                .iter()
+                .filter_map(|record| match &record.data {
+                    RData::TXT(txt) => Some(
+                        txt.txt_data
+                            .iter()
+                            .map(|part| String::from_utf8_lossy(part).into_owned())
+                            .collect::<String>(),
+                    ),
+                    _ => None,
+                })
+                .collect()),
+            Err(LookupError::NxDomain | LookupError::NoRecords) => Ok(Vec::new()),
+            Err(LookupError::Temporary(why)) => Err(DnsFailure::Temporary(why)),
+        }
+    }
+
+    fn confirmed_name(&self, ip: IpAddr) -> Option<String> {
+        let candidates = self.reverse_names(ip).ok()?;
         candidates.into_iter().find(|name| {
             self.addresses(name, AddressFamily::Any)
                 .is_ok_and(|addresses| addresses.contains(&ip))

@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use hickory_resolver::proto::op::{Message, MessageType, ResponseCode};
-use hickory_resolver::proto::rr::rdata::{A, AAAA, MX, TXT};
+use hickory_resolver::proto::rr::rdata::{A, AAAA, MX, PTR, TXT};
 use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
 
 #[derive(Default)]
@@ -100,6 +100,15 @@ impl TestDns {
             RecordType::TXT,
             RData::TXT(TXT::new(strings.to_vec())),
         );
+        self
+    }
+
+    /// Reverse DNS: the PTR record of an address.
+    #[allow(dead_code)] // not every test binary publishes PTR records
+    pub fn ptr(&self, ip: &str, host: &str) -> &Self {
+        let arpa = Name::from(ip.parse::<IpAddr>().unwrap()).to_string();
+        let target = Name::from_str(&format!("{host}.")).unwrap();
+        self.add(&arpa, RecordType::PTR, RData::PTR(PTR(target)));
         self
     }
 

@@ -1,0 +1,400 @@
+//! `petrel dns-check DOMAIN`: are the DNS records that big providers look
+//! at in place for DOMAIN and this server, and if not, exactly what to
+//! publish. Asks through the same resolver as delivery (`dns.nameservers`).
+//!
+//! Required (exit 1 when one is missing or wrong): MX, the MX host's
+//! addresses, forward-confirmed reverse DNS of the server's addresses,
+//! SPF, DKIM, DMARC. Recommended (exit 1 only with `--strict`): MTA-STS
+//! and TLS-RPT.
+
+use std::net::IpAddr;
+
+use crate::config::{AddressFamily, Config};
+use crate::dns::{Dns, DnsFailure};
+
+use super::Failure;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Ok,
+    Missing,
+    Wrong,
+}
+
+impl Status {
+    fn word(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Missing => "MISSING",
+            Status::Wrong => "WRONG",
+        }
+    }
+}
+
+struct Row {
+    check: &'static str,
+    required: bool,
+    status: Status,
+    found: String,
+    /// What to publish (or do) when the status is not ok.
+    fix: Option<String>,
+}
+
+pub fn run(
+    config: &Config,
+    domain: &str,
+    addresses: &[IpAddr],
+    strict: bool,
+) -> Result<(), Failure> {
+    let dns = Dns::new(&config.dns).map_err(|e| Failure::Runtime(e.to_string()))?;
+    let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+    let addresses = if addresses.is_empty() {
+        public_listen_addresses(config)
+    } else {
+        addresses.to_vec()
+    };
+    let rows = check(config, &dns, &domain, &addresses);
+    super::say!("{}", render(&domain, &config.hostname, &rows).trim_end());
+    let failed = rows
+        .iter()
+        .any(|row| row.status != Status::Ok && (row.required || strict));
+    if failed {
+        return Err(Failure::Runtime(format!(
+            "{domain}: DNS is not ready for mail (see above)"
+        )));
+    }
+    Ok(())
+}
+
+/// The server's own addresses from its listeners, when they name one.
+fn public_listen_addresses(config: &Config) -> Vec<IpAddr> {
+    let mut found: Vec<IpAddr> = config
+        .smtp
+        .listen
+        .iter()
+        .map(|address| address.ip())
+        .filter(|ip| !ip.is_unspecified() && !ip.is_loopback())
+        .collect();
+    found.dedup();
+    found
+}
+
+fn temporary(failure: &DnsFailure) -> Option<String> {
+    match failure {
+        DnsFailure::Temporary(why) => Some(why.clone()),
+        _ => None,
+    }
+}
+
+fn txt_starting(dns: &Dns, name: &str, tag: &str) -> Result<Vec<String>, String> {
+    dns.txt(name)
+        .map(|records| {
+            records
+                .into_iter()
+                .filter(|r| {
+                    r.to_ascii_lowercase()
+                        .starts_with(&tag.to_ascii_lowercase())
+                })
+                .collect()
+        })
+        .map_err(|failure| temporary(&failure).unwrap_or_else(|| failure.to_string()))
+}
+
+fn check(config: &Config, dns: &Dns, domain: &str, addresses: &[IpAddr]) -> Vec<Row> {
+    let hostname = config.hostname.trim_end_matches('.').to_ascii_lowercase();
+    let mut rows = Vec::new();
+
+    // MX: the domain's mail comes to this server.
+    let mx = match dns.mail_hosts(domain) {
+        Ok(hosts) => {
+            let names: Vec<String> = hosts.iter().map(|h| h.name.to_ascii_lowercase()).collect();
+            let ours = names.contains(&hostname) && hosts.iter().any(|h| h.name != domain);
+            (
+                if ours { Status::Ok } else { Status::Wrong },
+                names.join(", "),
+            )
+        }
+        Err(DnsFailure::Temporary(why)) => (Status::Wrong, format!("lookup failed: {why}")),
+        Err(failure) => (Status::Missing, failure.to_string()),
+    };
+    rows.push(Row {
+        check: "MX",
+        required: true,
+        status: mx.0,
+        found: mx.1,
+        fix: Some(format!("{domain}. IN MX 10 {hostname}.")),
+    });
+
+    // The MX host's addresses: this server's.
+    let host_addresses = dns.addresses(&hostname, AddressFamily::Any);
+    let (status, found) = match &host_addresses {
+        Ok(found) => {
+            let missing = addresses.iter().any(|ip| !found.contains(ip));
+            (
+                if missing { Status::Wrong } else { Status::Ok },
+                join(found),
+            )
+        }
+        Err(failure) => (Status::Missing, failure.to_string()),
+    };
+    let fix = if addresses.is_empty() {
+        format!("{hostname}. IN A <this server's address> (give it with --address)")
+    } else {
+        addresses
+            .iter()
+            .map(|ip| match ip {
+                IpAddr::V4(_) => format!("{hostname}. IN A {ip}"),
+                IpAddr::V6(_) => format!("{hostname}. IN AAAA {ip}"),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    rows.push(Row {
+        check: "A/AAAA",
+        required: true,
+        status,
+        found,
+        fix: Some(fix),
+    });
+
+    // Reverse DNS, forward-confirmed, naming this server.
+    let checked: Vec<IpAddr> = if addresses.is_empty() {
+        host_addresses.unwrap_or_default()
+    } else {
+        addresses.to_vec()
+    };
+    for ip in &checked {
+        let names = dns.reverse_names(*ip).unwrap_or_default();
+        let confirmed = names.iter().any(|name| {
+            name.eq_ignore_ascii_case(&hostname)
+                && dns
+                    .addresses(name, AddressFamily::Any)
+                    .is_ok_and(|found| found.contains(ip))
+        });
+        rows.push(Row {
+            check: "PTR",
+            required: true,
+            status: match (confirmed, names.is_empty()) {
+                (true, _) => Status::Ok,
+                (false, true) => Status::Missing,
+                (false, false) => Status::Wrong,
+            },
+            found: format!("{ip} -> {}", none_if_empty(&names.join(", "))),
+            fix: Some(format!(
+                "reverse DNS of {ip} -> {hostname} (set at your hosting provider)"
+            )),
+        });
+    }
+    if checked.is_empty() {
+        rows.push(Row {
+            check: "PTR",
+            required: true,
+            status: Status::Missing,
+            found: "no address to check".into(),
+            fix: Some("give this server's public addresses with --address".into()),
+        });
+    }
+
+    // SPF: one record that lets this server send.
+    let spf_fix = format!("{domain}. IN TXT \"v=spf1 mx -all\"");
+    let (status, found) = match txt_starting(dns, domain, "v=spf1") {
+        Ok(records) if records.is_empty() => (Status::Missing, "none".to_string()),
+        Ok(records) if records.len() > 1 => (
+            Status::Wrong,
+            format!("{} SPF records (RFC 7208 allows one)", records.len()),
+        ),
+        Ok(records) => {
+            let record = &records[0];
+            let terms: Vec<String> = record
+                .split_whitespace()
+                .map(str::to_ascii_lowercase)
+                .collect();
+            let lets_us = terms.iter().any(|t| {
+                t == "mx"
+                    || t == "a"
+                    || t == "+mx"
+                    || t == "+a"
+                    || t.starts_with("include:")
+                    || t.starts_with("redirect=")
+                    || addresses
+                        .iter()
+                        .any(|ip| t.trim_start_matches('+').ends_with(&format!(":{ip}")))
+            });
+            let open = terms.iter().any(|t| t == "+all" || t == "all");
+            (
+                if lets_us && !open {
+                    Status::Ok
+                } else {
+                    Status::Wrong
+                },
+                record.clone(),
+            )
+        }
+        Err(why) => (Status::Wrong, format!("lookup failed: {why}")),
+    };
+    rows.push(Row {
+        check: "SPF",
+        required: true,
+        status,
+        found,
+        fix: Some(spf_fix),
+    });
+
+    // DKIM: the selector in use publishes this server's key.
+    let signer = crate::dkim::Signer::load(config).ok();
+    let selector = config.dkim.selector.clone();
+    let name = format!("{selector}._domainkey.{domain}");
+    let ours = signer.as_ref().and_then(|s| s.record(domain));
+    let (status, found) = match txt_starting(dns, &name, "v=DKIM1") {
+        Ok(records) if records.is_empty() => (Status::Missing, "none".to_string()),
+        Ok(records) => {
+            let matches = match &ours {
+                Some(ours) => records.iter().any(|r| same_key(r, ours)),
+                None => false,
+            };
+            (
+                if matches { Status::Ok } else { Status::Wrong },
+                shorten(&records[0]),
+            )
+        }
+        Err(why) => (Status::Wrong, format!("lookup failed: {why}")),
+    };
+    let fix = match &ours {
+        Some(record) => format!("{name}. IN TXT {}", crate::dkim::txt_strings(record)),
+        None => format!("no key here yet: run `petrel dkim generate {domain}`"),
+    };
+    rows.push(Row {
+        check: "DKIM",
+        required: true,
+        status,
+        found: format!("{selector}: {found}"),
+        fix: Some(fix),
+    });
+
+    // DMARC.
+    rows.push(tag_row(
+        dns,
+        "DMARC",
+        true,
+        &format!("_dmarc.{domain}"),
+        "v=DMARC1",
+        format!(
+            "_dmarc.{domain}. IN TXT \"v=DMARC1; p=quarantine; rua=mailto:postmaster@{domain}\""
+        ),
+    ));
+    // Recommended.
+    rows.push(tag_row(
+        dns,
+        "MTA-STS",
+        false,
+        &format!("_mta-sts.{domain}"),
+        "v=STSv1",
+        format!(
+            "_mta-sts.{domain}. IN TXT \"v=STSv1; id=1\" and a policy at \
+             https://mta-sts.{domain}/.well-known/mta-sts.txt (mode: enforce, mx: {hostname})"
+        ),
+    ));
+    rows.push(tag_row(
+        dns,
+        "TLS-RPT",
+        false,
+        &format!("_smtp._tls.{domain}"),
+        "v=TLSRPTv1",
+        format!("_smtp._tls.{domain}. IN TXT \"v=TLSRPTv1; rua=mailto:postmaster@{domain}\""),
+    ));
+    rows
+}
+
+/// A record identified by its version tag: present or not.
+fn tag_row(
+    dns: &Dns,
+    check: &'static str,
+    required: bool,
+    name: &str,
+    tag: &str,
+    fix: String,
+) -> Row {
+    let (status, found) = match txt_starting(dns, name, tag) {
+        Ok(records) if records.is_empty() => (Status::Missing, "none".to_string()),
+        Ok(records) if records.len() > 1 => (
+            Status::Wrong,
+            format!("{} records (one is allowed)", records.len()),
+        ),
+        Ok(records) => (Status::Ok, shorten(&records[0])),
+        Err(why) => (Status::Wrong, format!("lookup failed: {why}")),
+    };
+    Row {
+        check,
+        required,
+        status,
+        found,
+        fix: Some(fix),
+    }
+}
+
+/// Two DKIM records publish the same key (tags compared without spaces).
+fn same_key(published: &str, ours: &str) -> bool {
+    let p_of = |record: &str| {
+        record
+            .split(';')
+            .map(|tag| tag.split_whitespace().collect::<String>())
+            .find_map(|tag| tag.strip_prefix("p=").map(str::to_string))
+    };
+    p_of(published).is_some() && p_of(published) == p_of(ours)
+}
+
+fn shorten(text: &str) -> String {
+    if text.chars().count() > 60 {
+        format!("{}...", text.chars().take(57).collect::<String>())
+    } else {
+        text.to_string()
+    }
+}
+
+fn none_if_empty(text: &str) -> &str {
+    if text.is_empty() { "none" } else { text }
+}
+
+fn join(addresses: &[IpAddr]) -> String {
+    addresses
+        .iter()
+        .map(IpAddr::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn render(domain: &str, hostname: &str, rows: &[Row]) -> String {
+    let mut out = format!("DNS for {domain}, mail server {hostname}\n\n");
+    out.push_str(&format!(
+        "{:<8} {:<12} {:<8} {}\n",
+        "CHECK", "NEED", "STATUS", "FOUND"
+    ));
+    for row in rows {
+        let kind = if row.required {
+            "required"
+        } else {
+            "recommended"
+        };
+        out.push_str(&format!(
+            "{:<8} {:<12} {:<8} {}\n",
+            row.check,
+            kind,
+            row.status.word(),
+            crate::printable::escape(&row.found)
+        ));
+    }
+    let gaps: Vec<&Row> = rows.iter().filter(|r| r.status != Status::Ok).collect();
+    if gaps.is_empty() {
+        out.push_str("\nEverything is in place.\n");
+    } else {
+        out.push_str("\nTo publish:\n");
+        for row in gaps {
+            if let Some(fix) = &row.fix {
+                for line in fix.lines() {
+                    out.push_str(&format!("  {line}\n"));
+                }
+            }
+        }
+    }
+    out
+}

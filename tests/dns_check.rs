@@ -1,0 +1,157 @@
+//! `petrel dns-check` against a DNS server on loopback: a domain with
+//! every record in place, and one with none (what to publish is printed,
+//! with this server's name, address and DKIM key filled in). The server's
+//! address is documentation space (192.0.2.0/24): only a record value, never
+//! connected to; a loopback one would get the resolver's built-in "localhost".
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use common::dns::TestDns;
+use common::serving::petrel;
+
+fn config(dir: &Path, dns: &TestDns) -> PathBuf {
+    let path = dir.join("petrel.toml");
+    let text = format!(
+        "hostname = \"mail.example.test\"\ndata_dir = \"{}\"\n\
+         [domains]\nlocal = [\"example.test\"]\n\
+         [dns]\nnameservers = [\"{}\"]\n\
+         [dkim]\nselector = \"s1\"\n",
+        dir.join("data").display(),
+        dns.addr
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn run(config: &Path, args: &[&str]) -> (Output, String) {
+    let output = petrel()
+        .args(["-c", config.to_str().unwrap()])
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    (output, stdout)
+}
+
+#[test]
+fn a_fully_configured_domain_passes_and_an_empty_one_gets_its_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let dns = TestDns::start();
+    let config = config(dir.path(), &dns);
+    let (output, record) = run(&config, &["dkim", "generate", "example.test"]);
+    assert!(output.status.success());
+    let (name, value) = record.trim().split_once(". IN TXT ").unwrap();
+    let strings: Vec<String> = value
+        .split("\" \"")
+        .map(|s| s.trim_matches('"').to_string())
+        .collect();
+    dns.mx("example.test", 10, "mail.example.test")
+        .a("mail.example.test", "192.0.2.25")
+        .ptr("192.0.2.25", "mail.example.test")
+        .txt("example.test", &["v=spf1 mx -all".into()])
+        .txt(name, &strings)
+        .txt(
+            "_dmarc.example.test",
+            &["v=DMARC1; p=reject; rua=mailto:postmaster@example.test".into()],
+        )
+        .txt("_mta-sts.example.test", &["v=STSv1; id=20261129".into()])
+        .txt(
+            "_smtp._tls.example.test",
+            &["v=TLSRPTv1; rua=mailto:tls@example.test".into()],
+        );
+
+    let (output, table) = run(
+        &config,
+        &[
+            "dns-check",
+            "example.test",
+            "--address",
+            "192.0.2.25",
+            "--strict",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(0), "{table}");
+    for check in [
+        "MX", "A/AAAA", "PTR", "SPF", "DKIM", "DMARC", "MTA-STS", "TLS-RPT",
+    ] {
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(&format!("{check} ")))
+            .unwrap_or_else(|| panic!("no {check} row: {table}"));
+        assert!(row.contains(" ok "), "{row}\n{table}");
+    }
+    assert!(table.contains("Everything is in place."), "{table}");
+
+    // The same server, a domain with nothing published.
+    let (output, table) = run(
+        &config,
+        &["dns-check", "empty.test", "--address", "192.0.2.25"],
+    );
+    assert_eq!(output.status.code(), Some(1), "{table}");
+    for expected in [
+        "empty.test. IN MX 10 mail.example.test.",
+        "empty.test. IN TXT \"v=spf1 mx -all\"",
+        "_dmarc.empty.test. IN TXT \"v=DMARC1; p=quarantine; rua=mailto:postmaster@empty.test\"",
+        "no key here yet: run `petrel dkim generate empty.test`",
+        "_smtp._tls.empty.test. IN TXT \"v=TLSRPTv1; rua=mailto:postmaster@empty.test\"",
+    ] {
+        assert!(table.contains(expected), "{expected:?} in\n{table}");
+    }
+    // The host's own records are right, whatever the domain.
+    let row = |check: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(&format!("{check} ")))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(row("PTR").contains(" ok "), "{table}");
+    assert!(row("MX").contains("MISSING"), "{table}");
+
+    // Recommended records change the exit code only with --strict.
+    let example_without_sts = TestDns::start();
+    let config2 = config_without_sts(dir.path(), &example_without_sts, name, &strings);
+    let (output, table) = run(
+        &config2,
+        &["dns-check", "example.test", "--address", "192.0.2.25"],
+    );
+    assert_eq!(output.status.code(), Some(0), "{table}");
+    assert!(table.contains("MTA-STS  recommended  MISSING"), "{table}");
+    let (output, _) = run(
+        &config2,
+        &[
+            "dns-check",
+            "example.test",
+            "--address",
+            "192.0.2.25",
+            "--strict",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(1));
+}
+
+/// The configured domain's records, but no MTA-STS or TLS-RPT.
+fn config_without_sts(dir: &Path, dns: &TestDns, dkim_name: &str, dkim: &[String]) -> PathBuf {
+    dns.mx("example.test", 10, "mail.example.test")
+        .a("mail.example.test", "192.0.2.25")
+        .ptr("192.0.2.25", "mail.example.test")
+        .txt("example.test", &["v=spf1 mx -all".into()])
+        .txt(dkim_name, dkim)
+        .txt("_dmarc.example.test", &["v=DMARC1; p=none".into()]);
+    let sub = dir.join("second");
+    std::fs::create_dir_all(&sub).unwrap();
+    let path = config(&sub, dns);
+    // The same key: the second config reads the first one's key_dir.
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "[dkim]\n",
+        &format!(
+            "[dkim]\nkey_dir = \"{}\"\n",
+            dir.join("data/dkim").display()
+        ),
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
