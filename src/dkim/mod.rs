@@ -249,6 +249,8 @@ struct AsSent<'a> {
     pending: Vec<u8>,
     at: usize,
     done: bool,
+    /// On the heap: signing runs on a session thread's small stack.
+    chunk: Vec<u8>,
 }
 
 impl Read for AsSent<'_> {
@@ -257,15 +259,14 @@ impl Read for AsSent<'_> {
             if self.done {
                 return Ok(0);
             }
-            let mut chunk = [0u8; 16 * 1024];
-            let n = self.inner.read(&mut chunk)?;
+            let n = self.inner.read(&mut self.chunk)?;
             self.pending.clear();
             self.at = 0;
             if n == 0 {
                 self.done = true;
                 return Ok(0);
             }
-            self.folder.push(&chunk[..n], &mut self.pending);
+            self.folder.push(&self.chunk[..n], &mut self.pending);
         }
         let n = out.len().min(self.pending.len() - self.at);
         out[..n].copy_from_slice(&self.pending[self.at..self.at + n]);
@@ -286,6 +287,7 @@ fn read_message(
         pending: Vec::new(),
         at: 0,
         done: false,
+        chunk: vec![0u8; 16 * 1024],
     };
     let mut headers = Vec::new();
     let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);

@@ -21,6 +21,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+/// The control thread's stack.
+const CONTROL_STACK: usize = 512 * 1024;
+
 /// What the control socket can ask of the server.
 pub trait Controls: Send + Sync + 'static {
     /// The queue changed: look at it again.
@@ -60,7 +63,10 @@ impl ControlSocket {
             let stop = Arc::clone(&stop);
             std::thread::Builder::new()
                 .name("control".into())
-                .stack_size(64 * 1024)
+                // reload-aliases parses the whole config file (serde and
+                // toml run deep in debug builds; 64 KiB overflowed). Only
+                // the pages used are ever committed.
+                .stack_size(CONTROL_STACK)
                 .spawn(move || {
                     for connection in listener.incoming() {
                         if stop.load(Ordering::SeqCst) {
