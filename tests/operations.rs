@@ -353,7 +353,9 @@ fn sendmail_submits_locally_and_wakes_the_server() {
         "{texts:?}"
     );
 
-    // An unknown local mailbox is refused at once; nothing is queued.
+    // An unknown local mailbox is refused at once; nothing is queued. (The
+    // Maildir file appears before the delivery is recorded: wait for that.)
+    wait_for("the queue to empty", || server.message_count() == 0);
     let before = server.message_count();
     let (code, err) = sendmail(
         &petrel_binary,

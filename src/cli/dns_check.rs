@@ -241,10 +241,10 @@ fn check(config: &Config, dns: &Dns, domain: &str, addresses: &[IpAddr]) -> Vec<
     });
 
     // DKIM: the selector in use publishes this server's key.
-    let signer = crate::dkim::Signer::load(config).ok();
+    let signer = crate::dkim::Signer::load(config);
     let selector = config.dkim.selector.clone();
     let name = format!("{selector}._domainkey.{domain}");
-    let ours = signer.as_ref().and_then(|s| s.record(domain));
+    let ours = signer.as_ref().ok().and_then(|s| s.record(domain));
     let (status, found) = match txt_starting(dns, &name, "v=DKIM1") {
         Ok(records) if records.is_empty() => (Status::Missing, "none".to_string()),
         Ok(records) => {
@@ -259,9 +259,11 @@ fn check(config: &Config, dns: &Dns, domain: &str, addresses: &[IpAddr]) -> Vec<
         }
         Err(why) => (Status::Wrong, format!("lookup failed: {why}")),
     };
-    let fix = match &ours {
-        Some(record) => format!("{name}. IN TXT {}", crate::dkim::txt_strings(record)),
-        None => format!("no key here yet: run `petrel dkim generate {domain}`"),
+    let fix = match (&ours, &signer) {
+        (Some(record), _) => format!("{name}. IN TXT {}", crate::dkim::txt_strings(record)),
+        // Keys are the server user's, 0600: run as root or as that user.
+        (None, Err(error)) => format!("cannot read the DKIM keys: {error}"),
+        (None, Ok(_)) => format!("no key here yet: run `petrel dkim generate {domain}`"),
     };
     rows.push(Row {
         check: "DKIM",
