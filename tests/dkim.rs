@@ -7,28 +7,44 @@ mod common;
 
 use std::path::Path;
 
-use common::serving::{petrel, write_config};
+use common::dns::TestDns;
+use common::serving::{dkim_generate, write_config};
 use common::sink::Sink;
 use common::*;
+use petrel::config::Config;
 use petrel::protocol::session::ListenerKind;
 
-/// `petrel dkim generate`; returns the TXT record's name and strings.
-fn generate(config: &Path, algorithm: &str) -> (String, Vec<String>) {
-    let output = petrel()
-        .args(["-c", config.to_str().unwrap()])
-        .args(["dkim", "generate", "example.test", "--selector", "s1"])
-        .args(["--algorithm", algorithm])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8(output.stdout).unwrap();
-    assert!(output.status.success(), "{stdout}");
-    let (name, rest) = stdout.split_once(". IN TXT ").expect("a TXT record");
-    let strings = rest
-        .trim()
-        .split("\" \"")
-        .map(|s| s.trim_matches('"').to_string())
-        .collect();
-    (name.to_string(), strings)
+/// A key of `algorithm` for example.test under selector s1, made by
+/// `petrel dkim generate` in a directory of its own; the record to serve.
+fn key(algorithm: &str) -> (tempfile::TempDir, String, Vec<String>) {
+    let keys = tempfile::tempdir().unwrap();
+    let config = write_config(
+        keys.path(),
+        &format!(
+            "[dkim]\nkey_dir = \"{}\"\n",
+            keys.path().join("dkim").display()
+        ),
+    );
+    let args = ["example.test", "--selector", "s1", "--algorithm", algorithm];
+    let (name, strings) = dkim_generate(&config, &args);
+    (keys, name, strings)
+}
+
+/// A delivering server that signs with the key in `keys`, delivering to
+/// `port` on loopback.
+fn signing_server(
+    dns: TestDns,
+    keys: &Path,
+    port: u16,
+    adjust: impl FnOnce(&mut Config),
+) -> TestServer {
+    let key_dir = keys.join("dkim");
+    TestServer::start_delivering(dns, |config| {
+        config.delivery.port = port;
+        config.dkim.selector = "s1".into();
+        config.dkim.key_dir = Some(key_dir);
+        adjust(config);
+    })
 }
 
 fn submit(server: &TestServer, body: &[u8]) {
@@ -43,26 +59,13 @@ fn submit(server: &TestServer, body: &[u8]) {
 /// Submits `body` as alice with a key of `algorithm`, and returns what
 /// dkimpy says of the delivered copy, as is, re-folded and tampered with.
 fn signed_and_verified(algorithm: &str, body: &[u8]) -> String {
-    let keys = tempfile::tempdir().unwrap();
-    let config = write_config(
-        keys.path(),
-        &format!(
-            "[dkim]\nkey_dir = \"{}\"\n",
-            keys.path().join("dkim").display()
-        ),
-    );
-    let (name, strings) = generate(&config, algorithm);
+    let (keys, name, strings) = key(algorithm);
     assert_eq!(name, "s1._domainkey.example.test");
     let dns = standard_dns();
     dns.txt(&name, &strings);
     let dns_addr = dns.addr;
     let sink = Sink::start("accept", 0);
-    let port = sink.port;
-    let server = TestServer::start_delivering(dns, |config| {
-        config.delivery.port = port;
-        config.dkim.selector = "s1".into();
-        config.dkim.key_dir = Some(keys.path().join("dkim"));
-    });
+    let server = signing_server(dns, keys.path(), sink.port, |_| {});
     submit(&server, body);
     let received = sink.wait_for_messages(1);
     let head = String::from_utf8_lossy(&received[0].content[..200]).into_owned();
@@ -111,21 +114,9 @@ fn a_large_spooled_message_is_signed_as_it_streams() {
 
 #[test]
 fn mail_relayed_for_strangers_is_not_signed() {
-    let keys = tempfile::tempdir().unwrap();
-    let config = write_config(
-        keys.path(),
-        &format!(
-            "[dkim]\nkey_dir = \"{}\"\n",
-            keys.path().join("dkim").display()
-        ),
-    );
-    generate(&config, "ed25519");
+    let (keys, _, _) = key("ed25519");
     let sink = Sink::start("accept", 0);
-    let port = sink.port;
-    let server = TestServer::start_delivering(standard_dns(), |config| {
-        config.delivery.port = port;
-        config.dkim.selector = "s1".into();
-        config.dkim.key_dir = Some(keys.path().join("dkim"));
+    let server = signing_server(standard_dns(), keys.path(), sink.port, |config| {
         config.relay.trusted_networks = vec!["127.0.0.0/8".parse().unwrap()];
     });
     // Port 25, no AUTH: even with our domain in MAIL FROM, not ours to sign.

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use common::dns::TestDns;
-use common::serving::petrel;
+use common::serving::{dkim_generate, petrel};
 
 fn config(dir: &Path, dns: &TestDns) -> PathBuf {
     let path = dir.join("petrel.toml");
@@ -41,18 +41,12 @@ fn a_fully_configured_domain_passes_and_an_empty_one_gets_its_records() {
     let dir = tempfile::tempdir().unwrap();
     let dns = TestDns::start();
     let config = config(dir.path(), &dns);
-    let (output, record) = run(&config, &["dkim", "generate", "example.test"]);
-    assert!(output.status.success());
-    let (name, value) = record.trim().split_once(". IN TXT ").unwrap();
-    let strings: Vec<String> = value
-        .split("\" \"")
-        .map(|s| s.trim_matches('"').to_string())
-        .collect();
+    let (name, strings) = dkim_generate(&config, &["example.test"]);
     dns.mx("example.test", 10, "mail.example.test")
         .a("mail.example.test", "192.0.2.25")
         .ptr("192.0.2.25", "mail.example.test")
         .txt("example.test", &["v=spf1 mx -all".into()])
-        .txt(name, &strings)
+        .txt(&name, &strings)
         .txt(
             "_dmarc.example.test",
             &["v=DMARC1; p=reject; rua=mailto:postmaster@example.test".into()],
@@ -113,7 +107,7 @@ fn a_fully_configured_domain_passes_and_an_empty_one_gets_its_records() {
 
     // Recommended records change the exit code only with --strict.
     let example_without_sts = TestDns::start();
-    let config2 = config_without_sts(dir.path(), &example_without_sts, name, &strings);
+    let config2 = config_without_sts(dir.path(), &example_without_sts, &name, &strings);
     let (output, table) = run(
         &config2,
         &["dns-check", "example.test", "--address", "192.0.2.25"],

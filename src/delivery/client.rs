@@ -564,13 +564,7 @@ mod tests {
     fn whole_lines_are_stuffed_exactly_as_octet_by_octet() {
         // Lines of every kind (dots, bare CRs, long ones to fold), split at
         // arbitrary points: the fast path must not change a single octet.
-        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-        let mut next = move |bound: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % bound as u64) as usize
-        };
+        let mut next = crate::test_numbers(0x2545_f491_4f6c_dd1d_u64);
         for _ in 0..200 {
             let mut message = Vec::new();
             for _ in 0..next(20) {

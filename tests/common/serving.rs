@@ -36,6 +36,25 @@ pub fn petrel() -> Command {
     Command::new(env!("CARGO_BIN_EXE_petrel"))
 }
 
+/// `petrel -c CONFIG dkim generate ARGS...`: the TXT record it printed,
+/// as its name and its character strings (for the test DNS server).
+#[allow(dead_code)] // not every test binary makes DKIM keys
+pub fn dkim_generate(config: &Path, args: &[&str]) -> (String, Vec<String>) {
+    let output = petrel()
+        .args(["-c", config.to_str().unwrap(), "dkim", "generate"])
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(output.status.success(), "{stdout}");
+    let (name, rest) = stdout.trim().split_once(". IN TXT ").expect("a TXT record");
+    let strings = rest
+        .split("\" \"")
+        .map(|s| s.trim_matches('"').to_string())
+        .collect();
+    (name.to_string(), strings)
+}
+
 /// `petrel user add ADDRESS` with the shared test password.
 #[allow(dead_code)] // not every test binary adds users
 pub fn add_user(config: &Path, address: &str) {
