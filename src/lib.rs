@@ -6,6 +6,8 @@
 //! - [`queue`]: the SQLite queue and its group-commit writer thread
 //! - [`routing`]: where a recipient's mail goes, decided once at acceptance
 //! - [`policy`]: relay, sender and outbound-address decisions as pure functions
+//! - [`mailauth`]: SPF, DKIM verification, DMARC and Authentication-Results
+//!   for inbound mail
 //! - [`auth`]: accounts, password policy and hashing, brute-force limiter
 //! - [`tls`]: certificates and rustls configurations
 //! - [`config`]: the TOML config file, defaults and validation
@@ -21,6 +23,7 @@ pub mod dkim;
 pub mod dns;
 mod error;
 pub mod instance;
+pub mod mailauth;
 pub mod policy;
 pub mod printable;
 pub mod protocol;

@@ -72,17 +72,22 @@ fn first_failed_reply(server: &TestServer, id: &str) -> String {
         .unwrap()
 }
 
-/// Drops the trace headers petrel adds (Return-Path, Delivered-To and
-/// every Received) from the top of a Maildir message.
+/// Drops the trace headers petrel adds (Return-Path, Delivered-To, every
+/// Received and Authentication-Results) from the top of a Maildir message.
 fn without_trace_headers(message: &str) -> String {
     let mut lines = message.split_inclusive('\n').peekable();
     let mut out = String::new();
     let mut skipping = true;
     while let Some(line) = lines.next() {
         if skipping {
-            let is_trace = ["Return-Path:", "Delivered-To:", "Received:"]
-                .iter()
-                .any(|h| line.starts_with(h));
+            let is_trace = [
+                "Return-Path:",
+                "Delivered-To:",
+                "Received:",
+                "Authentication-Results:",
+            ]
+            .iter()
+            .any(|h| line.starts_with(h));
             if is_trace {
                 while lines.peek().is_some_and(|l| l.starts_with([' ', '\t'])) {
                     lines.next();

@@ -11,6 +11,7 @@
 //! keys (ring cannot).
 
 pub mod canonical;
+pub mod verify;
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -331,7 +332,7 @@ fn read_message(
 }
 
 /// Where the body starts: after the first empty line.
-fn find_body(section: &[u8]) -> Option<usize> {
+pub(crate) fn find_body(section: &[u8]) -> Option<usize> {
     if section.starts_with(b"\r\n") {
         return Some(2);
     }
@@ -340,7 +341,7 @@ fn find_body(section: &[u8]) -> Option<usize> {
 
 /// The fields of a header section, each with its lower-case name and its
 /// whole text (continuation lines included).
-fn header_fields(section: &[u8]) -> Vec<(String, Vec<u8>)> {
+pub(crate) fn header_fields(section: &[u8]) -> Vec<(String, Vec<u8>)> {
     let mut fields: Vec<(String, Vec<u8>)> = Vec::new();
     for line in section.split_inclusive(|&b| b == b'\n') {
         if line.starts_with(b" ") || line.starts_with(b"\t") {

@@ -380,6 +380,26 @@ impl Dns {
         }
     }
 
+    /// The exchanges of `domain`'s MX records as published (SPF's `mx`
+    /// mechanism: no implicit MX, no null-MX rule); empty when none.
+    pub fn mx_names(&self, domain: &str) -> Result<Vec<String>, DnsFailure> {
+        let resolver = self.resolver.clone();
+        let name = fqdn(domain);
+        match self.run(async move { resolver.mx_lookup(name).await }) {
+            Ok(lookup) => Ok(lookup
+                .answers()
+                .iter()
+                .filter_map(|record| match &record.data {
+                    RData::MX(mx) => Some(mx.exchange.to_utf8().trim_end_matches('.').to_string()),
+                    _ => None,
+                })
+                .filter(|name| !name.is_empty())
+                .collect()),
+            Err(LookupError::NxDomain | LookupError::NoRecords) => Ok(Vec::new()),
+            Err(LookupError::Temporary(why)) => Err(DnsFailure::Temporary(why)),
+        }
+    }
+
     /// The TXT records at `name`, each with its strings joined (RFC 7208
     /// 3.3); empty when the name has none or does not exist.
     pub fn txt(&self, name: &str) -> Result<Vec<String>, DnsFailure> {

@@ -22,6 +22,7 @@ use super::command::{BodyType, Command, ForwardPath, MailParams, RcptParams, par
 use super::data::{ContentLimits, DataError, DataSummary, content_refusal};
 use super::dsn::{Notify, Ret};
 use super::reply::{self, Reply};
+use crate::mailauth::spf::SpfVerdict;
 use crate::routing::{Route, Routed};
 
 /// RFC 5321 4.5.3.1.4: 512 octets including the CRLF.
@@ -132,6 +133,8 @@ pub struct Envelope {
     /// RFC 3461 RET and ENVID.
     pub ret: Option<Ret>,
     pub envid: Option<String>,
+    /// From MAIL FROM: present when the message is to be checked.
+    pub spf: Option<SpfVerdict>,
 }
 
 /// One final recipient, routed when it was accepted.
@@ -213,6 +216,8 @@ pub struct ClientView<'a> {
     pub ip: IpAddr,
     /// Forward-confirmed reverse DNS name, when there is one.
     pub name: Option<&'a str>,
+    /// The HELO/EHLO name, when given.
+    pub helo: Option<&'a str>,
     pub user: Option<&'a str>,
     pub listener: ListenerKind,
     /// Set on the local socket.
@@ -249,12 +254,24 @@ pub enum AuthVerdict {
 }
 
 /// How far the server trusts the client that gave a sender.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SenderStanding {
     /// An authenticated user or a trusted network: accountable for what it
     /// sends, so it may ask for success reports (RFC 3461 NOTIFY=SUCCESS).
     /// A stranger may not: a report to a forged sender is backscatter.
     pub accountable: bool,
+    /// The SPF verdict, when the message is to be checked (SPF, DKIM,
+    /// DMARC: [`crate::mailauth::applies`]); it goes with the message.
+    pub spf: Option<SpfVerdict>,
+}
+
+/// Why a message the session handed over was not queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotQueued {
+    /// The queue could not take it: try again later (451).
+    Failed(String),
+    /// A check of the complete message refused it, with this reply.
+    Refused(Reply),
 }
 
 /// The outside world as the session sees it.
@@ -308,6 +325,14 @@ enum AuthExchange {
     LoginPassword { username: String },
 }
 
+/// The message handed to the queue, and what a refusal's log line needs.
+#[derive(Debug)]
+struct AwaitingQueue {
+    id: String,
+    from: Option<String>,
+    to: Option<String>,
+}
+
 #[derive(Debug)]
 pub struct Session {
     config: Arc<SessionConfig>,
@@ -321,7 +346,7 @@ pub struct Session {
     transaction: Option<Transaction>,
     auth: Option<AuthExchange>,
     /// A message went to the queue and its fate is not known yet.
-    awaiting_queue: Option<String>,
+    awaiting_queue: Option<AwaitingQueue>,
     errors: u32,
     client_name: Option<String>,
     local: Option<LocalUser>,
@@ -375,6 +400,7 @@ impl Session {
         ClientView {
             ip: self.client_ip,
             name: self.client_name.as_deref(),
+            helo: self.helo.as_deref(),
             user: self.user.as_deref(),
             listener: self.config.listener,
             local: self.local.as_ref(),
@@ -672,6 +698,7 @@ impl Session {
         let view = ClientView {
             ip: self.client_ip,
             name: self.client_name.as_deref(),
+            helo: self.helo.as_deref(),
             user: self.user.as_deref(),
             listener: self.config.listener,
             local: self.local.as_ref(),
@@ -829,7 +856,14 @@ impl Session {
                 });
             }
         }
-        self.awaiting_queue = Some(id.clone());
+        self.awaiting_queue = Some(AwaitingQueue {
+            id: id.clone(),
+            from: Some(transaction.sender.to_string()),
+            to: transaction
+                .recipients
+                .first()
+                .map(|r| r.envelope.to_string()),
+        });
         let envelope = Envelope {
             id,
             sender: transaction.sender.to_string(),
@@ -845,6 +879,7 @@ impl Session {
             smtputf8: transaction.params.smtputf8,
             ret: transaction.params.ret,
             envid: transaction.params.envid.clone(),
+            spf: transaction.standing.spf.clone(),
         };
         Step::nothing(Action::Enqueue(Box::new(envelope)))
     }
@@ -867,24 +902,29 @@ impl Session {
 
     /// The queue's answer for the message from [`Action::Enqueue`]: only now
     /// may the client hear 250, because only now is the message on disk.
-    pub fn enqueued(&mut self, result: Result<(), String>) -> Step {
-        let Some(id) = self.awaiting_queue.take() else {
+    pub fn enqueued(&mut self, result: Result<(), NotQueued>) -> Step {
+        let Some(pending) = self.awaiting_queue.take() else {
             return Step::reply(Reply::new(reply::LOCAL_ERROR, "No message pending"));
         };
-        if result.is_ok() {
-            self.queued += 1;
-        } else {
-            self.last_refusal = Some(reply::LOCAL_ERROR.code);
-        }
         match result {
-            Ok(()) => Step::reply(Reply::new(
-                reply::MESSAGE_QUEUED,
-                format!("OK queued as {id}"),
-            )),
-            Err(_) => Step::reply(Reply::new(
-                reply::LOCAL_ERROR,
-                "Local error in processing, try again later",
-            )),
+            Ok(()) => {
+                self.queued += 1;
+                Step::reply(Reply::new(
+                    reply::MESSAGE_QUEUED,
+                    format!("OK queued as {}", pending.id),
+                ))
+            }
+            Err(NotQueued::Failed(_)) => {
+                self.last_refusal = Some(reply::LOCAL_ERROR.code);
+                Step::reply(Reply::new(
+                    reply::LOCAL_ERROR,
+                    "Local error in processing, try again later",
+                ))
+            }
+            Err(NotQueued::Refused(refusal)) => {
+                let step = self.finish(refusal);
+                self.note_rejection(step, "END-OF-MESSAGE", pending.from, pending.to)
+            }
         }
     }
 
@@ -1159,6 +1199,7 @@ mod tests {
                 )),
                 _ => Ok(SenderStanding {
                     accountable: client.user.is_some(),
+                    spf: None,
                 }),
             }
         }
@@ -1438,7 +1479,12 @@ mod tests {
         code(&mut s, "DATA");
         let step = finish_data(&mut s, b"x\r\n.\r\n");
         assert!(matches!(step.action, Action::Enqueue(_)));
-        assert_eq!(s.enqueued(Err("disk full".into())).replies[0].code(), 451);
+        assert_eq!(
+            s.enqueued(Err(NotQueued::Failed("disk full".into())))
+                .replies[0]
+                .code(),
+            451
+        );
     }
 
     #[test]

@@ -59,6 +59,18 @@ impl Body {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Reads the body from its start, as it was received.
+    pub fn reader(&self) -> io::Result<Box<dyn Read + '_>> {
+        Ok(match self {
+            Body::Memory(bytes) => Box::new(&bytes[..]),
+            Body::File { file, .. } => {
+                let mut reader = &file.file;
+                reader.seek(io::SeekFrom::Start(0))?;
+                Box::new(reader)
+            }
+        })
+    }
 }
 
 /// What the queue stores for a message: trace headers we add in front
@@ -74,15 +86,7 @@ impl Content {
     /// Reads the whole content, prefix first, from the start (the spool
     /// file's position does not matter: storing seeks again).
     pub fn reader(&self) -> io::Result<Box<dyn Read + '_>> {
-        let body: Box<dyn Read + '_> = match &self.body {
-            Body::Memory(bytes) => Box::new(&bytes[..]),
-            Body::File { file, .. } => {
-                let mut reader = &file.file;
-                reader.seek(io::SeekFrom::Start(0))?;
-                Box::new(reader)
-            }
-        };
-        Ok(Box::new((&self.prefix[..]).chain(body)))
+        Ok(Box::new((&self.prefix[..]).chain(self.body.reader()?)))
     }
 
     /// Content held in memory: notices, local submissions, tests.

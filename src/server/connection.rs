@@ -12,13 +12,15 @@ use rustls::ServerConnection;
 
 use super::ServerContext;
 use super::limits::Permit;
+use crate::mailauth::results::ForgedResultsFilter;
+use crate::mailauth::spf::SpfVerdict;
 use crate::printable::escape;
 use crate::protocol::data::{DataDecoder, DataError, DataSummary, Progress};
 use crate::protocol::line::{Line, LineReader};
 use crate::protocol::reply::{self, Reply};
 use crate::protocol::session::{
-    Action, Envelope, ListenerKind, LocalUser, Rejection, Session, Stamp, Step, SubmissionOutcome,
-    TlsInfo,
+    Action, Envelope, ListenerKind, LocalUser, NotQueued, Rejection, Session, Stamp, Step,
+    SubmissionOutcome, TlsInfo,
 };
 use crate::queue::content::{Body, Content, Spool};
 use crate::queue::{MessageKind, NewMessage, NewRecipient, QueueId};
@@ -445,7 +447,7 @@ fn perform(
             Action::Enqueue(envelope) => {
                 let result = match body.take() {
                     Some(body) => commit(*envelope, body, &session.client_label(), ctx),
-                    None => Err("no message body to queue".to_string()),
+                    None => Err(NotQueued::Failed("no message body to queue".to_string())),
                 };
                 session.enqueued(result)
             }
@@ -491,15 +493,27 @@ fn receive_data(io: &mut SessionIo, ctx: &ServerContext) -> io::Result<ReceivedD
     let mut spool = Spool::new(&ctx.config.data_dir);
     let mut spool_error: Option<io::Error> = None;
     let mut decoded = Vec::new();
+    let mut filtered = Vec::new();
+    // Only we may claim results under our name (RFC 8601 5), whoever the
+    // client is.
+    let mut forged = ForgedResultsFilter::new(
+        &ctx.config.hostname,
+        limits.max_header_size.bytes() as usize,
+    );
     let mut feed = |input: &[u8]| {
         let progress = decoder.feed(input, &mut decoded);
+        forged.push(&decoded, &mut filtered);
+        if matches!(progress, Progress::Done { .. }) {
+            forged.finish(&mut filtered);
+        }
         if spool_error.is_none()
-            && !decoded.is_empty()
-            && let Err(error) = spool.write(&decoded)
+            && !filtered.is_empty()
+            && let Err(error) = spool.write(&filtered)
         {
             spool_error = Some(error);
         }
         decoded.clear();
+        filtered.clear();
         progress
     };
     let pending = io.lines.take_buffered();
@@ -613,11 +627,54 @@ fn sign(message: &mut NewMessage, ctx: &ServerContext) -> Result<(), String> {
     }
 }
 
+/// SPF (from MAIL FROM), DKIM and DMARC of a message from a stranger on
+/// the MX port: the results go in an Authentication-Results field after
+/// our Received field; a DMARC p=reject failure is refused.
+fn check_authentication(
+    message: &mut NewMessage,
+    spf: &SpfVerdict,
+    ctx: &ServerContext,
+) -> Result<(), NotQueued> {
+    let checked = match message.content.body.reader() {
+        Ok(mut reader) => ctx.services.check_message(spf, &mut reader),
+        Err(error) => Some(Err(error)),
+    };
+    let verdict = match checked {
+        None => return Ok(()),
+        Some(Ok(verdict)) => verdict,
+        Some(Err(error)) => {
+            log::error!(
+                "{}: cannot read the message to check it: {error}",
+                message.id
+            );
+            return Err(NotQueued::Failed(error.to_string()));
+        }
+    };
+    log::info!("{}: {}", message.id, verdict.summary);
+    if let Some(refusal) = verdict.refusal {
+        return Err(NotQueued::Refused(refusal));
+    }
+    message
+        .content
+        .prefix
+        .extend_from_slice(verdict.header.as_bytes());
+    Ok(())
+}
+
 /// Hands the message to the queue writer and logs the outcome; the client
 /// hears 250 only if this returns `Ok`.
-fn commit(envelope: Envelope, body: Body, client: &str, ctx: &ServerContext) -> Result<(), String> {
-    let mut message = queued_form(envelope, body)?;
-    sign(&mut message, ctx)?;
+fn commit(
+    envelope: Envelope,
+    body: Body,
+    client: &str,
+    ctx: &ServerContext,
+) -> Result<(), NotQueued> {
+    let spf = envelope.spf.clone();
+    let mut message = queued_form(envelope, body).map_err(NotQueued::Failed)?;
+    if let Some(spf) = &spf {
+        check_authentication(&mut message, spf, ctx)?;
+    }
+    sign(&mut message, ctx).map_err(NotQueued::Failed)?;
     let id = message.id.clone();
     let summary = format!(
         "from=<{}>, size={}, nrcpt={}, client={client}, helo=<{}>, listener={}{}, to={}",
@@ -652,7 +709,7 @@ fn commit(envelope: Envelope, body: Body, client: &str, ctx: &ServerContext) -> 
         }
         Err(error) => {
             log::error!("{id}: NOT queued ({error}): {summary}");
-            Err(error.to_string())
+            Err(NotQueued::Failed(error.to_string()))
         }
     }
 }

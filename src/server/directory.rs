@@ -11,6 +11,7 @@ use crate::auth::hashing::{Busy, HashingPool};
 use crate::auth::{Accounts, AuthLimiter, FailureOutcome, app_passwords};
 use crate::config::Config;
 use crate::dns::{Dns, DnsFailure};
+use crate::mailauth::{self, MessageVerdict, spf::SpfVerdict};
 use crate::policy::outbound::{OutboundPolicy, assigned_here};
 use crate::policy::{self, DomainStatus, RecipientDecision, RecipientFacts, SenderFacts};
 use crate::printable::escape;
@@ -63,6 +64,24 @@ impl Directory {
             dns,
             outbound,
         }
+    }
+
+    /// SPF's verdict from MAIL FROM, DKIM and DMARC for the complete
+    /// message (`message`: as received). `None` when there is no DNS.
+    pub fn check_message(
+        &self,
+        spf: &SpfVerdict,
+        message: &mut dyn std::io::Read,
+    ) -> Option<std::io::Result<MessageVerdict>> {
+        let dns = self.dns.as_ref()?;
+        Some(mailauth::check_message(
+            dns.as_ref(),
+            &self.config.mail_auth,
+            &self.config.hostname,
+            spf,
+            message,
+            self.config.limits.max_header_size.bytes() as usize,
+        ))
     }
 
     /// The config with the current aliases, for routing.
@@ -218,8 +237,10 @@ impl Services for Directory {
         sender: &ReversePath,
     ) -> Result<SenderStanding, Reply> {
         if let Some(local) = client.local {
-            return policy::decide_local_sender(local, sender)
-                .map(|()| SenderStanding { accountable: true });
+            return policy::decide_local_sender(local, sender).map(|()| SenderStanding {
+                accountable: true,
+                spf: None,
+            });
         }
         let address = sender.address();
         let trusted_network = self.config.relay.is_trusted(client.ip);
@@ -249,8 +270,16 @@ impl Services for Directory {
             facts.domain = self.domain_status(address.domain(), true);
         }
         policy::decide_sender(&facts)?;
+        let spf = match &self.dns {
+            Some(dns) if mailauth::applies(&self.config, client) => {
+                let sender = address.map(|a| a.to_string()).unwrap_or_default();
+                Some(mailauth::check_sender(dns.as_ref(), client, &sender))
+            }
+            _ => None,
+        };
         Ok(SenderStanding {
             accountable: client.user.is_some() || trusted_network,
+            spf,
         })
     }
 

@@ -154,15 +154,18 @@ impl TestServer {
 
     /// The stored content of a message, without our Received header.
     pub fn content_of(&self, id: &str) -> Vec<u8> {
-        let content: Vec<u8> = self
-            .db()
+        strip_received(&self.stored_content_of(id))
+    }
+
+    /// The stored content of a message, as it is.
+    pub fn stored_content_of(&self, id: &str) -> Vec<u8> {
+        self.db()
             .query_row(
                 "SELECT c.content FROM messages m JOIN message_contents c ON c.id = m.content_id WHERE m.id = ?1",
                 [id],
                 |r| r.get(0),
             )
-            .unwrap();
-        strip_received(&content)
+            .unwrap()
     }
 
     pub fn recipients_of(&self, id: &str) -> Vec<String> {
@@ -199,13 +202,22 @@ impl Drop for TestServer {
     }
 }
 
-/// Removes the leading `Received:` header (with its folded lines).
+/// Removes the leading `Received:` header and the
+/// `Authentication-Results:` that may follow it (with their folded lines).
 pub fn strip_received(content: &[u8]) -> Vec<u8> {
     assert!(
         content.starts_with(b"Received: "),
         "no Received header first"
     );
-    let mut pos = 0;
+    let rest = &content[field_end(content, 0)..];
+    if rest.starts_with(b"Authentication-Results: ") {
+        return rest[field_end(rest, 0)..].to_vec();
+    }
+    rest.to_vec()
+}
+
+/// Where the header field that starts at `pos` ends.
+fn field_end(content: &[u8], mut pos: usize) -> usize {
     loop {
         let end = content[pos..]
             .windows(2)
@@ -215,7 +227,7 @@ pub fn strip_received(content: &[u8]) -> Vec<u8> {
             + 2;
         pos = end;
         if !matches!(content.get(pos), Some(b' ') | Some(b'\t')) {
-            return content[pos..].to_vec();
+            return pos;
         }
     }
 }
