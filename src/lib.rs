@@ -8,6 +8,7 @@
 //! - [`policy`]: relay, sender and outbound-address decisions as pure functions
 //! - [`mailauth`]: SPF, DKIM verification, DMARC and Authentication-Results
 //!   for inbound mail
+//! - [`mta_sts`]: MTA-STS policies of the domains mail is delivered to
 //! - [`auth`]: accounts, password policy and hashing, brute-force limiter
 //! - [`tls`]: certificates and rustls configurations
 //! - [`config`]: the TOML config file, defaults and validation
@@ -24,6 +25,7 @@ pub mod dns;
 mod error;
 pub mod instance;
 pub mod mailauth;
+pub mod mta_sts;
 pub mod policy;
 pub mod printable;
 pub mod protocol;

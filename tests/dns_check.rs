@@ -10,17 +10,22 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use common::dns::TestDns;
+use common::https::{HttpsServer, TestCa};
 use common::serving::{dkim_generate, petrel};
 
-fn config(dir: &Path, dns: &TestDns) -> PathBuf {
+/// The policy server is on loopback, with a certificate of the test CA.
+fn config(dir: &Path, dns: &TestDns, https: &HttpsServer, ca: &TestCa) -> PathBuf {
     let path = dir.join("petrel.toml");
     let text = format!(
         "hostname = \"mail.example.test\"\ndata_dir = \"{}\"\n\
          [domains]\nlocal = [\"example.test\"]\n\
          [dns]\nnameservers = [\"{}\"]\n\
-         [dkim]\nselector = \"s1\"\n",
+         [dkim]\nselector = \"s1\"\n\
+         [delivery]\nallowed_networks = [\"127.0.0.0/8\"]\nmta_sts_port = {}\nca_file = \"{}\"\n",
         dir.join("data").display(),
-        dns.addr
+        dns.addr,
+        https.port,
+        ca.ca_path().display()
     );
     std::fs::write(&path, text).unwrap();
     path
@@ -40,7 +45,13 @@ fn run(config: &Path, args: &[&str]) -> (Output, String) {
 fn a_fully_configured_domain_passes_and_an_empty_one_gets_its_records() {
     let dir = tempfile::tempdir().unwrap();
     let dns = TestDns::start();
-    let config = config(dir.path(), &dns);
+    let ca = TestCa::new();
+    let (cert, key) = ca.leaf("mta-sts.example.test");
+    let https = HttpsServer::start(&cert, &key);
+    https.serve_policy(
+        "version: STSv1\r\nmode: enforce\r\nmx: mail.example.test\r\nmax_age: 604800\r\n",
+    );
+    let config = config(dir.path(), &dns, &https, &ca);
     let (name, strings) = dkim_generate(&config, &["example.test"]);
     dns.mx("example.test", 10, "mail.example.test")
         .a("mail.example.test", "192.0.2.25")
@@ -52,6 +63,7 @@ fn a_fully_configured_domain_passes_and_an_empty_one_gets_its_records() {
             &["v=DMARC1; p=reject; rua=mailto:postmaster@example.test".into()],
         )
         .txt("_mta-sts.example.test", &["v=STSv1; id=20261129".into()])
+        .a("mta-sts.example.test", "127.0.0.1")
         .txt(
             "_smtp._tls.example.test",
             &["v=TLSRPTv1; rua=mailto:tls@example.test".into()],
@@ -78,6 +90,30 @@ fn a_fully_configured_domain_passes_and_an_empty_one_gets_its_records() {
         assert!(row.contains(" ok "), "{row}\n{table}");
     }
     assert!(table.contains("Everything is in place."), "{table}");
+    assert!(
+        table.contains("policy: mode enforce, mx mail.example.test"),
+        "{table}"
+    );
+    assert_eq!(https.requests(), 1);
+    // A policy that does not list this server is wrong.
+    https.serve_policy(
+        "version: STSv1\r\nmode: enforce\r\nmx: mx.elsewhere.example\r\nmax_age: 604800\r\n",
+    );
+    let (output, table) = run(
+        &config,
+        &[
+            "dns-check",
+            "example.test",
+            "--address",
+            "192.0.2.25",
+            "--strict",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(1), "{table}");
+    assert!(
+        table.contains("does not list mail.example.test as an MX"),
+        "{table}"
+    );
 
     // The same server, a domain with nothing published.
     let (output, table) = run(
@@ -107,7 +143,14 @@ fn a_fully_configured_domain_passes_and_an_empty_one_gets_its_records() {
 
     // Recommended records change the exit code only with --strict.
     let example_without_sts = TestDns::start();
-    let config2 = config_without_sts(dir.path(), &example_without_sts, &name, &strings);
+    let config2 = config_without_sts(
+        dir.path(),
+        &example_without_sts,
+        &https,
+        &ca,
+        &name,
+        &strings,
+    );
     let (output, table) = run(
         &config2,
         &["dns-check", "example.test", "--address", "192.0.2.25"],
@@ -128,7 +171,14 @@ fn a_fully_configured_domain_passes_and_an_empty_one_gets_its_records() {
 }
 
 /// The configured domain's records, but no MTA-STS or TLS-RPT.
-fn config_without_sts(dir: &Path, dns: &TestDns, dkim_name: &str, dkim: &[String]) -> PathBuf {
+fn config_without_sts(
+    dir: &Path,
+    dns: &TestDns,
+    https: &HttpsServer,
+    ca: &TestCa,
+    dkim_name: &str,
+    dkim: &[String],
+) -> PathBuf {
     dns.mx("example.test", 10, "mail.example.test")
         .a("mail.example.test", "192.0.2.25")
         .ptr("192.0.2.25", "mail.example.test")
@@ -137,7 +187,7 @@ fn config_without_sts(dir: &Path, dns: &TestDns, dkim_name: &str, dkim: &[String
         .txt("_dmarc.example.test", &["v=DMARC1; p=none".into()]);
     let sub = dir.join("second");
     std::fs::create_dir_all(&sub).unwrap();
-    let path = config(&sub, dns);
+    let path = config(&sub, dns, https, ca);
     // The same key: the second config reads the first one's key_dir.
     let text = std::fs::read_to_string(&path).unwrap().replace(
         "[dkim]\n",

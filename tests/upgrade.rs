@@ -71,6 +71,11 @@ fn a_queue_from_the_previous_release_is_upgraded_and_delivered() {
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
     assert_eq!(version, petrel::queue::SCHEMA_VERSION);
+    // Schema 8's MTA-STS policy cache is there, empty.
+    let policies: i64 = db
+        .query_row("SELECT count(*) FROM mta_sts_policies", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(policies, 0);
 
     // The accounts 0.1 made still log in, and their logins are recorded
     // in the columns schema 6 added.

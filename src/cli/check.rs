@@ -109,6 +109,11 @@ fn check_files(config: &Config, findings: &mut Findings) {
             .errors
             .push(format!("delivery.smarthost_ca: {error}"));
     }
+    if let Some(ca) = &delivery.ca_file
+        && let Err(error) = crate::tls::load_certificates(ca)
+    {
+        findings.errors.push(format!("delivery.ca_file: {error}"));
+    }
     if let Some(file) = &delivery.smarthost_password_file
         && let Err(error) = std::fs::read_to_string(file)
     {

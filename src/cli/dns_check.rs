@@ -285,7 +285,7 @@ fn check(config: &Config, dns: &Dns, domain: &str, addresses: &[IpAddr]) -> Vec<
         ),
     ));
     // Recommended.
-    rows.push(tag_row(
+    let mut mta_sts = tag_row(
         dns,
         "MTA-STS",
         false,
@@ -293,9 +293,16 @@ fn check(config: &Config, dns: &Dns, domain: &str, addresses: &[IpAddr]) -> Vec<
         "v=STSv1",
         format!(
             "_mta-sts.{domain}. IN TXT \"v=STSv1; id=1\" and a policy at \
-             https://mta-sts.{domain}/.well-known/mta-sts.txt (mode: enforce, mx: {hostname})"
+             https://mta-sts.{domain}/.well-known/mta-sts.txt (text/plain):\n    \
+             version: STSv1\n    mode: enforce\n    mx: {hostname}\n    max_age: 604800"
         ),
-    ));
+    );
+    if mta_sts.status == Status::Ok {
+        let (status, found) = mta_sts_policy(config, dns, domain);
+        mta_sts.status = status;
+        mta_sts.found = format!("{}; {found}", mta_sts.found);
+    }
+    rows.push(mta_sts);
     rows.push(tag_row(
         dns,
         "TLS-RPT",
@@ -305,6 +312,46 @@ fn check(config: &Config, dns: &Dns, domain: &str, addresses: &[IpAddr]) -> Vec<
         format!("_smtp._tls.{domain}. IN TXT \"v=TLSRPTv1; rua=mailto:postmaster@{domain}\""),
     ));
     rows
+}
+
+/// The MTA-STS policy the TXT record announces, fetched as delivery
+/// would: it must parse and list this server's hostname as an MX.
+fn mta_sts_policy(config: &Config, dns: &Dns, domain: &str) -> (Status, String) {
+    let trust = crate::tls::client::SmarthostTrust {
+        ca_file: config.delivery.ca_file.clone(),
+        fingerprint: None,
+    };
+    let tls = match crate::tls::client::verified(&trust) {
+        Ok(tls) => tls,
+        Err(error) => return (Status::Wrong, format!("policy not fetched: {error}")),
+    };
+    let policy = crate::mta_sts::fetch::policy_text(
+        dns,
+        &crate::policy::outbound::OutboundPolicy::from_config(config),
+        domain,
+        config.delivery.mta_sts_port,
+        tls,
+    )
+    .and_then(|body| crate::mta_sts::parse_policy(domain, "", &body, std::time::SystemTime::now()));
+    match policy {
+        Err(why) => (Status::Wrong, format!("policy: {why}")),
+        Ok(policy) if !policy.allows_host(&config.hostname) => (
+            Status::Wrong,
+            format!(
+                "policy ({}) does not list {} as an MX",
+                policy.mode.name(),
+                config.hostname
+            ),
+        ),
+        Ok(policy) => (
+            Status::Ok,
+            format!(
+                "policy: mode {}, mx {}",
+                policy.mode.name(),
+                policy.mx.join(" ")
+            ),
+        ),
+    }
 }
 
 /// A record identified by its version tag: present or not.

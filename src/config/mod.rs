@@ -335,6 +335,17 @@ pub struct DeliveryConfig {
     /// How long an outbound connection waits for another message before
     /// it is closed (Postfix: smtp_connection_cache_time_limit, 2s).
     pub connection_idle: HumanDuration,
+    /// Honour the MTA-STS policies (RFC 8461) of the domains mail goes to
+    /// by MX: a domain in `enforce` mode gets its mail only through the MX
+    /// hosts its policy lists, over TLS with a valid certificate.
+    pub mta_sts: bool,
+    /// Trust anchors (PEM) besides the Mozilla roots for certificates that
+    /// must be valid: MX hosts under MTA-STS and MTA-STS policy servers.
+    /// For a private CA; the public internet needs none.
+    pub ca_file: Option<PathBuf>,
+    /// The HTTPS port MTA-STS policies are fetched from (RFC 8461: 443;
+    /// other values are for test setups).
+    pub mta_sts_port: u16,
 }
 
 impl Default for DeliveryConfig {
@@ -357,6 +368,9 @@ impl Default for DeliveryConfig {
             connect_timeout: HumanDuration::secs(30),
             connection_reuse_limit: 100,
             connection_idle: HumanDuration::secs(2),
+            mta_sts: true,
+            ca_file: None,
+            mta_sts_port: 443,
         }
     }
 }

@@ -125,6 +125,11 @@ pub struct DeliveryContext {
     pub tls_smarthost: Option<Arc<ClientConfig>>,
     /// Outbound SMTP connections waiting for the next message.
     pub connections: connections::ConnectionCache,
+    /// MTA-STS policies; `None` when `delivery.mta_sts` is off or the
+    /// trust anchors could not be loaded.
+    pub mta_sts: Option<crate::mta_sts::Policies>,
+    /// Verifies MX hosts' certificates where a policy demands it.
+    pub tls_mx_verified: Option<Arc<ClientConfig>>,
 }
 
 /// Wakes the scheduler: new mail, a freed worker, an operator's retry.
@@ -186,6 +191,29 @@ impl Delivery {
                     None
                 }
             };
+        let tls_mx_verified = if config.delivery.mta_sts {
+            match crate::tls::client::verified(&crate::tls::client::SmarthostTrust {
+                ca_file: config.delivery.ca_file.clone(),
+                fingerprint: None,
+            }) {
+                Ok(tls) => Some(tls),
+                Err(error) => {
+                    log::error!("delivery: MTA-STS is off: delivery.ca_file: {error}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let mta_sts = tls_mx_verified.as_ref().map(|tls| {
+            crate::mta_sts::Policies::new(
+                Arc::clone(&dns),
+                outbound.clone(),
+                queue.clone(),
+                Arc::clone(tls),
+                config.delivery.mta_sts_port,
+            )
+        });
         let reads = ReadPool::new(queue.path());
         let accounts = Accounts::new(ReadPool::new(queue.path()));
         let context = Arc::new(DeliveryContext {
@@ -197,6 +225,8 @@ impl Delivery {
             outbound,
             tls_unverified,
             tls_smarthost,
+            mta_sts,
+            tls_mx_verified,
             connections: connections::ConnectionCache::new(
                 config.delivery.workers,
                 config.delivery.connection_reuse_limit,

@@ -30,6 +30,9 @@ pub const PEER_LACKS_SMTPUTF8: Status = enhanced(553, "5.6.7");
 pub const PEER_LACKS_8BITMIME: Status = enhanced(554, "5.6.3");
 pub const SMARTHOST_MISCONFIGURED: Status = enhanced(451, "4.3.5");
 pub const SMARTHOST_TLS_UNAVAILABLE: Status = enhanced(451, "4.7.5");
+/// The domain's MTA-STS policy lists none of its MX hosts (RFC 8461 4.2:
+/// not delivered, and not bounced either: the policy or DNS may be fixed).
+pub const MTA_STS_NO_LISTED_MX: Status = enhanced(451, "4.7.5");
 /// `petrel queue bounce`, when a recipient has no earlier error to report.
 pub const CANCELLED_BY_OPERATOR: Status = enhanced(550, "5.0.0");
 

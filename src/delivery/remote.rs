@@ -14,6 +14,7 @@ use super::connections::Session;
 use super::outcome::{self, Attempt, Stage};
 use crate::config::SmarthostTls;
 use crate::dns::DnsFailure;
+use crate::mta_sts::Mode;
 use crate::policy::outbound::{Forbidden, assigned_here};
 use crate::protocol::dsn::{self, Notify, Ret};
 use crate::queue::delivery::StoredMessage;
@@ -104,7 +105,7 @@ pub fn to_domain(ctx: &DeliveryContext, domain: &str, envelope: &Envelope) -> Re
     let literal = crate::protocol::address::Domain::parse(domain)
         .ok()
         .and_then(|d| d.literal_ip());
-    let hosts: Vec<String> = if let Some(ip) = literal {
+    let mut hosts: Vec<String> = if let Some(ip) = literal {
         vec![ip.to_string()]
     } else {
         match ctx.dns.mail_hosts(domain) {
@@ -120,11 +121,53 @@ pub fn to_domain(ctx: &DeliveryContext, domain: &str, envelope: &Envelope) -> Re
             }
         }
     };
-    let policy = TlsPolicy::Opportunistic {
+    let mut policy = TlsPolicy::Opportunistic {
         fallback: config.plaintext_fallback,
     };
+    let mut destination = format!("mx:{domain}");
+    if literal.is_none()
+        && let (Some(policies), Some(verified)) = (&ctx.mta_sts, &ctx.tls_mx_verified)
+        && let Some(sts) = policies.for_domain(domain)
+    {
+        let unlisted: Vec<&String> = hosts.iter().filter(|h| !sts.allows_host(h)).collect();
+        match sts.mode {
+            Mode::Enforce => {
+                if unlisted.len() == hosts.len() {
+                    let text = format!(
+                        "MTA-STS policy {} of {domain} lists none of its MX hosts ({})",
+                        sts.id,
+                        hosts.join(", ")
+                    );
+                    let attempt =
+                        Attempt::local(outcome::MTA_STS_NO_LISTED_MX, Stage::Routing, text);
+                    return RemoteOutcome::all(envelope, attempt);
+                }
+                hosts.retain(|h| sts.allows_host(h));
+                // RFC 8461 4.2: TLS with a certificate valid for the MX
+                // host's name, or not at all.
+                policy = TlsPolicy::Required {
+                    config: Arc::clone(verified),
+                    implicit: false,
+                    verified: true,
+                };
+                // Cached connections made without verification are not
+                // taken for these.
+                destination.push_str(" mta-sts");
+            }
+            Mode::Testing => {
+                for host in unlisted {
+                    log::warn!(
+                        "MTA-STS (testing): {domain}: MX {host} is not in policy {}; \
+                         delivering anyway",
+                        sts.id
+                    );
+                }
+            }
+            Mode::None => {}
+        }
+    }
     let route = Hosts {
-        destination: format!("mx:{domain}"),
+        destination,
         hosts: &hosts,
         port: config.port,
         checked: true,

@@ -166,6 +166,12 @@ impl QueueHandle {
         self.submit(WriteOp::Record(Box::new(report))).map(|_| ())
     }
 
+    /// Caches an MTA-STS policy (see [`crate::mta_sts`]).
+    pub fn store_policy(&self, policy: crate::mta_sts::Policy) -> Result<(), QueueError> {
+        self.submit(WriteOp::StorePolicy(Box::new(policy)))
+            .map(|_| ())
+    }
+
     /// Puts every in-flight recipient back in the queue (crash recovery).
     pub fn requeue_all(&self) -> Result<usize, QueueError> {
         self.requeue_with(None, None)

@@ -29,6 +29,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0007_destinations.sql",
         include_str!("../../sql/0007_destinations.sql"),
     ),
+    (
+        "0008_mta_sts.sql",
+        include_str!("../../sql/0008_mta_sts.sql"),
+    ),
 ];
 
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;

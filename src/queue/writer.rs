@@ -49,6 +49,8 @@ pub enum WriteOp {
     },
     /// A login, for `petrel user list` (accounts live in this database).
     Login(Box<LoginEvent>),
+    /// An MTA-STS policy just fetched, replacing its domain's.
+    StorePolicy(Box<crate::mta_sts::Policy>),
 }
 
 pub enum WriteOutput {
@@ -218,6 +220,9 @@ fn apply(conn: &Connection, op: &WriteOp, now: &str) -> Result<WriteOutput, Queu
         WriteOp::Login(event) => accounts::record(conn, event, now)
             .map(|()| WriteOutput::Done)
             .map_err(QueueError::sqlite("cannot record a login")),
+        WriteOp::StorePolicy(policy) => {
+            crate::mta_sts::store(conn, policy, now).map(|()| WriteOutput::Done)
+        }
         WriteOp::Requeue { ids, retry_at } => {
             delivery::requeue(conn, ids.as_deref(), now, retry_at.as_deref())
                 .map(WriteOutput::Count)

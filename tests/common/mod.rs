@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod dns;
+pub mod https;
 pub mod serving;
 pub mod sink;
 
