@@ -132,6 +132,10 @@ fn spf_results_come_from_the_senders_records() {
 /// A message signed by dkimpy with a key of `algorithm` for
 /// signed.example (selector `selector`), and the key's record.
 fn signed_by_dkimpy(algorithm: &str, selector: &str, message: &str) -> (String, String) {
+    signed_for("signed.example", algorithm, selector, message)
+}
+
+fn signed_for(domain: &str, algorithm: &str, selector: &str, message: &str) -> (String, String) {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("message.eml");
     let output = dir.path().join("signed.eml");
@@ -140,7 +144,7 @@ fn signed_by_dkimpy(algorithm: &str, selector: &str, message: &str) -> (String, 
         "dkim_sign.py",
         &[
             algorithm,
-            "signed.example",
+            domain,
             selector,
             input.to_str().unwrap(),
             output.to_str().unwrap(),
@@ -220,6 +224,33 @@ fn inbound_dkim_signed_by_dkimpy_pass_tampered_and_missing_key() {
             && results.contains("dmarc=none"),
         "{results}"
     );
+}
+
+#[test]
+fn a_name_server_that_never_answers_gives_temperrors_and_the_mail_is_kept() {
+    let dns = standard_dns();
+    sender_domain(
+        &dns,
+        "dead.example",
+        Some("v=spf1 include:_spf.dead.example -all"),
+    );
+    dns.silent("_spf.dead.example")
+        .silent("s1._domainkey.dead.example")
+        .silent("_dmarc.dead.example");
+    let (signed, _) = signed_for(
+        "dead.example",
+        "ed25519",
+        "s1",
+        &message("a@dead.example", "no answers"),
+    );
+    let server = queueing_server(dns, |config| {
+        config.dns.timeout = petrel::config::HumanDuration(std::time::Duration::from_millis(300));
+    });
+    let reply = send(&server, "client.test", "a@dead.example", &signed);
+    let results = results_of(&server, &reply).unwrap();
+    for expected in ["spf=temperror", "dkim=temperror", "dmarc=temperror"] {
+        assert!(results.contains(expected), "{expected}: {results}");
+    }
 }
 
 #[test]

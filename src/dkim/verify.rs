@@ -179,6 +179,9 @@ pub fn verify(
             hasher.push(&chunk[..n]);
         }
     }
+    // After one key lookup fails for want of DNS, the others are not
+    // tried: a dead name server costs one timeout, not one per signature.
+    let mut dns_failure: Option<String> = None;
     for (index, signature, hasher) in pending {
         let (result, reason) = match hasher.finish() {
             None => (
@@ -188,8 +191,17 @@ pub fn verify(
             Some(hash) if hash != signature.body_hash => {
                 (DkimResult::Fail, "body hash did not verify".to_string())
             }
-            Some(_) => check_signature(lookups, &signature, fields),
+            Some(_) => match &dns_failure {
+                Some(why) => (
+                    DkimResult::TempError,
+                    format!("key not looked up after {why}"),
+                ),
+                None => check_signature(lookups, &signature, fields),
+            },
         };
+        if result == DkimResult::TempError && dns_failure.is_none() {
+            dns_failure = Some(reason.clone());
+        }
         outcomes[index].result = result;
         outcomes[index].reason = reason;
     }

@@ -19,6 +19,7 @@ use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
 struct Zone {
     records: HashMap<(String, RecordType), Vec<RData>>,
     failing: HashSet<String>,
+    silent: HashSet<String>,
     queries: HashMap<String, usize>,
 }
 
@@ -118,6 +119,13 @@ impl TestDns {
         self
     }
 
+    /// Queries for this name get no answer at all (the resolver times out).
+    #[allow(dead_code)] // only some test binaries need a dead name server
+    pub fn silent(&self, name: &str) -> &Self {
+        self.zone.lock().unwrap().silent.insert(key(name));
+        self
+    }
+
     /// How many queries (any type) asked for this name.
     pub fn queries_for(&self, name: &str) -> usize {
         self.zone
@@ -162,6 +170,9 @@ fn serve(socket: UdpSocket, zone: Arc<Mutex<Zone>>, stop: Arc<AtomicBool>) {
             let name = key(&query.name.to_ascii());
             let mut zone = zone.lock().unwrap();
             *zone.queries.entry(name.clone()).or_default() += 1;
+            if zone.silent.contains(&name) {
+                continue;
+            }
             if zone.failing.contains(&name) {
                 response.metadata.response_code = ResponseCode::ServFail;
             } else if let Some(answers) = zone.records.get(&(name.clone(), query.query_type)) {
