@@ -162,6 +162,7 @@ fn inbound_dkim_signed_by_dkimpy_pass_tampered_and_missing_key() {
     dns.txt("_dmarc.signed.example", &["v=DMARC1; p=reject".to_string()]);
     let original = message("News <news@signed.example>", "signed");
     let mut signed = Vec::new();
+    let mut records = Vec::new();
     for algorithm in ["rsa", "ed25519"] {
         let selector = format!("{algorithm}1");
         let (message, record) = signed_by_dkimpy(algorithm, &selector, &original);
@@ -170,6 +171,7 @@ fn inbound_dkim_signed_by_dkimpy_pass_tampered_and_missing_key() {
             &txt_strings(&record),
         );
         signed.push((algorithm, message));
+        records.push(record);
     }
     // Signed with a key that was never published.
     let (unpublished, _) = signed_by_dkimpy("ed25519", "gone", &original);
@@ -222,6 +224,19 @@ fn inbound_dkim_signed_by_dkimpy_pass_tampered_and_missing_key() {
     assert!(
         results.contains("dkim=permerror (no key at gone._domainkey.signed.example)")
             && results.contains("dmarc=none"),
+        "{results}"
+    );
+    // And a tampered body, recorded as such.
+    let (algorithm, message) = &signed[0];
+    server.dns.txt(
+        &format!("{algorithm}1._domainkey.signed.example"),
+        &txt_strings(&records[0]),
+    );
+    let tampered = message.replace("Hello.", "Hello!");
+    let reply = send(&server, "client.test", "bounce@signed.example", &tampered);
+    let results = results_of(&server, &reply).unwrap();
+    assert!(
+        results.contains("dkim=fail (body hash did not verify) header.d=signed.example"),
         "{results}"
     );
 }
