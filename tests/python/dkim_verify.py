@@ -46,6 +46,8 @@ refolded_head = re.sub(
 )
 refolded_body = body.replace(b"\r\n", b"  \t\r\n")
 tampered_body = body.replace(b"meeting", b"beating", 1)
+if tampered_body == body:
+    sys.exit("the body has no word \"meeting\" to tamper with")
 print("original", verdict(message))
 print("refolded", verdict(refolded_head + b"\r\n\r\n" + refolded_body))
 print("tampered", verdict(head + b"\r\n\r\n" + tampered_body))
