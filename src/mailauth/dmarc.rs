@@ -107,6 +107,16 @@ pub fn evaluate(
             };
         }
     };
+    // "localhost" and other one-label names have no policy to look up
+    // (and asking a resolver about them only leaks them).
+    if !from_domain.contains('.') {
+        return DmarcVerdict {
+            result: DmarcResult::None,
+            reason: format!("{from_domain} is not a public domain"),
+            from_domain: Some(from_domain),
+            policy: None,
+        };
+    }
     let mut walker = Walker {
         lookups,
         records: HashMap::new(),
@@ -523,6 +533,14 @@ mod tests {
             &[],
         );
         assert_eq!(v.result, DmarcResult::Pass);
+    }
+
+    #[test]
+    fn one_label_names_are_not_looked_up() {
+        let dns = zone();
+        let v = eval(&dns, "localhost", &spf(SpfResult::None, "localhost"), &[]);
+        assert_eq!(v.result, DmarcResult::None);
+        assert_eq!(dns.queries(), 0);
     }
 
     #[test]

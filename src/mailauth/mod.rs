@@ -92,7 +92,7 @@ pub struct MessageVerdict {
     pub header: String,
     /// Set when the message is to be refused (DMARC p=reject).
     pub refusal: Option<Reply>,
-    /// One line for the log.
+    /// One line for the log (domains from the message escaped).
     pub summary: String,
 }
 
@@ -150,7 +150,7 @@ fn summary(spf: &SpfVerdict, dkim: &[DkimOutcome], dmarc: &DmarcVerdict) -> Stri
             .collect::<Vec<_>>()
             .join(",")
     };
-    format!(
+    let line = format!(
         "spf={}({}) dkim={dkim} dmarc={}({}{})",
         spf.result.name(),
         spf.domain,
@@ -160,7 +160,8 @@ fn summary(spf: &SpfVerdict, dkim: &[DkimOutcome], dmarc: &DmarcVerdict) -> Stri
             .policy
             .map(|p| format!(" p={}", p.name()))
             .unwrap_or_default()
-    )
+    );
+    crate::printable::escape(&line).into_owned()
 }
 
 #[cfg(test)]

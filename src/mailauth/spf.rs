@@ -434,15 +434,20 @@ fn is_spf_record(text: &str) -> bool {
 }
 
 /// RFC 7208 4.3: a name with at least two labels, none empty or longer
-/// than 63 octets, 253 octets in all.
+/// than 63 octets, 253 octets in all, of letters, digits, "-" and "_"
+/// (an address literal given as HELO name is not one).
 fn is_domain(domain: &str) -> bool {
     let domain = domain.trim_end_matches('.');
     !domain.is_empty()
         && domain.len() <= 253
         && domain.contains('.')
-        && domain
-            .split('.')
-            .all(|label| !label.is_empty() && label.len() <= 63)
+        && domain.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 /// RFC 7208 4.8: an expanded name longer than 253 octets loses labels on
@@ -885,6 +890,16 @@ mod tests {
         assert_eq!(verdict.result, SpfResult::Pass);
         assert_eq!(verdict.identity, Identity::Helo);
         assert_eq!(verdict.domain, "mail.example.org");
+        // An address literal or a one-label name is no domain: none, unasked.
+        for helo in ["[192.0.2.1]", "localhost"] {
+            let client = Client {
+                ip: "192.0.2.1".parse().unwrap(),
+                helo,
+            };
+            let before = dns.queries();
+            assert_eq!(check_sender(&dns, &client, "").result, SpfResult::None);
+            assert_eq!(dns.queries(), before, "{helo}");
+        }
     }
 
     #[test]

@@ -13,14 +13,19 @@ use super::WAIT;
 /// A config file in `dir` with every listener on a free port, data in
 /// `dir/data`, and `extra` appended. Delivery may reach loopback, where
 /// every test peer lives (in `extra`'s own `[delivery]` table if it has one).
+/// Without a `[dns]` table of `extra`'s (a test DNS server), the inbound
+/// SPF/DKIM/DMARC checks are off: they would ask the system's resolver.
 pub fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
     let path = dir.join("petrel.toml");
     let loopback = "allowed_networks = [\"127.0.0.0/8\"]\n";
-    let extra = if extra.contains("[delivery]\n") {
+    let mut extra = if extra.contains("[delivery]\n") {
         extra.replace("[delivery]\n", &format!("[delivery]\n{loopback}"))
     } else {
         format!("{extra}\n[delivery]\n{loopback}")
     };
+    if !extra.contains("[dns]\n") && !extra.contains("[mail_auth]\n") {
+        extra.push_str("\n[mail_auth]\nenabled = false\n");
+    }
     let text = format!(
         "hostname = \"mx.test\"\ndata_dir = \"{}\"\n\
          [smtp]\nlisten = [\"127.0.0.1:0\"]\n\
