@@ -21,8 +21,8 @@ use hickory_resolver::proto::rr::RData;
 
 use crate::config::{AddressFamily, DnsConfig};
 
-/// How long a verification verdict is reused; short, so a fixed DNS
-/// problem stops causing refusals quickly.
+/// How long a verification verdict (or a TXT answer) is reused; short,
+/// so a fixed DNS problem or a new record takes effect quickly.
 const VERDICT_CACHE_TIME: Duration = Duration::from_secs(60);
 const VERDICT_CACHE_MAX: usize = 10_000;
 /// Verification looks at the addresses of this many mail hosts at most, so
@@ -75,9 +75,13 @@ pub struct Dns {
     resolver: TokioResolver,
     /// Bounds one lookup including retries, whatever the resolver does.
     deadline: Duration,
-    verdicts: Mutex<HashMap<String, (MailAddresses, Instant)>>,
+    verdicts: BriefCache<String, MailAddresses>,
     /// Forward-confirmed client names, briefly.
-    names: Mutex<HashMap<IpAddr, (Option<String>, Instant)>>,
+    names: BriefCache<IpAddr, Option<String>>,
+    /// TXT answers (SPF, DKIM, DMARC, MTA-STS records): every inbound
+    /// message asks for a few, mostly the same ones, and a hit here costs
+    /// no trip to the resolver's thread.
+    texts: BriefCache<String, Vec<String>>,
 }
 
 /// Classification of one resolver error.
@@ -149,8 +153,9 @@ impl Dns {
             runtime,
             resolver,
             deadline: config.timeout.get() * 3,
-            verdicts: Mutex::new(HashMap::new()),
-            names: Mutex::new(HashMap::new()),
+            verdicts: BriefCache::default(),
+            names: BriefCache::default(),
+            texts: BriefCache::default(),
         })
     }
 
@@ -296,25 +301,15 @@ impl Dns {
     /// failures are cached briefly.
     pub fn mail_addresses(&self, domain: &str) -> MailAddresses {
         let key = domain.to_lowercase();
-        let now = Instant::now();
-        {
-            let verdicts = self.verdicts.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some((verdict, at)) = verdicts.get(&key)
-                && now.duration_since(*at) < VERDICT_CACHE_TIME
-            {
-                return verdict.clone();
-            }
+        if let Some(verdict) = self.verdicts.get(&key) {
+            return verdict;
         }
         let verdict = self.look_up_mail_addresses(domain);
         if let Err(DnsFailure::Temporary(why)) = &verdict {
             log::warn!("dns: {domain}: {why}");
             return verdict;
         }
-        let mut verdicts = self.verdicts.lock().unwrap_or_else(PoisonError::into_inner);
-        if verdicts.len() >= VERDICT_CACHE_MAX {
-            verdicts.retain(|_, (_, at)| now.duration_since(*at) < VERDICT_CACHE_TIME);
-        }
-        verdicts.insert(key, (verdict.clone(), now));
+        self.verdicts.put(key, verdict.clone());
         verdict
     }
 
@@ -343,21 +338,11 @@ impl Dns {
     /// name whose A/AAAA records include the address), as Postfix shows in
     /// `client=` and its logs; `None` otherwise. Cached briefly.
     pub fn client_name(&self, ip: IpAddr) -> Option<String> {
-        let now = Instant::now();
-        {
-            let names = self.names.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some((name, at)) = names.get(&ip)
-                && now.duration_since(*at) < VERDICT_CACHE_TIME
-            {
-                return name.clone();
-            }
+        if let Some(name) = self.names.get(&ip) {
+            return name;
         }
         let name = self.confirmed_name(ip);
-        let mut names = self.names.lock().unwrap_or_else(PoisonError::into_inner);
-        if names.len() >= VERDICT_CACHE_MAX {
-            names.retain(|_, (_, at)| now.duration_since(*at) < VERDICT_CACHE_TIME);
-        }
-        names.insert(ip, (name.clone(), now));
+        self.names.put(ip, name.clone());
         name
     }
 
@@ -403,6 +388,16 @@ impl Dns {
     /// The TXT records at `name`, each with its strings joined (RFC 7208
     /// 3.3); empty when the name has none or does not exist.
     pub fn txt(&self, name: &str) -> Result<Vec<String>, DnsFailure> {
+        let key = name.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(texts) = self.texts.get(&key) {
+            return Ok(texts);
+        }
+        let texts = self.look_up_txt(name)?;
+        self.texts.put(key, texts.clone());
+        Ok(texts)
+    }
+
+    fn look_up_txt(&self, name: &str) -> Result<Vec<String>, DnsFailure> {
         let resolver = self.resolver.clone();
         let name = fqdn(name);
         match self.run(async move { resolver.txt_lookup(name).await }) {
@@ -430,6 +425,41 @@ impl Dns {
             self.addresses(name, AddressFamily::Any)
                 .is_ok_and(|addresses| addresses.contains(&ip))
         })
+    }
+}
+
+/// Answers kept for [`VERDICT_CACHE_TIME`], at most [`VERDICT_CACHE_MAX`]
+/// of them (expired ones are dropped when it is full; past that, new
+/// answers are not kept).
+struct BriefCache<K, V> {
+    entries: Mutex<HashMap<K, (V, Instant)>>,
+}
+
+impl<K, V> Default for BriefCache<K, V> {
+    fn default() -> Self {
+        BriefCache {
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq, V: Clone> BriefCache<K, V> {
+    fn get(&self, key: &K) -> Option<V> {
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        entries
+            .get(key)
+            .filter(|(_, at)| at.elapsed() < VERDICT_CACHE_TIME)
+            .map(|(value, _)| value.clone())
+    }
+
+    fn put(&self, key: K, value: V) {
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        if entries.len() >= VERDICT_CACHE_MAX {
+            entries.retain(|_, (_, at)| at.elapsed() < VERDICT_CACHE_TIME);
+        }
+        if entries.len() < VERDICT_CACHE_MAX {
+            entries.insert(key, (value, Instant::now()));
+        }
     }
 }
 
