@@ -1488,6 +1488,26 @@ mod tests {
     }
 
     #[test]
+    fn a_message_refused_by_a_check_is_a_logged_rejection() {
+        let mut s = session();
+        code(&mut s, "EHLO c");
+        code(&mut s, "MAIL FROM:<a@example.org>");
+        code(&mut s, "RCPT TO:<alice@localhost>");
+        code(&mut s, "DATA");
+        let step = finish_data(&mut s, b"x\r\n.\r\n");
+        assert!(matches!(step.action, Action::Enqueue(_)));
+        let refusal = Reply::new(reply::DMARC_REJECT, "DMARC says no");
+        let step = s.enqueued(Err(NotQueued::Refused(refusal)));
+        assert_eq!(step.replies[0].to_wire(), "550 5.7.1 DMARC says no\r\n");
+        let rejection = step.rejected.expect("logged as a rejection");
+        assert_eq!(rejection.stage, "END-OF-MESSAGE");
+        assert_eq!(rejection.from.as_deref(), Some("a@example.org"));
+        assert_eq!(rejection.to.as_deref(), Some("alice@localhost"));
+        // The session goes on: the next transaction is possible.
+        assert_eq!(code(&mut s, "MAIL FROM:<a@example.org>"), 250);
+    }
+
+    #[test]
     fn too_many_recipients() {
         let mut s = session();
         code(&mut s, "EHLO c");
