@@ -125,28 +125,14 @@ pub fn to_domain(ctx: &DeliveryContext, domain: &str, envelope: &Envelope) -> Re
         fallback: config.plaintext_fallback,
     };
     let mut destination = format!("mx:{domain}");
-    if literal.is_none()
-        && let (Some(policies), Some(verified)) = (&ctx.mta_sts, &ctx.tls_mx_verified)
-        && let Some(sts) = policies.for_domain(domain)
-    {
-        let unlisted: Vec<&String> = hosts.iter().filter(|h| !sts.allows_host(h)).collect();
-        match sts.mode {
-            Mode::Enforce => {
-                if unlisted.len() == hosts.len() {
-                    let text = format!(
-                        "MTA-STS policy {} of {domain} lists none of its MX hosts ({})",
-                        sts.id,
-                        hosts.join(", ")
-                    );
-                    let attempt =
-                        Attempt::local(outcome::MTA_STS_NO_LISTED_MX, Stage::Routing, text);
-                    return RemoteOutcome::all(envelope, attempt);
-                }
-                hosts.retain(|h| sts.allows_host(h));
+    if literal.is_none() {
+        match mta_sts(ctx, domain, &mut hosts) {
+            Err(attempt) => return RemoteOutcome::all(envelope, attempt),
+            Ok(Some(verified)) => {
                 // RFC 8461 4.2: TLS with a certificate valid for the MX
                 // host's name, or not at all.
                 policy = TlsPolicy::Required {
-                    config: Arc::clone(verified),
+                    config: verified,
                     implicit: false,
                     verified: true,
                 };
@@ -154,16 +140,7 @@ pub fn to_domain(ctx: &DeliveryContext, domain: &str, envelope: &Envelope) -> Re
                 // taken for these.
                 destination.push_str(" mta-sts");
             }
-            Mode::Testing => {
-                for host in unlisted {
-                    log::warn!(
-                        "MTA-STS (testing): {domain}: MX {host} is not in policy {}; \
-                         delivering anyway",
-                        sts.id
-                    );
-                }
-            }
-            Mode::None => {}
+            Ok(None) => {}
         }
     }
     let route = Hosts {
@@ -175,6 +152,51 @@ pub fn to_domain(ctx: &DeliveryContext, domain: &str, envelope: &Envelope) -> Re
         credentials: None,
     };
     try_hosts(ctx, &route, envelope)
+}
+
+/// Applies the domain's MTA-STS policy to its MX hosts: in enforce mode
+/// only listed hosts stay, and the TLS configuration that verifies them is
+/// returned; `Err` when the policy lists none of them.
+fn mta_sts(
+    ctx: &DeliveryContext,
+    domain: &str,
+    hosts: &mut Vec<String>,
+) -> Result<Option<Arc<ClientConfig>>, Attempt> {
+    let (Some(policies), Some(verified)) = (&ctx.mta_sts, &ctx.tls_mx_verified) else {
+        return Ok(None);
+    };
+    let Some(sts) = policies.for_domain(domain) else {
+        return Ok(None);
+    };
+    let unlisted: Vec<&String> = hosts.iter().filter(|h| !sts.allows_host(h)).collect();
+    match sts.mode {
+        Mode::Enforce => {
+            if unlisted.len() == hosts.len() {
+                let text = format!(
+                    "MTA-STS policy {} of {domain} lists none of its MX hosts ({})",
+                    sts.id,
+                    hosts.join(", ")
+                );
+                return Err(Attempt::local(
+                    outcome::MTA_STS_NO_LISTED_MX,
+                    Stage::Routing,
+                    text,
+                ));
+            }
+            hosts.retain(|h| sts.allows_host(h));
+            Ok(Some(Arc::clone(verified)))
+        }
+        Mode::Testing => {
+            for host in unlisted {
+                log::warn!(
+                    "MTA-STS (testing): {domain}: MX {host} is not in policy {}; delivering anyway",
+                    sts.id
+                );
+            }
+            Ok(None)
+        }
+        Mode::None => Ok(None),
+    }
 }
 
 /// Delivers to the smart host.
