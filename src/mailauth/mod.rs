@@ -170,6 +170,61 @@ pub(crate) mod tests {
     use std::cell::{Cell, RefCell};
     use std::collections::{HashMap, HashSet};
 
+    #[test]
+    fn strangers_on_the_mx_port_are_checked_and_nobody_else() {
+        let mut config = Config::default();
+        config.relay.trusted_networks = vec!["10.0.0.0/8".parse().unwrap()];
+        let local = crate::protocol::session::LocalUser {
+            uid: 1000,
+            name: "u".into(),
+            address: "u@localhost".into(),
+            trusted: false,
+        };
+        let view = |ip: &str, user: Option<&'static str>, listener| ClientView {
+            ip: ip.parse().unwrap(),
+            name: None,
+            helo: Some("client.example"),
+            user,
+            listener,
+            local: None,
+        };
+        let stranger = view("192.0.2.1", None, ListenerKind::Smtp);
+        assert!(applies(&config, &stranger));
+        assert!(!applies(
+            &config,
+            &view("10.1.2.3", None, ListenerKind::Smtp)
+        ));
+        assert!(!applies(
+            &config,
+            &view("192.0.2.1", Some("a@b"), ListenerKind::Smtp)
+        ));
+        assert!(!applies(
+            &config,
+            &view("192.0.2.1", None, ListenerKind::Submission)
+        ));
+        assert!(!applies(
+            &config,
+            &view("192.0.2.1", None, ListenerKind::Smtps)
+        ));
+        let local_view = ClientView {
+            local: Some(&local),
+            ..view("127.0.0.1", None, ListenerKind::Smtp)
+        };
+        assert!(!applies(&config, &local_view));
+        config.mail_auth.skip_trusted_networks = false;
+        config.mail_auth.skip_authenticated = false;
+        assert!(applies(
+            &config,
+            &view("10.1.2.3", None, ListenerKind::Smtp)
+        ));
+        assert!(applies(
+            &config,
+            &view("192.0.2.1", Some("a@b"), ListenerKind::Smtp)
+        ));
+        config.mail_auth.enabled = false;
+        assert!(!applies(&config, &stranger));
+    }
+
     /// A DNS table for the evaluators' unit tests; counts queries.
     #[derive(Default)]
     pub struct FakeDns {
