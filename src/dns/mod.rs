@@ -25,6 +25,10 @@ use crate::config::{AddressFamily, DnsConfig};
 /// so a fixed DNS problem or a new record takes effect quickly.
 const VERDICT_CACHE_TIME: Duration = Duration::from_secs(60);
 const VERDICT_CACHE_MAX: usize = 10_000;
+/// TXT answers kept: at most this many, each at most `MAX_CACHED_TXT`
+/// octets (a 4096-bit DKIM key is under 1 KiB), so at most 8 MiB.
+const TXT_CACHE_MAX: usize = 2_000;
+const MAX_CACHED_TXT: usize = 4 * 1024;
 /// Verification looks at the addresses of this many mail hosts at most, so
 /// one MAIL FROM cannot make us send a long list of queries.
 const MAX_VERIFIED_HOSTS: usize = 5;
@@ -81,6 +85,9 @@ pub struct Dns {
     /// TXT answers (SPF, DKIM, DMARC, MTA-STS records): every inbound
     /// message asks for a few, mostly the same ones, and a hit here costs
     /// no trip to the resolver's thread.
+    /// Only answers up to [`MAX_CACHED_TXT`] octets, in fewer entries: a
+    /// stranger picks the names (SPF includes, DKIM selectors), so the
+    /// cache must not become a store for whatever they publish.
     texts: BriefCache<String, Vec<String>>,
 }
 
@@ -153,9 +160,9 @@ impl Dns {
             runtime,
             resolver,
             deadline: config.timeout.get() * 3,
-            verdicts: BriefCache::default(),
-            names: BriefCache::default(),
-            texts: BriefCache::default(),
+            verdicts: BriefCache::new(VERDICT_CACHE_MAX),
+            names: BriefCache::new(VERDICT_CACHE_MAX),
+            texts: BriefCache::new(TXT_CACHE_MAX),
         })
     }
 
@@ -183,22 +190,8 @@ impl Dns {
     /// among equal preferences), or the domain itself when it has no MX but
     /// has an address (RFC 5321 5.1).
     pub fn mail_hosts(&self, domain: &str) -> Result<Vec<MailHost>, DnsFailure> {
-        let name = fqdn(domain);
-        let resolver = self.resolver.clone();
-        let lookup = self.run(async move { resolver.mx_lookup(name).await });
-        match lookup {
-            Ok(lookup) => {
-                let mut hosts: Vec<MailHost> = lookup
-                    .answers()
-                    .iter()
-                    .filter_map(|record| match &record.data {
-                        RData::MX(mx) => Some(MailHost {
-                            name: mx.exchange.to_utf8().trim_end_matches('.').to_string(),
-                            preference: mx.preference,
-                        }),
-                        _ => None,
-                    })
-                    .collect();
+        match self.mx_records(domain) {
+            Ok(mut hosts) => {
                 // RFC 7505: a lone MX with an empty target (".") means
                 // "no mail here"; mixed with real MXes it is ignored.
                 let null = |host: &MailHost| host.name.is_empty();
@@ -368,21 +361,33 @@ impl Dns {
     /// The exchanges of `domain`'s MX records as published (SPF's `mx`
     /// mechanism: no implicit MX, no null-MX rule); empty when none.
     pub fn mx_names(&self, domain: &str) -> Result<Vec<String>, DnsFailure> {
-        let resolver = self.resolver.clone();
-        let name = fqdn(domain);
-        match self.run(async move { resolver.mx_lookup(name).await }) {
-            Ok(lookup) => Ok(lookup
-                .answers()
-                .iter()
-                .filter_map(|record| match &record.data {
-                    RData::MX(mx) => Some(mx.exchange.to_utf8().trim_end_matches('.').to_string()),
-                    _ => None,
-                })
+        match self.mx_records(domain) {
+            Ok(hosts) => Ok(hosts
+                .into_iter()
+                .map(|host| host.name)
                 .filter(|name| !name.is_empty())
                 .collect()),
             Err(LookupError::NxDomain | LookupError::NoRecords) => Ok(Vec::new()),
             Err(LookupError::Temporary(why)) => Err(DnsFailure::Temporary(why)),
         }
+    }
+
+    /// The MX records of `domain` as published (a null MX has an empty name).
+    fn mx_records(&self, domain: &str) -> Result<Vec<MailHost>, LookupError> {
+        let resolver = self.resolver.clone();
+        let name = fqdn(domain);
+        let lookup = self.run(async move { resolver.mx_lookup(name).await })?;
+        Ok(lookup
+            .answers()
+            .iter()
+            .filter_map(|record| match &record.data {
+                RData::MX(mx) => Some(MailHost {
+                    name: mx.exchange.to_utf8().trim_end_matches('.').to_string(),
+                    preference: mx.preference,
+                }),
+                _ => None,
+            })
+            .collect())
     }
 
     /// The TXT records at `name`, each with its strings joined (RFC 7208
@@ -393,7 +398,9 @@ impl Dns {
             return Ok(texts);
         }
         let texts = self.look_up_txt(name)?;
-        self.texts.put(key, texts.clone());
+        if worth_caching(&texts) {
+            self.texts.put(key, texts.clone());
+        }
         Ok(texts)
     }
 
@@ -428,22 +435,22 @@ impl Dns {
     }
 }
 
-/// Answers kept for [`VERDICT_CACHE_TIME`], at most [`VERDICT_CACHE_MAX`]
-/// of them (expired ones are dropped when it is full; past that, new
-/// answers are not kept).
+/// Answers kept for [`VERDICT_CACHE_TIME`], at most `max` of them
+/// (expired ones are dropped when it is full; past that, new answers are
+/// not kept).
 struct BriefCache<K, V> {
     entries: Mutex<HashMap<K, (V, Instant)>>,
-}
-
-impl<K, V> Default for BriefCache<K, V> {
-    fn default() -> Self {
-        BriefCache {
-            entries: Mutex::new(HashMap::new()),
-        }
-    }
+    max: usize,
 }
 
 impl<K: std::hash::Hash + Eq, V: Clone> BriefCache<K, V> {
+    fn new(max: usize) -> Self {
+        BriefCache {
+            entries: Mutex::new(HashMap::new()),
+            max,
+        }
+    }
+
     fn get(&self, key: &K) -> Option<V> {
         let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         entries
@@ -454,13 +461,17 @@ impl<K: std::hash::Hash + Eq, V: Clone> BriefCache<K, V> {
 
     fn put(&self, key: K, value: V) {
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        if entries.len() >= VERDICT_CACHE_MAX {
+        if entries.len() >= self.max {
             entries.retain(|_, (_, at)| at.elapsed() < VERDICT_CACHE_TIME);
         }
-        if entries.len() < VERDICT_CACHE_MAX {
+        if entries.len() < self.max {
             entries.insert(key, (value, Instant::now()));
         }
     }
+}
+
+fn worth_caching(texts: &[String]) -> bool {
+    texts.iter().map(String::len).sum::<usize>() <= MAX_CACHED_TXT
 }
 
 /// A trailing dot makes the name absolute: no search domains are tried.
@@ -534,6 +545,20 @@ mod tests {
             seen_first.insert(names[0].to_string());
         }
         assert_eq!(seen_first.len(), 2, "equal preferences are shuffled");
+    }
+
+    #[test]
+    fn caches_are_bounded_in_entries_and_txt_answers_in_size() {
+        let cache: BriefCache<u32, String> = BriefCache::new(3);
+        for key in 0..5 {
+            cache.put(key, key.to_string());
+        }
+        assert_eq!(cache.get(&2).as_deref(), Some("2"));
+        assert_eq!(cache.get(&3), None, "full: not kept");
+        assert!(worth_caching(&[
+            "v=DKIM1; p=".to_string() + &"A".repeat(800)
+        ]));
+        assert!(!worth_caching(&vec!["x".repeat(1024); 5]));
     }
 
     #[test]
