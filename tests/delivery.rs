@@ -12,17 +12,6 @@ use common::*;
 use petrel::config::{HumanDuration, SmarthostTls};
 use petrel::protocol::session::ListenerKind;
 
-fn maildir_messages(data_dir: &Path, address: &str) -> Vec<PathBuf> {
-    let (local, domain) = address.split_once('@').unwrap();
-    let new = data_dir.join("mail").join(domain).join(local).join("new");
-    let mut files: Vec<PathBuf> = match std::fs::read_dir(&new) {
-        Ok(entries) => entries.map(|e| e.unwrap().path()).collect(),
-        Err(_) => Vec::new(),
-    };
-    files.sort();
-    files
-}
-
 fn wait_for_maildir(data_dir: &Path, address: &str, count: usize) -> Vec<String> {
     wait_for(&format!("{count} messages in {address}'s Maildir"), || {
         maildir_messages(data_dir, address).len() >= count

@@ -31,10 +31,13 @@ fn config(dir: &Path, dns: &TestDns, https: &HttpsServer, ca: &TestCa) -> PathBu
     path
 }
 
-fn run(config: &Path, args: &[&str]) -> (Output, String) {
+/// `petrel dns-check DOMAIN --address 192.0.2.25 [--strict]`: its exit
+/// status and the table it printed.
+fn dns_check(config: &Path, domain: &str, strict: bool) -> (Output, String) {
     let output = petrel()
         .args(["-c", config.to_str().unwrap()])
-        .args(args)
+        .args(["dns-check", domain, "--address", "192.0.2.25"])
+        .args(strict.then_some("--strict"))
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
@@ -69,16 +72,7 @@ fn a_fully_configured_domain_passes_and_an_empty_one_gets_its_records() {
             &["v=TLSRPTv1; rua=mailto:tls@example.test".into()],
         );
 
-    let (output, table) = run(
-        &config,
-        &[
-            "dns-check",
-            "example.test",
-            "--address",
-            "192.0.2.25",
-            "--strict",
-        ],
-    );
+    let (output, table) = dns_check(&config, "example.test", true);
     assert_eq!(output.status.code(), Some(0), "{table}");
     for check in [
         "MX", "A/AAAA", "PTR", "SPF", "DKIM", "DMARC", "MTA-STS", "TLS-RPT",
@@ -99,16 +93,7 @@ fn a_fully_configured_domain_passes_and_an_empty_one_gets_its_records() {
     https.serve_policy(
         "version: STSv1\r\nmode: enforce\r\nmx: mx.elsewhere.example\r\nmax_age: 604800\r\n",
     );
-    let (output, table) = run(
-        &config,
-        &[
-            "dns-check",
-            "example.test",
-            "--address",
-            "192.0.2.25",
-            "--strict",
-        ],
-    );
+    let (output, table) = dns_check(&config, "example.test", true);
     assert_eq!(output.status.code(), Some(1), "{table}");
     assert!(
         table.contains("does not list mail.example.test as an MX"),
@@ -116,10 +101,7 @@ fn a_fully_configured_domain_passes_and_an_empty_one_gets_its_records() {
     );
 
     // The same server, a domain with nothing published.
-    let (output, table) = run(
-        &config,
-        &["dns-check", "empty.test", "--address", "192.0.2.25"],
-    );
+    let (output, table) = dns_check(&config, "empty.test", false);
     assert_eq!(output.status.code(), Some(1), "{table}");
     for expected in [
         "empty.test. IN MX 10 mail.example.test.",
@@ -151,22 +133,10 @@ fn a_fully_configured_domain_passes_and_an_empty_one_gets_its_records() {
         &name,
         &strings,
     );
-    let (output, table) = run(
-        &config2,
-        &["dns-check", "example.test", "--address", "192.0.2.25"],
-    );
+    let (output, table) = dns_check(&config2, "example.test", false);
     assert_eq!(output.status.code(), Some(0), "{table}");
     assert!(table.contains("MTA-STS  recommended  MISSING"), "{table}");
-    let (output, _) = run(
-        &config2,
-        &[
-            "dns-check",
-            "example.test",
-            "--address",
-            "192.0.2.25",
-            "--strict",
-        ],
-    );
+    let (output, _) = dns_check(&config2, "example.test", true);
     assert_eq!(output.status.code(), Some(1));
 }
 

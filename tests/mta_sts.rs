@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use common::dns::TestDns;
 use common::https::{HttpsServer, TestCa};
 use common::*;
@@ -84,26 +82,11 @@ fn submit(server: &TestServer, subject: &str) -> String {
     queue_id_from(&reply.text())
 }
 
-fn maildir(server: &TestServer) -> PathBuf {
-    server
-        .instance()
-        .config()
-        .data_dir
-        .join("mail")
-        .join(DOMAIN)
-        .join("user")
-        .join("new")
-}
-
 fn delivered(server: &TestServer) -> Vec<String> {
-    let dir = maildir(server);
-    std::fs::read_dir(&dir)
-        .map(|entries| {
-            entries
-                .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
-                .collect()
-        })
-        .unwrap_or_default()
+    maildir_messages(&server.instance().config().data_dir, RECIPIENT)
+        .iter()
+        .map(|path| std::fs::read_to_string(path).unwrap())
+        .collect()
 }
 
 /// The recipient's status and last reply, once delivery has tried it.

@@ -829,8 +829,15 @@ mod tests {
         check_sender(dns, &client, sender)
     }
 
-    fn result(dns: &FakeDns, ip: &str, sender: &str) -> SpfResult {
-        check(dns, ip, sender).result
+    /// Checks each (client address, sender, expected result).
+    fn expect(dns: &FakeDns, cases: &[(&str, &str, SpfResult)]) {
+        for (ip, sender, expected) in cases {
+            assert_eq!(
+                check(dns, ip, sender).result,
+                *expected,
+                "{sender} from {ip}"
+            );
+        }
     }
 
     #[test]
@@ -843,43 +850,21 @@ mod tests {
             .txt("soft.example", "v=spf1 ip6:2001:db8::/32 ~all")
             .txt("neutral.example", "v=spf1 ?all")
             .txt("empty.example", "v=spf1");
-        assert_eq!(result(&dns, "192.0.2.7", "a@example.org"), SpfResult::Pass);
-        assert_eq!(
-            result(&dns, "198.51.100.1", "a@example.org"),
-            SpfResult::Pass
-        );
-        assert_eq!(
-            result(&dns, "198.51.100.2", "a@example.org"),
-            SpfResult::Pass
-        );
-        assert_eq!(
-            result(&dns, "203.0.113.9", "a@example.org"),
-            SpfResult::Fail
-        );
-        assert_eq!(
-            result(&dns, "::ffff:192.0.2.7", "a@example.org"),
-            SpfResult::Pass,
-            "a mapped IPv4 client is IPv4"
-        );
-        assert_eq!(
-            result(&dns, "2001:db8::1", "x@soft.example"),
-            SpfResult::Pass
-        );
-        assert_eq!(
-            result(&dns, "2001:db9::1", "x@soft.example"),
-            SpfResult::SoftFail
-        );
-        assert_eq!(
-            result(&dns, "192.0.2.1", "x@neutral.example"),
-            SpfResult::Neutral
-        );
-        assert_eq!(
-            result(&dns, "192.0.2.1", "x@empty.example"),
-            SpfResult::Neutral
-        );
-        assert_eq!(
-            result(&dns, "192.0.2.1", "x@nothing.example"),
-            SpfResult::None
+        expect(
+            &dns,
+            &[
+                ("192.0.2.7", "a@example.org", SpfResult::Pass),
+                ("198.51.100.1", "a@example.org", SpfResult::Pass),
+                ("198.51.100.2", "a@example.org", SpfResult::Pass),
+                ("203.0.113.9", "a@example.org", SpfResult::Fail),
+                // a mapped IPv4 client is IPv4
+                ("::ffff:192.0.2.7", "a@example.org", SpfResult::Pass),
+                ("2001:db8::1", "x@soft.example", SpfResult::Pass),
+                ("2001:db9::1", "x@soft.example", SpfResult::SoftFail),
+                ("192.0.2.1", "x@neutral.example", SpfResult::Neutral),
+                ("192.0.2.1", "x@empty.example", SpfResult::Neutral),
+                ("192.0.2.1", "x@nothing.example", SpfResult::None),
+            ],
         );
     }
 
@@ -910,20 +895,16 @@ mod tests {
             .txt("redirected.example", "v=spf1 redirect=example.org")
             .txt("broken.example", "v=spf1 include:nothing.example -all")
             .txt("dangling.example", "v=spf1 redirect=nothing.example");
-        assert_eq!(result(&dns, "192.0.2.3", "a@example.org"), SpfResult::Pass);
+        expect(&dns, &[("192.0.2.3", "a@example.org", SpfResult::Pass)]);
         // The include's ~all is "no match"; the outer -all decides.
-        assert_eq!(result(&dns, "192.0.2.99", "a@example.org"), SpfResult::Fail);
-        assert_eq!(
-            result(&dns, "192.0.2.3", "a@redirected.example"),
-            SpfResult::Pass
-        );
-        assert_eq!(
-            result(&dns, "192.0.2.3", "a@broken.example"),
-            SpfResult::PermError
-        );
-        assert_eq!(
-            result(&dns, "192.0.2.3", "a@dangling.example"),
-            SpfResult::PermError
+        expect(
+            &dns,
+            &[
+                ("192.0.2.99", "a@example.org", SpfResult::Fail),
+                ("192.0.2.3", "a@redirected.example", SpfResult::Pass),
+                ("192.0.2.3", "a@broken.example", SpfResult::PermError),
+                ("192.0.2.3", "a@dangling.example", SpfResult::PermError),
+            ],
         );
     }
 
@@ -959,10 +940,9 @@ mod tests {
             "macro.example",
         ] {
             let before = dns.queries();
-            assert_eq!(
-                result(&dns, "192.0.2.1", &format!("a@{domain}")),
-                SpfResult::PermError,
-                "{domain}"
+            expect(
+                &dns,
+                &[("192.0.2.1", &format!("a@{domain}"), SpfResult::PermError)],
             );
             // The record's TXT query and at most 10 more: the loop and
             // the long record cost no more than the limit allows.
@@ -976,13 +956,12 @@ mod tests {
         let dns = FakeDns::default()
             .fail("down.example")
             .txt("example.org", "v=spf1 a:down.example -all");
-        assert_eq!(
-            result(&dns, "192.0.2.1", "a@down.example"),
-            SpfResult::TempError
-        );
-        assert_eq!(
-            result(&dns, "192.0.2.1", "a@example.org"),
-            SpfResult::TempError
+        expect(
+            &dns,
+            &[
+                ("192.0.2.1", "a@down.example", SpfResult::TempError),
+                ("192.0.2.1", "a@example.org", SpfResult::TempError),
+            ],
         );
     }
 
@@ -1038,8 +1017,13 @@ mod tests {
         let dns = FakeDns::default()
             .txt("example.org", "v=spf1 exists:%{i}._spf.%{d} -all")
             .a_only("192.0.2.5._spf.example.org", "127.0.0.2");
-        assert_eq!(result(&dns, "192.0.2.5", "a@example.org"), SpfResult::Pass);
-        assert_eq!(result(&dns, "192.0.2.6", "a@example.org"), SpfResult::Fail);
+        expect(
+            &dns,
+            &[
+                ("192.0.2.5", "a@example.org", SpfResult::Pass),
+                ("192.0.2.6", "a@example.org", SpfResult::Fail),
+            ],
+        );
     }
 
     #[test]
@@ -1049,8 +1033,13 @@ mod tests {
             .ptr("192.0.2.8", "host.example.org")
             .a("host.example.org", "192.0.2.8")
             .ptr("192.0.2.9", "liar.example.org");
-        assert_eq!(result(&dns, "192.0.2.8", "a@example.org"), SpfResult::Pass);
-        assert_eq!(result(&dns, "192.0.2.9", "a@example.org"), SpfResult::Fail);
+        expect(
+            &dns,
+            &[
+                ("192.0.2.8", "a@example.org", SpfResult::Pass),
+                ("192.0.2.9", "a@example.org", SpfResult::Fail),
+            ],
+        );
     }
 
     #[test]
@@ -1059,17 +1048,13 @@ mod tests {
             .txt("example.org", "v=spf1 a:net.example/24//64 -all")
             .a("net.example", "192.0.2.1")
             .aaaa("net.example", "2001:db8:1:1::1");
-        assert_eq!(
-            result(&dns, "192.0.2.200", "a@example.org"),
-            SpfResult::Pass
-        );
-        assert_eq!(
-            result(&dns, "2001:db8:1:1::99", "a@example.org"),
-            SpfResult::Pass
-        );
-        assert_eq!(
-            result(&dns, "2001:db8:1:2::1", "a@example.org"),
-            SpfResult::Fail
+        expect(
+            &dns,
+            &[
+                ("192.0.2.200", "a@example.org", SpfResult::Pass),
+                ("2001:db8:1:1::99", "a@example.org", SpfResult::Pass),
+                ("2001:db8:1:2::1", "a@example.org", SpfResult::Fail),
+            ],
         );
         assert_eq!(cidr_length("033", 128), None);
         assert_eq!(cidr_length("33", 32), None);

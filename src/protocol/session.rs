@@ -1323,6 +1323,24 @@ mod tests {
         codes[0]
     }
 
+    /// A stranger's session after EHLO, MAIL, RCPT to alice and DATA (354).
+    fn at_data() -> Session {
+        let mut s = session();
+        code(&mut s, "EHLO c");
+        code(&mut s, "MAIL FROM:<a@example.org>");
+        code(&mut s, "RCPT TO:<alice@localhost>");
+        code(&mut s, "DATA");
+        s
+    }
+
+    /// [`at_data`], then a message the session handed to the queue.
+    fn handed_to_queue() -> Session {
+        let mut s = at_data();
+        let step = finish_data(&mut s, b"x\r\n.\r\n");
+        assert!(matches!(step.action, Action::Enqueue(_)));
+        s
+    }
+
     fn finish_data(session: &mut Session, data: &[u8]) -> Step {
         let mut decoder = DataDecoder::new(1000, crate::protocol::data::MAX_TEXT_LINE);
         let mut body = Vec::new();
@@ -1455,11 +1473,7 @@ mod tests {
 
     #[test]
     fn refused_data_resets_the_transaction() {
-        let mut s = session();
-        code(&mut s, "EHLO c");
-        code(&mut s, "MAIL FROM:<a@example.org>");
-        code(&mut s, "RCPT TO:<alice@localhost>");
-        code(&mut s, "DATA");
+        let mut s = at_data();
         let step = s.data_finished(Err(DataError::TooLarge), stamp());
         assert_eq!(step.replies[0].code(), 552);
         code(&mut s, "MAIL FROM:<a@example.org>");
@@ -1472,13 +1486,7 @@ mod tests {
 
     #[test]
     fn queue_failure_is_a_temporary_error() {
-        let mut s = session();
-        code(&mut s, "EHLO c");
-        code(&mut s, "MAIL FROM:<a@example.org>");
-        code(&mut s, "RCPT TO:<alice@localhost>");
-        code(&mut s, "DATA");
-        let step = finish_data(&mut s, b"x\r\n.\r\n");
-        assert!(matches!(step.action, Action::Enqueue(_)));
+        let mut s = handed_to_queue();
         assert_eq!(
             s.enqueued(Err(NotQueued::Failed("disk full".into())))
                 .replies[0]
@@ -1489,13 +1497,7 @@ mod tests {
 
     #[test]
     fn a_message_refused_by_a_check_is_a_logged_rejection() {
-        let mut s = session();
-        code(&mut s, "EHLO c");
-        code(&mut s, "MAIL FROM:<a@example.org>");
-        code(&mut s, "RCPT TO:<alice@localhost>");
-        code(&mut s, "DATA");
-        let step = finish_data(&mut s, b"x\r\n.\r\n");
-        assert!(matches!(step.action, Action::Enqueue(_)));
+        let mut s = handed_to_queue();
         let refusal = Reply::new(reply::DMARC_REJECT, "DMARC says no");
         let step = s.enqueued(Err(NotQueued::Refused(refusal)));
         assert_eq!(step.replies[0].to_wire(), "550 5.7.1 DMARC says no\r\n");
@@ -1579,11 +1581,7 @@ mod tests {
     }
 
     fn refused_at_end_of_data(data: &[u8]) -> Reply {
-        let mut s = session();
-        code(&mut s, "EHLO c");
-        code(&mut s, "MAIL FROM:<a@example.org>");
-        code(&mut s, "RCPT TO:<alice@localhost>");
-        code(&mut s, "DATA");
+        let mut s = at_data();
         let step = finish_data(&mut s, data);
         assert!(matches!(step.action, Action::Continue), "nothing queued");
         assert_eq!(code(&mut s, "DATA"), 503, "the transaction is over");
@@ -1608,11 +1606,7 @@ mod tests {
         assert!(reply.lines[0].contains("loop"));
 
         // Just under every limit: accepted.
-        let mut s = session();
-        code(&mut s, "EHLO c");
-        code(&mut s, "MAIL FROM:<a@example.org>");
-        code(&mut s, "RCPT TO:<alice@localhost>");
-        code(&mut s, "DATA");
+        let mut s = at_data();
         let fine = "Received: x\r\n".repeat(4) + "Delivered-To: bob@localhost\r\n\r\n.\r\n";
         deliver(&mut s, fine.as_bytes());
     }

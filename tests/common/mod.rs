@@ -233,6 +233,18 @@ fn field_end(content: &[u8], mut pos: usize) -> usize {
     }
 }
 
+/// The files in the Maildir `new/` of a local `address`, in name order.
+pub fn maildir_messages(data_dir: &Path, address: &str) -> Vec<PathBuf> {
+    let (local, domain) = address.split_once('@').unwrap();
+    let new = data_dir.join("mail").join(domain).join(local).join("new");
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(&new) {
+        Ok(entries) => entries.map(|e| e.unwrap().path()).collect(),
+        Err(_) => Vec::new(),
+    };
+    files.sort();
+    files
+}
+
 /// Polls `condition` until it holds or the deadline passes.
 pub fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + WAIT;
