@@ -174,6 +174,24 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), QueueError> {
 mod tests {
     use super::*;
 
+    /// `.cargo/config.toml` builds the bundled SQLite without the up-front
+    /// page-cache block (see the comment there); a build that lost the
+    /// option would still work, only slower, so nothing else would notice.
+    #[test]
+    fn sqlite_is_built_without_the_page_cache_block() {
+        let conn = Connection::open_in_memory().unwrap();
+        let mut statement = conn.prepare("PRAGMA compile_options").unwrap();
+        let options: Vec<String> = statement
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            options.iter().any(|o| o == "DEFAULT_PCACHE_INITSZ=0"),
+            "{options:?}"
+        );
+    }
+
     #[test]
     fn migrates_once_and_is_idempotent() {
         let dir = tempfile::tempdir().unwrap();
