@@ -217,31 +217,46 @@ pub fn claim_due(
         .map(|(destination, _)| destination.clone())
         .collect();
     let skip = json_array(&skip);
-    let read_due = |sql: String, key: &str| -> Result<Vec<(String, String)>, QueueError> {
-        let mut statement = conn
-            .prepare_cached(&sql)
-            .map_err(QueueError::sqlite("cannot prepare claim"))?;
-        let rows = statement
-            .query_map(params![now, limits.rows as i64, key], |row| {
-                Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
-            })
-            .map_err(QueueError::sqlite("cannot read due recipients"))?;
-        rows.collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(QueueError::sqlite("cannot read due recipients"))
-    };
+    let read_due =
+        |sql: String, key: &str, limit: usize| -> Result<Vec<(String, String)>, QueueError> {
+            let mut statement = conn
+                .prepare_cached(&sql)
+                .map_err(QueueError::sqlite("cannot prepare claim"))?;
+            let rows = statement
+                .query_map(params![now, limit as i64, key], |row| {
+                    Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+                })
+                .map_err(QueueError::sqlite("cannot read due recipients"))?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(QueueError::sqlite("cannot read due recipients"))
+        };
+    let mut filled: Vec<String> = Vec::new();
     let due = if limits.only.is_empty() {
-        read_due(due_walk_sql(), &skip)?
+        read_due(due_walk_sql(), &skip, limits.rows)?
     } else {
         let mut due = Vec::new();
         for destination in &limits.only {
-            due.extend(read_due(destination_due_sql(), destination)?);
+            // A refill reads no further than the destination can take:
+            // its room, and one row more to tell whether anything is left
+            // (a window's worth of room against a budget of rows, the
+            // rest was read for nothing).
+            let limit = limits
+                .room_of(destination)
+                .saturating_add(1)
+                .min(limits.rows);
+            let rows = read_due(destination_due_sql(), destination, limit)?;
+            if rows.len() == limit {
+                // Stopped at the limit: more may be due, even if the
+                // rows were fewer messages than the room.
+                filled.push(destination.clone());
+            }
+            due.extend(rows);
         }
         due
     };
     let mut taken: HashMap<String, HashSet<String>> = HashMap::new();
     let mut messages: Vec<String> = Vec::new();
     let mut chosen: HashSet<String> = HashSet::new();
-    let mut filled: Vec<String> = Vec::new();
     let mut walked = 0;
     for (message_id, destination) in due {
         walked += 1;
@@ -896,8 +911,46 @@ mod tests {
             vec!["0000000000000032", "0000000000000033", "0000000000000034"]
         );
         assert_eq!(claimed.filled, vec!["mx:good.example".to_string()]);
-        // Five rows read, none of the fifty older ones of dead.example.
-        assert_eq!(claimed.walked, 5);
+        // Its room and one row more, none of the fifty older ones of
+        // dead.example, nor the budget of ten.
+        assert_eq!(claimed.walked, 4);
+    }
+
+    #[test]
+    fn a_refill_that_stops_at_its_limit_says_more_may_be_due() {
+        let (_dir, conn) = queue();
+        // Two recipients per message: four rows are only two messages.
+        fill(
+            &conn,
+            0,
+            5,
+            &["two.example", "two.example"],
+            "2026-01-01 00:00:00",
+        );
+        let limits = ClaimLimits {
+            only: vec!["mx:two.example".into()],
+            room: vec![("mx:two.example".into(), 3)],
+            ..ClaimLimits::rows(100)
+        };
+        let claimed = claim_due(&conn, "2026-06-01 00:00:00", &limits).unwrap();
+        let mut messages: Vec<&str> = claimed
+            .recipients
+            .iter()
+            .map(|r| r.message_id.as_str())
+            .collect();
+        messages.dedup();
+        assert_eq!(messages, vec!["0000000000000000", "0000000000000001"]);
+        // Both recipients of each message come along.
+        assert_eq!(claimed.recipients.len(), 4);
+        assert_eq!(claimed.walked, 4);
+        assert_eq!(claimed.filled, vec!["mx:two.example".to_string()]);
+
+        // A destination read to its end is not reported.
+        let rest = claim_due(&conn, "2026-06-01 00:00:00", &limits).unwrap();
+        assert_eq!(rest.recipients.len(), 4);
+        let last = claim_due(&conn, "2026-06-01 00:00:00", &limits).unwrap();
+        assert_eq!(last.recipients.len(), 2);
+        assert!(last.filled.is_empty(), "{:?}", last.filled);
     }
 
     #[test]
