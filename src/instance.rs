@@ -142,9 +142,10 @@ impl Instance {
         } else {
             None
         };
-        let on_queued: Option<Box<dyn Fn() + Send + Sync>> = delivery.as_ref().map(|d| {
+        let on_queued: Option<crate::server::OnQueued> = delivery.as_ref().map(|d| {
             let waker = d.waker();
-            Box::new(move || waker.wake()) as Box<dyn Fn() + Send + Sync>
+            Box::new(move |destinations: Vec<String>| waker.new_mail_for(destinations))
+                as crate::server::OnQueued
         });
         let dkim = crate::dkim::Signer::load(&config).map_err(error)?;
         if !dkim.domains().is_empty() {

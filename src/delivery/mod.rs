@@ -16,8 +16,9 @@ mod remote;
 mod scheduler;
 mod worker;
 
-use std::sync::Arc;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -132,14 +133,71 @@ pub struct DeliveryContext {
     pub tls_mx_verified: Option<Arc<ClientConfig>>,
 }
 
-/// Wakes the scheduler: new mail, a freed worker, an operator's retry.
+/// Wakes the scheduler: new mail, an operator's retry, a shutdown.
 /// Wakes coalesce, so calling it often is cheap.
 #[derive(Clone)]
-pub struct Waker(Sender<()>);
+pub struct Waker {
+    signal: Sender<()>,
+    news: Arc<Mutex<News>>,
+}
 
 impl Waker {
+    /// Something changed that only a look at the whole queue can tell.
     pub fn wake(&self) {
-        let _ = self.0.try_send(());
+        self.news().anything = true;
+        let _ = self.signal.try_send(());
+    }
+
+    /// A message was queued for these destinations (keys, as
+    /// [`Destination::key`]). Mail for destinations that already have a
+    /// backlog needs no walk over the queue: their refills reach it.
+    pub fn new_mail_for(&self, destinations: impl IntoIterator<Item = String>) {
+        {
+            let mut news = self.news();
+            news.destinations.extend(destinations);
+            if news.destinations.len() > NEWS_DESTINATIONS {
+                news.destinations.clear();
+                news.anything = true;
+            }
+        }
+        let _ = self.signal.try_send(());
+    }
+
+    #[cfg(test)]
+    pub(crate) fn for_test(signal: Sender<()>, news: Arc<Mutex<News>>) -> Waker {
+        Waker { signal, news }
+    }
+
+    fn news(&self) -> MutexGuard<'_, News> {
+        // The set is whole after every statement: a panic elsewhere
+        // cannot have left it half-changed.
+        self.news
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Destinations named between two wakes, at most: past this many, the
+/// scheduler simply looks at the whole queue.
+const NEWS_DESTINATIONS: usize = 1024;
+
+/// What the wakes since the scheduler last looked said.
+#[derive(Debug, Default)]
+pub struct News {
+    /// A change only a walk over the queue can find.
+    pub anything: bool,
+    /// Destinations that got new mail.
+    pub destinations: HashSet<String>,
+}
+
+impl News {
+    /// Takes what was said, leaving nothing.
+    pub fn take(shared: &Mutex<News>) -> News {
+        std::mem::take(
+            &mut *shared
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        )
     }
 }
 
@@ -235,7 +293,11 @@ impl Delivery {
         });
 
         let (wake_sender, wake_receiver) = crossbeam_channel::bounded(1);
-        let waker = Waker(wake_sender);
+        let news = Arc::new(Mutex::new(News::default()));
+        let waker = Waker {
+            signal: wake_sender,
+            news: Arc::clone(&news),
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let (local_jobs, local_receiver) = crossbeam_channel::unbounded::<Job>();
         let (remote_jobs, remote_receiver) = crossbeam_channel::unbounded::<Job>();
@@ -276,6 +338,7 @@ impl Delivery {
             (local_receiver, remote_receiver),
             event_receiver,
             wake_receiver,
+            news,
             Arc::clone(&stop),
         );
         let scheduler = std::thread::Builder::new()

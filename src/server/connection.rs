@@ -701,10 +701,17 @@ fn commit(
             .collect::<Vec<_>>()
             .join(","),
     );
+    let mut destinations: Vec<String> = message
+        .recipients
+        .iter()
+        .map(|r| r.route.destination())
+        .collect();
+    destinations.sort_unstable();
+    destinations.dedup();
     match ctx.queue.insert(message) {
         Ok(()) => {
             log::info!("{id}: accepted {summary}");
-            ctx.message_queued();
+            ctx.message_queued(destinations);
             Ok(())
         }
         Err(error) => {

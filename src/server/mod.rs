@@ -111,7 +111,7 @@ pub struct ServerContext {
     sessions: [Arc<SessionConfig>; 4],
     registry: ConnectionRegistry,
     shutting_down: AtomicBool,
-    on_queued: Option<Box<dyn Fn() + Send + Sync>>,
+    on_queued: Option<OnQueued>,
 }
 
 impl ServerContext {
@@ -129,10 +129,11 @@ impl ServerContext {
         self.shutting_down.load(Ordering::SeqCst)
     }
 
-    /// Tells delivery that new mail is waiting.
-    fn message_queued(&self) {
+    /// Tells delivery that new mail is waiting, and for which
+    /// destinations.
+    fn message_queued(&self, destinations: Vec<String>) {
         if let Some(notify) = &self.on_queued {
-            notify();
+            notify(destinations);
         }
     }
 }
@@ -205,6 +206,10 @@ impl Bound {
     }
 }
 
+/// Told the destination keys (`mx:DOMAIN`, `smarthost`, `local`) of each
+/// message once it is committed.
+pub type OnQueued = Box<dyn Fn(Vec<String>) + Send + Sync>;
+
 /// What the server needs besides its config.
 pub struct ServerParts {
     pub queue: QueueHandle,
@@ -212,7 +217,7 @@ pub struct ServerParts {
     pub dkim: Arc<crate::dkim::Signer>,
     pub services: Directory,
     /// Called after each message is committed (wakes the scheduler).
-    pub on_queued: Option<Box<dyn Fn() + Send + Sync>>,
+    pub on_queued: Option<OnQueued>,
 }
 
 /// A running set of listeners and workers.
