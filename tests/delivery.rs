@@ -177,7 +177,17 @@ fn temporary_failure_is_retried_after_backoff() {
 /// connections, none is sent twice, and idle connections are closed.
 #[test]
 fn messages_to_one_destination_share_connections_that_close_when_idle() {
-    let sink = Sink::start("accept", 0);
+    share_connections("accept");
+}
+
+/// ... also where RSET travels in one write with MAIL FROM.
+#[test]
+fn pipelined_messages_share_connections_too() {
+    share_connections("accept+pipelining");
+}
+
+fn share_connections(mode: &str) {
+    let sink = Sink::start(mode, 0);
     let port = sink.port;
     let a = TestServer::start_delivering(standard_dns(), |config| {
         config.delivery.port = port;
@@ -219,7 +229,25 @@ fn messages_to_one_destination_share_connections_that_close_when_idle() {
 /// the message goes over a new connection at once, not at the next retry.
 #[test]
 fn a_cached_connection_the_server_closed_is_replaced_by_a_new_one() {
-    let sink = Sink::start("hangup", 0);
+    replace_unfit_connection("hangup");
+}
+
+/// ... also when RSET went out in one write with MAIL, RCPT and DATA.
+#[test]
+fn a_closed_pipelining_connection_is_replaced_by_a_new_one() {
+    replace_unfit_connection("hangup+pipelining");
+}
+
+/// A connection whose RSET is refused carries no message: the pipelined
+/// MAIL, RCPT and DATA behind it are abandoned with the connection.
+#[test]
+fn a_connection_that_refuses_rset_is_replaced_by_a_new_one() {
+    replace_unfit_connection("refuse-rset");
+    replace_unfit_connection("refuse-rset+pipelining");
+}
+
+fn replace_unfit_connection(mode: &str) {
+    let sink = Sink::start(mode, 0);
     let port = sink.port;
     let a = TestServer::start_delivering(standard_dns(), |config| {
         config.delivery.port = port;
@@ -238,8 +266,12 @@ fn a_cached_connection_the_server_closed_is_replaced_by_a_new_one() {
     };
     send(1);
     sink.wait_for_messages(1);
-    wait_for("the sink to hang up", || sink.connections() == (1, 1));
-    assert_eq!(a.instance().delivery_connections_idle(), Some(1));
+    if mode.starts_with("hangup") {
+        wait_for("the sink to hang up", || sink.connections() == (1, 1));
+    }
+    wait_for("the connection to be cached", || {
+        a.instance().delivery_connections_idle() == Some(1)
+    });
     send(2);
     let received = sink.wait_for_messages(2);
     wait_for("A's queue to empty", || queue_is_empty(&a));

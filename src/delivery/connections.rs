@@ -6,8 +6,9 @@
 //!
 //! Bounded in every direction: at most `delivery.workers` idle
 //! connections, each reused for at most `delivery.connection_reuse_limit`
-//! messages and closed after `connection_idle` without one. Before reuse
-//! a connection is checked with RSET; one the server has closed is
+//! messages and closed after `connection_idle` without one. A reused
+//! connection's transaction starts with RSET (in the same write as MAIL
+//! FROM where the server pipelines); one the server has closed is
 //! dropped and the message goes over a new one.
 
 use std::collections::VecDeque;
@@ -20,7 +21,7 @@ use super::client::{Extensions, SmtpClient};
 /// A QUIT to an idle connection waits at most this long for its reply.
 const QUIT_WAIT: Duration = Duration::from_millis(500);
 /// RSET before reuse: the server should answer at once.
-const RSET_WAIT: Duration = Duration::from_secs(10);
+pub const RSET_WAIT: Duration = Duration::from_secs(10);
 
 /// A connection past EHLO (and STARTTLS and AUTH, where they apply),
 /// between transactions.
@@ -84,34 +85,14 @@ impl ConnectionCache {
         }
     }
 
-    /// An idle connection to `destination` that still answers RSET.
+    /// An idle connection to `destination`. Its transaction must start
+    /// with RSET: the server may have closed it meanwhile.
     pub fn take(&self, destination: &str) -> Option<Session> {
-        loop {
-            let idle = {
-                let mut idle = lock(&self.shared.idle);
-                let position = idle.iter().position(|i| {
-                    i.destination == destination && i.since.elapsed() < self.idle_time
-                })?;
-                idle.remove(position)?
-            };
-            let mut session = idle.session;
-            match session.client.command("RSET", RSET_WAIT) {
-                Ok(reply) if reply.code == 250 => return Some(session),
-                Ok(reply) => {
-                    log::info!(
-                        "{}: not reusing the connection: RSET: {reply}",
-                        session.relay
-                    );
-                    session.client.quit_within(QUIT_WAIT);
-                }
-                Err(error) => {
-                    log::info!(
-                        "{}: cached connection was closed ({error}); opening a new one",
-                        session.relay
-                    );
-                }
-            }
-        }
+        let mut idle = lock(&self.shared.idle);
+        let position = idle
+            .iter()
+            .position(|i| i.destination == destination && i.since.elapsed() < self.idle_time)?;
+        idle.remove(position).map(|idle| idle.session)
     }
 
     /// Keeps a connection for the next message to `destination`, or

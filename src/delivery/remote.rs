@@ -10,7 +10,7 @@ use rustls::ClientConfig;
 
 use super::DeliveryContext;
 use super::client::{self, ClientError, Extensions, ServerReply, SmtpClient};
-use super::connections::Session;
+use super::connections::{self, Session};
 use super::outcome::{self, Attempt, Stage};
 use crate::config::SmarthostTls;
 use crate::dns::DnsFailure;
@@ -387,6 +387,7 @@ fn reuse(
         &mut session.client,
         &session.extensions,
         envelope,
+        Reset::First,
         &mut ended,
     ) {
         Ok(attempts) => {
@@ -396,7 +397,7 @@ fn reuse(
         }
         Err(error) if !ended => {
             log::info!(
-                "{}: reused connection lost ({error}); sending over a new one",
+                "{}: reused connection unfit ({error}); sending over a new one",
                 session.relay
             );
             None
@@ -605,7 +606,7 @@ fn transaction(
         return Ok((result, Some(extensions)));
     }
     let mut ended = false;
-    let attempts = send_message(ctx, client, &extensions, envelope, &mut ended)?;
+    let attempts = send_message(ctx, client, &extensions, envelope, Reset::No, &mut ended)?;
     let result = HostResult::Answered(attempts, extensions.dsn, 1);
     Ok((result, Some(extensions)))
 }
@@ -639,6 +640,16 @@ fn unsendable(extensions: &Extensions, envelope: &Envelope) -> Option<Attempt> {
     None
 }
 
+/// Whether a transaction starts with RSET.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reset {
+    No,
+    /// On a reused connection: a reply other than 250 (or none) means
+    /// the connection is not fit for the message, which is then sent
+    /// over a new one. Nothing of the message has been sent by then.
+    First,
+}
+
 /// `ended` turns true once the final dot is sent: from then on the
 /// server may have taken the message even if its reply never comes.
 fn send_message(
@@ -646,6 +657,7 @@ fn send_message(
     client: &mut SmtpClient,
     extensions: &Extensions,
     envelope: &Envelope,
+    reset: Reset,
     ended: &mut bool,
 ) -> Result<Vec<Attempt>, ClientError> {
     let mut mail = format!("MAIL FROM:<{}>", envelope.sender);
@@ -684,15 +696,31 @@ fn send_message(
         })
         .collect();
 
+    let reset_done = |reply: ServerReply| {
+        if reply.code == 250 {
+            Ok(())
+        } else {
+            Err(ClientError::Protocol(format!("RSET: {reply}")))
+        }
+    };
     let (mail_reply, rcpt_replies, data_reply) = if extensions.pipelining {
-        // RFC 2920: MAIL, every RCPT and DATA in one write.
-        let mut batch = format!("{mail}\r\n");
+        // RFC 2920: (RSET,) MAIL, every RCPT and DATA in one write: a
+        // reused connection costs no round trip of its own.
+        let mut batch = String::new();
+        if reset == Reset::First {
+            batch.push_str("RSET\r\n");
+        }
+        batch.push_str(&mail);
+        batch.push_str("\r\n");
         for rcpt in &rcpts {
             batch.push_str(rcpt);
             batch.push_str("\r\n");
         }
         batch.push_str("DATA\r\n");
         client.send(batch.as_bytes())?;
+        if reset == Reset::First {
+            reset_done(client.read_reply(connections::RSET_WAIT)?)?;
+        }
         let mail_reply = client.read_reply(client::COMMAND_TIMEOUT)?;
         let mut rcpt_replies = Vec::new();
         for _ in &rcpts {
@@ -701,6 +729,9 @@ fn send_message(
         let data_reply = client.read_reply(client::DATA_START_TIMEOUT)?;
         (mail_reply, rcpt_replies, Some(data_reply))
     } else {
+        if reset == Reset::First {
+            reset_done(client.command("RSET", connections::RSET_WAIT)?)?;
+        }
         let mail_reply = client.command(&mail, client::COMMAND_TIMEOUT)?;
         let mut rcpt_replies = Vec::new();
         if mail_reply.is_positive() {

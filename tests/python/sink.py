@@ -17,6 +17,10 @@ MODE:
   hostile        451 to every RCPT, with terminal escape sequences in the text
   hangup         accept, then close the connection 0.2 s after each message
                  without a word (as a server whose idle timeout is short)
+  refuse-rset    accept, but answer RSET with 451 (a connection unfit for
+                 another message)
+A MODE ending in "+pipelining" also advertises PIPELINING (RFC 2920;
+aiosmtpd reads pipelined commands one at a time either way).
 """
 import asyncio
 import os
@@ -26,6 +30,8 @@ import time
 from aiosmtpd.smtp import SMTP
 
 mode, outdir = sys.argv[1], sys.argv[2]
+pipelining = mode.endswith("+pipelining")
+mode = mode.removesuffix("+pipelining")
 port = int(sys.argv[3]) if len(sys.argv) > 3 else 0
 
 
@@ -33,6 +39,17 @@ class Handler:
     def __init__(self):
         self.data_attempts = 0
         self.stored = 0
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        if pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
+
+    async def handle_RSET(self, server, session, envelope):
+        if mode == "refuse-rset":
+            return "451 4.3.0 not now"
+        return "250 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if mode == "reject-rcpt" and address.lower().startswith("reject"):
