@@ -18,6 +18,11 @@ use crate::server::directory::{self, Directory};
 use crate::server::{Bound, Server, ServerParts};
 use crate::tls::ServerTls;
 
+/// Read connections the sessions share for account, alias and mailbox
+/// lookups (microseconds each): enough for two cores, whatever the number
+/// of clients.
+const SESSION_READ_CONNECTIONS: usize = 8;
+
 /// Held while a server runs: two servers on one queue would each think
 /// the other's in-flight deliveries were abandoned.
 const LOCK_FILE: &str = "petrel.lock";
@@ -119,7 +124,10 @@ impl Instance {
             log::info!("running as {run_as}");
         }
         let outbound = OutboundPolicy::from_config(&config).with_listeners(bound.addresses());
-        let accounts = Accounts::new(ReadPool::new(queue.handle().path()));
+        let accounts = Accounts::new(ReadPool::new(
+            queue.handle().path(),
+            SESSION_READ_CONNECTIONS,
+        ));
         let services = Directory::new(
             Arc::clone(&config),
             accounts,

@@ -517,7 +517,7 @@ mod tests {
             Err(AccountError::AlreadyExists(_))
         ));
         set_password(&conn, "alice@example.com", "$argon2id$new").unwrap();
-        let accounts = Accounts::new(ReadPool::new(&dir.path().join(crate::queue::QUEUE_FILE)));
+        let accounts = Accounts::new(ReadPool::new(&dir.path().join(crate::queue::QUEUE_FILE), 2));
         assert_eq!(
             accounts
                 .password_hash("alice@example.com")

@@ -272,8 +272,12 @@ impl Delivery {
                 config.delivery.mta_sts_port,
             )
         });
-        let reads = ReadPool::new(queue.path());
-        let accounts = Accounts::new(ReadPool::new(queue.path()));
+        // One connection per delivery thread (and the scheduler): a worker
+        // holds its own while it streams content to a slow server, and
+        // never waits for another's.
+        let threads = config.delivery.workers + config.delivery.local_workers + 1;
+        let reads = ReadPool::new(queue.path(), threads);
+        let accounts = Accounts::new(ReadPool::new(queue.path(), threads));
         let context = Arc::new(DeliveryContext {
             config: Arc::clone(&config),
             queue,

@@ -178,7 +178,8 @@ impl Policies {
         Policies {
             dns,
             outbound,
-            reads: ReadPool::new(queue.path()),
+            // A cached policy is one indexed row.
+            reads: ReadPool::new(queue.path(), 2),
             queue,
             tls,
             https_port,

@@ -430,7 +430,7 @@ mod tests {
     fn content_round_trips_through_the_queue_in_chunks() {
         let dir = tempfile::tempdir().unwrap();
         let conn = queue_db(dir.path());
-        let pool = ReadPool::new(&dir.path().join(super::super::QUEUE_FILE));
+        let pool = ReadPool::new(&dir.path().join(super::super::QUEUE_FILE), 2);
         let mut spool = Spool::new(dir.path());
         let mut expected = b"Received: by test\r\n".to_vec();
         for n in 0..30_000u32 {
