@@ -42,7 +42,11 @@ TOML
         sleep 0.1
     done
     printf '%-4s ' "$3"
-    python3 bench/memory.py "$scenario" "$server" "$smtp" "$smtps"
+    if ! python3 bench/memory.py "$scenario" "$server" "$smtp" "$smtps"; then
+        # Keep what the server said: the work directory goes next.
+        echo "the $scenario run failed; the server's log:" >&2
+        cat "$work/serve.log" >&2
+    fi
     kill -TERM $server
     wait $server 2>/dev/null || true
     rm -rf "$work"
