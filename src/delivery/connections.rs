@@ -138,8 +138,9 @@ impl ConnectionCache {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A worker that panicked mid-update leaves a usable list behind.
+/// Locks a mutex of the delivery side, whose data is whole after every
+/// update: a thread that panicked mid-update leaves it usable.
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 

@@ -169,11 +169,7 @@ impl Waker {
     }
 
     fn news(&self) -> MutexGuard<'_, News> {
-        // The set is whole after every statement: a panic elsewhere
-        // cannot have left it half-changed.
-        self.news
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        connections::lock(&self.news)
     }
 }
 
@@ -193,11 +189,7 @@ pub struct News {
 impl News {
     /// Takes what was said, leaving nothing.
     pub fn take(shared: &Mutex<News>) -> News {
-        std::mem::take(
-            &mut *shared
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()),
-        )
+        std::mem::take(&mut *connections::lock(shared))
     }
 }
 
