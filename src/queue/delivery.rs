@@ -758,6 +758,33 @@ mod tests {
     }
 
     #[test]
+    fn claims_are_not_recompiled_when_their_limit_changes() {
+        let (_dir, conn) = queue();
+        fill(&conn, 0, 20, &["busy.example"], "2026-01-01 00:00:00");
+        let now = "2026-06-01 00:00:00";
+        for sql in [destination_due_sql(), due_walk_sql()] {
+            let mut statement = conn.prepare_cached(&sql).unwrap();
+            for limit in [3i64, 5, 8] {
+                let third = if sql.contains("json_each") {
+                    "[]"
+                } else {
+                    "mx:busy.example"
+                };
+                let rows = statement
+                    .query_map(params![now, limit, third], |_| Ok(()))
+                    .unwrap()
+                    .count();
+                assert_eq!(rows as i64, limit);
+            }
+            assert_eq!(
+                statement.get_status(rusqlite::StatementStatus::RePrepare),
+                0,
+                "{sql}"
+            );
+        }
+    }
+
+    #[test]
     fn claim_uses_indexes_only() {
         let (_dir, conn) = queue();
         fill(
