@@ -119,6 +119,8 @@ pub struct QueueStats {
     commits: AtomicU64,
     insert_commits: AtomicU64,
     messages: AtomicU64,
+    synced_commits: AtomicU64,
+    wal_syncs: AtomicU64,
 }
 
 impl QueueStats {
@@ -136,6 +138,17 @@ impl QueueStats {
     /// Messages inserted by the writer.
     pub fn messages(&self) -> u64 {
         self.messages.load(Ordering::Relaxed)
+    }
+
+    /// Commits that waited for the disk; the others (claims and delivery
+    /// outcomes only) reached it with a later one or a WAL sync.
+    pub fn synced_commits(&self) -> u64 {
+        self.synced_commits.load(Ordering::Relaxed)
+    }
+
+    /// WAL syncs made on their own, for commits that had not waited.
+    pub fn wal_syncs(&self) -> u64 {
+        self.wal_syncs.load(Ordering::Relaxed)
     }
 }
 
@@ -301,10 +314,13 @@ impl Queue {
             log::error!("queue writer thread panicked");
         }
         log::info!(
-            "queue closed: {} messages stored in {} commits since start ({} commits in all)",
+            "queue closed: {} messages stored in {} commits since start ({} commits in all, \
+             {} waited for the disk, {} later syncs)",
             stats.messages(),
             stats.insert_commits(),
-            stats.commits()
+            stats.commits(),
+            stats.synced_commits(),
+            stats.wal_syncs()
         );
     }
 }

@@ -85,15 +85,21 @@ pub fn spawn(
 
 fn run(mut conn: Connection, requests: Receiver<Request>, stats: Arc<QueueStats>) {
     let mut stopping = false;
+    let mut durability = Durability::new(&conn);
     let mut last_maintenance = Instant::now();
     while !stopping {
         if last_maintenance.elapsed() >= MAINTENANCE_INTERVAL {
             reclaim_space(&conn);
             last_maintenance = Instant::now();
         }
-        let first = match requests.recv_timeout(MAINTENANCE_INTERVAL) {
+        let first = match requests.recv_timeout(durability.wait()) {
             Ok(Request::Write(request)) => request,
-            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Timeout) => {
+                if durability.sync_now() {
+                    stats.wal_syncs.fetch_add(1, Ordering::Relaxed);
+                }
+                continue;
+            }
             Ok(Request::Stop) | Err(RecvTimeoutError::Disconnected) => break,
         };
         let mut batch = vec![first];
@@ -107,11 +113,14 @@ fn run(mut conn: Connection, requests: Receiver<Request>, stats: Arc<QueueStats>
                 Err(_) => break,
             }
         }
-        let results = commit_batch(&mut conn, &batch, &stats);
+        let results = commit_batch(&mut conn, &batch, &stats, &mut durability);
         for (request, result) in batch.into_iter().zip(results) {
             // A session that gave up waiting is gone; nothing to tell it.
             let _ = request.done.send(result);
         }
+    }
+    if durability.sync_now() {
+        stats.wal_syncs.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -172,10 +181,139 @@ fn in_savepoint(
     }
 }
 
+/// How long a delivery's outcome may stay written but unsynced: after
+/// this, the next commit is durable whatever it holds, or the WAL is synced
+/// on its own when nothing comes.
+const SYNC_WITHIN: Duration = Duration::from_millis(200);
+
+/// Which commits wait for the disk. New mail always does: the 250 promises
+/// it. Claims and delivery outcomes need not: a claim lost to a power cut leaves
+/// its recipients queued (what startup makes of claimed ones anyway), and a
+/// lost outcome means the message is delivered again, never lost. Under
+/// load they were two commits in three, each waiting for an fsync while
+/// sessions waited behind it. They are written to the WAL at once and
+/// reach the disk with the next durable commit (the WAL is one file, synced
+/// whole), or after [`SYNC_WITHIN`] at the latest.
+struct Durability {
+    /// As last set on the connection; `None`: unknown (not set yet, or
+    /// setting it failed), set before the next commit.
+    setting: Option<SyncSetting>,
+    /// Since when a commit has been waiting for a sync.
+    unsynced_since: Option<Instant>,
+    /// The last direct sync failed: wait no more for one, the next commit
+    /// is durable.
+    sync_failed: bool,
+    /// The WAL, synced directly when the writer is idle.
+    wal: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SyncSetting {
+    /// `synchronous = FULL`: the WAL is synced before the commit returns.
+    Durable,
+    /// `synchronous = NORMAL`: written to the WAL, synced later.
+    Deferred,
+}
+
+impl Durability {
+    fn new(conn: &Connection) -> Durability {
+        Durability {
+            setting: None,
+            unsynced_since: None,
+            sync_failed: false,
+            wal: conn
+                .path()
+                .filter(|path| !path.is_empty())
+                .map(|path| format!("{path}-wal").into()),
+        }
+    }
+
+    fn for_batch(&self, batch: &[WriteRequest]) -> SyncSetting {
+        let deferrable = |op: &WriteOp| matches!(op, WriteOp::Claim(_) | WriteOp::Record(_));
+        let overdue = self
+            .unsynced_since
+            .is_some_and(|since| since.elapsed() >= SYNC_WITHIN);
+        if !overdue && batch.iter().all(|request| deferrable(&request.op)) {
+            SyncSetting::Deferred
+        } else {
+            SyncSetting::Durable
+        }
+    }
+
+    /// Sets `wanted` on the connection, before the transaction: a commit
+    /// that must be durable never runs on a setting we are unsure of.
+    fn set(&mut self, conn: &Connection, wanted: SyncSetting) -> Result<(), QueueError> {
+        if self.setting == Some(wanted) {
+            return Ok(());
+        }
+        self.setting = None;
+        let pragma = match wanted {
+            SyncSetting::Durable => "PRAGMA synchronous = FULL",
+            SyncSetting::Deferred => "PRAGMA synchronous = NORMAL",
+        };
+        conn.prepare_cached(pragma)
+            .and_then(|mut statement| statement.execute([]))
+            .map_err(QueueError::sqlite("cannot set the commit's durability"))?;
+        self.setting = Some(wanted);
+        Ok(())
+    }
+
+    fn committed(&mut self, setting: SyncSetting) {
+        match setting {
+            SyncSetting::Durable => {
+                self.unsynced_since = None;
+                self.sync_failed = false;
+            }
+            SyncSetting::Deferred => {
+                self.unsynced_since.get_or_insert_with(Instant::now);
+            }
+        }
+    }
+
+    /// How long the writer may wait for a request before syncing.
+    fn wait(&self) -> Duration {
+        match self.unsynced_since {
+            Some(since) if !self.sync_failed => SYNC_WITHIN.saturating_sub(since.elapsed()),
+            _ => MAINTENANCE_INTERVAL,
+        }
+    }
+
+    /// Syncs the WAL if a commit waits for it; true if it did. On failure
+    /// the next commit is durable (the wait is over), which syncs it all
+    /// the same.
+    fn sync_now(&mut self) -> bool {
+        if self.unsynced_since.is_none() || self.sync_failed {
+            return false;
+        }
+        let Some(wal) = &self.wal else {
+            self.sync_failed = true;
+            return false;
+        };
+        match std::fs::File::open(wal).and_then(|file| file.sync_data()) {
+            Ok(()) => {
+                self.unsynced_since = None;
+                true
+            }
+            // No WAL: a checkpoint moved it all into the database, syncing
+            // both first.
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                self.unsynced_since = None;
+                false
+            }
+            Err(error) => {
+                log::warn!("queue: cannot sync {}: {error}", wal.display());
+                self.sync_failed = true;
+                false
+            }
+        }
+    }
+}
+
 fn commit_batch(
     conn: &mut Connection,
     batch: &[WriteRequest],
     stats: &QueueStats,
+    durability: &mut Durability,
 ) -> Vec<Result<WriteOutput, QueueError>> {
     let fail_all = |error: QueueError| {
         log::error!("queue: {error}");
@@ -184,6 +322,10 @@ fn commit_batch(
             .map(|_| Err(QueueError::new(error.to_string())))
             .collect()
     };
+    let setting = durability.for_batch(batch);
+    if let Err(error) = durability.set(conn, setting) {
+        return fail_all(error);
+    }
     let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => return fail_all(QueueError::new(format!("cannot begin transaction: {e}"))),
@@ -201,7 +343,11 @@ fn commit_batch(
     if let Err(e) = tx.commit() {
         return fail_all(QueueError::new(format!("commit failed: {e}")));
     }
+    durability.committed(setting);
     stats.commits.fetch_add(1, Ordering::Relaxed);
+    if setting == SyncSetting::Durable {
+        stats.synced_commits.fetch_add(1, Ordering::Relaxed);
+    }
     if inserted > 0 {
         stats.insert_commits.fetch_add(1, Ordering::Relaxed);
         stats.messages.fetch_add(inserted, Ordering::Relaxed);
@@ -299,10 +445,101 @@ pub fn insert_message(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::queue::delivery::ClaimLimits;
 
     fn pages(conn: &Connection, pragma: &str) -> i64 {
         conn.query_row(&format!("PRAGMA {pragma}"), [], |r| r.get(0))
             .unwrap()
+    }
+
+    /// Polls a counter: the writer syncs on its own schedule.
+    fn wait_until(what: &str, condition: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !condition() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn claims_commit_without_waiting_for_the_disk_and_are_synced_soon_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = crate::queue::Queue::open(dir.path()).unwrap();
+        let handle = queue.handle();
+        let stats = handle.stats();
+        handle.requeue_all().unwrap();
+        assert_eq!((stats.commits(), stats.synced_commits()), (1, 1));
+        handle.claim_due(ClaimLimits::rows(10)).unwrap();
+        assert_eq!((stats.commits(), stats.synced_commits()), (2, 1));
+        wait_until("the WAL sync", || stats.wal_syncs() == 1);
+        // Anything but claims and outcomes waits for the disk again.
+        handle.requeue_all().unwrap();
+        assert_eq!((stats.commits(), stats.synced_commits()), (3, 2));
+        queue.close();
+    }
+
+    fn request(op: WriteOp) -> WriteRequest {
+        WriteRequest {
+            op,
+            done: crossbeam_channel::bounded(1).0,
+        }
+    }
+
+    #[test]
+    fn only_batches_of_claims_and_outcomes_defer_their_sync_and_never_for_long() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = crate::queue::open_direct(dir.path()).unwrap();
+        let mut durability = Durability::new(&conn);
+        let claim = || request(WriteOp::Claim(ClaimLimits::rows(1)));
+        let requeue = || {
+            request(WriteOp::Requeue {
+                ids: None,
+                retry_at: None,
+            })
+        };
+        assert_eq!(
+            durability.for_batch(&[claim(), claim()]),
+            SyncSetting::Deferred
+        );
+        assert_eq!(
+            durability.for_batch(&[claim(), requeue()]),
+            SyncSetting::Durable
+        );
+        durability.committed(SyncSetting::Deferred);
+        assert!(durability.wait() <= SYNC_WITHIN);
+        assert_eq!(durability.for_batch(&[claim()]), SyncSetting::Deferred);
+        // Waited long enough: the next commit syncs, whatever it holds.
+        durability.unsynced_since = Instant::now().checked_sub(SYNC_WITHIN);
+        assert_eq!(durability.wait(), Duration::ZERO);
+        assert_eq!(durability.for_batch(&[claim()]), SyncSetting::Durable);
+        durability.committed(SyncSetting::Durable);
+        assert_eq!(durability.wait(), MAINTENANCE_INTERVAL);
+        // The setting on the connection follows.
+        let synchronous = || -> i64 {
+            conn.query_row("PRAGMA synchronous", [], |r| r.get(0))
+                .unwrap()
+        };
+        durability.set(&conn, SyncSetting::Deferred).unwrap();
+        assert_eq!(synchronous(), 1, "NORMAL");
+        durability.set(&conn, SyncSetting::Durable).unwrap();
+        assert_eq!(synchronous(), 2, "FULL");
+    }
+
+    #[test]
+    fn a_failed_wal_sync_makes_the_next_commit_durable_without_spinning() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = crate::queue::open_direct(dir.path()).unwrap();
+        let mut durability = Durability::new(&conn);
+        // Under a regular file: opening fails, and not as "no WAL".
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, b"").unwrap();
+        durability.wal = Some(file.join("queue.db-wal"));
+        durability.committed(SyncSetting::Deferred);
+        durability.unsynced_since = Instant::now().checked_sub(SYNC_WITHIN);
+        assert!(!durability.sync_now());
+        assert_eq!(durability.wait(), MAINTENANCE_INTERVAL, "no busy loop");
+        let claim = request(WriteOp::Claim(ClaimLimits::rows(1)));
+        assert_eq!(durability.for_batch(&[claim]), SyncSetting::Durable);
     }
 
     #[test]
