@@ -187,13 +187,13 @@ fn in_savepoint(
 const SYNC_WITHIN: Duration = Duration::from_millis(200);
 
 /// Which commits wait for the disk. New mail always does: the 250 promises
-/// it. Claims and delivery outcomes need not: a claim lost to a power cut leaves
-/// its recipients queued (what startup makes of claimed ones anyway), and a
-/// lost outcome means the message is delivered again, never lost. Under
-/// load they were two commits in three, each waiting for an fsync while
-/// sessions waited behind it. They are written to the WAL at once and
-/// reach the disk with the next durable commit (the WAL is one file, synced
-/// whole), or after [`SYNC_WITHIN`] at the latest.
+/// it. Claims and delivery outcomes need not: a claim lost to a power cut
+/// leaves its recipients queued (what startup makes of claimed ones
+/// anyway), and a lost outcome means the message is delivered again, never
+/// lost. Under load they were two commits in three, each waiting for an
+/// fsync while sessions waited behind it. They are written to the WAL at
+/// once and reach the disk with the next durable commit (the WAL is one
+/// file, synced whole), or after [`SYNC_WITHIN`] at the latest.
 struct Durability {
     /// As last set on the connection; `None`: unknown (not set yet, or
     /// setting it failed), set before the next commit.
