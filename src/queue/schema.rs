@@ -209,6 +209,19 @@ mod tests {
         );
     }
 
+    /// The same flags make SQLite sync with fdatasync (see the comment in
+    /// `.cargo/config.toml`). SQLite does not list that option, but the
+    /// test above shows the flags reached its build; this one, that the
+    /// option is still among them.
+    #[test]
+    fn sqlite_is_built_to_sync_with_fdatasync() {
+        let flags = option_env!("LIBSQLITE3_FLAGS").unwrap_or_default();
+        assert!(
+            flags.split_whitespace().any(|f| f == "-DHAVE_FDATASYNC=1"),
+            "{flags:?}"
+        );
+    }
+
     #[test]
     fn migrates_once_and_is_idempotent() {
         let dir = tempfile::tempdir().unwrap();
