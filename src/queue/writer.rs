@@ -95,9 +95,7 @@ fn run(mut conn: Connection, requests: Receiver<Request>, stats: Arc<QueueStats>
         let first = match requests.recv_timeout(durability.wait()) {
             Ok(Request::Write(request)) => request,
             Err(RecvTimeoutError::Timeout) => {
-                if durability.sync_now() {
-                    stats.wal_syncs.fetch_add(1, Ordering::Relaxed);
-                }
+                durability.sync_now(&stats);
                 continue;
             }
             Ok(Request::Stop) | Err(RecvTimeoutError::Disconnected) => break,
@@ -119,9 +117,7 @@ fn run(mut conn: Connection, requests: Receiver<Request>, stats: Arc<QueueStats>
             let _ = request.done.send(result);
         }
     }
-    if durability.sync_now() {
-        stats.wal_syncs.fetch_add(1, Ordering::Relaxed);
-    }
+    durability.sync_now(&stats);
 }
 
 /// Gives freed pages back to the filesystem (auto_vacuum=INCREMENTAL), a
@@ -278,32 +274,30 @@ impl Durability {
         }
     }
 
-    /// Syncs the WAL if a commit waits for it; true if it did. On failure
-    /// the next commit is durable (the wait is over), which syncs it all
-    /// the same.
-    fn sync_now(&mut self) -> bool {
+    /// Syncs the WAL if a commit waits for it, counted in `stats`. On
+    /// failure the next commit is durable (the wait is over), which syncs
+    /// it all the same.
+    fn sync_now(&mut self, stats: &QueueStats) {
         if self.unsynced_since.is_none() || self.sync_failed {
-            return false;
+            return;
         }
         let Some(wal) = &self.wal else {
             self.sync_failed = true;
-            return false;
+            return;
         };
         match std::fs::File::open(wal).and_then(|file| file.sync_data()) {
             Ok(()) => {
                 self.unsynced_since = None;
-                true
+                stats.wal_syncs.fetch_add(1, Ordering::Relaxed);
             }
             // No WAL: a checkpoint moved it all into the database, syncing
             // both first.
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
                 self.unsynced_since = None;
-                false
             }
             Err(error) => {
                 log::warn!("queue: cannot sync {}: {error}", wal.display());
                 self.sync_failed = true;
-                false
             }
         }
     }
@@ -536,7 +530,9 @@ mod tests {
         durability.wal = Some(file.join("queue.db-wal"));
         durability.committed(SyncSetting::Deferred);
         durability.unsynced_since = Instant::now().checked_sub(SYNC_WITHIN);
-        assert!(!durability.sync_now());
+        let stats = QueueStats::default();
+        durability.sync_now(&stats);
+        assert_eq!(stats.wal_syncs(), 0);
         assert_eq!(durability.wait(), MAINTENANCE_INTERVAL, "no busy loop");
         let claim = request(WriteOp::Claim(ClaimLimits::rows(1)));
         assert_eq!(durability.for_batch(&[claim]), SyncSetting::Durable);
