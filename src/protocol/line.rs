@@ -7,15 +7,18 @@
 pub const MAX_BUFFERED_LINE: usize = 12_288;
 
 #[derive(Debug, PartialEq, Eq)]
-pub enum Line {
-    /// A line without its line ending.
-    Complete(Vec<u8>),
+pub enum Line<'a> {
+    /// A line without its line ending, lent until the next call.
+    Complete(&'a [u8]),
     TooLong,
 }
 
 #[derive(Debug, Default)]
 pub struct LineReader {
     buffer: Vec<u8>,
+    /// Where the unread input starts: lines handed out stay in the buffer
+    /// until the next push, so none needs a copy of its own.
+    start: usize,
     /// Inside an over-long line: drop bytes until its end.
     discarding: bool,
 }
@@ -26,6 +29,8 @@ impl LineReader {
     }
 
     pub fn push(&mut self, data: &[u8]) {
+        self.buffer.drain(..self.start);
+        self.start = 0;
         let data = if self.discarding {
             // Keep only what follows the end of the over-long line; its LF
             // stays so that next_line reports the line as too long.
@@ -43,28 +48,34 @@ impl LineReader {
         }
     }
 
+    fn unread(&self) -> &[u8] {
+        &self.buffer[self.start..]
+    }
+
     fn has_line(&self) -> bool {
-        self.buffer.contains(&b'\n')
+        self.unread().contains(&b'\n')
     }
 
     /// The next complete line. Lines end with CRLF; a bare LF is accepted
     /// as well in commands (as Postfix does), never in DATA.
-    pub fn next_line(&mut self) -> Option<Line> {
-        let end = self.buffer.iter().position(|&b| b == b'\n')?;
-        let mut line: Vec<u8> = self.buffer.drain(..=end).collect();
-        line.pop();
-        if line.last() == Some(&b'\r') {
-            line.pop();
+    pub fn next_line(&mut self) -> Option<Line<'_>> {
+        let line_start = self.start;
+        let end = line_start + self.unread().iter().position(|&b| b == b'\n')?;
+        self.start = end + 1;
+        let mut line_end = end;
+        if line_end > line_start && self.buffer[line_end - 1] == b'\r' {
+            line_end -= 1;
         }
-        let too_long = std::mem::take(&mut self.discarding) || line.len() > MAX_BUFFERED_LINE;
-        if self.buffer.len() > MAX_BUFFERED_LINE && !self.has_line() {
-            self.buffer.clear();
+        let too_long =
+            std::mem::take(&mut self.discarding) || line_end - line_start > MAX_BUFFERED_LINE;
+        if self.unread().len() > MAX_BUFFERED_LINE && !self.has_line() {
+            self.buffer.truncate(self.start);
             self.discarding = true;
         }
         Some(if too_long {
             Line::TooLong
         } else {
-            Line::Complete(line)
+            Line::Complete(&self.buffer[line_start..line_end])
         })
     }
 
@@ -77,15 +88,18 @@ impl LineReader {
     /// Everything not yet consumed: DATA bytes that arrived with the DATA
     /// command are handed to the DATA decoder.
     pub fn take_buffered(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.buffer)
+        let mut unread = std::mem::take(&mut self.buffer);
+        unread.drain(..std::mem::take(&mut self.start));
+        unread
     }
 
     /// Drops unread input. After STARTTLS, plaintext the client pipelined
     /// must not be executed inside TLS (CVE-2011-0411).
     pub fn discard(&mut self) -> usize {
         self.discarding = false;
-        let dropped = self.buffer.len();
+        let dropped = self.unread().len();
         self.buffer.clear();
+        self.start = 0;
         dropped
     }
 }
@@ -100,15 +114,12 @@ mod tests {
         reader.push(b"MAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDA");
         assert_eq!(
             reader.next_line(),
-            Some(Line::Complete(b"MAIL FROM:<a@b.c>".to_vec()))
+            Some(Line::Complete(b"MAIL FROM:<a@b.c>"))
         );
-        assert_eq!(
-            reader.next_line(),
-            Some(Line::Complete(b"RCPT TO:<d@e.f>".to_vec()))
-        );
+        assert_eq!(reader.next_line(), Some(Line::Complete(b"RCPT TO:<d@e.f>")));
         assert_eq!(reader.next_line(), None);
         reader.push(b"TA\n");
-        assert_eq!(reader.next_line(), Some(Line::Complete(b"DATA".to_vec())));
+        assert_eq!(reader.next_line(), Some(Line::Complete(b"DATA")));
     }
 
     #[test]
@@ -121,7 +132,7 @@ mod tests {
         assert_eq!(reader.next_line(), None);
         reader.push(b"tail\r\nNOOP\r\n");
         assert_eq!(reader.next_line(), Some(Line::TooLong));
-        assert_eq!(reader.next_line(), Some(Line::Complete(b"NOOP".to_vec())));
+        assert_eq!(reader.next_line(), Some(Line::Complete(b"NOOP")));
     }
 
     #[test]

@@ -2,8 +2,6 @@
 //! status code (RFC 3463, RFC 2034) as named constants, so every reply code
 //! the server can send is listed here once.
 
-use std::fmt::Write as _;
-
 /// A reply code with its enhanced status code, if it carries one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Status {
@@ -116,26 +114,47 @@ impl Reply {
 
     /// Wire form, CRLF-terminated; every line carries the enhanced code.
     pub fn to_wire(&self) -> String {
-        let mut out = String::new();
+        let mut out = Vec::new();
+        self.write_wire(&mut out);
+        // Only ASCII was put in place of the text's line breaks.
+        String::from_utf8(out)
+            .unwrap_or_else(|error| String::from_utf8_lossy(error.as_bytes()).into_owned())
+    }
+
+    /// Appends the wire form to `out`: a session writes its replies
+    /// straight into its output buffer, with no string per reply.
+    pub fn write_wire(&self, out: &mut Vec<u8>) {
         let count = self.lines.len().max(1);
         for index in 0..count {
             let text = self.lines.get(index).map(String::as_str).unwrap_or("");
-            let separator = if index + 1 < count { '-' } else { ' ' };
-            let _ = write!(out, "{}{separator}", self.status.code);
+            push_code(self.status.code, out);
+            out.push(if index + 1 < count { b'-' } else { b' ' });
             if let Some(enhanced) = self.status.enhanced {
-                out.push_str(enhanced);
+                out.extend_from_slice(enhanced.as_bytes());
                 if !text.is_empty() {
-                    out.push(' ');
+                    out.push(b' ');
                 }
             }
             // Never let a text carry a line break onto the wire.
-            out.extend(
-                text.chars()
-                    .map(|c| if c == '\r' || c == '\n' { ' ' } else { c }),
-            );
-            out.push_str("\r\n");
+            out.extend(text.bytes().map(|b| match b {
+                b'\r' | b'\n' => b' ',
+                other => other,
+            }));
+            out.extend_from_slice(b"\r\n");
         }
-        out
+    }
+}
+
+/// A reply code's digits (every code we send has three).
+fn push_code(code: u16, out: &mut Vec<u8>) {
+    if (100..1000).contains(&code) {
+        out.extend_from_slice(&[
+            b'0' + (code / 100) as u8,
+            b'0' + (code / 10 % 10) as u8,
+            b'0' + (code % 10) as u8,
+        ]);
+    } else {
+        out.extend_from_slice(code.to_string().as_bytes());
     }
 }
 
@@ -168,6 +187,16 @@ mod tests {
         assert_eq!(
             reply.to_wire(),
             "250-mx.example\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+        );
+    }
+
+    #[test]
+    fn replies_are_appended_to_what_is_already_buffered() {
+        let mut out = b"250 2.1.0 Sender OK\r\n".to_vec();
+        Reply::new(START_DATA, "End data with <CR><LF>.<CR><LF>").write_wire(&mut out);
+        assert_eq!(
+            out,
+            b"250 2.1.0 Sender OK\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
         );
     }
 

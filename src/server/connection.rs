@@ -285,8 +285,7 @@ fn converse(
         io.conn.send(shutting_down_reply(ctx).as_bytes())?;
         return Ok(End::ShuttingDown);
     }
-    io.out
-        .extend_from_slice(session.greeting().to_wire().as_bytes());
+    session.greeting().write_wire(&mut io.out);
 
     // A command must arrive whole within command_timeout of when we began
     // waiting for it, however slowly its bytes trickle in.
@@ -294,7 +293,7 @@ fn converse(
     loop {
         while let Some(line) = io.lines.next_line() {
             let step = match line {
-                Line::Complete(line) => session.handle_line(&line, &ctx.services),
+                Line::Complete(line) => session.handle_line(line, &ctx.services),
                 Line::TooLong => session.line_too_long(),
             };
             if let Some(end) = perform(step, session, &mut io, ctx)? {
@@ -386,7 +385,7 @@ fn perform(
             std::thread::sleep(delay);
         }
         for reply in &step.replies {
-            io.out.extend_from_slice(reply.to_wire().as_bytes());
+            reply.write_wire(&mut io.out);
         }
         step = match step.action {
             Action::Continue => return Ok(None),
