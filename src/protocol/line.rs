@@ -136,6 +136,30 @@ mod tests {
     }
 
     #[test]
+    fn an_overlong_tail_behind_a_complete_line_is_dropped_once_the_line_is_read() {
+        let mut reader = LineReader::new();
+        let mut input = b"NOOP\r\n".to_vec();
+        input.extend_from_slice(&[b'x'; MAX_BUFFERED_LINE + 10]);
+        reader.push(&input);
+        assert_eq!(reader.next_line(), Some(Line::Complete(b"NOOP")));
+        assert_eq!(reader.next_line(), None);
+        reader.push(b"more x\r\nQUIT\r\n");
+        assert!(reader.buffer.len() < 100, "the long tail was kept");
+        assert_eq!(reader.next_line(), Some(Line::TooLong));
+        assert_eq!(reader.next_line(), Some(Line::Complete(b"QUIT")));
+        assert_eq!(reader.next_line(), None);
+    }
+
+    #[test]
+    fn input_after_the_lines_read_is_what_data_gets() {
+        let mut reader = LineReader::new();
+        reader.push(b"DATA\r\nSubject: hi\r\n");
+        assert_eq!(reader.next_line(), Some(Line::Complete(b"DATA")));
+        assert_eq!(reader.take_buffered(), b"Subject: hi\r\n");
+        assert_eq!(reader.next_line(), None);
+    }
+
+    #[test]
     fn discard_and_take() {
         let mut reader = LineReader::new();
         reader.push(b"NOOP\r\nNOOP\r\n");
