@@ -7,6 +7,9 @@
 #
 # usage: bench/relay.sh [SESSIONS=20] [MESSAGES=5000] [SIZE=1024]
 # PETREL=/path/to/other/petrel measures another build.
+# ACCEPT_ONLY=1 stops smtp-sink (SIGSTOP) before the load starts, so the
+# few deliveries begun wait for its greeting and nothing else is relayed:
+# it reports how fast petrel accepts when no relaying competes for the CPU.
 # needs: smtp-source and smtp-sink (Debian package postfix; Postfix itself
 # is not started), sqlite3
 set -euo pipefail
@@ -18,7 +21,8 @@ port=${PORT:-25271}
 sink_port=${SINK_PORT:-25272}
 
 . bench/common.sh
-extra_cleanup='kill "${sink:-}" 2>/dev/null || true'
+# A stopped sink would ignore SIGTERM and keep its port.
+extra_cleanup='kill -CONT "${sink:-}" 2>/dev/null || true; kill "${sink:-}" 2>/dev/null || true'
 write_config <<TOML
 [relay]
 trusted_networks = ["127.0.0.0/8"]
@@ -38,6 +42,7 @@ if [ "$(id -u)" = 0 ]; then sink_user=(-u nobody); fi
 smtp-sink "${sink_user[@]}" "127.0.0.1:$sink_port" 256 &
 sink=$!
 start_petrel "${RUST_LOG:-warn,petrel::cli=info,petrel::delivery::worker=info}"
+if [ -n "${ACCEPT_ONLY:-}" ]; then kill -STOP "$sink"; fi
 
 ticks=$(getconf CLK_TCK)
 cpu_seconds() { awk -v t="$ticks" '{ printf "%.3f", ($14 + $15) / t }' "/proc/$server/stat"; }
@@ -46,6 +51,13 @@ count() { sqlite3 "$work/data/queue.db" "SELECT count(*) FROM messages"; }
 start=$(date +%s.%N)
 smtp-source -s "$sessions" -m "$messages" -l "$size" -f bench@localhost -t 'sink@[127.0.0.1]' "127.0.0.1:$port"
 accepted=$(date +%s.%N)
+if [ -n "${ACCEPT_ONLY:-}" ]; then
+    awk -v n="$messages" -v s="$start" -v a="$accepted" -v sess="$sessions" -v size="$size" 'BEGIN {
+        printf "sessions=%d size=%dB messages=%d accepted=%.0f msg/s (accept only, nothing relayed)\n",
+            sess, size, n, n / (a - s)
+    }'
+    exit 0
+fi
 for _ in $(seq 1 6000); do
     [ "$(count)" = 0 ] && break
     sleep 0.05
