@@ -43,7 +43,8 @@ struct Idle {
 
 struct Shared {
     idle: Mutex<VecDeque<Idle>>,
-    /// Wakes the closer at shutdown.
+    /// Wakes the closer: at shutdown, and when a connection comes into an
+    /// empty cache.
     changed: Condvar,
     stopped: Mutex<bool>,
 }
@@ -102,18 +103,29 @@ impl ConnectionCache {
             session.client.quit_within(QUIT_WAIT);
             return;
         }
-        let oldest = {
+        let (was_empty, oldest) = {
             let mut idle = lock(&self.shared.idle);
+            let was_empty = idle.is_empty();
             idle.push_back(Idle {
                 destination: destination.to_string(),
                 session,
                 since: Instant::now(),
             });
-            (idle.len() > self.capacity)
+            let oldest = (idle.len() > self.capacity)
                 .then(|| idle.pop_front())
-                .flatten()
+                .flatten();
+            (was_empty, oldest)
         };
-        self.shared.changed.notify_one();
+        // The closer sleeps until the oldest idle connection expires, and
+        // this one expires after it; only an empty cache (a closer asleep
+        // for a whole idle time) needs waking. Waking it for every message
+        // cost a context switch each.
+        if was_empty {
+            // Under the closer's lock: it is either asleep (and woken) or
+            // about to look at the cache (and sees this connection).
+            let _closer = lock(&self.shared.stopped);
+            self.shared.changed.notify_one();
+        }
         if let Some(oldest) = oldest {
             oldest.session.client.quit_within(QUIT_WAIT);
         }
