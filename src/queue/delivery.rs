@@ -356,6 +356,12 @@ fn json_array(items: &[String]) -> String {
 /// Applies one attempt's outcome. Updates only recipients still marked as
 /// being delivered, so an operator's `queue delete` or `bounce` meanwhile wins.
 pub fn record(conn: &Connection, report: &DeliveryReport, now: &str) -> Result<(), QueueError> {
+    for notice in &report.notices {
+        insert_message(conn, notice, now)?;
+    }
+    if remove_if_last(conn, report)? {
+        return Ok(());
+    }
     let mut update = conn
         .prepare_cached(
             "UPDATE recipients
@@ -386,9 +392,6 @@ pub fn record(conn: &Connection, report: &DeliveryReport, now: &str) -> Result<(
                 report.message_id
             )))?;
     }
-    for notice in &report.notices {
-        insert_message(conn, notice, now)?;
-    }
     if report.delay_warning_sent {
         conn.execute(
             "UPDATE messages SET delay_warning_sent_at = ?2 WHERE id = ?1",
@@ -397,6 +400,35 @@ pub fn record(conn: &Connection, report: &DeliveryReport, now: &str) -> Result<(
         .map_err(QueueError::sqlite("cannot mark delay warning"))?;
     }
     remove_if_finished(conn, &report.message_id)
+}
+
+/// The common end of a message: its one recipient in flight is done
+/// (sent or bounced) and nobody else waits. The message goes at once,
+/// without first rewriting that recipient's row and moving it in two
+/// indexes only for the delete to undo it: 5 of the 24 B-tree changes a
+/// one-recipient message costs from insert to removal. True if it went.
+fn remove_if_last(conn: &Connection, report: &DeliveryReport) -> Result<bool, QueueError> {
+    let [only] = report.updates.as_slice() else {
+        return Ok(false);
+    };
+    if matches!(only.status, RecipientStatus::Deferred { .. }) {
+        return Ok(false);
+    }
+    // A row no longer 'delivering' (put back by an operator meanwhile)
+    // keeps the message, as the UPDATE below would leave that row alone.
+    let removed = conn
+        .prepare_cached(
+            "DELETE FROM messages WHERE id = ?1 AND NOT EXISTS (
+                 SELECT 1 FROM recipients WHERE message_id = ?1
+                 AND status IN ('queued', 'delivering')
+                 AND NOT (status = 'delivering' AND id = ?2))",
+        )
+        .and_then(|mut statement| statement.execute(params![report.message_id, only.recipient_id]))
+        .map_err(QueueError::sqlite(format!(
+            "{}: cannot remove delivered message",
+            report.message_id
+        )))?;
+    Ok(removed > 0)
 }
 
 /// A message leaves the queue once no recipient is waiting.
@@ -832,6 +864,144 @@ mod tests {
         );
         assert!(!text.contains("SCAN recipients"), "no full scan: {text}");
         assert!(!text.contains("TEMP B-TREE"), "no sort: {text}");
+    }
+
+    fn outcome(recipient_id: i64, status: RecipientStatus) -> RecipientUpdate {
+        RecipientUpdate {
+            recipient_id,
+            status,
+            reply: "250 2.0.0 Ok".into(),
+            reply_status: "2.0.0".into(),
+            relay: Some("sink[127.0.0.1]:25".into()),
+        }
+    }
+
+    fn report(message_id: &str, updates: Vec<RecipientUpdate>) -> DeliveryReport {
+        DeliveryReport {
+            message_id: message_id.into(),
+            updates,
+            notices: Vec::new(),
+            delay_warning_sent: false,
+        }
+    }
+
+    fn statuses(conn: &Connection, message_id: &str) -> Vec<String> {
+        let mut statement = conn
+            .prepare("SELECT status FROM recipients WHERE message_id = ?1 ORDER BY id")
+            .unwrap();
+        statement
+            .query_map([message_id], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    fn message_exists(conn: &Connection, message_id: &str) -> bool {
+        conn.query_row(
+            "SELECT count(*) FROM messages WHERE id = ?1",
+            [message_id],
+            |row| row.get::<_, i64>(0),
+        )
+        .unwrap()
+            == 1
+    }
+
+    const DUE: &str = "2026-01-01 00:00:00";
+    const NOW: &str = "2026-06-01 00:00:00";
+
+    #[test]
+    fn a_message_leaves_with_its_last_recipient_and_not_before() {
+        let (_dir, conn) = queue();
+        fill(&conn, 0, 1, &["one.example"], DUE);
+        fill(&conn, 1, 1, &["one.example", "two.example"], DUE);
+        let claimed = claim_due(&conn, NOW, &ClaimLimits::rows(10))
+            .unwrap()
+            .recipients;
+        let ids = |message: &str| -> Vec<i64> {
+            claimed
+                .iter()
+                .filter(|r| r.message_id == message)
+                .map(|r| r.id)
+                .collect()
+        };
+        let (single, pair) = ("0000000000000000", "0000000000000001");
+
+        record(
+            &conn,
+            &report(single, vec![outcome(ids(single)[0], RecipientStatus::Sent)]),
+            NOW,
+        )
+        .unwrap();
+        assert!(!message_exists(&conn, single));
+        assert!(
+            statuses(&conn, single).is_empty(),
+            "its recipient went with it"
+        );
+
+        let [first, second] = ids(pair)[..] else {
+            panic!("two recipients claimed: {claimed:?}");
+        };
+        record(
+            &conn,
+            &report(pair, vec![outcome(first, RecipientStatus::Sent)]),
+            NOW,
+        )
+        .unwrap();
+        assert!(
+            message_exists(&conn, pair),
+            "one recipient is still in flight"
+        );
+        assert_eq!(statuses(&conn, pair), vec!["sent", "delivering"]);
+        record(
+            &conn,
+            &report(pair, vec![outcome(second, RecipientStatus::Bounced)]),
+            NOW,
+        )
+        .unwrap();
+        assert!(!message_exists(&conn, pair));
+    }
+
+    #[test]
+    fn a_recipient_put_back_or_deferred_keeps_its_message() {
+        let (_dir, conn) = queue();
+        fill(&conn, 0, 2, &["one.example"], DUE);
+        let claimed = claim_due(&conn, NOW, &ClaimLimits::rows(10))
+            .unwrap()
+            .recipients;
+        let [requeued, deferred] = claimed.as_slice() else {
+            panic!("two recipients claimed: {claimed:?}");
+        };
+        // An operator (or a restart) put it back before the worker's
+        // report came in: the report must not remove a waiting message.
+        requeue(&conn, Some(&[requeued.id]), NOW, None).unwrap();
+        let sent = report(
+            &requeued.message_id,
+            vec![outcome(requeued.id, RecipientStatus::Sent)],
+        );
+        record(&conn, &sent, NOW).unwrap();
+        assert!(message_exists(&conn, &requeued.message_id));
+        assert_eq!(statuses(&conn, &requeued.message_id), vec!["queued"]);
+
+        let later = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_900_000_000);
+        let retry = RecipientStatus::Deferred {
+            next_attempt: later,
+        };
+        record(
+            &conn,
+            &report(&deferred.message_id, vec![outcome(deferred.id, retry)]),
+            NOW,
+        )
+        .unwrap();
+        assert!(message_exists(&conn, &deferred.message_id));
+        assert_eq!(statuses(&conn, &deferred.message_id), vec!["queued"]);
+        let next: String = conn
+            .query_row(
+                "SELECT next_attempt_at FROM recipients WHERE id = ?1",
+                [deferred.id],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(next, sql_timestamp(later));
     }
 
     #[test]
