@@ -779,6 +779,9 @@ fn send_message(
     }
     let mut last = send_body(ctx, client, envelope.message)?;
     last.extend_from_slice(b".\r\n");
+    // The dot goes with the end of the body: a failed write may have
+    // carried it, so the message counts as possibly taken (retried later,
+    // not at once over a new connection).
     *ended = true;
     client.send(&last)?;
     let final_reply = client.read_reply(client::DATA_END_TIMEOUT)?;
