@@ -424,10 +424,11 @@ fn remove_if_last(conn: &Connection, report: &DeliveryReport) -> Result<bool, Qu
                  AND NOT (status = 'delivering' AND id = ?2))",
         )
         .and_then(|mut statement| statement.execute(params![report.message_id, only.recipient_id]))
-        .map_err(QueueError::sqlite(format!(
-            "{}: cannot remove delivered message",
-            report.message_id
-        )))?;
+        // Worded only on failure: this runs for every message relayed.
+        .map_err(|error| {
+            let context = format!("{}: cannot remove delivered message", report.message_id);
+            QueueError::sqlite(context)(error)
+        })?;
     Ok(removed > 0)
 }
 

@@ -149,8 +149,8 @@ pub fn open_connection(path: &Path) -> Result<Connection, QueueError> {
     // statement each time a value it planned with is bound anew, and in the
     // SQLite we bundle a bound LIMIT is one: the scheduler's claims, which
     // bind theirs, were parsed and planned on every run (4 % of the queue
-    // writer's time). Our
-    // hot statements name their index; none needs a value to choose one.
+    // writer's time). Our hot statements name their index; none needs a
+    // value to choose one.
     conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
         .map_err(QueueError::sqlite(context("cannot configure")))?;
     Ok(conn)
