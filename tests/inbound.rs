@@ -461,6 +461,63 @@ fn stalled_data_times_out_and_queues_nothing() {
     assert_eq!(server.message_count(), 0);
 }
 
+/// The socket's read timeout is the shorter of the command and DATA
+/// timeouts; a client quiet for longer than that between commands, but
+/// within the command timeout, keeps its session, and the command timeout
+/// still ends it.
+#[test]
+fn a_quiet_client_is_timed_out_by_the_command_timeout_not_the_data_timeout() {
+    let server = TestServer::start(|config| {
+        config.limits.command_timeout = HumanDuration::secs(3);
+        config.limits.data_timeout = HumanDuration::secs(1);
+    });
+    let mut client = RawClient::greeted(server.smtp());
+    // The client's silence is what is tested, not a wait for the server.
+    std::thread::sleep(std::time::Duration::from_millis(1600));
+    assert_eq!(client.command("NOOP").code, 250);
+    let quiet_since = std::time::Instant::now();
+    let reply = client.reply();
+    assert_eq!(reply.code, 421, "{reply:?}");
+    let waited = quiet_since.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_millis(2700),
+        "timed out after {waited:?}, before the 3 s command timeout"
+    );
+}
+
+/// Workers keep their buffers from one session to the next: what a client
+/// pipelined behind QUIT must not become the next client's command.
+#[test]
+fn a_session_never_sees_input_left_by_the_one_before() {
+    let server = TestServer::start(|config| {
+        // One worker thread, so both sessions run on it.
+        config.limits.max_sessions = 1;
+        config.limits.submission_reserved = 0;
+    });
+    let mut first = RawClient::greeted(server.smtp());
+    first.send_raw(b"EHLO first.test\r\nQUIT\r\nMAIL FROM:<left@example.org>\r\n");
+    assert_eq!(first.reply().code, 250);
+    assert_eq!(first.reply().code, 221);
+    first.expect_closed();
+
+    // The permit of the first session is given back just after its socket
+    // closes: a connection in between is refused with 421.
+    let mut second = None;
+    wait_for("the only session slot to be free again", || {
+        let mut client = RawClient::connect(server.smtp());
+        let greeting = client.reply();
+        if greeting.code == 220 {
+            second = Some(client);
+        }
+        second.is_some()
+    });
+    let mut second = second.expect("greeted");
+    let reply = second.command("EHLO second.test");
+    assert_eq!(reply.code, 250, "{reply:?}");
+    let reply = second.command("RCPT TO:<alice@example.test>");
+    assert_eq!(reply.code, 503, "a MAIL FROM carried over: {reply:?}");
+}
+
 #[test]
 fn relay_is_refused_for_strangers_and_allowed_for_trusted_networks() {
     let closed = TestServer::start(|_| {});

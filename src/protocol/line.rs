@@ -86,11 +86,10 @@ impl LineReader {
     }
 
     /// Everything not yet consumed: DATA bytes that arrived with the DATA
-    /// command are handed to the DATA decoder.
-    pub fn take_buffered(&mut self) -> Vec<u8> {
-        let mut unread = std::mem::take(&mut self.buffer);
-        unread.drain(..std::mem::take(&mut self.start));
-        unread
+    /// command go to the DATA decoder, which then has the reader
+    /// [`discard`](Self::discard) them.
+    pub fn buffered(&self) -> &[u8] {
+        self.unread()
     }
 
     /// Drops unread input. After STARTTLS, plaintext the client pipelined
@@ -101,6 +100,12 @@ impl LineReader {
         self.buffer.clear();
         self.start = 0;
         dropped
+    }
+
+    /// Gives back memory beyond `capacity` that a long line made the
+    /// buffer grow to.
+    pub fn shrink_to(&mut self, capacity: usize) {
+        self.buffer.shrink_to(capacity);
     }
 }
 
@@ -155,7 +160,8 @@ mod tests {
         let mut reader = LineReader::new();
         reader.push(b"DATA\r\nSubject: hi\r\n");
         assert_eq!(reader.next_line(), Some(Line::Complete(b"DATA")));
-        assert_eq!(reader.take_buffered(), b"Subject: hi\r\n");
+        assert_eq!(reader.buffered(), b"Subject: hi\r\n");
+        assert_eq!(reader.discard(), 13);
         assert_eq!(reader.next_line(), None);
     }
 
@@ -166,6 +172,6 @@ mod tests {
         assert_eq!(reader.discard(), 12);
         assert_eq!(reader.next_line(), None);
         reader.push(b"body bytes");
-        assert_eq!(reader.take_buffered(), b"body bytes");
+        assert_eq!(reader.buffered(), b"body bytes");
     }
 }

@@ -4,7 +4,8 @@
 //! the client may send there.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use crate::auth::accounts::{Lockout, LoginEvent};
 use crate::auth::hashing::{Busy, HashingPool};
@@ -38,7 +39,14 @@ pub struct Directory {
     /// Where delivery may connect: a domain whose mail hosts are all
     /// outside it can never be delivered to, nor receive a bounce.
     outbound: OutboundPolicy,
+    /// The last free-space verdict and when it was reached.
+    room: Mutex<Option<(Instant, bool)>>,
 }
+
+/// How long a free-space verdict stands. Asked at every MAIL FROM, the
+/// filesystem was one system call (and a path walk) per message; a disk
+/// that fills within this time still fails the commit, with a 4xx.
+const ROOM_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Directory {
     pub fn new(
@@ -63,6 +71,7 @@ impl Directory {
             hashing,
             dns,
             outbound,
+            room: Mutex::new(None),
         }
     }
 
@@ -465,6 +474,23 @@ impl Services for Directory {
     }
 
     fn has_room(&self) -> bool {
+        let mut room = self.room.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        match *room {
+            Some((checked, verdict)) if now.duration_since(checked) < ROOM_CHECK_INTERVAL => {
+                verdict
+            }
+            _ => {
+                let verdict = self.check_room();
+                *room = Some((now, verdict));
+                verdict
+            }
+        }
+    }
+}
+
+impl Directory {
+    fn check_room(&self) -> bool {
         let floor = self.config.queue.min_free_space.bytes();
         match crate::queue::free_space(&self.config.data_dir) {
             Ok(free) if free >= floor => true,

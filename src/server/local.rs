@@ -270,7 +270,7 @@ fn pickup_one(
         permit,
         local: Some(local_user(&context.config, uid, gid)),
     };
-    let outcome = connection::serve(job, context);
+    let outcome = connection::serve(job, context, &mut connection::Buffers::default());
     if outcome.queued > 0 {
         fs::remove_file(path)?;
     } else if outcome.refused_for_good {

@@ -125,11 +125,12 @@ impl WorkerPool {
 }
 
 fn worker_loop(jobs: &Receiver<Job>, context: &ServerContext, idle: &AtomicUsize) {
+    let mut buffers = connection::Buffers::default();
     while let Ok(job) = jobs.recv() {
         let peer = job.peer;
         // A bug in one session must not take a worker away from the pool.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            connection::serve(job, context);
+            connection::serve(job, context, &mut buffers);
         }));
         if outcome.is_err() {
             log::error!("{peer}: session panicked; connection dropped");
