@@ -377,7 +377,8 @@ impl Session {
             local: None,
             queued: 0,
             last_refusal: None,
-            counts: Vec::new(),
+            // A session's usual commands: EHLO, MAIL, RCPT, DATA, QUIT.
+            counts: Vec::with_capacity(8),
         }
     }
 
@@ -438,22 +439,24 @@ impl Session {
     /// What the client did, for the disconnect line: "ehlo=1 mail=1
     /// rcpt=0/1 quit=1 commands=3/4" (accepted/total where some failed).
     pub fn command_counts(&self) -> String {
-        let mut out = String::new();
+        use std::fmt::Write as _;
+        // Written in place: one allocation per session, not one per command.
+        let mut out = String::with_capacity(80);
         let (mut ok, mut total) = (0, 0);
         for (name, accepted, all) in &self.counts {
             ok += accepted;
             total += all;
-            if accepted == all {
-                out.push_str(&format!("{name}={all} "));
+            let _ = if accepted == all {
+                write!(out, "{name}={all} ")
             } else {
-                out.push_str(&format!("{name}={accepted}/{all} "));
-            }
+                write!(out, "{name}={accepted}/{all} ")
+            };
         }
-        if ok == total {
-            out.push_str(&format!("commands={total}"));
+        let _ = if ok == total {
+            write!(out, "commands={total}")
         } else {
-            out.push_str(&format!("commands={ok}/{total}"));
-        }
+            write!(out, "commands={ok}/{total}")
+        };
         out
     }
 
