@@ -472,9 +472,16 @@ fn a_quiet_client_is_timed_out_by_the_command_timeout_not_the_data_timeout() {
         config.limits.data_timeout = HumanDuration::secs(1);
     });
     let mut client = RawClient::greeted(server.smtp());
-    // The client's silence is what is tested, not a wait for the server.
+    client.command("EHLO quiet.test");
+    // Over TLS too: the read that timed out early is taken up again
+    // inside the TLS stream.
+    let mut tls = RawClient::greeted(server.smtp());
+    tls.command("EHLO quiet-tls.test");
+    tls.starttls(&server.cert_path());
+    // The clients' silence is what is tested, not a wait for the server.
     std::thread::sleep(std::time::Duration::from_millis(1600));
     assert_eq!(client.command("NOOP").code, 250);
+    assert_eq!(tls.command("NOOP").code, 250);
     let quiet_since = std::time::Instant::now();
     let reply = client.reply();
     assert_eq!(reply.code, 421, "{reply:?}");
