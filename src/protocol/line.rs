@@ -48,19 +48,15 @@ impl LineReader {
         }
     }
 
-    fn unread(&self) -> &[u8] {
-        &self.buffer[self.start..]
-    }
-
     fn has_line(&self) -> bool {
-        self.unread().contains(&b'\n')
+        self.buffered().contains(&b'\n')
     }
 
     /// The next complete line. Lines end with CRLF; a bare LF is accepted
     /// as well in commands (as Postfix does), never in DATA.
     pub fn next_line(&mut self) -> Option<Line<'_>> {
         let line_start = self.start;
-        let end = line_start + self.unread().iter().position(|&b| b == b'\n')?;
+        let end = line_start + self.buffered().iter().position(|&b| b == b'\n')?;
         self.start = end + 1;
         let mut line_end = end;
         if line_end > line_start && self.buffer[line_end - 1] == b'\r' {
@@ -68,7 +64,7 @@ impl LineReader {
         }
         let too_long =
             std::mem::take(&mut self.discarding) || line_end - line_start > MAX_BUFFERED_LINE;
-        if self.unread().len() > MAX_BUFFERED_LINE && !self.has_line() {
+        if self.buffered().len() > MAX_BUFFERED_LINE && !self.has_line() {
             self.buffer.truncate(self.start);
             self.discarding = true;
         }
@@ -89,14 +85,14 @@ impl LineReader {
     /// command go to the DATA decoder, which then has the reader
     /// [`discard`](Self::discard) them.
     pub fn buffered(&self) -> &[u8] {
-        self.unread()
+        &self.buffer[self.start..]
     }
 
     /// Drops unread input. After STARTTLS, plaintext the client pipelined
     /// must not be executed inside TLS (CVE-2011-0411).
     pub fn discard(&mut self) -> usize {
         self.discarding = false;
-        let dropped = self.unread().len();
+        let dropped = self.buffered().len();
         self.buffer.clear();
         self.start = 0;
         dropped

@@ -190,6 +190,24 @@ impl Directory {
             "Local error in processing, try again later",
         )
     }
+
+    fn check_room(&self) -> bool {
+        let floor = self.config.queue.min_free_space.bytes();
+        match crate::queue::free_space(&self.config.data_dir) {
+            Ok(free) if free >= floor => true,
+            Ok(free) => {
+                log::warn!(
+                    "queue: only {} MiB free in {} (queue.min_free_space is {}); refusing new mail",
+                    free / (1024 * 1024),
+                    self.config.data_dir.display(),
+                    self.config.queue.min_free_space
+                );
+                false
+            }
+            // Cannot tell: let the commit decide rather than refuse all mail.
+            Err(_) => true,
+        }
+    }
 }
 
 /// Problems that make mail undeliverable without making the config invalid:
@@ -485,26 +503,6 @@ impl Services for Directory {
                 *room = Some((now, verdict));
                 verdict
             }
-        }
-    }
-}
-
-impl Directory {
-    fn check_room(&self) -> bool {
-        let floor = self.config.queue.min_free_space.bytes();
-        match crate::queue::free_space(&self.config.data_dir) {
-            Ok(free) if free >= floor => true,
-            Ok(free) => {
-                log::warn!(
-                    "queue: only {} MiB free in {} (queue.min_free_space is {}); refusing new mail",
-                    free / (1024 * 1024),
-                    self.config.data_dir.display(),
-                    self.config.queue.min_free_space
-                );
-                false
-            }
-            // Cannot tell: let the commit decide rather than refuse all mail.
-            Err(_) => true,
         }
     }
 }
