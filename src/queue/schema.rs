@@ -22,8 +22,9 @@ const CACHE_KIB: u32 = 256;
 /// a group commit of twenty 100 KiB messages then wrote most of its pages
 /// twice and read them back in between (`strace`: 194 `pwrite` and 58
 /// `pread` per message, 117 and 40 with this), and 100 KiB relaying took
-/// 5 % more CPU. Only the writer has dirty pages; it holds them until its
-/// commit, then the cache shrinks back to `CACHE_KIB`.
+/// 5 % more CPU. Only a connection that writes (the server's one writer,
+/// a CLI command's) has dirty pages, and only until its commit; then the
+/// cache shrinks back to `CACHE_KIB`.
 const SPILL_PAGES: u32 = 1024;
 
 /// Applied in order; `PRAGMA user_version` records how many ran.
