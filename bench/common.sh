@@ -52,3 +52,40 @@ start_petrel() {
     cat "$work/serve.log" >&2
     exit 1
 }
+
+# start_relay SESSIONS LOG_FILTER: petrel relays everything from loopback
+# to Postfix's smtp-sink on 127.0.0.1:$sink_port through a plaintext smart
+# host, with room for SESSIONS parallel clients; sets $sink.
+start_relay() {
+    write_config <<TOML
+[relay]
+trusted_networks = ["127.0.0.0/8"]
+[delivery]
+smarthost = "127.0.0.1:$sink_port"
+smarthost_tls = "none"
+[limits]
+max_sessions_per_ip = $(($1 + 5))
+max_connection_rate = 0
+TOML
+    # Releases before 0.2 have no connection rate limit (nor its key).
+    if ! "$petrel" check-config -c "$work/petrel.toml" >/dev/null 2>&1; then
+        sed -i '/^max_connection_rate/d' "$work/petrel.toml"
+    fi
+    local sink_user=()
+    if [ "$(id -u)" = 0 ]; then sink_user=(-u nobody); fi
+    smtp-sink "${sink_user[@]}" "127.0.0.1:$sink_port" 256 &
+    sink=$!
+    # A stopped sink (relay.sh's ACCEPT_ONLY) would ignore SIGTERM and keep
+    # its port.
+    extra_cleanup='kill -CONT "${sink:-}" 2>/dev/null || true; kill "${sink:-}" 2>/dev/null || true'
+    start_petrel "$2"
+}
+
+# wait_for_empty_queue: until every message has left the queue (at most
+# five minutes).
+wait_for_empty_queue() {
+    for _ in $(seq 1 6000); do
+        [ "$(sqlite3 "$work/data/queue.db" "SELECT count(*) FROM messages")" = 0 ] && return 0
+        sleep 0.05
+    done
+}

@@ -21,32 +21,11 @@ port=${PORT:-25271}
 sink_port=${SINK_PORT:-25272}
 
 . bench/common.sh
-# A stopped sink would ignore SIGTERM and keep its port.
-extra_cleanup='kill -CONT "${sink:-}" 2>/dev/null || true; kill "${sink:-}" 2>/dev/null || true'
-write_config <<TOML
-[relay]
-trusted_networks = ["127.0.0.0/8"]
-[delivery]
-smarthost = "127.0.0.1:$sink_port"
-smarthost_tls = "none"
-[limits]
-max_sessions_per_ip = $((sessions + 5))
-max_connection_rate = 0
-TOML
-# Releases before 0.2 have no connection rate limit (nor its key).
-if ! "$petrel" check-config -c "$work/petrel.toml" >/dev/null 2>&1; then
-    sed -i '/^max_connection_rate/d' "$work/petrel.toml"
-fi
-sink_user=()
-if [ "$(id -u)" = 0 ]; then sink_user=(-u nobody); fi
-smtp-sink "${sink_user[@]}" "127.0.0.1:$sink_port" 256 &
-sink=$!
-start_petrel "${RUST_LOG:-warn,petrel::cli=info,petrel::delivery::worker=info}"
+start_relay "$sessions" "${RUST_LOG:-warn,petrel::cli=info,petrel::delivery::worker=info}"
 if [ -n "${ACCEPT_ONLY:-}" ]; then kill -STOP "$sink"; fi
 
 ticks=$(getconf CLK_TCK)
 cpu_seconds() { awk -v t="$ticks" '{ printf "%.3f", ($14 + $15) / t }' "/proc/$server/stat"; }
-count() { sqlite3 "$work/data/queue.db" "SELECT count(*) FROM messages"; }
 
 start=$(date +%s.%N)
 smtp-source -s "$sessions" -m "$messages" -l "$size" -f bench@localhost -t 'sink@[127.0.0.1]' "127.0.0.1:$port"
@@ -58,10 +37,7 @@ if [ -n "${ACCEPT_ONLY:-}" ]; then
     }'
     exit 0
 fi
-for _ in $(seq 1 6000); do
-    [ "$(count)" = 0 ] && break
-    sleep 0.05
-done
+wait_for_empty_queue
 emptied=$(date +%s.%N)
 cpu=$(cpu_seconds)
 sent=$(grep -c "status=sent" "$work/serve.log" || true)

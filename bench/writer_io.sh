@@ -20,25 +20,8 @@ port=${PORT:-25281}
 sink_port=${SINK_PORT:-25282}
 
 . bench/common.sh
-extra_cleanup='kill "${tracer:-}" "${sink:-}" 2>/dev/null || true'
-write_config <<TOML
-[relay]
-trusted_networks = ["127.0.0.0/8"]
-[delivery]
-smarthost = "127.0.0.1:$sink_port"
-smarthost_tls = "none"
-[limits]
-max_sessions_per_ip = $((sessions + 5))
-max_connection_rate = 0
-TOML
-if ! "$petrel" check-config -c "$work/petrel.toml" >/dev/null 2>&1; then
-    sed -i '/^max_connection_rate/d' "$work/petrel.toml"
-fi
-sink_user=()
-if [ "$(id -u)" = 0 ]; then sink_user=(-u nobody); fi
-smtp-sink "${sink_user[@]}" "127.0.0.1:$sink_port" 256 &
-sink=$!
-start_petrel "warn,petrel::cli=info,petrel::queue=info"
+start_relay "$sessions" "warn,petrel::cli=info,petrel::queue=info"
+extra_cleanup+='; kill "${tracer:-}" 2>/dev/null || true'
 
 writer=""
 for task in /proc/"$server"/task/*; do
@@ -50,14 +33,14 @@ if [ -z "$writer" ]; then
 fi
 strace -c -o "$work/strace.txt" -p "$writer" 2>/dev/null &
 tracer=$!
-# strace attaches asynchronously; give it a moment before the load starts.
-sleep 0.5
-smtp-source -s "$sessions" -m "$messages" -l "$size" -f bench@localhost \
-    -t 'sink@[127.0.0.1]' "127.0.0.1:$port"
-for _ in $(seq 1 6000); do
-    [ "$(sqlite3 "$work/data/queue.db" "SELECT count(*) FROM messages")" = 0 ] && break
+# strace attaches asynchronously: the load starts once it has.
+for _ in $(seq 1 100); do
+    [ "$(awk '/^TracerPid:/ { print $2 }' "/proc/$writer/status")" != 0 ] && break
     sleep 0.05
 done
+smtp-source -s "$sessions" -m "$messages" -l "$size" -f bench@localhost \
+    -t 'sink@[127.0.0.1]' "127.0.0.1:$port"
+wait_for_empty_queue
 kill -INT "$tracer"
 wait "$tracer" || true
 tracer=""
