@@ -35,8 +35,9 @@ const READ_BUFFER: usize = 8 * 1024;
 /// (one per message for most senders) does not allocate its buffers anew:
 /// the 8 KiB read buffer alone made glibc merge its free lists on every
 /// connection (`malloc_consolidate`, 4 % of the session threads' time in
-/// `perf` with 100 senders). Each session starts with them empty; what a
-/// big session grew them to is given back when it ends ([`RETAINED`]).
+/// `perf` with 100 senders). Each session starts with them empty, and
+/// what a big session grew them to is given back when the next one starts
+/// ([`RETAINED`]).
 #[derive(Default)]
 pub struct Buffers {
     read: Vec<u8>,
