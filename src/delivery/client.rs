@@ -193,6 +193,10 @@ impl From<io::Error> for ClientError {
 pub struct SmtpClient {
     conn: Transport<ClientConnection>,
     buffer: Vec<u8>,
+    /// The read timeout the socket has. Pipelined replies arrive together
+    /// and each reply of a reused connection wants the same few timeouts:
+    /// setting it again before every reply was a system call for nothing.
+    read_timeout: Option<Duration>,
     pub peer: SocketAddr,
 }
 
@@ -227,6 +231,7 @@ impl SmtpClient {
         Ok(SmtpClient {
             conn: Transport::Plain(tcp),
             buffer: Vec::new(),
+            read_timeout: None,
             peer,
         })
     }
@@ -243,7 +248,7 @@ impl SmtpClient {
         };
         let connection =
             ClientConnection::new(config, name).map_err(|e| ClientError::Tls(e.to_string()))?;
-        self.conn.tcp().set_read_timeout(Some(COMMAND_TIMEOUT))?;
+        self.set_read_timeout(COMMAND_TIMEOUT)?;
         let placeholder = Transport::Plain(self.conn.tcp().try_clone()?);
         let plain = std::mem::replace(&mut self.conn, placeholder);
         self.conn = plain
@@ -271,7 +276,19 @@ impl SmtpClient {
         Ok(self.conn.send(data)?)
     }
 
-    fn read_some(&mut self) -> Result<(), ClientError> {
+    fn set_read_timeout(&mut self, timeout: Duration) -> Result<(), ClientError> {
+        if self.read_timeout != Some(timeout) {
+            // Unknown until the call succeeds.
+            self.read_timeout = None;
+            self.tcp().set_read_timeout(Some(timeout))?;
+            self.read_timeout = Some(timeout);
+        }
+        Ok(())
+    }
+
+    /// Reads what the server sent, waiting at most `timeout` for it.
+    fn read_some(&mut self, timeout: Duration) -> Result<(), ClientError> {
+        self.set_read_timeout(timeout)?;
         let mut chunk = [0u8; 4096];
         let n = self.conn.read(&mut chunk)?;
         if n == 0 {
@@ -285,14 +302,13 @@ impl SmtpClient {
     }
 
     pub fn read_reply(&mut self, timeout: Duration) -> Result<ServerReply, ClientError> {
-        self.tcp().set_read_timeout(Some(timeout))?;
         let mut parser = ReplyParser::default();
         loop {
             let Some(end) = self.buffer.iter().position(|&b| b == b'\n') else {
                 if self.buffer.len() > MAX_REPLY_LINE {
                     return Err(ClientError::Protocol("reply line too long".into()));
                 }
-                self.read_some()?;
+                self.read_some(timeout)?;
                 continue;
             };
             let mut line: Vec<u8> = self.buffer.drain(..=end).collect();
@@ -504,6 +520,8 @@ pub fn dot_stuff(content: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
+    use std::time::Instant;
 
     fn parse(lines: &[&str]) -> Result<ServerReply, String> {
         let mut parser = ReplyParser::default();
@@ -623,5 +641,53 @@ mod tests {
             stuffer.finish(&mut out);
             assert_eq!(out, dot_stuff(message), "split at {split}");
         }
+    }
+
+    /// A loopback server that sends `script` at once, then stays silent
+    /// with the connection open until the client goes.
+    fn silent_after(script: &'static [u8]) -> SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        let address = listener.local_addr().expect("listener address");
+        std::thread::spawn(move || {
+            if let Ok((mut stream, _)) = listener.accept() {
+                let _ = stream.write_all(script);
+                let _ = stream.read(&mut [0u8; 64]);
+            }
+        });
+        address
+    }
+
+    #[test]
+    fn each_read_waits_for_its_own_timeout_and_buffered_replies_need_none() {
+        let server = silent_after(b"220 hi\r\n250 one\r\n250 two\r\n");
+        let (mut client, greeting) =
+            SmtpClient::connect(server, Duration::from_secs(5)).expect("connect");
+        assert_eq!(greeting.code, 220);
+        assert_eq!(client.read_timeout, Some(GREETING_TIMEOUT));
+        // Already buffered: no read, so the socket's timeout stays as it was.
+        for expected in ["one", "two"] {
+            let reply = client
+                .read_reply(Duration::from_millis(300))
+                .expect("reply");
+            assert_eq!(reply.lines, [expected]);
+        }
+        assert_eq!(client.read_timeout, Some(GREETING_TIMEOUT));
+        // A read is needed now: the short timeout applies, not the greeting's.
+        let started = Instant::now();
+        match client.read_reply(Duration::from_millis(300)) {
+            Err(ClientError::Io(error)) => assert!(
+                matches!(
+                    error.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ),
+                "{error}"
+            ),
+            other => panic!(
+                "expected a timeout, got {:?}",
+                other.map(|reply| reply.code)
+            ),
+        }
+        assert!(started.elapsed() < Duration::from_secs(30));
+        assert_eq!(client.read_timeout, Some(Duration::from_millis(300)));
     }
 }
