@@ -27,10 +27,12 @@ results=$(mktemp "${TMPDIR:-/tmp}/petrel-compare.XXXXXX")
 trap 'rm -f "$results"' EXIT
 
 measure() { # measure LABEL BINARY
-    local line
-    line=$(PETREL=$2 bench/relay.sh "$sessions" "$messages" "$size" | grep '^sessions=')
+    local output line
+    output=$(PETREL=$2 bench/relay.sh "$sessions" "$messages" "$size")
+    line=$(grep '^sessions=' <<<"$output")
     echo "$1 $line"
     echo "$1 $line" >>"$results"
+    grep '^while accepting' <<<"$output" | sed 's/^/    /' || true
 }
 
 for round in $(seq 1 "$rounds"); do

@@ -4,6 +4,8 @@
 # plaintext smart host. Reports the accepted msg/s (while smtp-source runs)
 # and the server's CPU time per message, counted from petrel's start until
 # the queue is empty (user + system, all threads, from /proc/PID/stat).
+# A second line splits the machine's CPU time while smtp-source ran: what
+# smtp-source itself used, what petrel used then, and petrel's after it.
 #
 # usage: bench/relay.sh [SESSIONS=20] [MESSAGES=5000] [SIZE=1024]
 # PETREL=/path/to/other/petrel measures another build.
@@ -27,14 +29,35 @@ if [ -n "${ACCEPT_ONLY:-}" ]; then kill -STOP "$sink"; fi
 ticks=$(getconf CLK_TCK)
 cpu_seconds() { awk -v t="$ticks" '{ printf "%.3f", ($14 + $15) / t }' "/proc/$server/stat"; }
 
+# The machine's CPU time while smtp-source ran, and petrel's after it
+# ($1: petrel's CPU seconds when the queue was empty; none if not waited).
+print_cpu_split() {
+    local source_user source_system
+    read -r source_user source_system <"$work/source.time"
+    awk -v s="$start" -v a="$accepted" -v cores="$(nproc)" -v su="$source_user" \
+        -v ss="$source_system" -v c0="$cpu_at_start" -v c1="$cpu_at_accepted" -v c2="${1:-}" 'BEGIN {
+        printf "while accepting (%.2fs, %.2f CPU-s on %d cores): smtp-source %.2fs, petrel %.2fs",
+            a - s, cores * (a - s), cores, su + ss, c1 - c0
+        if (c2 != "") printf "; petrel after: %.2fs", c2 - c1
+        printf "\n"
+    }'
+}
+
 start=$(date +%s.%N)
-smtp-source -s "$sessions" -m "$messages" -l "$size" -f bench@localhost -t 'sink@[127.0.0.1]' "127.0.0.1:$port"
+cpu_at_start=$(cpu_seconds)
+# bash's `time` writes smtp-source's own CPU time (user, system) to the
+# group's stderr, a file here; smtp-source's stderr stays ours (fd 3).
+TIMEFORMAT='%U %S'
+{ time smtp-source -s "$sessions" -m "$messages" -l "$size" -f bench@localhost \
+    -t 'sink@[127.0.0.1]' "127.0.0.1:$port" 2>&3; } 3>&2 2>"$work/source.time"
 accepted=$(date +%s.%N)
+cpu_at_accepted=$(cpu_seconds)
 if [ -n "${ACCEPT_ONLY:-}" ]; then
     awk -v n="$messages" -v s="$start" -v a="$accepted" -v sess="$sessions" -v size="$size" 'BEGIN {
         printf "sessions=%d size=%dB messages=%d accepted=%.0f msg/s (accept only, nothing relayed)\n",
             sess, size, n, n / (a - s)
     }'
+    print_cpu_split
     exit 0
 fi
 wait_for_empty_queue
@@ -51,3 +74,4 @@ awk -v n="$messages" -v s="$start" -v a="$accepted" -v e="$emptied" -v cpu="$cpu
     printf "sessions=%d size=%dB messages=%d accepted=%.0f msg/s relayed-all-in=%.2fs cpu=%.2fs cpu/msg=%.3f ms\n",
         sess, size, n, n / (a - s), e - s, cpu, 1000 * cpu / n
 }'
+print_cpu_split "$cpu"
