@@ -19,7 +19,9 @@ new="$PWD/target/release/petrel"
 run() { # run BINARY SCENARIO
     local binary=$1 scenario=$2 work
     work=$(mktemp -d "${TMPDIR:-/tmp}/petrel-mem.XXXXXX")
-    local smtp=$((20000 + RANDOM % 20000)) smtps=$((40000 + RANDOM % 20000))
+    # Below Linux's ephemeral range (32768 up): after a load run, thousands
+    # of loopback connections may still hold ports there.
+    local smtp=$((20000 + RANDOM % 6000)) smtps=$((26000 + RANDOM % 6000))
     cat >"$work/petrel.toml" <<TOML
 hostname = "bench.test"
 data_dir = "$work/data"
@@ -37,10 +39,21 @@ TOML
     echo 'Quiet-Lantern-Bench-42!' | "$binary" user add alice@localhost --password-stdin -c "$work/petrel.toml" >/dev/null
     RUST_LOG=error "$binary" serve -c "$work/petrel.toml" 2>"$work/serve.log" &
     local server=$!
+    local ready=""
     for _ in $(seq 1 100); do
-        python3 -c "import socket; socket.create_connection(('127.0.0.1', $smtps), 1).close()" 2>/dev/null && break
+        if python3 -c "import socket; socket.create_connection(('127.0.0.1', $smtps), 1).close()" 2>/dev/null; then
+            ready=1
+            break
+        fi
         sleep 0.1
     done
+    if [ -z "$ready" ]; then
+        echo "petrel did not start; its log:" >&2
+        cat "$work/serve.log" >&2
+        kill -TERM $server 2>/dev/null || true
+        rm -rf "$work"
+        exit 1
+    fi
     printf '%-4s ' "$3"
     if ! python3 bench/memory.py "$scenario" "$server" "$smtp" "$smtps"; then
         # Keep what the server said: the work directory goes next.
