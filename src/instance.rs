@@ -15,6 +15,7 @@ use crate::protocol::session::ListenerKind;
 use crate::queue::{Queue, QueueHandle, ReadPool};
 use crate::server::control::{ControlSocket, Controls};
 use crate::server::directory::{self, Directory};
+use crate::server::privileges;
 use crate::server::{Bound, Server, ServerParts};
 use crate::tls::ServerTls;
 
@@ -106,23 +107,30 @@ impl Instance {
 
     pub fn start_with(config: Config, options: Options) -> Result<Instance, InstanceError> {
         let config = Arc::new(config);
-        let queue = Queue::open(&config.data_dir).map_err(error)?;
+        // Root's part, when started as root: hand data_dir over, bind the
+        // ports, read the certificate. Nothing else in data_dir is opened
+        // until root is gone.
+        let run_as =
+            privileges::prepare_data_dir(&config.server, &config.data_dir).map_err(error)?;
+        let early_tls = certificate_before_switch(&config, run_as.is_some())?;
+        // Listeners first: delivery must know every address we answer on.
+        let mut bound = Bound::bind(&config, true).map_err(error)?;
+        if let Some(run_as) = &run_as {
+            privileges::switch(run_as).map_err(error)?;
+            log::info!("running as {run_as}");
+        }
         let lock = lock_data_dir(&config)?;
+        let queue = Queue::open(&config.data_dir).map_err(error)?;
         for warning in crate::queue::make_private(&config.data_dir) {
             log::warn!("files: {warning}");
         }
+        bound.bind_local(&config).map_err(error)?;
+        let tls = match early_tls {
+            Some(tls) => tls,
+            None => ServerTls::load(&config).map_err(error)?,
+        };
+        let tls = Arc::new(tls);
         let dns = Arc::new(Dns::new(&config.dns).map_err(error)?);
-        let tls = Arc::new(ServerTls::load(&config).map_err(error)?);
-        // Listeners first: delivery must know every address we answer on.
-        let bound = Bound::bind(&config, true).map_err(error)?;
-        // Ports bound, keys read: nothing below needs root, and no client
-        // has been served yet.
-        if let Some(run_as) =
-            crate::server::privileges::become_configured_user(&config.server, &config.data_dir)
-                .map_err(error)?
-        {
-            log::info!("running as {run_as}");
-        }
         let outbound = OutboundPolicy::from_config(&config).with_listeners(bound.addresses());
         let accounts = Accounts::new(ReadPool::new(
             queue.handle().path(),
@@ -261,10 +269,46 @@ impl Instance {
     }
 }
 
+/// The configured certificate, read now when root may read it (or when
+/// petrel is not root): its key is often readable by root alone. A
+/// certificate in a folder another user can change is read only after the
+/// switch, as that user; generated ones live in data_dir and wait too.
+fn certificate_before_switch(
+    config: &Config,
+    will_switch: bool,
+) -> Result<Option<ServerTls>, InstanceError> {
+    let (Some(cert), Some(key)) = (&config.tls.cert, &config.tls.key) else {
+        return Ok(None);
+    };
+    if nix::unistd::geteuid().is_root()
+        && let Some(why) = [cert, key]
+            .iter()
+            .find_map(|path| crate::safe_fs::distrust(path))
+    {
+        if will_switch {
+            log::info!("tls: the certificate is read as the server's user ({why})");
+            return Ok(None);
+        }
+        return Err(InstanceError(format!(
+            "petrel runs as root and will not read the certificate: {why}; set [server] user, \
+             or keep tls.cert and tls.key where only root can change them"
+        )));
+    }
+    ServerTls::load(config).map(Some).map_err(error)
+}
+
+/// Taken as the server's user, never through a symbolic link, and never
+/// truncating what is there.
 fn lock_data_dir(config: &Config) -> Result<File, InstanceError> {
     let path = config.data_dir.join(LOCK_FILE);
-    let file = File::create(&path)
-        .map_err(|e| InstanceError(format!("cannot create {}: {e}", path.display())))?;
+    crate::queue::create_private_dir(&config.data_dir).map_err(|e| {
+        InstanceError(format!(
+            "cannot create data_dir {}: {e}",
+            config.data_dir.display()
+        ))
+    })?;
+    let file = crate::safe_fs::open_lock_file(&path)
+        .map_err(|e| InstanceError(format!("cannot open the lock file: {e}")))?;
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => Err(InstanceError(format!(

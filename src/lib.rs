@@ -31,6 +31,7 @@ pub mod printable;
 pub mod protocol;
 pub mod queue;
 pub mod routing;
+pub mod safe_fs;
 pub mod server;
 pub mod timefmt;
 pub mod tls;

@@ -1,7 +1,8 @@
 //! `[server] user`: started as root, `petrel serve` binds a privileged
 //! port, gives data_dir to the user and becomes it before serving; `user`
-//! and `queue` run by root become it too. Needs root (as CI runs); say so
-//! when skipped.
+//! and `queue` run by root become it too; and the attacks of the server's
+//! user on root (symbolic links, hard links, swapped folders) fail. Needs
+//! root (as CI runs), and fails without it.
 
 mod common;
 
@@ -14,19 +15,28 @@ use common::{RawClient, wait_for};
 
 const NOBODY: u32 = 65534;
 
+/// These tests need root (CI runs as root): without it they fail, loudly,
+/// rather than pass having checked nothing.
 fn running_as_root(test: &str) -> bool {
-    let root = rustix::process::geteuid().is_root();
-    if !root {
-        eprintln!("SKIPPED {test}: needs root");
-    }
-    root
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "{test} needs root: it starts petrel as root and attacks it as another user"
+    );
+    true
 }
 
 /// A port below 1024 that nothing listens on, on 127.0.0.1.
+/// Tests run in parallel: each gets a port no other test of this process
+/// was given.
 fn free_privileged_port() -> u16 {
-    (600..1000)
-        .find(|port| std::net::TcpListener::bind(("127.0.0.1", *port)).is_ok())
-        .expect("a free port below 1024")
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(600);
+    loop {
+        let port = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        assert!(port < 1000, "no free port below 1024");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A directory nobody may enter (the data dir's parent must be), with a
@@ -244,4 +254,269 @@ fn check_config_asks_whether_the_user_can_read_what_it_reads_later() {
     let (code, err) = check();
     assert_eq!(code, Some(0), "{err}");
     assert!(!err.contains("smarthost_password_file"), "{err}");
+}
+
+/// Runs `petrel ARGS` with the config, as root, and returns its output;
+/// fails the test if it has not ended within the usual wait.
+fn petrel_as_root(config: &Path, args: &[&str]) -> std::process::Output {
+    let mut child = petrel()
+        .arg("-c")
+        .arg(config)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + common::WAIT;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("petrel {args:?} did not end");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// What the attacker wants changed: a root-owned folder outside data_dir
+/// with a root-owned file and folder in it; returns a description of each
+/// that is no longer root's with its old mode.
+fn outside_target(dir: &Path) -> std::path::PathBuf {
+    let outside = dir.join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::create_dir(outside.join("example.test")).unwrap();
+    std::fs::write(outside.join("victim"), b"root's file").unwrap();
+    for path in [
+        outside.clone(),
+        outside.join("example.test"),
+        outside.join("victim"),
+    ] {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    outside
+}
+
+fn changed_outside(outside: &Path) -> Vec<String> {
+    let mut changed = Vec::new();
+    for path in [
+        outside.to_path_buf(),
+        outside.join("example.test"),
+        outside.join("victim"),
+    ] {
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        if meta.uid() != 0 || meta.gid() != 0 || meta.mode() & 0o7777 != 0o700 {
+            changed.push(format!(
+                "{} is now uid {} gid {} mode {:o}",
+                path.display(),
+                meta.uid(),
+                meta.gid(),
+                meta.mode() & 0o7777
+            ));
+        }
+    }
+    if std::fs::read(outside.join("victim")).unwrap() != b"root's file" {
+        changed.push("victim was written".into());
+    }
+    changed
+}
+
+/// Creates a symbolic link owned by nobody, as the attacker would.
+fn plant_symlink(target: &Path, link: &Path) {
+    std::os::unix::fs::symlink(target, link).unwrap();
+    rustix::fs::chownat(
+        rustix::fs::CWD,
+        link,
+        Some(rustix::fs::Uid::from_raw(NOBODY)),
+        Some(rustix::fs::Gid::from_raw(NOBODY)),
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .unwrap();
+}
+
+#[test]
+fn root_never_follows_links_the_servers_user_planted_in_data_dir() {
+    if !running_as_root("root_never_follows_links_the_servers_user_planted") {
+        return;
+    }
+    let (dir, config, _port, _dns) = setup("[server]\nuser = \"nobody\"\n");
+    let data_dir = dir.path().join("data");
+    assert!(add_user(&config).status.success());
+    let outside = outside_target(dir.path());
+    // What nobody can do in its own data_dir: symbolic links where root
+    // walks (a Maildir domain, the TLS folder, the lock file), and a hard
+    // link to root's file (possible where fs.protected_hardlinks is off).
+    std::fs::create_dir_all(data_dir.join("mail")).unwrap();
+    plant_symlink(&outside, &data_dir.join("mail/evil.test"));
+    plant_symlink(&outside, &data_dir.join("tls"));
+    plant_symlink(&outside.join("victim"), &data_dir.join("petrel.lock"));
+    // Where root's `sendmail` (a cron job) drops mail while no server runs.
+    plant_symlink(&outside, &data_dir.join("public"));
+    std::fs::create_dir_all(data_dir.join("spool")).unwrap();
+    std::fs::hard_link(outside.join("victim"), data_dir.join("spool/linked")).unwrap();
+    rustix::fs::chown(
+        data_dir.join("mail"),
+        Some(rustix::fs::Uid::from_raw(NOBODY)),
+        Some(rustix::fs::Gid::from_raw(NOBODY)),
+    )
+    .unwrap();
+
+    for args in [
+        &["queue", "list"][..],
+        &["user", "list"],
+        &["check-config"],
+        &["serve"],
+    ] {
+        let output = petrel_as_root(&config, args);
+        let err = String::from_utf8_lossy(&output.stderr);
+        if args == ["serve"] {
+            // The planted lock file stops the server, and says why.
+            assert_eq!(output.status.code(), Some(1), "{err}");
+            assert!(err.contains("petrel.lock is a symbolic link"), "{err}");
+        }
+        assert!(!err.contains("panicked"), "{err}");
+        assert_eq!(
+            changed_outside(&outside),
+            Vec::<String>::new(),
+            "after {args:?}: {err}"
+        );
+    }
+    let mut sendmail = petrel()
+        .arg("-c")
+        .arg(&config)
+        .args(["sendmail", "alice@example.test"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = sendmail.stdin.take().unwrap();
+        stdin
+            .write_all(b"Subject: cron\n\nroot's output\n")
+            .unwrap();
+    }
+    let output = sendmail.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(75), "{err}");
+    assert!(err.contains("the message was not sent"), "{err}");
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 2, "{err}");
+}
+
+#[test]
+fn a_folder_swapped_for_a_link_while_root_walks_gains_nothing() {
+    if !running_as_root("a_folder_swapped_for_a_link_while_root_walks") {
+        return;
+    }
+    let (dir, config, _port, _dns) = setup("[server]\nuser = \"nobody\"\n");
+    let data_dir = dir.path().join("data");
+    assert!(add_user(&config).status.success());
+    let outside = outside_target(dir.path());
+    std::fs::create_dir_all(data_dir.join("mail/example.test")).unwrap();
+    for path in ["mail", "mail/example.test"] {
+        rustix::fs::chown(
+            data_dir.join(path),
+            Some(rustix::fs::Uid::from_raw(NOBODY)),
+            Some(rustix::fs::Gid::from_raw(NOBODY)),
+        )
+        .unwrap();
+    }
+    plant_symlink(&outside, &data_dir.join("swap"));
+    // nobody swaps its Maildir folder and a link to root's folder, as fast
+    // as it can, while root runs `petrel queue list` again and again (the
+    // old walk chowned root's file by the 4th run).
+    let stop = dir.path().join("stop-swapping");
+    let mut attacker = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import ctypes, os, sys\n\
+             libc = ctypes.CDLL(None, use_errno=True)\n\
+             a, b, stop = (p.encode() for p in sys.argv[1:4])\n\
+             n = 0\n\
+             while not os.path.exists(stop) and n < 50_000_000:\n\
+             \x20   libc.renameat2(-100, a, -100, b, 2)\n\
+             \x20   n += 1\n",
+        ])
+        .arg(data_dir.join("mail"))
+        .arg(data_dir.join("swap"))
+        .arg(&stop)
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .spawn()
+        .unwrap();
+    for run in 0..20 {
+        let output = petrel_as_root(&config, &["queue", "list"]);
+        let changed = changed_outside(&outside);
+        if !changed.is_empty() {
+            std::fs::write(&stop, b"").unwrap();
+            let _ = attacker.wait();
+            panic!(
+                "run {run}: {changed:?}; {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+    }
+    std::fs::write(&stop, b"").unwrap();
+    assert!(attacker.wait().unwrap().success(), "the attacker ran");
+}
+
+#[test]
+fn the_control_socket_answers_only_the_servers_user_and_root() {
+    if !running_as_root("the_control_socket_answers_only_the_servers_user") {
+        return;
+    }
+    let (dir, config, _port, _dns) = setup("[server]\nuser = \"nobody\"\n");
+    let data_dir = dir.path().join("data");
+    // Under umask 000 every file would be open to all but for explicit modes.
+    let mut command = std::process::Command::new("sh");
+    command
+        .arg("-c")
+        .arg("umask 000; exec \"$0\" -c \"$1\" serve")
+        .arg(env!("CARGO_BIN_EXE_petrel"))
+        .arg(&config);
+    let mut serving = Serving::spawn(command);
+    let control = data_dir.join("control.sock");
+    let meta = std::fs::metadata(&control).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o600);
+    assert_eq!(meta.uid(), NOBODY);
+    let connect = "import socket, sys\n\
+                   s = socket.socket(socket.AF_UNIX)\n\
+                   try:\n\
+                   \x20   s.connect(sys.argv[1])\n\
+                   \x20   s.sendall(b'unlock alice@example.test\\n')\n\
+                   \x20   print('answer:', s.recv(100))\n\
+                   except OSError as e:\n\
+                   \x20   print('refused:', e)\n";
+    let daemon = |serving: &mut Serving| {
+        let output = std::process::Command::new("python3")
+            .args(["-c", connect])
+            .arg(&control)
+            .uid(1)
+            .gid(1)
+            .output()
+            .unwrap();
+        let _ = serving.seen_lines();
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let said = daemon(&mut serving);
+    assert!(said.starts_with("refused:"), "{said}");
+    // Were the mode wrong (or in the moment between bind and chmod), the
+    // server still asks the kernel who connected.
+    std::fs::set_permissions(&control, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let said = daemon(&mut serving);
+    // Closed unanswered: the write or the read finds the connection gone.
+    assert!(
+        said.contains("answer: b''") || said.contains("Broken pipe") || said.contains("reset"),
+        "{said}"
+    );
+    wait_for("the refusal in the log", || {
+        serving
+            .seen_lines()
+            .iter()
+            .any(|l| l.contains("control: refused a connection from uid 1"))
+    });
+    let log = serving.seen_lines();
+    assert!(
+        !log.iter().any(|l| l.contains("unlocked by the operator")),
+        "{log:?}"
+    );
 }

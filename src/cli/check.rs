@@ -47,6 +47,9 @@ pub fn check(config: &Config) -> Findings {
     check_data_dir(&config.data_dir, &mut findings);
     check_relay(config, &mut findings);
     check_run_as(config, &mut findings);
+    if !read_data_dir_as_server(config, &mut findings) {
+        return findings;
+    }
     check_dkim(config, &mut findings);
     let existing = existing_accounts(config);
     findings
@@ -56,6 +59,35 @@ pub fn check(config: &Config) -> Findings {
             |a| existing.contains(a),
         ));
     findings
+}
+
+/// The rest reads inside data_dir, which the server's user may change:
+/// root reads it as that user (this command ends soon after), or not at
+/// all when nobody is configured and the folders on the way are not
+/// root's alone. Returns whether data_dir may be read.
+fn read_data_dir_as_server(config: &Config, findings: &mut Findings) -> bool {
+    use crate::server::privileges::{self, RunAs};
+    if !rustix::process::geteuid().is_root() {
+        return true;
+    }
+    match RunAs::from_config(&config.server) {
+        Ok(Some(run_as)) => match privileges::switch(&run_as) {
+            Ok(()) => true,
+            Err(error) => {
+                findings.errors.push(error.to_string());
+                false
+            }
+        },
+        Ok(None) => match privileges::root_may_work_in(&config.data_dir) {
+            Ok(()) => true,
+            Err(error) => {
+                findings.errors.push(error.to_string());
+                false
+            }
+        },
+        // Already reported by check_run_as.
+        Err(_) => false,
+    }
 }
 
 /// The keys `serve` would load; local domains it would not sign for.

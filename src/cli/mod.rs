@@ -316,14 +316,14 @@ fn dkim(config: &Config, command: DkimCommand) -> Result<(), Failure> {
 }
 
 /// `user` and `queue` write in `data_dir`: run by root, they become the
-/// server's user first, so that what they create stays the server's.
+/// server's user first, so that what they create stays the server's (and
+/// root never follows a path in a folder that user can change).
 pub(crate) fn as_server_user(config: &Config) -> Result<(), Failure> {
     use crate::server::privileges;
-    let pending =
-        privileges::pending_switch(&config.server).map_err(|e| Failure::Usage(e.to_string()))?;
+    let pending = privileges::prepare_data_dir(&config.server, &config.data_dir)
+        .map_err(|e| Failure::Usage(e.to_string()))?;
     if let Some(run_as) = pending {
-        privileges::become_user(&run_as, &config.data_dir)
-            .map_err(|e| Failure::Runtime(e.to_string()))?;
+        privileges::switch(&run_as).map_err(|e| Failure::Runtime(e.to_string()))?;
     }
     Ok(())
 }

@@ -7,8 +7,8 @@
 //! which the server empties when it starts. Any local user can send mail.
 
 use std::io::{self, BufRead as _, BufReader, Read as _, Write as _};
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use super::{Failure, say};
@@ -541,33 +541,40 @@ fn read_reply(reader: &mut BufReader<UnixStream>) -> Result<ServerReply, Failure
 
 /// No server runs: the dialogue goes into the maildrop, written under a
 /// dot name and renamed when complete, so the server never reads half.
+/// The maildrop is reached from `data_dir` one folder at a time, never
+/// through a symbolic link: run by root, sendmail must not be steered into
+/// writing somewhere else by whoever can change `data_dir`.
 fn drop_off(config: &Config, dialogue: &[u8]) -> Result<(), Failure> {
-    let maildrop = local::maildrop_path(&config.data_dir);
+    use std::os::unix::fs::PermissionsExt as _;
+    let relative = Path::new(local::PUBLIC_DIR).join(local::MAILDROP);
     let name = format!(
         "{:016x}{:016x}",
         crate::dns::random_u64(),
         crate::dns::random_u64()
     );
-    let temporary = maildrop.join(format!(".{name}"));
-    let written = (|| -> io::Result<()> {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            // Readable by the server's user (the maildrop cannot be listed,
-            // and the name is random); owned by us, which is how the server
-            // knows who sent it.
-            .mode(0o644)
-            .open(&temporary)?;
-        file.write_all(dialogue)?;
-        file.sync_all()?;
-        std::fs::rename(&temporary, maildrop.join(&name))
-    })();
+    let temporary = format!(".{name}");
+    let written =
+        crate::safe_fs::Dir::open_beneath(&config.data_dir, &relative).and_then(|maildrop| {
+            let result = (|| -> io::Result<()> {
+                // Readable by the server's user whatever our umask (the
+                // maildrop cannot be listed, and the name is random); owned
+                // by us, which is how the server knows who sent it.
+                let mut file = maildrop.create_new_file(temporary.as_ref(), 0o644)?;
+                file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+                file.write_all(dialogue)?;
+                file.sync_all()?;
+                maildrop.rename(temporary.as_ref(), name.as_ref())
+            })();
+            if result.is_err() {
+                let _ = maildrop.remove_file(temporary.as_ref());
+            }
+            result
+        });
     if let Err(error) = written {
-        let _ = std::fs::remove_file(&temporary);
         return Err(Failure::Temporary(format!(
             "the petrel server is not running and the maildrop {} cannot take the message \
              ({error}); the message was not sent",
-            maildrop.display()
+            config.data_dir.join(&relative).display()
         )));
     }
     eprintln!(

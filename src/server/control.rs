@@ -9,11 +9,14 @@
 //! - `reload-aliases` (`newaliases`): the server reads the aliases from its
 //!   config file again; the reply says how many, or why not.
 //!
-//! It can do nothing else. The socket is in the private data dir: only
-//! petrel's own user (and root) can reach it.
+//! It can do nothing else, and only for petrel's own user and root: the
+//! socket is mode 0600 whatever the umask, and each connection's peer is
+//! asked who it is (the socket file's mode alone would leave a window
+//! between bind and chmod, and `data_dir` is 0711 so others can pass).
 
 use std::io::{self, BufRead as _, BufReader, Read as _, Write as _};
 use std::net::IpAddr;
+use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -57,6 +60,7 @@ impl ControlSocket {
             Err(error) => return Err(error),
         }
         let listener = UnixListener::bind(&path)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         let waker = listener.try_clone()?;
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
@@ -72,7 +76,9 @@ impl ControlSocket {
                         if stop.load(Ordering::SeqCst) {
                             break;
                         }
-                        if let Ok(connection) = connection {
+                        if let Ok(connection) = connection
+                            && peer_may_control(&connection)
+                        {
                             serve(connection, controls.as_ref());
                         }
                     }
@@ -96,6 +102,27 @@ impl ControlSocket {
         }
         let _ = self.thread.join();
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Only the server's own user and root may control it.
+fn peer_may_control(connection: &UnixStream) -> bool {
+    let own = rustix::process::geteuid();
+    match rustix::net::sockopt::socket_peercred(connection) {
+        Ok(peer) if peer.uid == own || peer.uid.is_root() => true,
+        Ok(peer) => {
+            log::warn!(
+                "control: refused a connection from uid {} (only uid {} and root may control \
+                 the server)",
+                peer.uid.as_raw(),
+                own.as_raw()
+            );
+            false
+        }
+        Err(error) => {
+            log::warn!("control: cannot tell who connected ({error}); refused");
+            false
+        }
     }
 }
 

@@ -157,16 +157,17 @@ fn session_config(config: &Config, listener: ListenerKind, tls_available: bool) 
 }
 
 /// Listening sockets, bound before anything else starts, so the addresses
-/// they got are known (delivery must never connect back to them).
+/// they got are known (delivery must never connect back to them). The TCP
+/// ports are bound first (perhaps as root, for port 25); the local socket
+/// lives in `data_dir` and is bound only once root is gone.
 pub struct Bound {
     listeners: Vec<(ListenerKind, TcpListener)>,
     /// The local submission socket (`petrel sendmail`).
-    local: std::os::unix::net::UnixListener,
-    local_path: std::path::PathBuf,
+    local: Option<(std::os::unix::net::UnixListener, std::path::PathBuf)>,
 }
 
 impl Bound {
-    /// Binds every configured listener, failing if any cannot be bound.
+    /// Binds every configured TCP listener, failing if any cannot be bound.
     pub fn bind(config: &Config, tls_available: bool) -> Result<Bound, StartError> {
         let mut listeners = Vec::new();
         for (kind, addresses) in [
@@ -184,6 +185,14 @@ impl Bound {
                 listeners.push((kind, listener));
             }
         }
+        Ok(Bound {
+            listeners,
+            local: None,
+        })
+    }
+
+    /// Binds the local submission socket in `data_dir/public/`.
+    pub fn bind_local(&mut self, config: &Config) -> Result<(), StartError> {
         let local_path = local::socket_path(&config.data_dir);
         let local = local::bind(&config.data_dir).map_err(|e| {
             StartError(format!(
@@ -191,11 +200,8 @@ impl Bound {
                 local_path.display()
             ))
         })?;
-        Ok(Bound {
-            listeners,
-            local,
-            local_path,
-        })
+        self.local = Some((local, local_path));
+        Ok(())
     }
 
     pub fn addresses(&self) -> Vec<SocketAddr> {
@@ -315,9 +321,12 @@ impl Server {
                 .map_err(|e| StartError(format!("cannot start acceptor thread: {e}")))?;
             acceptors.push(handle);
         }
-        wakers.push(waker_of(bound.local.try_clone().map(Into::into))?);
+        let (local_listener, local_path) = bound
+            .local
+            .ok_or_else(|| StartError("the local socket is not bound".into()))?;
+        wakers.push(waker_of(local_listener.try_clone().map(Into::into))?);
         let local_acceptor = local::LocalAcceptor {
-            listener: bound.local,
+            listener: local_listener,
             pool: Arc::clone(&pool),
             limits: Arc::clone(&limits),
             context: Arc::clone(&context),
@@ -328,7 +337,7 @@ impl Server {
             .spawn(move || local_acceptor.run())
             .map_err(|e| StartError(format!("cannot start acceptor thread: {e}")))?;
         acceptors.push(handle);
-        log::info!("listening on {} (local)", bound.local_path.display());
+        log::info!("listening on {} (local)", local_path.display());
         let stop = Arc::new(AtomicBool::new(false));
         let pickup = {
             let (context, limits, stop) =

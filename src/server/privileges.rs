@@ -1,11 +1,15 @@
-//! `[server] user`: started as root, petrel binds its ports and reads its
-//! keys, hands `data_dir` to that user and becomes it (supplementary
-//! groups, group, user, in that order) before any client is served; the
-//! switch is then verified for every thread, and a way back to root must
-//! fail. Run by systemd as that user with CAP_NET_BIND_SERVICE instead,
-//! there is nothing to switch. Commands that write `data_dir` (`user`,
-//! `queue`) switch the same way, so files they create belong to the
-//! server's user and not to root.
+//! `[server] user`: started as root, petrel hands `data_dir` to that user,
+//! binds its ports and reads its certificate, then becomes it
+//! (supplementary groups, group, user, in that order) before it opens
+//! anything in `data_dir` and before any client is served; the switch is
+//! then verified for every thread, and a way back to root must fail. Run
+//! by systemd as that user with CAP_NET_BIND_SERVICE instead, there is
+//! nothing to switch. Commands that write `data_dir` (`user`, `queue`)
+//! switch the same way, so files they create belong to the server's user.
+//!
+//! The user may write in `data_dir`, so root never follows a path there:
+//! the hand-over works from directory descriptors (see [`crate::safe_fs`])
+//! and everything else waits until root is gone.
 
 use std::fmt;
 use std::fs;
@@ -123,44 +127,78 @@ pub fn pending_switch(server: &ServerConfig) -> Result<Option<RunAs>, PrivilegeE
     Ok(Some(run_as))
 }
 
-/// Gives `data_dir` to the user, then becomes it, verified.
-pub fn become_user(run_as: &RunAs, data_dir: &Path) -> Result<(), PrivilegeError> {
-    hand_over(data_dir, run_as)?;
-    switch_to(run_as)?;
-    verify(run_as)
-}
-
-/// [`pending_switch`] then [`become_user`], for who needs both at once.
-pub fn become_configured_user(
+/// What root does in `data_dir` before anything else happens there: with
+/// a user configured, hands `data_dir` over to it ([`hand_over`]); without
+/// one, root itself will work in `data_dir`, which is refused unless nobody
+/// else can change the folders on the way. Returns the user to become.
+pub fn prepare_data_dir(
     server: &ServerConfig,
     data_dir: &Path,
 ) -> Result<Option<RunAs>, PrivilegeError> {
     let pending = pending_switch(server)?;
-    if let Some(run_as) = &pending {
-        become_user(run_as, data_dir)?;
+    match &pending {
+        Some(run_as) => hand_over(data_dir, run_as)?,
+        None if nix::unistd::geteuid().is_root() => root_may_work_in(data_dir)?,
+        None => {}
     }
     Ok(pending)
 }
 
-/// Makes `data_dir` and what petrel keeps in it belong to the user. Not
-/// touched: maildrop files (their owner says who sent them), the messages
-/// inside Maildirs (only their folders must be writable), and anything
-/// reached through a symbolic link.
-fn hand_over(data_dir: &Path, run_as: &RunAs) -> Result<(), PrivilegeError> {
-    crate::queue::create_private_dir(data_dir).map_err(|e| {
-        PrivilegeError(format!(
-            "cannot create data_dir {}: {e}",
+/// Root itself works in `data_dir` (no user configured) only when nobody
+/// else can change the folders on the way to it.
+pub fn root_may_work_in(data_dir: &Path) -> Result<(), PrivilegeError> {
+    match crate::safe_fs::distrust(data_dir) {
+        None => Ok(()),
+        Some(why) => Err(PrivilegeError(format!(
+            "petrel runs as root, and data_dir {} is not safe for root: {why}; set [server] \
+             user, or give data_dir a parent only root can change",
             data_dir.display()
-        ))
-    })?;
-    let mut count = 0usize;
-    chown_tree(data_dir, run_as, 0, &mut count).map_err(|(path, e)| {
-        PrivilegeError(format!(
-            "cannot give {} to {}: {e}",
-            path.display(),
+        ))),
+    }
+}
+
+/// Becomes the user, verified: from here on nothing runs as root.
+pub fn switch(run_as: &RunAs) -> Result<(), PrivilegeError> {
+    switch_to(run_as)?;
+    verify(run_as)
+}
+
+/// Gives `data_dir` to the user, then becomes it, verified.
+pub fn become_user(run_as: &RunAs, data_dir: &Path) -> Result<(), PrivilegeError> {
+    hand_over(data_dir, run_as)?;
+    switch(run_as)
+}
+
+/// Makes `data_dir` and what petrel keeps in it belong to the user. The
+/// user may write in `data_dir`, so root works there only from directory
+/// descriptors and never follows a name twice (see [`crate::safe_fs`]).
+/// Not touched: symbolic links, files with more than one name (a hard link
+/// may be another user's file), maildrop files (their owner says who sent
+/// them) and the messages inside Maildirs (only their folders must be
+/// writable). When a folder on the way to `data_dir` is not root's alone,
+/// root does nothing there at all: data_dir must then be the user's already.
+pub fn hand_over(data_dir: &Path, run_as: &RunAs) -> Result<(), PrivilegeError> {
+    let fail =
+        |e: io::Error| PrivilegeError(format!("cannot give data_dir to {}: {e}", run_as.user));
+    let first_missing = data_dir
+        .ancestors()
+        .take_while(|path| fs::symlink_metadata(path).is_err())
+        .last();
+    if let Some(why) = crate::safe_fs::distrust(first_missing.unwrap_or(data_dir)) {
+        log::warn!(
+            "root leaves data_dir {} to {} ({why}); it must belong to {} already",
+            data_dir.display(),
+            run_as.user,
             run_as.user
-        ))
-    })?;
+        );
+        return Ok(());
+    }
+    if first_missing.is_some() {
+        create_data_dir(data_dir).map_err(fail)?;
+    }
+    let dir = crate::safe_fs::Dir::open(data_dir).map_err(fail)?;
+    let mut count = 0usize;
+    hand_over_dir(&dir, run_as, 0, &mut count).map_err(fail)?;
     if count > 0 {
         log::info!(
             "gave {count} {} in {} to {}",
@@ -172,50 +210,77 @@ fn hand_over(data_dir: &Path, run_as: &RunAs) -> Result<(), PrivilegeError> {
     Ok(())
 }
 
+/// Root creates a missing data_dir (0700) and its missing parents (0755,
+/// so the user can pass through them).
+fn create_data_dir(data_dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    if let Some(parent) = data_dir.parent() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)?;
+    }
+    match fs::DirBuilder::new().mode(0o700).create(data_dir) {
+        Err(error) if error.kind() != io::ErrorKind::AlreadyExists => Err(error),
+        _ => Ok(()),
+    }
+}
+
 /// Depth 0 is data_dir; mail/<domain>/<local>/<cur|new|tmp> is depth 4.
-fn chown_tree(
-    path: &Path,
+fn hand_over_dir(
+    dir: &crate::safe_fs::Dir,
     run_as: &RunAs,
     depth: usize,
     count: &mut usize,
-) -> Result<(), (std::path::PathBuf, io::Error)> {
+) -> io::Result<()> {
     use std::os::unix::fs::MetadataExt as _;
-    let fail = |e: io::Error| (path.to_path_buf(), e);
-    let meta = fs::symlink_metadata(path).map_err(fail)?;
-    if meta.file_type().is_symlink() {
-        return Ok(());
-    }
-    if meta.uid() != run_as.uid || meta.gid() != run_as.gid {
-        rustix::fs::chownat(
-            rustix::fs::CWD,
-            path,
-            Some(rustix::fs::Uid::from_raw(run_as.uid)),
-            Some(rustix::fs::Gid::from_raw(run_as.gid)),
-            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-        )
-        .map_err(|e| fail(e.into()))?;
+    let owned = |meta: &fs::Metadata| meta.uid() == run_as.uid && meta.gid() == run_as.gid;
+    if !owned(&dir.metadata()?) {
+        dir.chown(run_as.uid, run_as.gid)?;
         *count += 1;
     }
-    if !meta.is_dir() {
-        return Ok(());
-    }
+    let path = dir.path();
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
     let leave_contents = match depth {
         1 => name == crate::server::local::REFUSED_DIR,
         2 => name == crate::server::local::MAILDROP,
+        // Only the Maildir tree goes four deep.
+        3 => !is_under_mail(path),
         4 => true,
         _ => false,
     };
     if leave_contents {
         return Ok(());
     }
-    // Only the Maildir tree goes four deep.
-    if depth == 3 && !is_under_mail(path) {
-        return Ok(());
-    }
-    for entry in fs::read_dir(path).map_err(fail)? {
-        let entry = entry.map_err(fail)?;
-        chown_tree(&entry.path(), run_as, depth + 1, count)?;
+    for name in dir.names()? {
+        let entry = match dir.open_entry(&name) {
+            Ok(entry) => entry,
+            // Gone since the listing: nothing to hand over.
+            Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
+            Err(error) => return Err(error),
+        };
+        let meta = entry.metadata();
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        if meta.is_dir() {
+            hand_over_dir(&entry.as_dir()?, run_as, depth + 1, count)?;
+            continue;
+        }
+        if meta.nlink() > 1 {
+            log::warn!(
+                "{} has {} names (hard links); not given to {}: one of them may be another \
+                 user's file",
+                crate::printable::escape(&entry.path().display().to_string()),
+                meta.nlink(),
+                run_as.user
+            );
+            continue;
+        }
+        if !owned(meta) {
+            entry.chown(run_as.uid, run_as.gid)?;
+            *count += 1;
+        }
     }
     Ok(())
 }
