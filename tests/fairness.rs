@@ -185,3 +185,124 @@ fn at_shutdown_unstarted_jobs_go_back_untouched_and_nothing_is_sent_twice() {
     drop(restarted);
     drop(dir);
 }
+
+/// A hostile MX host on `address`: greets with "220-" and then sends a
+/// byte every 200 ms, never finishing its reply, on every connection.
+/// Records when each connection began, and how long each lasted (until
+/// the client gave up).
+struct Trickler {
+    started: Arc<std::sync::Mutex<Vec<std::time::Instant>>>,
+    lasted: Arc<std::sync::Mutex<Vec<std::time::Duration>>>,
+}
+
+impl Trickler {
+    fn start(address: &str) -> Trickler {
+        let listener = TcpListener::bind(address).unwrap();
+        let trickler = Trickler {
+            started: Arc::default(),
+            lasted: Arc::default(),
+        };
+        let (started, lasted) = (Arc::clone(&trickler.started), Arc::clone(&trickler.lasted));
+        std::thread::spawn(move || {
+            for stream in listener.incoming().take(100).flatten() {
+                let began = std::time::Instant::now();
+                started.lock().unwrap().push(began);
+                let lasted = Arc::clone(&lasted);
+                std::thread::spawn(move || {
+                    use std::io::Write as _;
+                    let mut stream = stream;
+                    let mut sent = stream.write_all(b"220-").is_ok();
+                    // Bounded: 2 minutes at most, then it stops itself.
+                    for _ in 0..600 {
+                        if !sent {
+                            break;
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(200));
+                        sent = stream.write_all(b"x").is_ok();
+                    }
+                    lasted.lock().unwrap().push(began.elapsed());
+                });
+            }
+        });
+        trickler
+    }
+
+    fn ended(&self) -> Vec<std::time::Duration> {
+        self.lasted.lock().unwrap().clone()
+    }
+
+    fn starts(&self) -> Vec<std::time::Instant> {
+        self.started.lock().unwrap().clone()
+    }
+}
+
+#[test]
+fn hostile_mx_hosts_that_trickle_hold_a_worker_for_one_reply_timeout_at_most() {
+    let sink = Sink::start("accept", 0);
+    let hostile = Trickler::start(&format!("127.0.0.2:{}", sink.port));
+    let dns = standard_dns();
+    let hostile_domains: Vec<String> = (0..4).map(|n| format!("hostile{n}.example")).collect();
+    for domain in &hostile_domains {
+        dns.mx(domain, 10, &format!("mx.{domain}"))
+            .a(&format!("mx.{domain}"), "127.0.0.2");
+    }
+    let server = TestServer::start_delivering(dns, |config| {
+        config.delivery.port = sink.port;
+        config.delivery.workers = 2;
+        config.delivery.reply_timeout = petrel::config::HumanDuration::secs(1);
+        config.queue.retry_min = petrel::config::HumanDuration::secs(3600);
+    });
+    let to_hostile: Vec<String> = hostile_domains
+        .iter()
+        .map(|domain| format!("victim@{domain}"))
+        .collect();
+
+    // Round one: four hostile domains and then a good one, two workers.
+    // Before, each hostile connection held its worker for as long as the
+    // host kept trickling (the per-read timeout never ran out), and the
+    // good message never left.
+    submit_each(&server, &to_hostile);
+    submit_each(&server, &["friend@elsewhere.example".to_string()]);
+    sink.wait_for_messages(1);
+    wait_for("every hostile domain tried once", || {
+        hostile.ended().len() == hostile_domains.len()
+    });
+    for lasted in hostile.ended() {
+        assert!(
+            lasted < std::time::Duration::from_secs(4),
+            "a hostile host held a worker for {lasted:?}; the reply timeout is 1 s"
+        );
+    }
+
+    // Round two: the hostile domains are known to be slow now. New mail
+    // for all of them, and for good domains: the slow ones share one of
+    // the two workers (their connections come one after another), and
+    // the good mail flows through the other meanwhile.
+    submit_each(&server, &to_hostile);
+    let to_good: Vec<String> = (0..5)
+        .map(|n| format!("friend{n}@elsewhere.example"))
+        .collect();
+    submit_each(&server, &to_good);
+    sink.wait_for_messages(6);
+    wait_for("the hostile domains' second round", || {
+        hostile.starts().len() == 2 * hostile_domains.len()
+    });
+    let round_two = &hostile.starts()[hostile_domains.len()..];
+    for pair in round_two.windows(2) {
+        let apart = pair[1].duration_since(pair[0]);
+        assert!(
+            apart >= std::time::Duration::from_millis(900),
+            "two slow destinations held workers at once (started {apart:?} apart)"
+        );
+    }
+    // Nothing lost: every hostile message still waits in the queue.
+    let waiting: i64 = server
+        .db()
+        .query_row(
+            "SELECT count(*) FROM recipients WHERE destination LIKE 'mx:hostile%'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(waiting, 8);
+}

@@ -327,6 +327,14 @@ pub struct DeliveryConfig {
     pub local_workers: usize,
     /// Connecting to a remote host; RFC 5321 leaves it open, 30s is common.
     pub connect_timeout: HumanDuration,
+    /// The most a remote server may take for one whole reply, however it
+    /// trickles it (RFC 5321 4.5.3.2: 5 minutes; DATA's 354 waits at
+    /// most 2). The reply after the message waits twice this (RFC: 10).
+    pub reply_timeout: HumanDuration,
+    /// One delivery attempt, every host tried included, ends after this
+    /// long whatever the servers do: a hostile MX cannot hold a delivery
+    /// worker longer.
+    pub attempt_timeout: HumanDuration,
     /// Messages sent over one outbound SMTP connection before it is
     /// closed (0: a new connection per message). Connections wait for the
     /// next message to the same destination for `connection_idle`, as
@@ -366,6 +374,8 @@ impl Default for DeliveryConfig {
             destination_concurrency: 8,
             local_workers: 2,
             connect_timeout: HumanDuration::secs(30),
+            reply_timeout: HumanDuration::secs(5 * 60),
+            attempt_timeout: HumanDuration::secs(15 * 60),
             connection_reuse_limit: 100,
             connection_idle: HumanDuration::secs(2),
             mta_sts: true,
@@ -800,11 +810,14 @@ impl Config {
                 "must be at least 1",
             ));
         }
-        if self.delivery.connect_timeout.is_zero() {
-            return Err(ConfigError::at(
-                "delivery.connect_timeout",
-                "must be more than 0",
-            ));
+        for (key, value) in [
+            ("delivery.connect_timeout", self.delivery.connect_timeout),
+            ("delivery.reply_timeout", self.delivery.reply_timeout),
+            ("delivery.attempt_timeout", self.delivery.attempt_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::at(key, "must be more than 0"));
+            }
         }
         if self.dns.timeout.is_zero() {
             return Err(ConfigError::at("dns.timeout", "must be more than 0"));

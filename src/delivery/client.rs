@@ -2,11 +2,18 @@
 //! RFC 5321 4.5.3.2 timeouts, STARTTLS with rustls, AUTH, and a reply
 //! parser that never buffers more than a bounded amount from a remote
 //! server.
+//!
+//! A remote server is a stranger: each timeout is a deadline for the whole
+//! reply (a server that sends one byte every few seconds still runs out of
+//! time), a reply is bounded in lines and octets, and the whole attempt
+//! (every host, every reply, every write, the TLS handshake) has a
+//! deadline of its own, so a hostile MX host holds a delivery worker for a
+//! bounded time.
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -25,6 +32,58 @@ pub const DATA_END_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 /// A remote server's reply lines are short; anything longer is garbage.
 const MAX_REPLY_LINE: usize = 4096;
 const MAX_REPLY_LINES: usize = 200;
+/// A whole reply (a long EHLO list is under 1 KiB).
+const MAX_REPLY_OCTETS: usize = 64 * 1024;
+
+/// How long remote servers may take: `reply` caps the wait for any one
+/// whole reply (RFC 5321's timeouts are the most it waits: 5 minutes for
+/// most replies, 2 for DATA's), the reply after the message gets twice
+/// `reply` (RFC: 10 minutes), and `attempt` bounds a whole delivery
+/// attempt, every host tried included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub reply: Duration,
+    pub attempt: Duration,
+}
+
+impl Timeouts {
+    pub fn from_config(delivery: &crate::config::DeliveryConfig) -> Timeouts {
+        Timeouts {
+            connect: delivery.connect_timeout.get(),
+            reply: delivery.reply_timeout.get(),
+            attempt: delivery.attempt_timeout.get(),
+        }
+    }
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(30),
+            reply: COMMAND_TIMEOUT,
+            attempt: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+/// A socket timeout that lets a read or write end by `deadline`: whole
+/// seconds while there is time (so that the next reply usually needs no
+/// new one), the exact rest at the end. `None`: the deadline has passed.
+fn timeout_within(deadline: Instant, now: Instant) -> Option<Duration> {
+    let left = deadline
+        .checked_duration_since(now)
+        .filter(|d| !d.is_zero())?;
+    Some(if left >= Duration::from_secs(1) {
+        Duration::from_secs(left.as_secs())
+    } else {
+        left
+    })
+}
+
+fn timed_out(what: &str) -> ClientError {
+    ClientError::Io(io::Error::new(io::ErrorKind::TimedOut, what.to_string()))
+}
 
 /// One reply from the remote server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,16 +256,22 @@ pub struct SmtpClient {
     /// and each reply of a reused connection wants the same few timeouts:
     /// setting it again before every reply was a system call for nothing.
     read_timeout: Option<Duration>,
+    write_timeout: Option<Duration>,
+    /// The most any one reply may take (`delivery.reply_timeout`).
+    reply_cap: Duration,
+    /// When the current attempt must be over, whatever the server does.
+    deadline: Instant,
     pub peer: SocketAddr,
 }
 
 impl SmtpClient {
-    /// Connects and reads the greeting.
+    /// Connects and reads the greeting; the attempt ends by `deadline`.
     pub fn connect(
         peer: SocketAddr,
-        timeout: Duration,
+        timeouts: &Timeouts,
+        deadline: Instant,
     ) -> Result<(SmtpClient, ServerReply), ClientError> {
-        let mut client = SmtpClient::open(peer, timeout)?;
+        let mut client = SmtpClient::open(peer, timeouts, deadline)?;
         let greeting = client.read_reply(GREETING_TIMEOUT)?;
         Ok((client, greeting))
     }
@@ -214,26 +279,41 @@ impl SmtpClient {
     /// Connects with implicit TLS (port 465) and reads the greeting.
     pub fn connect_tls(
         peer: SocketAddr,
-        timeout: Duration,
+        timeouts: &Timeouts,
+        deadline: Instant,
         config: Arc<ClientConfig>,
         server_name: &str,
     ) -> Result<(SmtpClient, ServerReply), ClientError> {
-        let mut client = SmtpClient::open(peer, timeout)?;
+        let mut client = SmtpClient::open(peer, timeouts, deadline)?;
         client.handshake(config, server_name)?;
         let greeting = client.read_reply(GREETING_TIMEOUT)?;
         Ok((client, greeting))
     }
 
-    fn open(peer: SocketAddr, timeout: Duration) -> Result<SmtpClient, ClientError> {
-        let tcp = TcpStream::connect_timeout(&peer, timeout)?;
+    fn open(
+        peer: SocketAddr,
+        timeouts: &Timeouts,
+        deadline: Instant,
+    ) -> Result<SmtpClient, ClientError> {
+        let connect = timeout_within(deadline, Instant::now())
+            .ok_or_else(|| timed_out("the attempt ran out of time before connecting"))?
+            .min(timeouts.connect);
+        let tcp = TcpStream::connect_timeout(&peer, connect)?;
         tcp.set_nodelay(true)?;
-        tcp.set_write_timeout(Some(DATA_BLOCK_TIMEOUT))?;
         Ok(SmtpClient {
             conn: Transport::Plain(tcp),
             buffer: Vec::new(),
             read_timeout: None,
+            write_timeout: None,
+            reply_cap: timeouts.reply,
+            deadline,
             peer,
         })
+    }
+
+    /// A reused connection starts a new attempt.
+    pub fn set_deadline(&mut self, deadline: Instant) {
+        self.deadline = deadline;
     }
 
     fn handshake(
@@ -248,11 +328,16 @@ impl SmtpClient {
         };
         let connection =
             ClientConnection::new(config, name).map_err(|e| ClientError::Tls(e.to_string()))?;
-        self.set_read_timeout(COMMAND_TIMEOUT)?;
+        let deadline = self
+            .deadline
+            .min(Instant::now() + COMMAND_TIMEOUT.min(self.reply_cap));
         let placeholder = Transport::Plain(self.conn.tcp().try_clone()?);
         let plain = std::mem::replace(&mut self.conn, placeholder);
+        // The handshake sets the socket's timeouts itself.
+        self.read_timeout = None;
+        self.write_timeout = None;
         self.conn = plain
-            .upgrade(connection)
+            .upgrade(connection, Some(deadline))
             .map_err(|e| ClientError::Tls(e.to_string()))?;
         Ok(())
     }
@@ -272,23 +357,37 @@ impl SmtpClient {
             .map(|tls| format!("{} with cipher {}", tls.version, tls.cipher))
     }
 
+    /// Writes `data`, each block within RFC 5321's 3 minutes (or the
+    /// reply cap) and all of it before the attempt's deadline.
     pub fn send(&mut self, data: &[u8]) -> Result<(), ClientError> {
-        Ok(self.conn.send(data)?)
-    }
-
-    fn set_read_timeout(&mut self, timeout: Duration) -> Result<(), ClientError> {
-        if self.read_timeout != Some(timeout) {
-            // Unknown until the call succeeds.
-            self.read_timeout = None;
-            self.tcp().set_read_timeout(Some(timeout))?;
-            self.read_timeout = Some(timeout);
+        /// A block of at most this is written within one socket timeout.
+        const WRITE_BLOCK: usize = 16 * 1024;
+        for block in data.chunks(WRITE_BLOCK) {
+            let now = Instant::now();
+            let limit = timeout_within(self.deadline, now)
+                .ok_or_else(|| timed_out("the attempt ran out of time while sending"))?
+                .min(DATA_BLOCK_TIMEOUT.min(self.reply_cap));
+            if self.write_timeout.is_none_or(|set| set > limit) {
+                self.write_timeout = None;
+                self.tcp().set_write_timeout(Some(limit))?;
+                self.write_timeout = Some(limit);
+            }
+            self.conn.write_all(block)?;
         }
-        Ok(())
+        Ok(self.conn.flush()?)
     }
 
-    /// Reads what the server sent, waiting at most `timeout` for it.
-    fn read_some(&mut self, timeout: Duration) -> Result<(), ClientError> {
-        self.set_read_timeout(timeout)?;
+    /// Reads what the server sent, by `deadline` at the latest.
+    fn read_some(&mut self, deadline: Instant) -> Result<(), ClientError> {
+        let limit = timeout_within(deadline, Instant::now())
+            .ok_or_else(|| timed_out("timed out waiting for the reply"))?;
+        // A socket timeout shorter than what is left is fine (a read ends
+        // by the deadline either way); a longer one is lowered.
+        if self.read_timeout.is_none_or(|set| set > limit) {
+            self.read_timeout = None;
+            self.tcp().set_read_timeout(Some(limit))?;
+            self.read_timeout = Some(limit);
+        }
         let mut chunk = [0u8; 4096];
         let n = self.conn.read(&mut chunk)?;
         if n == 0 {
@@ -301,16 +400,34 @@ impl SmtpClient {
         Ok(())
     }
 
+    /// One whole reply within `timeout` (at most `delivery.reply_timeout`)
+    /// and the attempt's deadline.
     pub fn read_reply(&mut self, timeout: Duration) -> Result<ServerReply, ClientError> {
+        self.read_reply_within(timeout.min(self.reply_cap))
+    }
+
+    /// The reply to the end of the message: RFC 5321's 10 minutes, or
+    /// twice `delivery.reply_timeout`.
+    pub fn read_final_reply(&mut self) -> Result<ServerReply, ClientError> {
+        self.read_reply_within(DATA_END_TIMEOUT.min(self.reply_cap * 2))
+    }
+
+    fn read_reply_within(&mut self, timeout: Duration) -> Result<ServerReply, ClientError> {
+        let deadline = self.deadline.min(Instant::now() + timeout);
         let mut parser = ReplyParser::default();
+        let mut octets = 0usize;
         loop {
             let Some(end) = self.buffer.iter().position(|&b| b == b'\n') else {
                 if self.buffer.len() > MAX_REPLY_LINE {
                     return Err(ClientError::Protocol("reply line too long".into()));
                 }
-                self.read_some(timeout)?;
+                self.read_some(deadline)?;
                 continue;
             };
+            octets += end + 1;
+            if octets > MAX_REPLY_OCTETS {
+                return Err(ClientError::Protocol("reply too long".into()));
+            }
             let mut line: Vec<u8> = self.buffer.drain(..=end).collect();
             line.pop();
             if line.last() == Some(&b'\r') {
@@ -391,8 +508,10 @@ impl SmtpClient {
         self.quit_within(Duration::from_secs(10));
     }
 
-    /// QUIT, waiting at most `wait` for the reply.
+    /// QUIT, waiting at most `wait` for the reply (whenever the last
+    /// attempt ended: a cached connection is closed later).
     pub fn quit_within(mut self, wait: Duration) {
+        self.deadline = Instant::now() + wait;
         if self.send(b"QUIT\r\n").is_ok() {
             let _ = self.read_reply(wait);
         }
@@ -657,24 +776,15 @@ mod tests {
         address
     }
 
-    #[test]
-    fn each_read_waits_for_its_own_timeout_and_buffered_replies_need_none() {
-        let server = silent_after(b"220 hi\r\n250 one\r\n250 two\r\n");
-        let (mut client, greeting) =
-            SmtpClient::connect(server, Duration::from_secs(5)).expect("connect");
+    fn connect(server: SocketAddr, timeouts: &Timeouts) -> SmtpClient {
+        let deadline = Instant::now() + timeouts.attempt;
+        let (client, greeting) = SmtpClient::connect(server, timeouts, deadline).expect("connect");
         assert_eq!(greeting.code, 220);
-        assert_eq!(client.read_timeout, Some(GREETING_TIMEOUT));
-        // Already buffered: no read, so the socket's timeout stays as it was.
-        for expected in ["one", "two"] {
-            let reply = client
-                .read_reply(Duration::from_millis(300))
-                .expect("reply");
-            assert_eq!(reply.lines, [expected]);
-        }
-        assert_eq!(client.read_timeout, Some(GREETING_TIMEOUT));
-        // A read is needed now: the short timeout applies, not the greeting's.
-        let started = Instant::now();
-        match client.read_reply(Duration::from_millis(300)) {
+        client
+    }
+
+    fn assert_timed_out(result: Result<ServerReply, ClientError>) {
+        match result {
             Err(ClientError::Io(error)) => assert!(
                 matches!(
                     error.kind(),
@@ -687,7 +797,102 @@ mod tests {
                 other.map(|reply| reply.code)
             ),
         }
+    }
+
+    #[test]
+    fn each_read_waits_for_its_own_timeout_and_buffered_replies_need_none() {
+        let server = silent_after(b"220 hi\r\n250 one\r\n250 two\r\n");
+        let mut client = connect(server, &Timeouts::default());
+        let after_greeting = client.read_timeout.expect("set for the greeting");
+        assert!(after_greeting <= GREETING_TIMEOUT, "{after_greeting:?}");
+        // Already buffered: no read, so the socket's timeout stays as it was.
+        for expected in ["one", "two"] {
+            let reply = client
+                .read_reply(Duration::from_millis(300))
+                .expect("reply");
+            assert_eq!(reply.lines, [expected]);
+        }
+        assert_eq!(client.read_timeout, Some(after_greeting));
+        // A read is needed now: the short timeout applies, not the greeting's.
+        let started = Instant::now();
+        assert_timed_out(client.read_reply(Duration::from_millis(300)));
         assert!(started.elapsed() < Duration::from_secs(30));
-        assert_eq!(client.read_timeout, Some(Duration::from_millis(300)));
+        assert!(client.read_timeout <= Some(Duration::from_millis(300)));
+    }
+
+    /// A server that sends `script` a byte every `pause`, then holds the
+    /// connection open until the client goes.
+    fn trickling(script: &'static [u8], pause: Duration) -> SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        let address = listener.local_addr().expect("listener address");
+        std::thread::spawn(move || {
+            if let Ok((mut stream, _)) = listener.accept() {
+                for byte in script.iter().cycle().take(100_000) {
+                    if stream.write_all(&[*byte]).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(pause);
+                }
+            }
+        });
+        address
+    }
+
+    #[test]
+    fn a_reply_trickled_a_byte_at_a_time_runs_out_of_time_as_a_whole() {
+        // Each byte comes well within any per-read timeout; the reply
+        // never ends ("220-" lines forever).
+        let server = trickling(b"220-slow\r\n", Duration::from_millis(20));
+        let timeouts = Timeouts {
+            reply: Duration::from_millis(700),
+            ..Timeouts::default()
+        };
+        let started = Instant::now();
+        let result = SmtpClient::connect(server, &timeouts, started + timeouts.attempt);
+        assert_timed_out(result.map(|(_, greeting)| greeting));
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(600), "{took:?}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+    }
+
+    #[test]
+    fn an_endless_reply_is_cut_off_by_its_size() {
+        let server = trickling(b"220-more to say\r\n", Duration::ZERO);
+        let timeouts = Timeouts::default();
+        match SmtpClient::connect(server, &timeouts, Instant::now() + timeouts.attempt) {
+            Err(ClientError::Protocol(why)) => assert!(why.contains("too many lines"), "{why}"),
+            other => panic!("expected a protocol error, got {:?}", other.map(|(_, r)| r)),
+        }
+    }
+
+    #[test]
+    fn the_attempt_has_one_deadline_however_prompt_each_reply_is() {
+        // Every reply comes in time; together they take too long.
+        let server = trickling(b"250 ok\r\n", Duration::from_millis(40));
+        let timeouts = Timeouts {
+            reply: Duration::from_secs(5),
+            attempt: Duration::from_millis(1500),
+            ..Timeouts::default()
+        };
+        let started = Instant::now();
+        let deadline = started + timeouts.attempt;
+        let (mut client, _) = match SmtpClient::connect(server, &timeouts, deadline) {
+            Ok(connected) => connected,
+            Err(error) => panic!("{error}"),
+        };
+        let mut replies = 1;
+        let result = loop {
+            match client.read_reply(COMMAND_TIMEOUT) {
+                Ok(_) => replies += 1,
+                Err(error) => break error,
+            }
+            assert!(replies < 1000, "the deadline never came");
+        };
+        assert!(matches!(result, ClientError::Io(_)), "{result}");
+        assert!(replies > 2, "{replies}");
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        // Writing is bounded by the same deadline.
+        assert!(client.send(b"NOOP\r\n").is_err());
     }
 }

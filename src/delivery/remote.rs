@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use rustls::ClientConfig;
 
@@ -284,10 +285,13 @@ struct Hosts<'a> {
 }
 
 fn try_hosts(ctx: &DeliveryContext, route: &Hosts, envelope: &Envelope) -> RemoteOutcome {
-    if let Some(session) = ctx.connections.take(&route.destination)
-        && let Some(outcome) = reuse(ctx, session, route, envelope)
-    {
-        return outcome;
+    let timeouts = client::Timeouts::from_config(&ctx.config.delivery);
+    let deadline = Instant::now() + timeouts.attempt;
+    if let Some(mut session) = ctx.connections.take(&route.destination) {
+        session.client.set_deadline(deadline);
+        if let Some(outcome) = reuse(ctx, session, route, envelope) {
+            return outcome;
+        }
     }
     let port = route.port;
     let mut last_error = String::from("no host could be tried");
@@ -305,6 +309,13 @@ fn try_hosts(ctx: &DeliveryContext, route: &Hosts, envelope: &Envelope) -> Remot
         for ip in addresses {
             let peer = SocketAddr::new(ip, port);
             let relay = format!("{host}[{ip}]:{port}");
+            if Instant::now() >= deadline {
+                last_error = format!(
+                    "{relay}: not tried: the attempt took longer than delivery.attempt_timeout ({})",
+                    ctx.config.delivery.attempt_timeout
+                );
+                break;
+            }
             if route.checked
                 && let Err(why) = ctx.outbound.check(peer, assigned_here)
             {
@@ -315,10 +326,16 @@ fn try_hosts(ctx: &DeliveryContext, route: &Hosts, envelope: &Envelope) -> Remot
             }
             tried = true;
             last_relay = Some(relay.clone());
-            let mut result = deliver_to_host(ctx, host, peer, route, route.tls, envelope);
+            let connection = Connection {
+                host,
+                peer,
+                timeouts: &timeouts,
+                deadline,
+            };
+            let mut result = deliver_to_host(ctx, &connection, route, route.tls, envelope);
             if let HostResult::TlsFailed(why) = &result {
                 log::info!("{relay}: TLS handshake failed ({why}); retrying in plaintext");
-                result = deliver_to_host(ctx, host, peer, route, &TlsPolicy::Plaintext, envelope);
+                result = deliver_to_host(ctx, &connection, route, &TlsPolicy::Plaintext, envelope);
             }
             match result {
                 HostResult::Answered(attempts, peer_reports, conn_use) => {
@@ -420,22 +437,29 @@ fn reuse(
     }
 }
 
+/// One host of a delivery attempt, and the attempt's time.
+struct Connection<'a> {
+    host: &'a str,
+    peer: SocketAddr,
+    timeouts: &'a client::Timeouts,
+    deadline: Instant,
+}
+
 /// One connection, one transaction.
 fn deliver_to_host(
     ctx: &DeliveryContext,
-    host: &str,
-    peer: SocketAddr,
+    connection: &Connection,
     route: &Hosts,
     policy: &TlsPolicy,
     envelope: &Envelope,
 ) -> HostResult {
+    let (host, peer) = (connection.host, connection.peer);
     let credentials = route.credentials;
-    let connect_timeout = ctx.config.delivery.connect_timeout.get();
     let implicit = matches!(policy, TlsPolicy::Required { implicit: true, .. });
     let connected = if implicit {
-        connect_implicit_tls(peer, host, policy, connect_timeout)
+        connect_implicit_tls(connection, policy)
     } else {
-        SmtpClient::connect(peer, connect_timeout)
+        SmtpClient::connect(peer, connection.timeouts, connection.deadline)
     };
     let (mut client, greeting) = match connected {
         Ok(connected) => connected,
@@ -492,17 +516,21 @@ fn log_tls(client: &SmtpClient, host: &str, peer: SocketAddr, policy: &TlsPolicy
 }
 
 fn connect_implicit_tls(
-    peer: SocketAddr,
-    host: &str,
+    connection: &Connection,
     policy: &TlsPolicy,
-    timeout: std::time::Duration,
 ) -> Result<(SmtpClient, ServerReply), ClientError> {
     let TlsPolicy::Required { config, .. } = policy else {
         return Err(ClientError::Tls(
             "implicit TLS without a TLS configuration".into(),
         ));
     };
-    SmtpClient::connect_tls(peer, timeout, Arc::clone(config), host)
+    SmtpClient::connect_tls(
+        connection.peer,
+        connection.timeouts,
+        connection.deadline,
+        Arc::clone(config),
+        connection.host,
+    )
 }
 
 /// EHLO, STARTTLS and AUTH as the policy asks: the extensions when the
@@ -746,7 +774,7 @@ fn send_message(
         let attempt = Attempt::from_reply(&mail_reply, Stage::MailFrom);
         if data_reply.as_ref().is_some_and(|r| r.code == 354) {
             client.send(b".\r\n")?;
-            let _ = client.read_reply(client::DATA_END_TIMEOUT)?;
+            let _ = client.read_final_reply()?;
         }
         return Ok(all(envelope, attempt));
     }
@@ -766,7 +794,7 @@ fn send_message(
         if data_reply.code == 354 {
             // Pipelined DATA went through with no recipient: end it empty.
             client.send(b".\r\n")?;
-            let _ = client.read_reply(client::DATA_END_TIMEOUT)?;
+            let _ = client.read_final_reply()?;
         }
         return Ok(attempts.into_iter().flatten().collect());
     }
@@ -784,7 +812,7 @@ fn send_message(
     // not at once over a new connection).
     *ended = true;
     client.send(&last)?;
-    let final_reply = client.read_reply(client::DATA_END_TIMEOUT)?;
+    let final_reply = client.read_final_reply()?;
     let outcome = Attempt::from_reply(&final_reply, Stage::EndOfData);
     for attempt in &mut attempts {
         if attempt.is_none() {

@@ -12,7 +12,11 @@
 //! - a destination that cannot be reached is backed off as a whole: its
 //!   waiting recipients are put back by `queue.retry_min` in one indexed
 //!   update and its window stays at one, so the next try is one probe,
-//!   not one connection per recipient.
+//!   not one connection per recipient;
+//! - a destination whose attempt took as long as a whole reply timeout
+//!   (a host that stalls or trickles) is *slow* for a while: the jobs of
+//!   slow destinations together hold at most half the remote workers, so
+//!   however many of them there are, the others always find a worker.
 //!
 //! At shutdown, jobs no worker has started go back to the queue untouched
 //! (same attempts, same due time): nothing runs after the stop, so
@@ -48,6 +52,11 @@ const MIN_CLAIM_INTERVAL: Duration = Duration::from_millis(10);
 const DISCOVERY_SHARE: u32 = 4;
 /// A destination's window when it is first seen (Postfix starts at 5).
 const INITIAL_WINDOW: usize = 4;
+/// An attempt taking this long (at most; or one `delivery.reply_timeout`)
+/// makes its destination slow ...
+const SLOW_ATTEMPT: Duration = Duration::from_secs(60);
+/// ... for this long, unless it answers promptly again.
+const SLOW_FOR: Duration = Duration::from_secs(3600);
 
 /// What a worker tells the scheduler.
 pub enum Event {
@@ -55,6 +64,8 @@ pub enum Event {
     Finished {
         destination: Destination,
         reach: Reach,
+        /// How long the attempt took.
+        took: Duration,
     },
     /// Taken from a lane after the stop: not started, goes back untouched.
     Unstarted(Job),
@@ -79,6 +90,10 @@ struct DestinationState {
     /// waiting recipients back; new mail and an operator's retry still
     /// go, one at a time).
     backed_off_until: Option<Instant>,
+    /// Slow until then: its jobs count against the slow share.
+    slow_until: Option<Instant>,
+    /// Of `running`, the jobs started while it was slow.
+    running_slow: usize,
 }
 
 pub struct Scheduler {
@@ -102,6 +117,10 @@ pub struct Scheduler {
     backlog: bool,
     /// When the last claim for new mail may be followed by the next.
     next_discovery: Instant,
+    /// Jobs of slow destinations running (or in the remote lane) ...
+    slow_running: usize,
+    /// ... and the most there may be.
+    slow_share: usize,
 }
 
 impl DestinationState {
@@ -115,6 +134,10 @@ impl DestinationState {
     /// Worth a claim of its own: a window's worth of room and mail due.
     fn wants_refill(&self) -> bool {
         self.more_due && self.room() >= self.window
+    }
+
+    fn is_slow(&self, now: Instant) -> bool {
+        self.slow_until.is_some_and(|until| until > now)
     }
 }
 
@@ -134,6 +157,7 @@ impl Scheduler {
         stop: Arc<AtomicBool>,
     ) -> Scheduler {
         let workers = context.config.delivery.workers + context.config.delivery.local_workers;
+        let slow_share = (context.config.delivery.workers / 2).max(1);
         Scheduler {
             context,
             lanes,
@@ -148,6 +172,8 @@ impl Scheduler {
             fresh: true,
             backlog: false,
             next_discovery: Instant::now(),
+            slow_running: 0,
+            slow_share,
         }
     }
 
@@ -406,15 +432,21 @@ impl Scheduler {
                 || !state.waiting.is_empty()
                 || state.backed_off_until.is_some()
                 || state.more_due
+                || state.is_slow(now)
         });
     }
 
-    /// Starts waiting jobs of `destination` while its window allows.
+    /// Starts waiting jobs of `destination` while its window (and, for a
+    /// slow destination, the slow share) allows.
     fn dispatch(&mut self, destination: &Destination) {
         let Some(state) = self.destinations.get_mut(destination) else {
             return;
         };
+        let slow = state.is_slow(Instant::now());
         while state.running < state.window {
+            if slow && self.slow_running >= self.slow_share {
+                break;
+            }
             let Some(job) = state.waiting.pop_front() else {
                 break;
             };
@@ -429,15 +461,39 @@ impl Scheduler {
                 continue;
             }
             state.running += 1;
+            if slow {
+                state.running_slow += 1;
+                self.slow_running += 1;
+            }
+        }
+    }
+
+    /// A slow job ended: the slow destinations' waiting jobs may use its
+    /// place.
+    fn dispatch_slow(&mut self) {
+        let now = Instant::now();
+        let slow: Vec<Destination> = self
+            .destinations
+            .iter()
+            .filter(|(_, state)| state.is_slow(now) && !state.waiting.is_empty())
+            .map(|(destination, _)| destination.clone())
+            .collect();
+        for destination in slow {
+            self.dispatch(&destination);
         }
     }
 
     fn handle(&mut self, event: Event) {
         match event {
-            Event::Finished { destination, reach } => {
+            Event::Finished {
+                destination,
+                reach,
+                took,
+            } => {
                 self.outstanding = self.outstanding.saturating_sub(1);
                 let maximum = self.context.config.delivery.destination_concurrency;
                 let retry_min = self.context.config.queue.retry_min.get();
+                let slow_after = SLOW_ATTEMPT.min(self.context.config.delivery.reply_timeout.get());
                 let Some(state) = self.destinations.get_mut(&destination) else {
                     return;
                 };
@@ -445,6 +501,25 @@ impl Scheduler {
                 if destination == Destination::Local {
                     self.dispatch(&destination);
                     return;
+                }
+                let freed_slow = state.running_slow > 0;
+                if freed_slow {
+                    state.running_slow -= 1;
+                    self.slow_running = self.slow_running.saturating_sub(1);
+                }
+                if took >= slow_after {
+                    if !state.is_slow(Instant::now()) {
+                        log::info!(
+                            "delivery: {} is slow (an attempt took {}); its jobs share at most \
+                             {} of the remote workers",
+                            destination.key(),
+                            crate::timefmt::short_duration(took),
+                            self.slow_share
+                        );
+                    }
+                    state.slow_until = Some(Instant::now() + SLOW_FOR);
+                } else if reach == Reach::Reached {
+                    state.slow_until = None;
                 }
                 match reach {
                     Reach::Reached => state.window = (state.window + 1).min(maximum),
@@ -458,6 +533,9 @@ impl Scheduler {
                     }
                 }
                 self.dispatch(&destination);
+                if freed_slow {
+                    self.dispatch_slow();
+                }
             }
             Event::Unstarted(job) => {
                 self.outstanding = self.outstanding.saturating_sub(1);

@@ -37,6 +37,7 @@ pub fn run(jobs: Receiver<Job>, ctx: &DeliveryContext, events: &Sender<Event>, s
             continue;
         }
         let ids: Vec<i64> = job.recipients.iter().map(|r| r.id).collect();
+        let started = std::time::Instant::now();
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| deliver(ctx, &job)));
         let (reach, failure) = match outcome {
             Ok(Ok(reach)) => (reach, None),
@@ -59,6 +60,7 @@ pub fn run(jobs: Receiver<Job>, ctx: &DeliveryContext, events: &Sender<Event>, s
         let _ = events.send(Event::Finished {
             destination: job.destination,
             reach,
+            took: started.elapsed(),
         });
     }
 }

@@ -290,7 +290,7 @@ fn run(
                         "implicit TLS listener without a certificate",
                     ));
                 };
-                conn = start_tls(conn, tls)?;
+                conn = start_tls(conn, tls, limits)?;
             }
             conn
         }
@@ -455,7 +455,9 @@ fn perform(
                 };
                 let placeholder = Conn::Net(Transport::Plain(transport.tcp().try_clone()?));
                 let plain = std::mem::replace(&mut io.conn, placeholder);
-                io.conn = start_tls(plain, tls)?;
+                io.conn = start_tls(plain, tls, &ctx.config.limits)?;
+                // The handshake left its own read timeout on the socket.
+                io.clock.socket_timeout = None;
                 if let Some(info) = tls_info(&io.conn) {
                     session.tls_started(info);
                 }
@@ -604,12 +606,21 @@ fn receive_data(io: &mut SessionIo, ctx: &ServerContext) -> io::Result<ReceivedD
     })
 }
 
-fn start_tls(conn: Conn, tls: &ServerTls) -> io::Result<Conn> {
+/// The handshake must be over within one command timeout, however the
+/// client trickles it; the socket then gets the session's timeouts back.
+fn start_tls(
+    conn: Conn,
+    tls: &ServerTls,
+    limits: &crate::config::LimitsConfig,
+) -> io::Result<Conn> {
     let Conn::Net(transport) = conn else {
         return Err(io::Error::other("TLS on a connection that is not TCP"));
     };
     let server = ServerConnection::new(tls.server_config()).map_err(io::Error::other)?;
-    transport.upgrade(server).map(Conn::Net)
+    let command_timeout = limits.command_timeout.get();
+    let upgraded = transport.upgrade(server, Some(Instant::now() + command_timeout))?;
+    upgraded.tcp().set_write_timeout(Some(command_timeout))?;
+    Ok(Conn::Net(upgraded))
 }
 
 /// The queue's form of a message the session accepted.

@@ -47,14 +47,30 @@ where
         }
     }
 
-    /// Runs the handshake of `connection` over the plain socket. The
-    /// caller sets timeouts on the socket first; a stalled peer fails the
-    /// handshake with the socket's read timeout.
-    pub fn upgrade(self, mut connection: C) -> io::Result<Transport<C>> {
+    /// Runs the handshake of `connection` over the plain socket, done by
+    /// `deadline`: a peer that sends a byte now and then still runs out
+    /// of time (the socket's timeouts are set to what is left, and stay
+    /// so). Without a deadline, the socket's own timeouts apply to each
+    /// read and write.
+    pub fn upgrade(
+        self,
+        mut connection: C,
+        deadline: Option<std::time::Instant>,
+    ) -> io::Result<Transport<C>> {
         let Transport::Plain(mut tcp) = self else {
             return Err(io::Error::other("TLS is already active"));
         };
         while connection.is_handshaking() {
+            if let Some(deadline) = deadline {
+                let left = deadline
+                    .checked_duration_since(std::time::Instant::now())
+                    .filter(|left| !left.is_zero())
+                    .ok_or_else(|| {
+                        io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
+                    })?;
+                tcp.set_read_timeout(Some(left))?;
+                tcp.set_write_timeout(Some(left))?;
+            }
             connection.complete_io(&mut tcp)?;
         }
         Ok(Transport::Tls(Box::new(StreamOwned::new(connection, tcp))))

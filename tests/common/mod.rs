@@ -343,7 +343,7 @@ impl RawClient {
         let connection = rustls::ClientConnection::new(config, name).unwrap();
         let placeholder = Transport::Plain(self.transport.tcp().try_clone().unwrap());
         let plain = std::mem::replace(&mut self.transport, placeholder);
-        self.transport = plain.upgrade(connection)?;
+        self.transport = plain.upgrade(connection, None)?;
         Ok(())
     }
 
