@@ -8,9 +8,16 @@ usage: memory.py SCENARIO PID SMTP_PORT SMTPS_PORT
   idle   1000 idle connections to port 25 (127.0.4.x / 127.0.5.x ...)
   senders  100 parallel senders, 20 messages of 1 KiB each, one session
          per message, to a local mailbox (127.0.6.x)
+  sequential  100 wrong AUTH PLAIN one after another, each from its own
+         address and for its own name (no lockout, no slowdown; 127.0.7.x)
 Prints one line: peak and settled RSS (MB, from VmRSS sampled every 20 ms
-and VmHWM), peak PSS (from smaps_rollup) and what the clients got.
+and VmHWM), peak PSS (from smaps_rollup) and what the clients got. The
+sequential case also prints VmRSS before and after, and fails (exit 1)
+when after > before + CHECKS x 20 MiB (CHECKS: auth.max_parallel_checks,
+from the environment, 2 by default): memory must be given back, not only
+bounded at its peak.
 """
+import os
 import base64
 import socket
 import ssl
@@ -97,6 +104,46 @@ def auth(n, start):
         record("error:" + type(e).__name__)
 
 
+def sequential_login(n):
+    raw = socket.create_connection(("127.0.0.1", smtps_port), timeout=120, source_address=(source(n, 7), 0))
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    s = context.wrap_socket(raw)
+    f = s.makefile("rb")
+    reply(f)
+    s.sendall(b"EHLO bench.test\r\n")
+    reply(f)
+    token = base64.b64encode(b"\0nobody%d@localhost\0Wrong-Password-1!" % n)
+    s.sendall(b"AUTH PLAIN " + token + b"\r\n")
+    record(reply(f))
+    s.close()
+
+
+def sequential():
+    """Returns whether the memory after stayed within the bound."""
+    checks = int(os.environ.get("CHECKS", "2"))
+    before = status("VmRSS")
+    began = time.time()
+    for n in range(100):
+        sequential_login(n)
+    elapsed = time.time() - began
+    time.sleep(1)
+    after = status("VmRSS")
+    bound = before + checks * 20
+    outcome = {}
+    for r in results:
+        outcome[r] = outcome.get(r, 0) + 1
+    print(
+        "sequential: VmRSS before %.1f MB, after 100 wrong logins %.1f MB (bound %.1f MB = before + %d x 20), "
+        "peak VmHWM %.1f MB, %.1f s, replies %s"
+        % (before, after, bound, checks, status("VmHWM"), elapsed,
+           " ".join("%s x%d" % kv for kv in sorted(outcome.items()))),
+        flush=True,
+    )
+    return after <= bound
+
+
 BODY = None
 
 
@@ -153,6 +200,8 @@ def idle(n, start):
 
 def main():
     global BODY
+    if scenario == "sequential":
+        sys.exit(0 if sequential() else 1)
     count, work = {
         "auth": (128, auth),
         "data": (50, data),

@@ -92,6 +92,108 @@ fn parallel_wrong_logins_are_counted_exactly() {
     assert_eq!(server.instance().password_checks(), 5);
 }
 
+/// Fifty threads from one address connect to 587, STARTTLS and log in at
+/// the same moment; returns the reply codes of their AUTH (or of their
+/// greeting, when that was not 220).
+fn parallel_logins(server: &Arc<TestServer>, source: &'static str, password: &str) -> Vec<u16> {
+    let start = Arc::new(Barrier::new(50));
+    let threads: Vec<_> = (0..50)
+        .map(|_| {
+            let server = Arc::clone(server);
+            let start = Arc::clone(&start);
+            let password = password.to_string();
+            std::thread::spawn(move || {
+                let mut client =
+                    RawClient::connect_from(source, server.addr(ListenerKind::Submission));
+                let greeting = client.reply();
+                if greeting.code != 220 {
+                    start.wait();
+                    return greeting.code;
+                }
+                client.command("EHLO webapp.test");
+                client.starttls(&server.cert_path());
+                client.command("EHLO webapp.test");
+                start.wait();
+                client.auth_plain("alice@example.test", &password).code
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+fn lockouts_recorded(server: &TestServer) -> i64 {
+    server
+        .db()
+        .query_row("SELECT count(*) FROM auth_lockouts", [], |r| r.get(0))
+        .unwrap()
+}
+
+#[test]
+fn fifty_parallel_correct_logins_from_one_address_all_get_in() {
+    // A web application's worker pool, or an office behind NAT, on the
+    // defaults: only failed checks count, and one address may have fifty
+    // sessions.
+    let server = Arc::new(TestServer::start(|_| {}));
+    let codes = parallel_logins(&server, "127.0.0.10", PASSWORD);
+    assert!(codes.iter().all(|&c| c == 235), "{codes:?}");
+    assert_eq!(
+        login(&server, "127.0.0.10", "alice@example.test", PASSWORD),
+        235
+    );
+    assert_eq!(lockouts_recorded(&server), 0);
+
+    // Fifty wrong ones at once from another address lock it, as before,
+    // at the cost of lockout_after checks.
+    let before = server.instance().password_checks();
+    let codes = parallel_logins(&server, "127.0.0.11", "Wrong-Password-1!");
+    assert!(codes.iter().all(|&c| c == 535 || c == 421), "{codes:?}");
+    let lockout_after = u64::from(server.instance().config().auth.lockout_after);
+    assert_eq!(server.instance().password_checks() - before, lockout_after);
+    assert_eq!(
+        login(&server, "127.0.0.11", "alice@example.test", PASSWORD),
+        421
+    );
+    assert_eq!(lockouts_recorded(&server), 1);
+}
+
+#[test]
+fn unknown_names_are_slowed_down_like_accounts() {
+    // The enumeration the slowdown allowed: four wrong tries at a name,
+    // then a fifth from a new address took 2.04 s for an account and
+    // 0.02 s for a name that is none.
+    let server = TestServer::start(|config| {
+        config.auth.slowdown_after = 3;
+        config.auth.slowdown_step = HumanDuration::secs(1);
+    });
+    let fifth_takes = |name: &str, net: u8| {
+        for n in 0..4 {
+            let source = format!("127.0.{net}.{}", n + 1);
+            assert_eq!(login(&server, &source, name, "Wrong-Guess-1!"), 535);
+        }
+        let mut client =
+            RawClient::connect_from(&format!("127.0.{net}.99"), server.addr(ListenerKind::Smtps));
+        client.upgrade_tls(&server.cert_path());
+        client.expect_greeting();
+        client.command("EHLO client.test");
+        let started = std::time::Instant::now();
+        assert_eq!(client.auth_plain(name, "Wrong-Guess-2!").code, 535);
+        started.elapsed()
+    };
+    let account = fifth_takes("alice@example.test", 30);
+    let unknown = fifth_takes("nobody-here@example.test", 31);
+    for took in [account, unknown] {
+        assert!(
+            took >= std::time::Duration::from_millis(1500),
+            "{account:?} {unknown:?}"
+        );
+    }
+    let apart = account.abs_diff(unknown);
+    assert!(
+        apart < std::time::Duration::from_millis(700),
+        "{account:?} {unknown:?}"
+    );
+}
+
 #[test]
 fn submission_keeps_its_slots_while_port_25_is_flooded() {
     let server = TestServer::start(|config| {

@@ -2,30 +2,31 @@
 //! 19 MiB of memory and ~50 ms of a core; left unbounded, a burst of AUTH
 //! commands costs gigabytes (128 at once took 2.5 GB). So at most a fixed
 //! number of checks run at once (about one per core), each in a memory
-//! block the pool hands out; an attempt that cannot get a slot within a
-//! bounded wait is told to come back later instead of queueing forever.
+//! block of the pool's own; an attempt that cannot get a slot by its
+//! deadline is told to come back later instead of queueing forever.
 //!
-//! Memory blocks are reused while checks are waiting and dropped when the
-//! pool goes idle, so a burst costs at most `size` blocks and leaves none.
+//! The blocks are allocated once, one per slot, on first use, and kept:
+//! memory given back to the allocator after each check was not given back
+//! to the system (glibc keeps a freed 19 MiB block in the freeing thread's
+//! arena, so each session thread that ever checked a password held one:
+//! 80 checks in a row left 278 MiB). Kept blocks bound it to
+//! `size` × 19 MiB for good, however many checks run.
 
 use std::sync::{Condvar, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use argon2::password_hash::phc::PasswordHash;
 use argon2::{Algorithm, Argon2, Block, Params, Version};
 
 use super::password::MAX_PASSWORD_LENGTH;
 
-/// No slot came free within the wait: answer 454 and let the client retry.
+/// No slot came free by the deadline: answer 454 and let the client retry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Busy;
 
-#[derive(Default)]
 struct State {
-    free: usize,
-    waiting: usize,
-    /// Blocks given back while others waited, ready for the next check.
-    spare: Vec<Vec<Block>>,
+    /// The memory blocks of the slots not in use (empty until first used).
+    free: Vec<Vec<Block>>,
     /// Checks run since start (tests and benchmarks read it).
     checks: u64,
 }
@@ -33,7 +34,6 @@ struct State {
 pub struct HashingPool {
     state: Mutex<State>,
     freed: Condvar,
-    wait: Duration,
     size: usize,
 }
 
@@ -43,16 +43,15 @@ const TIMING_EQUALISER: &str = "$argon2id$v=19$m=19456,t=2,p=1$cGV0cmVsLXRpbWluZ
     a8Xfw0pyQ2H8UvD6AEZ3cn9Cp7TLKwQu6bY3M4v1dRc";
 
 impl HashingPool {
-    /// `size` checks at once (at least one); `wait` for a slot at most.
-    pub fn new(size: usize, wait: Duration) -> HashingPool {
+    /// `size` checks at once (at least one).
+    pub fn new(size: usize) -> HashingPool {
         let size = size.max(1);
         HashingPool {
             state: Mutex::new(State {
-                free: size,
-                ..State::default()
+                free: (0..size).map(|_| Vec::new()).collect(),
+                checks: 0,
             }),
             freed: Condvar::new(),
-            wait,
             size,
         }
     }
@@ -71,9 +70,15 @@ impl HashingPool {
     }
 
     /// Whether `password` matches the stored PHC string; `None` (no such
-    /// account) spends the same effort and says no.
-    pub fn verify(&self, password: &str, stored: Option<&str>) -> Result<bool, Busy> {
-        let mut memory = self.acquire()?;
+    /// account) spends the same effort and says no. Waits for a slot until
+    /// `deadline`.
+    pub fn verify(
+        &self,
+        password: &str,
+        stored: Option<&str>,
+        deadline: Instant,
+    ) -> Result<bool, Busy> {
+        let mut memory = self.acquire(deadline)?;
         let result = match stored {
             Some(stored) => matches(password, stored, &mut memory),
             None => {
@@ -85,14 +90,15 @@ impl HashingPool {
         Ok(result)
     }
 
-    fn acquire(&self) -> Result<Vec<Block>, Busy> {
-        let deadline = Instant::now() + self.wait;
+    fn acquire(&self, deadline: Instant) -> Result<Vec<Block>, Busy> {
         let mut state = self.lock();
-        state.waiting += 1;
-        while state.free == 0 {
+        loop {
+            if let Some(memory) = state.free.pop() {
+                state.checks += 1;
+                return Ok(memory);
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                state.waiting -= 1;
                 return Err(Busy);
             }
             state = self
@@ -101,25 +107,21 @@ impl HashingPool {
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
-        state.waiting -= 1;
-        state.free -= 1;
-        state.checks += 1;
-        Ok(state.spare.pop().unwrap_or_default())
     }
 
     fn release(&self, memory: Vec<Block>) {
-        let mut state = self.lock();
-        state.free += 1;
-        // Keep the block only for a check that is already waiting for it;
-        // an idle pool holds no memory.
-        if state.waiting > state.spare.len() {
-            state.spare.push(memory);
-        } else {
-            state.spare.clear();
-            drop(memory);
-        }
-        drop(state);
+        self.lock().free.push(memory);
         self.freed.notify_one();
+    }
+
+    /// Octets held in memory blocks not in use now.
+    #[cfg(test)]
+    fn idle_memory(&self) -> usize {
+        self.lock()
+            .free
+            .iter()
+            .map(|m| m.capacity() * std::mem::size_of::<Block>())
+            .sum()
     }
 }
 
@@ -153,13 +155,18 @@ pub(crate) fn matches(password: &str, stored: &str, memory: &mut Vec<Block>) -> 
         return false;
     };
     let blocks = argon2.params().block_count();
-    if memory.len() != blocks {
-        memory.clear();
+    // Grown to the largest cost seen, never shrunk: the block is the slot's.
+    if memory.len() < blocks {
         memory.resize(blocks, Block::default());
     }
     let mut output = vec![0u8; expected.len()];
     if argon2
-        .hash_password_into_with_memory(password.as_bytes(), salt, &mut output, &mut memory[..])
+        .hash_password_into_with_memory(
+            password.as_bytes(),
+            salt,
+            &mut output,
+            &mut memory[..blocks],
+        )
         .is_err()
     {
         return false;
@@ -172,23 +179,53 @@ pub(crate) fn matches(password: &str, stored: &str, memory: &mut Vec<Block>) -> 
 mod tests {
     use super::*;
     use std::sync::Arc;
+    use std::time::Duration;
+
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(10)
+    }
 
     #[test]
     fn verifies_phc_hashes_like_the_argon2_crate() {
-        let pool = HashingPool::new(2, Duration::from_secs(10));
+        let pool = HashingPool::new(2);
         let stored = super::super::password::hash("correct-Horse-battery-9").unwrap();
         assert_eq!(
-            pool.verify("correct-Horse-battery-9", Some(&stored)),
+            pool.verify("correct-Horse-battery-9", Some(&stored), soon()),
             Ok(true)
         );
         assert_eq!(
-            pool.verify("correct-horse-battery-9", Some(&stored)),
+            pool.verify("correct-horse-battery-9", Some(&stored), soon()),
             Ok(false)
         );
-        assert_eq!(pool.verify("anything", Some("not a phc string")), Ok(false));
-        assert_eq!(pool.verify("anything", None), Ok(false));
+        assert_eq!(
+            pool.verify("anything", Some("not a phc string"), soon()),
+            Ok(false)
+        );
+        assert_eq!(pool.verify("anything", None, soon()), Ok(false));
         assert_eq!(pool.checks(), 4);
-        assert!(pool.lock().spare.is_empty(), "an idle pool holds no memory");
+    }
+
+    #[test]
+    fn memory_is_one_block_per_slot_however_many_checks_run() {
+        let pool = Arc::new(HashingPool::new(2));
+        let threads: Vec<_> = (0..6)
+            .map(|_| {
+                let pool = Arc::clone(&pool);
+                std::thread::spawn(move || {
+                    for _ in 0..2 {
+                        assert_eq!(pool.verify("x", None, soon()), Ok(false));
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        assert_eq!(pool.checks(), 12);
+        let block = 19 * 1024 * 1024;
+        let held = pool.idle_memory();
+        assert!(held <= 2 * (block + block / 16), "{held}");
+        assert!(held >= block, "the blocks are kept for the next checks");
     }
 
     #[test]
@@ -203,15 +240,17 @@ mod tests {
 
     #[test]
     fn at_most_size_checks_run_and_waits_are_bounded() {
-        let pool = Arc::new(HashingPool::new(1, Duration::from_millis(50)));
+        let pool = Arc::new(HashingPool::new(1));
         // Hold the only slot.
-        let held = pool.acquire().unwrap();
+        let held = pool.acquire(soon()).unwrap();
         let waiter = {
             let pool = Arc::clone(&pool);
-            std::thread::spawn(move || pool.verify("x", None))
+            std::thread::spawn(move || {
+                pool.verify("x", None, Instant::now() + Duration::from_millis(50))
+            })
         };
         assert_eq!(waiter.join().unwrap(), Err(Busy));
         pool.release(held);
-        assert_eq!(pool.verify("x", None), Ok(false));
+        assert_eq!(pool.verify("x", None, soon()), Ok(false));
     }
 }

@@ -10,4 +10,4 @@ pub mod password;
 
 pub use accounts::Accounts;
 pub use hashing::HashingPool;
-pub use limiter::{AuthLimiter, FailureOutcome};
+pub use limiter::{AuthLimiter, FailureOutcome, Refused};

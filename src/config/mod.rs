@@ -453,7 +453,9 @@ pub struct LimitsConfig {
     pub max_recipients: usize,
     /// Worker threads, hence concurrent sessions.
     pub max_sessions: usize,
-    /// One client (address, or IPv6 /64) may not take every worker.
+    /// One client (address, or IPv6 /64) may not take every worker; 50, as
+    /// Postfix's smtpd_client_connection_count_limit, lets a web
+    /// application's pool or an office behind NAT send in parallel.
     pub max_sessions_per_ip: usize,
     /// Sessions port 25 can never take (at most half of max_sessions), so
     /// strangers flooding the MX port cannot keep users from sending.
@@ -486,7 +488,7 @@ impl Default for LimitsConfig {
             max_hops: 50,
             max_recipients: 100,
             max_sessions: 256,
-            max_sessions_per_ip: 20,
+            max_sessions_per_ip: 50,
             submission_reserved: 64,
             max_connection_rate: 60,
             max_errors: 10,
@@ -518,7 +520,8 @@ pub struct AuthConfig {
     /// Password checks (argon2id, 19 MiB and ~50 ms each) running at once;
     /// about the number of cores, so a burst of AUTH costs bounded memory.
     pub max_parallel_checks: usize,
-    /// How long a login waits for a free check before getting 454.
+    /// How long a login waits for its turn (a free check, and its place
+    /// among the checks one address may have running) before getting 454.
     pub check_wait: HumanDuration,
     pub password_policy: PasswordPolicyConfig,
 }

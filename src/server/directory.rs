@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::auth::accounts::{Lockout, LoginEvent};
 use crate::auth::hashing::{Busy, HashingPool};
-use crate::auth::{Accounts, AuthLimiter, FailureOutcome, app_passwords};
+use crate::auth::{Accounts, AuthLimiter, FailureOutcome, Refused, app_passwords};
 use crate::config::Config;
 use crate::dns::{Dns, DnsFailure};
 use crate::mailauth::{self, MessageVerdict, spf::SpfVerdict};
@@ -58,10 +58,7 @@ impl Directory {
     ) -> Directory {
         let limiter = Arc::new(AuthLimiter::new(&config.auth));
         restore_lockouts(&limiter, &accounts);
-        let hashing = HashingPool::new(
-            config.auth.max_parallel_checks,
-            config.auth.check_wait.get(),
-        );
+        let hashing = HashingPool::new(config.auth.max_parallel_checks);
         Directory {
             routing: std::sync::RwLock::new(Arc::clone(&config)),
             config,
@@ -387,16 +384,27 @@ impl Services for Directory {
             None => None,
         };
         let account = key.clone().filter(|_| credentials.is_some());
-        // Counted before the check: a locked-out address costs no hash.
-        let attempt = match self.limiter.begin(ip, account.as_deref()) {
+        // Every name is counted alike, account or not: the slowdown must
+        // not tell which names exist.
+        let name = key.as_deref().unwrap_or(username);
+        // One wait for a turn, at the limiter and then for a check slot.
+        let deadline = Instant::now() + self.config.auth.check_wait.get();
+        // A locked-out address costs no hash.
+        let attempt = match self.limiter.begin(ip, name, account.as_deref(), deadline) {
             Ok(attempt) => attempt,
-            Err(_) => {
-                self.record_new_lockouts();
+            Err(Refused::LockedOut) => {
                 log::warn!(
                     "warning: {label}: SASL {mechanism} authentication refused: \
                      too many failures from this address"
                 );
                 return AuthVerdict::LockedOut;
+            }
+            Err(Refused::Busy) => {
+                log::warn!(
+                    "warning: {label}: SASL {mechanism} authentication deferred: \
+                     too many checks from this address already running"
+                );
+                return AuthVerdict::Busy;
             }
         };
         // Exactly one hash per attempt, of the same cost whatever was typed
@@ -416,7 +424,7 @@ impl Services for Directory {
             },
             None => (None, None, password),
         };
-        let valid = match self.hashing.verify(typed, stored) {
+        let valid = match self.hashing.verify(typed, stored, deadline) {
             Ok(valid) => valid,
             Err(Busy) => {
                 self.limiter.abandoned(attempt);
