@@ -393,3 +393,54 @@ fn newaliases_reloads_the_running_servers_aliases() {
     );
     assert_eq!(rcpt("helpdesk@example.test"), 250, "the new alias is live");
 }
+
+/// Reads the first reply line on a local socket connection.
+fn first_line(stream: &std::os::unix::net::UnixStream) -> String {
+    use std::io::BufRead as _;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut line = String::new();
+    let _ = std::io::BufReader::new(stream).read_line(&mut line);
+    line
+}
+
+#[test]
+fn a_local_user_holding_many_sessions_takes_nothing_from_tcp_clients() {
+    // Before: 256 local connections made ports 25 and 587 answer 421
+    // 4.3.2, and 25 of them made 127.0.0.1 get 421 4.7.0, because local
+    // sessions counted against the total and as 127.0.0.1.
+    let server = TestServer::start(|config| {
+        config.limits.max_sessions = 64;
+        config.limits.max_sessions_per_ip = 20;
+    });
+    let socket = petrel::server::local::socket_path(&server.instance().config().data_dir);
+    let held: Vec<std::os::unix::net::UnixStream> = (0..300)
+        .map(|_| std::os::unix::net::UnixStream::connect(&socket).unwrap())
+        .collect();
+    let greetings: Vec<String> = held.iter().map(first_line).collect();
+    let served = greetings.iter().filter(|g| g.starts_with("220")).count();
+    let per_user = server
+        .instance()
+        .config()
+        .limits
+        .max_local_sessions_per_user;
+    assert_eq!(served, per_user, "{greetings:?}");
+    assert!(
+        greetings
+            .iter()
+            .all(|g| g.starts_with("220") || g.starts_with("421")),
+        "{greetings:?}"
+    );
+    // TCP clients from 127.0.0.1 still get every slot that is theirs
+    // (max_sessions_per_ip: 19 here and one more below).
+    let tcp: Vec<RawClient> = (0..19)
+        .map(|_| {
+            RawClient::greeted(server.addr(petrel::protocol::session::ListenerKind::Submission))
+        })
+        .collect();
+    let mut mx = RawClient::greeted(server.smtp());
+    assert_eq!(mx.command("EHLO client.test").code, 250);
+    drop(tcp);
+    drop(held);
+}

@@ -460,6 +460,12 @@ pub struct LimitsConfig {
     /// Sessions port 25 can never take (at most half of max_sessions), so
     /// strangers flooding the MX port cannot keep users from sending.
     pub submission_reserved: usize,
+    /// Local sessions (`sendmail` over the local socket, maildrop
+    /// replays) at once, with workers of their own beside max_sessions:
+    /// local users never take a TCP client's place ...
+    pub max_local_sessions: usize,
+    /// ... and one local user (uid) at most this many of them.
+    pub max_local_sessions_per_user: usize,
     /// New connections a minute from one client (address or /64); more get
     /// 421. 0 turns it off. Trusted networks are exempt from this and from
     /// max_sessions_per_ip.
@@ -490,6 +496,8 @@ impl Default for LimitsConfig {
             max_sessions: 256,
             max_sessions_per_ip: 50,
             submission_reserved: 64,
+            max_local_sessions: 32,
+            max_local_sessions_per_user: 8,
             max_connection_rate: 60,
             max_errors: 10,
             command_timeout: HumanDuration::secs(300),
@@ -851,10 +859,21 @@ impl Config {
             ("limits.max_recipients", limits.max_recipients),
             ("limits.max_sessions", limits.max_sessions),
             ("limits.max_sessions_per_ip", limits.max_sessions_per_ip),
+            ("limits.max_local_sessions", limits.max_local_sessions),
+            (
+                "limits.max_local_sessions_per_user",
+                limits.max_local_sessions_per_user,
+            ),
         ] {
             if value == 0 {
                 return Err(ConfigError::at(key, "must be at least 1"));
             }
+        }
+        if limits.max_local_sessions > 1_000 {
+            return Err(ConfigError::at(
+                "limits.max_local_sessions",
+                "more than 1000 local sessions at once is not what this server is built for",
+            ));
         }
         if limits.max_sessions > 10_000 {
             return Err(ConfigError::at(

@@ -82,8 +82,17 @@ impl Acceptor {
                 reply::TOO_MANY_CONNECTIONS_FROM_YOU,
                 format!("{hostname} Too many connections from your address, slow down"),
             ),
+            // Local refusals never reach a TCP listener.
+            Refusal::LocalFull | Refusal::TooManyFromUser => Reply::new(
+                reply::TOO_BUSY,
+                format!("{hostname} Too many connections, try again later"),
+            ),
         };
-        log::info!("{peer}: refused on {}: {refusal:?}", self.kind.name());
+        log::info!(
+            "{peer}: refused on {}: {}",
+            self.kind.name(),
+            refusal.describe()
+        );
         // Implicit TLS clients would not understand a plaintext reply;
         // closing is the clearest answer we can give them.
         if self.kind != ListenerKind::Smtps {

@@ -11,6 +11,11 @@
 //! - Clients in `relay.trusted_networks` are exempt from the per-client
 //!   limits (as Postfix's anvil exempts $mynetworks): they are our own
 //!   applications, which may open many connections on purpose.
+//! - Local sessions (`petrel sendmail` over `submit.sock`, and maildrop
+//!   replays) have a share of their own, `limits.max_local_sessions`, with
+//!   workers of their own, and at most `limits.max_local_sessions_per_user`
+//!   per uid: a local user who opens hundreds of them takes nothing from
+//!   TCP clients, and is never counted as 127.0.0.1.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -33,6 +38,24 @@ pub enum Refusal {
     TooManyFromAddress,
     /// This client opened more than `max_connection_rate` a minute.
     TooFast,
+    /// Local sessions have used their share.
+    LocalFull,
+    /// This local user already has `max_local_per_user` sessions.
+    TooManyFromUser,
+}
+
+impl Refusal {
+    /// What the log says.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Refusal::ServerBusy => "every session slot is in use",
+            Refusal::ListenerFull => "port 25 has used its share of the sessions",
+            Refusal::TooManyFromAddress => "too many sessions from this address",
+            Refusal::TooFast => "too many connections a minute from this address",
+            Refusal::LocalFull => "every local session slot is in use",
+            Refusal::TooManyFromUser => "too many local sessions of this user",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -43,6 +66,10 @@ pub struct LimitSettings {
     pub max_per_client: usize,
     /// New connections per minute per client; 0: no limit.
     pub per_minute: u32,
+    /// Local sessions at once, besides `max_total` ...
+    pub max_local: usize,
+    /// ... and per uid.
+    pub max_local_per_user: usize,
 }
 
 /// A token bucket: `per_minute` tokens, refilled continuously.
@@ -58,6 +85,8 @@ struct Counts {
     smtp: usize,
     per_client: HashMap<IpAddr, usize>,
     rates: HashMap<IpAddr, Bucket>,
+    local: usize,
+    per_user: HashMap<u32, usize>,
 }
 
 #[derive(Debug)]
@@ -118,29 +147,58 @@ impl ConnectionLimits {
         *counts.per_client.entry(client).or_default() += 1;
         Ok(Permit {
             limits: Arc::clone(self),
-            client,
-            smtp,
+            holder: Holder::Client { client, smtp },
         })
     }
 
-    pub fn active(&self) -> usize {
-        self.counts
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .total
+    /// A local session of `uid`: its own share, never a TCP client's.
+    pub fn try_acquire_local(self: &Arc<Self>, uid: u32) -> Result<Permit, Refusal> {
+        let settings = self.settings;
+        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        if counts.local >= settings.max_local {
+            return Err(Refusal::LocalFull);
+        }
+        let of_user = counts.per_user.get(&uid).copied().unwrap_or(0);
+        if of_user >= settings.max_local_per_user {
+            return Err(Refusal::TooManyFromUser);
+        }
+        counts.local += 1;
+        *counts.per_user.entry(uid).or_default() += 1;
+        Ok(Permit {
+            limits: Arc::clone(self),
+            holder: Holder::Local { uid },
+        })
     }
 
-    fn release(&self, client: IpAddr, smtp: bool) {
+    /// Sessions running now, local ones included.
+    pub fn active(&self) -> usize {
+        let counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        counts.total + counts.local
+    }
+
+    fn release(&self, holder: Holder) {
         let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
-        counts.total = counts.total.saturating_sub(1);
-        if smtp {
-            counts.smtp = counts.smtp.saturating_sub(1);
-        }
-        if let Some(n) = counts.per_client.get_mut(&client) {
-            *n -= 1;
-            if *n == 0 {
-                counts.per_client.remove(&client);
+        match holder {
+            Holder::Client { client, smtp } => {
+                counts.total = counts.total.saturating_sub(1);
+                if smtp {
+                    counts.smtp = counts.smtp.saturating_sub(1);
+                }
+                decrement(&mut counts.per_client, &client);
             }
+            Holder::Local { uid } => {
+                counts.local = counts.local.saturating_sub(1);
+                decrement(&mut counts.per_user, &uid);
+            }
+        }
+    }
+}
+
+fn decrement<K: Eq + std::hash::Hash>(table: &mut HashMap<K, usize>, key: &K) {
+    if let Some(n) = table.get_mut(key) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            table.remove(key);
         }
     }
 }
@@ -169,17 +227,23 @@ fn take_token(counts: &mut Counts, client: IpAddr, per_minute: u32, now: Instant
     }
 }
 
+/// Who holds a permit.
+#[derive(Debug, Clone, Copy)]
+enum Holder {
+    Client { client: IpAddr, smtp: bool },
+    Local { uid: u32 },
+}
+
 /// One admitted connection; dropping it frees the slot.
 #[derive(Debug)]
 pub struct Permit {
     limits: Arc<ConnectionLimits>,
-    client: IpAddr,
-    smtp: bool,
+    holder: Holder,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.limits.release(self.client, self.smtp);
+        self.limits.release(self.holder);
     }
 }
 
@@ -199,6 +263,8 @@ mod tests {
             max_smtp,
             max_per_client,
             per_minute,
+            max_local: 4,
+            max_local_per_user: 2,
         })
     }
 
@@ -264,6 +330,34 @@ mod tests {
                 .unwrap_err(),
             Refusal::ServerBusy
         );
+    }
+
+    #[test]
+    fn local_sessions_have_their_own_share_and_a_limit_per_user() {
+        let limits = limits(2, 2, 1, 0);
+        let held: Vec<Permit> = (0..2)
+            .map(|_| limits.try_acquire_local(1000).unwrap())
+            .collect();
+        assert_eq!(
+            limits.try_acquire_local(1000).unwrap_err(),
+            Refusal::TooManyFromUser
+        );
+        let _other = limits.try_acquire_local(1001).unwrap();
+        let _third = limits.try_acquire_local(1002).unwrap();
+        assert_eq!(
+            limits.try_acquire_local(1003).unwrap_err(),
+            Refusal::LocalFull
+        );
+        // TCP clients, 127.0.0.1 included, still have every slot.
+        let _a = limits
+            .try_acquire(ip("127.0.0.1"), ListenerKind::Submission, false)
+            .unwrap();
+        let _b = limits
+            .try_acquire(ip("192.0.2.1"), ListenerKind::Smtp, false)
+            .unwrap();
+        assert_eq!(limits.active(), 6);
+        drop(held);
+        assert!(limits.try_acquire_local(1000).is_ok());
     }
 
     #[test]

@@ -137,14 +137,12 @@ impl LocalAcceptor {
                 credentials.uid.as_raw(),
                 credentials.gid.as_raw(),
             );
-            // Local users count against the total, like any session, but
-            // not against port 25's share or the per-client limits.
-            let permit = match self
-                .limits
-                .try_acquire(loopback(), ListenerKind::Local, true)
-            {
+            // Local users have a share of their own, and a limit each;
+            // they never count as a TCP client (127.0.0.1).
+            let permit = match self.limits.try_acquire_local(user.uid) {
                 Ok(permit) => permit,
-                Err(_) => {
+                Err(refusal) => {
+                    log::info!("local: uid={} refused: {}", user.uid, refusal.describe());
                     refuse_busy(stream, &self.context);
                     continue;
                 }
@@ -253,7 +251,7 @@ fn pickup_one(
             return Err(error);
         }
     };
-    let Ok(permit) = limits.try_acquire(loopback(), ListenerKind::Local, true) else {
+    let Ok(permit) = limits.try_acquire_local(uid) else {
         // Busy: the next pickup takes it.
         return Ok(());
     };

@@ -282,8 +282,10 @@ impl Server {
         });
 
         let max_sessions = config.limits.max_sessions;
+        let max_local = config.limits.max_local_sessions;
+        // Local sessions have workers of their own beside max_sessions.
         let pool = Arc::new(
-            WorkerPool::start(Arc::clone(&context), max_sessions)
+            WorkerPool::start(Arc::clone(&context), max_sessions + max_local)
                 .map_err(|e| StartError(format!("cannot start worker thread: {e}")))?,
         );
 
@@ -293,6 +295,8 @@ impl Server {
             max_smtp: max_sessions - reserved,
             max_per_client: config.limits.max_sessions_per_ip,
             per_minute: config.limits.max_connection_rate,
+            max_local,
+            max_local_per_user: config.limits.max_local_sessions_per_user,
         });
         let mut listeners = Vec::new();
         let mut acceptors = Vec::new();
