@@ -500,3 +500,24 @@ fn revoking_the_last_app_password_under_require_app_passwords_warns() {
     assert_eq!(code, 0);
     assert!(err.contains("has no app password left"), "{err}");
 }
+
+#[test]
+fn a_session_open_when_its_app_password_is_revoked_sends_nothing_more() {
+    // Before, it kept sending for up to the session timeout.
+    let server = TestServer::start(|_| {});
+    let phone = app_password_for(&server, "alice@example.test", "phone");
+    let mut client = smtps_client(&server, "127.0.0.1");
+    assert_eq!(client.auth_plain("alice@example.test", &phone).code, 235);
+    let sent = client.send_transaction(
+        "alice@example.test",
+        &["bob@example.test"],
+        b"Subject: before\r\n\r\nx\r\n",
+    );
+    assert_eq!(sent.code, 250, "{sent:?}");
+    let conn = petrel::queue::open_direct(&server.instance().config().data_dir).unwrap();
+    accounts::revoke_app_password(&conn, "alice@example.test", "phone").unwrap();
+    let refused = client.command("MAIL FROM:<alice@example.test>");
+    assert_eq!(refused.code, 530, "{refused:?}");
+    assert!(refused.text().contains("revoked"), "{refused:?}");
+    assert_eq!(server.message_count(), 1);
+}

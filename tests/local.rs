@@ -444,3 +444,123 @@ fn a_local_user_holding_many_sessions_takes_nothing_from_tcp_clients() {
     drop(tcp);
     drop(held);
 }
+
+#[test]
+fn the_maildrop_refuses_what_sendmail_would_never_write() {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    // Written with the server stopped, as a local user could.
+    let dir = tempfile::tempdir().unwrap();
+    let config = serving::write_config(dir.path(), "[domains]\nlocal = [\"example.test\"]\n");
+    serving::add_user(&config, "alice@example.test");
+    let maildrop = dir.path().join("data/public/maildrop");
+    std::fs::create_dir_all(&maildrop).unwrap();
+    let dialogue = |subject: &str| {
+        format!(
+            "EHLO x\r\nMAIL FROM:<alice@example.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n\
+             Subject: {subject}\r\n\r\nx\r\n.\r\nQUIT\r\n"
+        )
+    };
+    let write = |name: &str, mode: u32, content: &str| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(maildrop.join(name))
+            .unwrap();
+        std::io::Write::write_all(&mut file, content.as_bytes()).unwrap();
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
+            .unwrap();
+        file
+    };
+    write("good", 0o644, &dialogue("good"));
+    // A name with a line break: the log must not show a forged line.
+    write("evil\nwarning: forged", 0o644, &dialogue("odd name"));
+    // Writable by all: whoever wrote it, it is not its owner's word.
+    write("open-to-all", 0o666, &dialogue("open"));
+    // 200 GiB that take 4 KiB on disk: read, it held a core for minutes.
+    write("sparse", 0o644, "").set_len(200 << 30).unwrap();
+    // What a dead sendmail left long ago, and one writing right now.
+    let stale = write(".stale", 0o644, "half");
+    stale
+        .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(7200))
+        .unwrap();
+    write(".being-written", 0o644, "half");
+
+    let started = std::time::Instant::now();
+    let mut serving = serving::Serving::start(&config);
+    wait_for("the maildrop to be dealt with", || {
+        let mut left: Vec<String> = std::fs::read_dir(&maildrop)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        left == [".being-written"]
+    });
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "the sparse file was read: {:?}",
+        started.elapsed()
+    );
+    let mut refused: Vec<String> = std::fs::read_dir(dir.path().join("data/maildrop-refused"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    refused.sort();
+    assert_eq!(refused, ["open-to-all", "sparse"]);
+    serving.wait_for_log("maildrop file evil\\x0awarning: forged");
+    let log = serving.seen_lines();
+    assert!(
+        !log.iter().any(|l| l.starts_with("warning: forged")),
+        "{log:?}"
+    );
+    assert!(log.iter().any(|l| l.contains("removed .stale")), "{log:?}");
+    wait_for("two messages delivered", || {
+        maildir_messages(&dir.path().join("data"), "alice@example.test").len() == 2
+    });
+    serving.terminate();
+}
+
+#[test]
+fn sendmail_keeps_the_disk_floor_when_it_drops_mail_off() {
+    let server = TestServer::start(|_| {});
+    let setup = LocalSetup::new(server.dir.path(), server.instance().config());
+    let dir = stop_keeping_dir(server);
+    // A floor no disk has: the maildrop must refuse, not fill the disk.
+    let text = std::fs::read_to_string(&setup.config).unwrap();
+    std::fs::write(
+        &setup.config,
+        format!("{text}[queue]\nmin_free_space = \"1000000GiB\"\n"),
+    )
+    .unwrap();
+    let (code, err) = setup.sendmail(None, &["alice@example.test"], b"Subject: x\n\nx\n");
+    assert_eq!(code, 75, "{err}");
+    assert!(err.contains("queue.min_free_space"), "{err}");
+    drop(dir);
+}
+
+#[test]
+fn a_full_name_cannot_add_header_fields() {
+    // Delivered before: `-F $'Eve\r\nReply-To: attacker@evil.example'`
+    // added a Reply-To: field under petrel's DKIM signature.
+    let server = TestServer::start_with(standard_dns(), Options { delivery: false }, |_| {});
+    let setup = LocalSetup::new(server.dir.path(), server.instance().config());
+    let (code, err) = setup.sendmail(
+        None,
+        &[
+            "-F",
+            "Eve\r\nReply-To: attacker@evil.example",
+            "alice@example.test",
+        ],
+        b"Subject: hello\n\nx\n",
+    );
+    assert_eq!(code, 0, "{err}");
+    let content = raw_content(&server, &only_message(&server));
+    assert!(
+        !content.lines().any(|l| l.starts_with("Reply-To:")),
+        "{content}"
+    );
+    assert!(
+        content.contains("From: \"Eve  Reply-To: attacker@evil.example\" <"),
+        "{content}"
+    );
+}

@@ -55,6 +55,24 @@ impl Accounts {
         })
     }
 
+    /// Whether a login as `address` (with the app password `label`, or
+    /// the main one) would still find what it logged in with: the account,
+    /// and the app password not revoked.
+    pub fn login_exists(&self, address: &str, label: Option<&str>) -> Result<bool, QueueError> {
+        self.pool
+            .with("cannot look up account", |conn| match label {
+                None => exists(conn, address),
+                Some(label) => conn
+                    .query_row(
+                        "SELECT 1 FROM app_passwords WHERE address = ?1 AND label = ?2",
+                        params![address, label],
+                        |_| Ok(()),
+                    )
+                    .optional()
+                    .map(|found| found.is_some()),
+            })
+    }
+
     /// Lockouts still running, for a server that starts.
     pub fn lockouts(&self) -> Result<Vec<Lockout>, QueueError> {
         self.pool.with("cannot read auth lockouts", |conn| {

@@ -388,8 +388,16 @@ fn prepare(config: &Config, request: &Request) -> Result<Submission, Failure> {
     })
 }
 
-/// A phrase for a From: header: quoted unless it is plain words.
+/// A phrase for a From: header: quoted unless it is plain words. Control
+/// characters become spaces: a line break in `-F` would start a header
+/// field of the caller's choosing (and petrel's DKIM signature would
+/// cover it).
 fn quote_phrase(name: &str) -> String {
+    let name: String = name
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let name = name.trim();
     let plain = name
         .chars()
         .all(|c| c.is_alphanumeric() || c == ' ' || "!#$%&'*+-/=?^_`{|}~".contains(c));
@@ -553,6 +561,18 @@ fn drop_off(config: &Config, dialogue: &[u8]) -> Result<(), Failure> {
         crate::dns::random_u64()
     );
     let temporary = format!(".{name}");
+    // The maildrop is on the queue's disk: it keeps the same floor free.
+    let floor = config.queue.min_free_space.bytes();
+    if let Ok(free) = crate::queue::free_space(&config.data_dir)
+        && free < floor.saturating_add(dialogue.len() as u64)
+    {
+        return Err(Failure::Temporary(format!(
+            "the petrel server is not running, and the maildrop's disk has only {} MiB free \
+             (queue.min_free_space is {}); the message was not sent",
+            free / (1024 * 1024),
+            config.queue.min_free_space
+        )));
+    }
     let written =
         crate::safe_fs::Dir::open_beneath(&config.data_dir, &relative).and_then(|maildrop| {
             let result = (|| -> io::Result<()> {

@@ -428,11 +428,25 @@ impl Dns {
 
     fn confirmed_name(&self, ip: IpAddr) -> Option<String> {
         let candidates = self.reverse_names(ip).ok()?;
-        candidates.into_iter().find(|name| {
-            self.addresses(name, AddressFamily::Any)
-                .is_ok_and(|addresses| addresses.contains(&ip))
-        })
+        // The name goes into Received: headers and logs: a plain host
+        // name or nothing (a label may hold any octet, line breaks too).
+        candidates
+            .into_iter()
+            .filter(|name| is_host_name(name))
+            .find(|name| {
+                self.addresses(name, AddressFamily::Any)
+                    .is_ok_and(|addresses| addresses.contains(&ip))
+            })
     }
+}
+
+/// Letters, digits, hyphens, underscores and dots, at most 253 of them.
+fn is_host_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// Answers kept for [`VERDICT_CACHE_TIME`], at most `max` of them
@@ -519,6 +533,21 @@ pub fn random_u64() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_plain_host_names_stand_for_a_client() {
+        assert!(is_host_name("mail-1.example_host.org"));
+        for odd in [
+            "",
+            "evil.example\r\nX-Injected: yes",
+            "a b.example",
+            "(comment).example",
+            "\\010.example",
+        ] {
+            assert!(!is_host_name(odd), "{odd:?}");
+        }
+        assert!(!is_host_name(&"a".repeat(254)));
+    }
 
     fn host(name: &str, preference: u16) -> MailHost {
         MailHost {

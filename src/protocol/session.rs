@@ -300,6 +300,10 @@ pub trait Services {
     fn is_locked_out(&self, ip: IpAddr) -> bool;
     /// Whether there is room for new mail (disk space above the floor).
     fn has_room(&self) -> bool;
+    /// Whether what a session logged in with still stands: the account
+    /// exists, and the app password (`app_password`: its label) has not
+    /// been revoked. Asked at each transaction.
+    fn login_stands(&self, account: &str, app_password: Option<&str>) -> bool;
 }
 
 #[derive(Debug)]
@@ -643,6 +647,19 @@ impl Session {
         }
         if self.transaction.is_some() {
             return Step::reply(Reply::new(reply::BAD_SEQUENCE, "Nested MAIL command"));
+        }
+        // A local user is who the kernel says; a login may be revoked.
+        if let Some(user) = &self.user
+            && self.local.is_none()
+            && !services.login_stands(user, self.app_password.as_deref())
+        {
+            // Revoked while this session ran: it sends nothing more.
+            self.user = None;
+            self.app_password = None;
+            return Step::reply(Reply::new(
+                reply::AUTH_REQUIRED,
+                "Authentication required: the password this session logged in with was revoked",
+            ));
         }
         if self.config.listener.requires_auth() && self.user.is_none() {
             let text = if self.tls.is_none() {
@@ -1241,6 +1258,11 @@ mod tests {
                     account: username.to_string(),
                     app_password: Some("phone".into()),
                 }
+            } else if username == "alice@localhost" && password == "revoked-soon" {
+                AuthVerdict::Success {
+                    account: username.to_string(),
+                    app_password: Some("revoked".into()),
+                }
             } else {
                 AuthVerdict::Failure {
                     delay: Duration::from_millis(500),
@@ -1254,6 +1276,11 @@ mod tests {
 
         fn has_room(&self) -> bool {
             true
+        }
+
+        /// The app password "revoked" is revoked as soon as it is used.
+        fn login_stands(&self, _account: &str, app_password: Option<&str>) -> bool {
+            app_password != Some("revoked")
         }
     }
 
@@ -1763,6 +1790,20 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("for <x@elsewhere.example>"), "{text}");
+    }
+
+    #[test]
+    fn a_session_whose_app_password_is_revoked_sends_nothing_more() {
+        let mut s = tls_session(ListenerKind::Submission);
+        let plain = BASE64.encode("\0alice@localhost\0revoked-soon");
+        assert_eq!(code(&mut s, &format!("AUTH PLAIN {plain}")), 235);
+        assert_eq!(code(&mut s, "MAIL FROM:<alice@localhost>"), 530);
+        assert!(s.authenticated_user().is_none(), "logged out");
+        // The next transaction needs a login that stands.
+        assert_eq!(code(&mut s, "MAIL FROM:<alice@localhost>"), 530);
+        let plain = BASE64.encode("\0alice@localhost\0Correct-Horse-9");
+        assert_eq!(code(&mut s, &format!("AUTH PLAIN {plain}")), 235);
+        assert_eq!(code(&mut s, "MAIL FROM:<alice@localhost>"), 250);
     }
 
     #[test]

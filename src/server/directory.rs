@@ -499,6 +499,30 @@ impl Services for Directory {
         self.limiter.is_locked_out(ip)
     }
 
+    fn login_stands(&self, account: &str, app_password: Option<&str>) -> bool {
+        match self.accounts.login_exists(account, app_password) {
+            Ok(stands) => {
+                if !stands {
+                    log::warn!(
+                        "warning: {account}: {} was revoked; the session that logged in with it \
+                         sends nothing more",
+                        app_password.map_or("the account".to_string(), |label| format!(
+                            "app password {}",
+                            escape(label)
+                        ))
+                    );
+                }
+                stands
+            }
+            // A lookup that failed says nothing about the login; the
+            // transaction then fails at its recipients' lookups anyway.
+            Err(error) => {
+                log::error!("auth: {error}");
+                true
+            }
+        }
+    }
+
     fn has_room(&self) -> bool {
         let mut room = self.room.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();

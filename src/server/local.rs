@@ -24,6 +24,7 @@ use super::ServerContext;
 use super::connection::{self, Job, Stream};
 use super::limits::ConnectionLimits;
 use crate::config::Config;
+use crate::printable::escape;
 use crate::protocol::session::{ListenerKind, LocalUser};
 
 pub const PUBLIC_DIR: &str = "public";
@@ -34,6 +35,11 @@ pub const REFUSED_DIR: &str = "maildrop-refused";
 /// How often the maildrop is looked at while the server runs (files land
 /// there only when the socket could not be reached).
 const PICKUP_INTERVAL: Duration = Duration::from_secs(30);
+/// One maildrop file is replayed within this, or set aside.
+const REPLAY_DEADLINE: Duration = Duration::from_secs(60);
+/// A file still named with a leading dot (sendmail writes it so until it
+/// is complete) this old was left by a sendmail that died: removed.
+const STALE_TEMPORARY: Duration = Duration::from_secs(3600);
 
 pub fn socket_path(data_dir: &Path) -> PathBuf {
     data_dir.join(PUBLIC_DIR).join(SOCKET)
@@ -185,7 +191,7 @@ pub fn pickup_loop(
     stop: Arc<AtomicBool>,
 ) {
     while !stop.load(Ordering::SeqCst) {
-        pickup(&context, &limits);
+        pickup(&context, &limits, &stop);
         // Sleep in short steps so shutdown is prompt.
         for _ in 0..(PICKUP_INTERVAL.as_millis() / 100) {
             if stop.load(Ordering::SeqCst) {
@@ -196,29 +202,77 @@ pub fn pickup_loop(
     }
 }
 
-/// Submits every complete file in the maildrop, each as its owner.
-pub fn pickup(context: &ServerContext, limits: &Arc<ConnectionLimits>) {
+/// Submits every complete file in the maildrop, each as its owner, until
+/// `stop`; removes what sendmail left half-written long ago.
+pub fn pickup(context: &ServerContext, limits: &Arc<ConnectionLimits>, stop: &Arc<AtomicBool>) {
     let maildrop = maildrop_path(&context.config.data_dir);
     let Ok(entries) = fs::read_dir(&maildrop) else {
         return;
     };
     for entry in entries.flatten() {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
         let path = entry.path();
+        let shown = escape(&entry.file_name().to_string_lossy()).into_owned();
         // Files being written are named with a leading dot until complete.
         if entry.file_name().to_string_lossy().starts_with('.') {
+            remove_if_stale(&path, &shown);
             continue;
         }
-        if let Err(error) = pickup_one(context, limits, &path) {
-            log::error!("pickup: {}: {error}", path.display());
+        if let Err(error) = pickup_one(context, limits, &path, stop) {
+            log::error!("pickup: maildrop file {shown}: {error}");
         }
     }
 }
 
+/// A dot file nobody has touched for [`STALE_TEMPORARY`]: its sendmail
+/// died before finishing it (and told its caller the message was not
+/// sent), so it is only taking up room.
+fn remove_if_stale(path: &Path, shown: &str) {
+    let Ok(meta) = fs::symlink_metadata(path) else {
+        return;
+    };
+    let age = meta
+        .modified()
+        .ok()
+        .and_then(|modified| modified.elapsed().ok())
+        .unwrap_or_default();
+    if age < STALE_TEMPORARY {
+        return;
+    }
+    match fs::remove_file(path) {
+        Ok(()) => log::info!(
+            "pickup: removed {shown}, an unfinished maildrop file of uid {} ({} octets), left {} ago",
+            meta.uid(),
+            meta.len(),
+            crate::timefmt::short_duration(age)
+        ),
+        Err(error) => log::warn!("pickup: cannot remove the stale maildrop file {shown}: {error}"),
+    }
+}
+
+/// The most a maildrop file may hold: a message of the largest size, every
+/// line of it dot-stuffed, and its commands.
+fn maildrop_limit(config: &Config) -> u64 {
+    config
+        .limits
+        .max_message_size
+        .bytes()
+        .saturating_mul(2)
+        .saturating_add(1024 * 1024)
+}
+
 /// Opens a maildrop file for replay, or says why it may not be. The owner
 /// decides who the message is from, so the file must be what its owner
-/// wrote there: not a symbolic link (followed, it would be read with the
-/// server's rights) and not a hard link to somebody else's file.
-fn open_dropped(path: &Path) -> io::Result<(fs::File, u32, u32)> {
+/// wrote there, the way sendmail writes it: not a symbolic link (followed,
+/// it would be read with the server's rights), not a hard link to somebody
+/// else's file, not writable by anyone but its owner (a file root once
+/// left open to all, linked here and its other name removed, would be
+/// replayed as root with someone else's words), and no larger than a
+/// message can be (a sparse file of 200 GiB took minutes to read, every
+/// 30 seconds).
+fn open_dropped(path: &Path, limit: u64) -> io::Result<(fs::File, u32, u32)> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let file = fs::OpenOptions::new()
         .read(true)
@@ -234,15 +288,53 @@ fn open_dropped(path: &Path) -> io::Result<(fs::File, u32, u32)> {
             meta.nlink()
         )));
     }
+    if meta.mode() & 0o022 != 0 {
+        return Err(io::Error::other(format!(
+            "writable by others than its owner (mode {:o}); refusing to guess who wrote it",
+            meta.mode() & 0o7777
+        )));
+    }
+    if meta.len() > limit {
+        return Err(io::Error::other(format!(
+            "{} octets, more than a message of limits.max_message_size can take ({limit})",
+            meta.len()
+        )));
+    }
     Ok((file, meta.uid(), meta.gid()))
+}
+
+/// A maildrop file as a session reads it: the read fails once the
+/// replay's deadline has passed or the server stops.
+struct Replay {
+    file: fs::File,
+    deadline: std::time::Instant,
+    stop: Arc<AtomicBool>,
+    timed_out: Arc<AtomicBool>,
+}
+
+impl io::Read for Replay {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.stop.load(Ordering::SeqCst) {
+            return Err(io::Error::new(io::ErrorKind::Interrupted, "shutting down"));
+        }
+        if std::time::Instant::now() >= self.deadline {
+            self.timed_out.store(true, Ordering::SeqCst);
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "replay took too long",
+            ));
+        }
+        self.file.read(buf)
+    }
 }
 
 fn pickup_one(
     context: &ServerContext,
     limits: &Arc<ConnectionLimits>,
     path: &Path,
+    stop: &Arc<AtomicBool>,
 ) -> io::Result<()> {
-    let (file, uid, gid) = match open_dropped(path) {
+    let (file, uid, gid) = match open_dropped(path, maildrop_limit(&context.config)) {
         Ok(opened) => opened,
         Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(error) => {
@@ -255,14 +347,19 @@ fn pickup_one(
         // Busy: the next pickup takes it.
         return Ok(());
     };
+    let shown = escape(&path.file_name().unwrap_or_default().to_string_lossy()).into_owned();
     // Names the file, so "where did my mail go?" has an answer between
     // sendmail's "waits in the maildrop" and the accepted line.
-    log::info!(
-        "pickup: uid={uid} maildrop file {}",
-        path.file_name().unwrap_or_default().to_string_lossy()
-    );
+    log::info!("pickup: uid={uid} maildrop file {shown}");
+    let timed_out = Arc::new(AtomicBool::new(false));
+    let replay = Replay {
+        file,
+        deadline: std::time::Instant::now() + REPLAY_DEADLINE,
+        stop: Arc::clone(stop),
+        timed_out: Arc::clone(&timed_out),
+    };
     let job = Job {
-        stream: Stream::Replay(Box::new(io::BufReader::new(file))),
+        stream: Stream::Replay(Box::new(io::BufReader::new(replay))),
         peer: std::net::SocketAddr::new(loopback(), 0),
         listener: ListenerKind::Local,
         permit,
@@ -271,16 +368,23 @@ fn pickup_one(
     let outcome = connection::serve(job, context, &mut connection::Buffers::default());
     if outcome.queued > 0 {
         fs::remove_file(path)?;
-    } else if outcome.refused_for_good {
-        // Refused for good (e.g. no such mailbox): sendmail had nobody to
-        // tell, so the file is kept where the operator can see it.
+    } else if outcome.refused_for_good || timed_out.load(Ordering::SeqCst) {
+        // Refused for good (e.g. no such mailbox), or too slow to replay:
+        // sendmail had nobody to tell, so the file is kept where the
+        // operator can see it.
         let target = set_aside(context, path)?;
         log::error!(
-            "pickup: a message from uid {uid} was refused; kept in {}",
-            target.display()
+            "pickup: a message from uid {uid} was {}; kept in {}",
+            if outcome.refused_for_good {
+                "refused"
+            } else {
+                "not replayed in time"
+            },
+            escape(&target.display().to_string())
         );
     }
-    // Otherwise a temporary failure: left for the next pickup.
+    // Otherwise a temporary failure (or the server is stopping): left for
+    // the next pickup.
     Ok(())
 }
 
