@@ -179,8 +179,9 @@ impl ForgedResultsFilter {
         }
     }
 
-    /// An Authentication-Results field whose authserv-id (the first word
-    /// of its value, after any comments) is our hostname.
+    /// An Authentication-Results field whose authserv-id is our hostname,
+    /// or one whose authserv-id cannot be read for sure (a reader's parser
+    /// might find our hostname in it: when in doubt, it goes).
     fn is_ours(&self) -> bool {
         let Some(colon) = self.field.iter().position(|&b| b == b':') else {
             return false;
@@ -190,27 +191,79 @@ impl ForgedResultsFilter {
             return false;
         }
         let value = String::from_utf8_lossy(&self.field[colon + 1..]);
-        let mut depth = 0usize;
-        let mut id = String::new();
-        for c in value.chars() {
-            match c {
-                '(' => depth += 1,
-                ')' if depth > 0 => depth -= 1,
-                _ if depth > 0 => {}
-                ';' => break,
-                c if c.is_whitespace() => {
-                    if !id.is_empty() {
-                        break;
-                    }
-                }
+        match authserv_id(&value) {
+            Some(id) => id.trim_end_matches('.').to_ascii_lowercase() == self.hostname,
+            None => true,
+        }
+    }
+}
+
+/// The authserv-id of an Authentication-Results value (RFC 8601 2.2: a
+/// `value`, token or quoted-string, after optional CFWS), read with RFC
+/// 5322's grammar: comments nest, and a backslash quotes the next
+/// character inside comments and quoted strings alike. `None` when it
+/// cannot be read for sure: an unclosed comment or string, a stray
+/// parenthesis, nothing at all.
+fn authserv_id(value: &str) -> Option<String> {
+    let mut chars = value.chars().peekable();
+    skip_cfws(&mut chars)?;
+    let mut id = String::new();
+    if chars.peek() == Some(&'"') {
+        chars.next();
+        loop {
+            match chars.next()? {
+                '"' => break,
+                '\\' => id.push(chars.next()?),
+                // Folding inside a quoted string is not part of it.
+                '\r' | '\n' => {}
                 c => id.push(c),
             }
         }
-        let id = id
-            .trim_matches('"')
-            .trim_end_matches('.')
-            .to_ascii_lowercase();
-        id == self.hostname
+    } else {
+        while let Some(&c) = chars.peek() {
+            if c.is_whitespace() || c == ';' || c == '(' {
+                break;
+            }
+            if c == ')' || c == '"' || c == '\\' || c.is_control() {
+                return None;
+            }
+            id.push(c);
+            chars.next();
+        }
+    }
+    if id.is_empty() {
+        return None;
+    }
+    // What may follow: CFWS, then a version, a `;` or the end.
+    skip_cfws(&mut chars)?;
+    Some(id)
+}
+
+/// Skips whitespace and (nested) comments; `None` on a comment that never
+/// closes, or on a bracket that closes nothing.
+fn skip_cfws(chars: &mut std::iter::Peekable<std::str::Chars<'_>>) -> Option<()> {
+    loop {
+        match chars.peek() {
+            Some(c) if c.is_whitespace() => {
+                chars.next();
+            }
+            Some('(') => {
+                chars.next();
+                let mut depth = 1usize;
+                while depth > 0 {
+                    match chars.next()? {
+                        '\\' => {
+                            chars.next()?;
+                        }
+                        '(' => depth += 1,
+                        ')' => depth -= 1,
+                        _ => {}
+                    }
+                }
+            }
+            Some(')') => return None,
+            _ => return Some(()),
+        }
     }
 }
 
@@ -251,6 +304,73 @@ mod tests {
                 "split at {split}"
             );
             assert_eq!(removed, 3);
+        }
+    }
+
+    #[test]
+    fn authserv_ids_are_read_with_the_whole_cfws_grammar() {
+        for (value, id) in [
+            (" mx.test; spf=pass", Some("mx.test")),
+            (" (\\)) mx.test; dkim=pass", Some("mx.test")),
+            (
+                " (a (nested (deep)) comment)\r\n\t\"mx.test\" 1; none",
+                Some("mx.test"),
+            ),
+            (" \"mx\\.test\";", Some("mx.test")),
+            (" (\\() mx.test;", Some("mx.test")),
+            (" other.example (mx.test); spf=pass", Some("other.example")),
+            (" (unclosed mx.test; spf=pass", None),
+            (" ) mx.test;", None),
+            (" \"mx.test;", None),
+            (" ;", None),
+            ("", None),
+        ] {
+            assert_eq!(authserv_id(value).as_deref(), id, "{value:?}");
+        }
+    }
+
+    #[test]
+    fn forged_results_never_survive_however_their_comments_are_written() {
+        // Structure-aware fuzzing: our authserv-id behind every mix of
+        // whitespace, folding and (nested, escaped) comments, in every
+        // case and quoting, must be removed; another id behind the same
+        // comments must be kept.
+        let mut pick = crate::test_numbers(0x5eed_ab1e);
+        let pieces = [
+            " ",
+            "\t",
+            "\r\n ",
+            "(x)",
+            "(\\))",
+            "(\\()",
+            "((a)(b))",
+            "(\\\\)",
+            "(a\\)b)",
+            "( mx.test )",
+            "(\\\r\n )",
+        ];
+        for round in 0..3000 {
+            let mut cfws = String::new();
+            for _ in 0..pick(5) {
+                cfws.push_str(pieces[pick(pieces.len())]);
+            }
+            let ours = [
+                "mx.test",
+                "MX.TEST",
+                "mx.test.",
+                "\"mx.test\"",
+                "\"mx\\.test\"",
+            ][pick(5)];
+            let tail = ["; dkim=pass", " 1; spf=pass", ";", " (c); none"][pick(4)];
+            let forged = format!("Authentication-Results:{cfws} {ours}{tail}\r\n");
+            let message = format!("{forged}Subject: s\r\n\r\nbody\r\n");
+            let (out, removed) = filtered(message.as_bytes(), pick(message.len()));
+            assert_eq!(removed, 1, "round {round}: {forged:?}");
+            assert!(out.starts_with(b"Subject: s"), "round {round}: {forged:?}");
+            let other = format!("Authentication-Results:{cfws} other.example{tail}\r\n\r\n");
+            let (out, removed) = filtered(other.as_bytes(), pick(other.len()));
+            assert_eq!(removed, 0, "round {round}: {other:?}");
+            assert_eq!(out, other.as_bytes());
         }
     }
 
