@@ -131,3 +131,28 @@ fn mail_relayed_for_strangers_is_not_signed() {
     let text = String::from_utf8_lossy(&received[0].content).into_owned();
     assert!(!text.contains("DKIM-Signature"), "{text}");
 }
+
+#[test]
+fn a_from_the_login_does_not_own_is_never_signed() {
+    // With sender_login_match off, alice may put bob in From:, but our
+    // signature must not vouch for it.
+    let (keys, _, _) = key("ed25519");
+    let sink = Sink::start("accept", 0);
+    let server = signing_server(standard_dns(), keys.path(), sink.port, |config| {
+        config.auth.sender_login_match = false;
+    });
+    submit(
+        &server,
+        b"From: Bob <bob@example.test>\r\nSubject: from bob?\r\n\r\nx\r\n",
+    );
+    submit(
+        &server,
+        b"From: alice@example.test\r\nSubject: mine\r\n\r\nx\r\n",
+    );
+    let received = sink.wait_for_messages(2);
+    for message in received {
+        let text = String::from_utf8_lossy(&message.content).into_owned();
+        let signed = text.contains("DKIM-Signature");
+        assert_eq!(signed, text.contains("Subject: mine"), "{text}");
+    }
+}

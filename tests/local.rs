@@ -189,6 +189,16 @@ fn a_local_user_sends_as_themselves_and_only_root_chooses_the_sender() {
         err.contains("local user nobody may only send as <nobody@localhost>"),
         "{err}"
     );
+    // The From: header is bound too (it was not: a local user sent
+    // "From: alice@" under our DKIM signature).
+    let (code, err) = setup.sendmail(
+        Some(NOBODY),
+        &["alice@example.test"],
+        b"From: Alice <alice@example.test>\nSubject: forged\n\nx\n",
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("553"), "{err}");
+    assert!(err.contains("not owned by nobody@localhost"), "{err}");
     // The queue itself is closed to the user: no reading others' mail.
     let (code, err) = {
         let output =
@@ -210,7 +220,13 @@ fn a_local_user_sends_as_themselves_and_only_root_chooses_the_sender() {
     );
     assert_eq!(code, 0, "{err}");
     assert!(err.starts_with("petrel: 2.0.0 OK queued as "), "{err}");
-    assert_eq!(server.message_count(), 2);
+    let (code, err) = setup.sendmail(
+        None,
+        &["alice@example.test"],
+        b"From: Reports <reports@example.test>\nSubject: from root\n\nx\n",
+    );
+    assert_eq!(code, 0, "root chooses the From: too: {err}");
+    assert_eq!(server.message_count(), 3);
 }
 
 #[test]

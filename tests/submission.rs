@@ -247,6 +247,47 @@ fn authenticated_users_send_only_as_themselves() {
 }
 
 #[test]
+fn the_from_header_must_belong_to_the_login_too() {
+    // Before, only the envelope was bound: alice sent "From: bob@" with
+    // an aligned DKIM signature.
+    let server = TestServer::start(|config| {
+        config.aliases.insert(
+            "sales@example.test".into(),
+            petrel::config::AliasTargets::One("alice@example.test".into()),
+        );
+    });
+    let mut client = RawClient::implicit_tls(server.addr(ListenerKind::Smtps), &server.cert_path());
+    client.command("EHLO client.test");
+    assert_eq!(client.auth_plain("alice@example.test", PASSWORD).code, 235);
+    let send = |client: &mut RawClient, from: &str| {
+        client.send_transaction(
+            "alice@example.test",
+            &["carol@example.test"],
+            format!("From: {from}\r\nSubject: s\r\n\r\nx\r\n").as_bytes(),
+        )
+    };
+    for forged in [
+        "bob@example.test",
+        "Alice <alice@example.test>, bob@example.test",
+        "\"alice@example.test\" <bob@example.test>",
+        "(alice@example.test) bob@example.test",
+        "Team: bob@example.test;",
+    ] {
+        let refused = send(&mut client, forged);
+        assert_eq!(refused.code, 553, "{forged}: {refused:?}");
+        assert!(refused.text().starts_with("5.7.1"), "{refused:?}");
+    }
+    for own in [
+        "alice@example.test",
+        "Alice Example <ALICE@example.test>",
+        "Sales <sales@example.test>",
+    ] {
+        assert_eq!(send(&mut client, own).code, 250, "{own}");
+    }
+    assert_eq!(server.message_count(), 3);
+}
+
+#[test]
 fn password_guessing_is_slowed_then_refused_per_address() {
     let server = TestServer::start(|config| {
         config.auth.slowdown_after = 1;

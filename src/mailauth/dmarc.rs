@@ -356,6 +356,24 @@ pub fn from_domain(fields: &[(String, Vec<u8>)]) -> Result<String, String> {
     }
 }
 
+/// Every address in every From field, as written (comments and display
+/// names left out; a quoted local part shows as `""`).
+pub fn from_addresses(fields: &[(String, Vec<u8>)]) -> Vec<String> {
+    let mut addresses = Vec::new();
+    for (_, field) in fields.iter().filter(|(name, _)| name == "from") {
+        let value = String::from_utf8_lossy(field);
+        let value = value.split_once(':').map_or("", |(_, v)| v);
+        for mailbox in split_mailboxes(&without_comments_and_quotes(value)) {
+            let address = match (mailbox.find('<'), mailbox.rfind('>')) {
+                (Some(open), Some(close)) if open < close => &mailbox[open + 1..close],
+                _ => mailbox.as_str(),
+            };
+            addresses.push(address.trim().to_string());
+        }
+    }
+    addresses
+}
+
 /// Comments (nested) go; quoted strings become empty, so that an "@" or
 /// "," inside a display name is not taken for part of an address.
 fn without_comments_and_quotes(value: &str) -> String {

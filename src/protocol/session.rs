@@ -135,6 +135,9 @@ pub struct Envelope {
     pub envid: Option<String>,
     /// From MAIL FROM: present when the message is to be checked.
     pub spf: Option<SpfVerdict>,
+    /// The login every From: address must belong to (see
+    /// [`SenderStanding::from_owner`]).
+    pub from_owner: Option<FromOwner>,
 }
 
 /// One final recipient, routed when it was accepted.
@@ -263,6 +266,20 @@ pub struct SenderStanding {
     /// The SPF verdict, when the message is to be checked (SPF, DKIM,
     /// DMARC: [`crate::mailauth::applies`]); it goes with the message.
     pub spf: Option<SpfVerdict>,
+    /// Who the message's From: addresses must belong to: the login of an
+    /// authenticated user, or a local user who may not choose the sender;
+    /// `None` for anyone else (strangers' mail, trusted networks, root).
+    /// Decided here, at MAIL, and read when the message is complete.
+    pub from_owner: Option<FromOwner>,
+}
+
+/// A login that From: addresses must belong to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FromOwner {
+    /// The account (or local user's address), canonical.
+    pub login: String,
+    /// A local user owns exactly its address; an account, its aliases too.
+    pub local: bool,
 }
 
 /// Why a message the session handed over was not queued.
@@ -900,6 +917,7 @@ impl Session {
             ret: transaction.params.ret,
             envid: transaction.params.envid.clone(),
             spf: transaction.standing.spf.clone(),
+            from_owner: transaction.standing.from_owner.clone(),
         };
         Step::nothing(Action::Enqueue(Box::new(envelope)))
     }
@@ -1220,6 +1238,7 @@ mod tests {
                 _ => Ok(SenderStanding {
                     accountable: client.user.is_some(),
                     spf: None,
+                    from_owner: None,
                 }),
             }
         }

@@ -15,12 +15,13 @@ use super::limits::Permit;
 use crate::mailauth::results::ForgedResultsFilter;
 use crate::mailauth::spf::SpfVerdict;
 use crate::printable::escape;
+use crate::protocol::address::Address;
 use crate::protocol::data::{DataDecoder, DataError, DataSummary, Progress};
 use crate::protocol::line::{Line, LineReader};
 use crate::protocol::reply::{self, Reply};
 use crate::protocol::session::{
-    Action, Envelope, ListenerKind, LocalUser, NotQueued, Rejection, Session, Stamp, Step,
-    SubmissionOutcome, TlsInfo,
+    Action, Envelope, FromOwner, ListenerKind, LocalUser, NotQueued, Rejection, Session, Stamp,
+    Step, SubmissionOutcome, TlsInfo,
 };
 use crate::queue::content::{Body, Content, Spool};
 use crate::queue::{MessageKind, NewMessage, NewRecipient, QueueId};
@@ -692,6 +693,60 @@ fn sign(message: &mut NewMessage, ctx: &ServerContext) -> Result<(), String> {
     }
 }
 
+/// Whether every From: address of a message belongs to its login. With
+/// `auth.sender_login_match`, a message whose From: does not is refused
+/// (553 5.7.1, as Postfix's smtpd_sender_login_maps does); without it, it
+/// is sent but never DKIM-signed: our signature would vouch for a From:
+/// the login does not own.
+fn from_owned_by(
+    message: &NewMessage,
+    owner: &FromOwner,
+    ctx: &ServerContext,
+) -> Result<bool, NotQueued> {
+    let max =
+        usize::try_from(ctx.config.limits.max_header_size.bytes() + 65536).unwrap_or(usize::MAX);
+    let section = message
+        .content
+        .reader()
+        .and_then(|mut reader| crate::dkim::verify::read_header_section(&mut reader, max))
+        .map_err(|error| {
+            log::error!("{}: cannot read the header section: {error}", message.id);
+            NotQueued::Failed(error.to_string())
+        })?;
+    let strangers: Vec<String> = crate::mailauth::dmarc::from_addresses(&section.fields)
+        .into_iter()
+        .filter(|text| {
+            !Address::parse(text).is_ok_and(|address| ctx.services.owns(owner, &address))
+        })
+        .collect();
+    let Some(first) = strangers.first() else {
+        return Ok(true);
+    };
+    if ctx.config.auth.sender_login_match {
+        log::info!(
+            "{}: refused: From: <{}> is not owned by {}",
+            message.id,
+            escape(first),
+            owner.login
+        );
+        return Err(NotQueued::Refused(Reply::new(
+            reply::SENDER_NOT_OWNED,
+            format!(
+                "From: address <{}> not owned by {}",
+                escape(first),
+                owner.login
+            ),
+        )));
+    }
+    log::info!(
+        "{}: not DKIM-signed: From: <{}> is not owned by {}",
+        message.id,
+        escape(first),
+        owner.login
+    );
+    Ok(false)
+}
+
 /// SPF (from MAIL FROM), DKIM and DMARC of a message from a stranger on
 /// the MX port: the results go in an Authentication-Results field after
 /// our Received field; a DMARC p=reject failure is refused.
@@ -735,11 +790,18 @@ fn commit(
     ctx: &ServerContext,
 ) -> Result<(), NotQueued> {
     let spf = envelope.spf.clone();
+    let envelope_from_owner = envelope.from_owner.clone();
     let mut message = queued_form(envelope, body).map_err(NotQueued::Failed)?;
     if let Some(spf) = &spf {
         check_authentication(&mut message, spf, ctx)?;
     }
-    sign(&mut message, ctx).map_err(NotQueued::Failed)?;
+    let from_owned = match &envelope_from_owner {
+        Some(owner) => from_owned_by(&message, owner, ctx)?,
+        None => true,
+    };
+    if from_owned {
+        sign(&mut message, ctx).map_err(NotQueued::Failed)?;
+    }
     let id = message.id.clone();
     let summary = log_summary(&message, client);
     let mut destinations: Vec<String> = message

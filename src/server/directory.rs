@@ -18,7 +18,7 @@ use crate::policy::{self, DomainStatus, RecipientDecision, RecipientFacts, Sende
 use crate::printable::escape;
 use crate::protocol::address::{Address, Domain, ReversePath};
 use crate::protocol::reply::{self, Reply};
-use crate::protocol::session::{AuthVerdict, ClientView, SenderStanding, Services};
+use crate::protocol::session::{AuthVerdict, ClientView, FromOwner, SenderStanding, Services};
 use crate::queue::QueueHandle;
 use crate::routing::{self, Route, RouteError, Routed};
 
@@ -171,6 +171,20 @@ impl Directory {
         &self.accounts
     }
 
+    /// Whether `address` belongs to `owner`: a local user's own address,
+    /// or an account's address and the aliases that lead to it.
+    pub fn owns(&self, owner: &FromOwner, address: &Address) -> bool {
+        let key = address.mailbox_key();
+        if key == owner.login {
+            return true;
+        }
+        !owner.local
+            && routing::expand_alias(&self.routing_config(), address)
+                .ok()
+                .flatten()
+                .is_some_and(|targets| targets.iter().any(|t| t.mailbox_key() == owner.login))
+    }
+
     /// The client's forward-confirmed reverse DNS name, if any.
     pub fn client_name(&self, ip: IpAddr) -> Option<String> {
         self.dns.as_ref().and_then(|dns| dns.client_name(ip))
@@ -264,18 +278,20 @@ impl Services for Directory {
             return policy::decide_local_sender(local, sender).map(|()| SenderStanding {
                 accountable: true,
                 spf: None,
+                from_owner: (!local.trusted).then(|| FromOwner {
+                    login: local.address.to_lowercase(),
+                    local: true,
+                }),
             });
         }
         let address = sender.address();
         let trusted_network = self.config.relay.is_trusted(client.ip);
-        let owned_by_user = match (client.user, address) {
-            (Some(user), Some(address)) => {
-                address.mailbox_key() == user
-                    || routing::expand_alias(&self.routing_config(), address)
-                        .ok()
-                        .flatten()
-                        .is_some_and(|targets| targets.iter().any(|t| t.mailbox_key() == user))
-            }
+        let from_owner = client.user.map(|user| FromOwner {
+            login: user.to_string(),
+            local: false,
+        });
+        let owned_by_user = match (&from_owner, address) {
+            (Some(owner), Some(address)) => self.owns(owner, address),
             _ => false,
         };
         let mut facts = SenderFacts {
@@ -304,6 +320,7 @@ impl Services for Directory {
         Ok(SenderStanding {
             accountable: client.user.is_some() || trusted_network,
             spf,
+            from_owner,
         })
     }
 
