@@ -149,6 +149,17 @@ fn every_event_gets_a_line_that_operators_and_fail2ban_can_use() {
     assert!(report.contains("Failregex: 3 total"), "{report}");
     assert!(report.contains("|   1) [2] "), "{report}");
     assert!(report.contains("|   2) [1] "), "{report}");
+    // Every line's own time is read (the shipped pattern once matched
+    // none: fail2ban took "now" for each, and skipped a file's existing
+    // lines at start).
+    let lines = std::fs::read_to_string(&log).unwrap().lines().count();
+    let date_hits: usize = report
+        .split("Date template hits:")
+        .nth(1)
+        .and_then(|rest| rest.lines().find(|l| l.trim_start().starts_with("|  [")))
+        .and_then(|l| l.split('[').nth(1)?.split(']').next()?.parse().ok())
+        .unwrap_or(0);
+    assert_eq!(date_hits, lines, "{report}");
     let matched = Command::new("fail2ban-regex")
         .args(["--print-all-matched"])
         .arg(&log)
