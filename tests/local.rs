@@ -334,9 +334,21 @@ fn sendmail_bs_speaks_smtp_to_pythons_smtplib() {
     let id = queue_id_from(&output);
     assert_eq!(server.sender_of(&id), me.address);
     assert_eq!(server.recipients_of(&id), ["alice@example.test"]);
+    let content = raw_content(&server, &id);
     assert!(
-        raw_content(&server, &id).contains(&format!("(petrel, from userid {})", me.uid)),
+        content.contains(&format!("(petrel, from userid {})", me.uid)),
         "the server knew who was on the other end"
+    );
+    // The fix-ups plain sendmail makes (it adds no Date: or Message-ID:
+    // over -bs before).
+    assert!(content.contains("\r\nDate: "), "{content}");
+    assert!(
+        content.contains(&format!("\r\nMessage-ID: <{id}@mx.test>\r\n")),
+        "{content}"
+    );
+    assert!(
+        content.contains(&format!("\r\nFrom: <{}>\r\n", me.address)),
+        "{content}"
     );
 }
 

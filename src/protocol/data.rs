@@ -251,6 +251,8 @@ pub struct HeaderSummary {
     pub has_date: bool,
     /// A `Message-ID:` field is present.
     pub has_message_id: bool,
+    /// A `From:` field is present.
+    pub has_from: bool,
 }
 
 impl HeaderSummary {
@@ -368,6 +370,8 @@ impl HeaderScan {
             self.summary.has_date = true;
         } else if starts(b"message-id:") {
             self.summary.has_message_id = true;
+        } else if starts(b"from:") {
+            self.summary.has_from = true;
         } else if starts(b"delivered-to:") && self.summary.delivered_to.len() < MAX_DELIVERED_TO {
             let value = String::from_utf8_lossy(&line[b"delivered-to:".len()..]);
             self.summary.delivered_to.push(value.trim().to_string());
@@ -586,6 +590,7 @@ mod tests {
             delivered_to: vec!["alice@example.com".into()],
             has_date: false,
             has_message_id: false,
+            has_from: false,
         };
         assert_eq!(decoded.headers, expected);
         assert_eq!(HeaderSummary::of(message), expected);

@@ -47,6 +47,12 @@ impl ListenerKind {
         matches!(self, ListenerKind::Submission | ListenerKind::Smtps)
     }
 
+    /// Mail from our own users (the submission ports and local
+    /// sendmail), which a submission server may complete (RFC 6409 8).
+    pub fn is_submission(self) -> bool {
+        self != ListenerKind::Smtp
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             ListenerKind::Smtp => "smtp",
@@ -860,8 +866,16 @@ impl Session {
         let id = stamp.id;
         let mut trace_header = self.received_header(&id, &transaction, stamp.now);
         // RFC 6409 8.1, 8.3: a submission server may add what a user's
-        // program left out. The MX port never rewrites a message.
-        if self.config.listener.requires_auth() {
+        // program left out, on every way in of our own users (the same
+        // as `petrel sendmail` adds). The MX port never rewrites a message.
+        if self.config.listener.is_submission() {
+            if self.config.listener == ListenerKind::Local
+                && !message.headers.has_from
+                && let Some(sender) = transaction.sender.address()
+            {
+                // Postfix's cleanup does so for local submissions.
+                trace_header.push_str(&format!("From: <{sender}>\r\n"));
+            }
             if !message.headers.has_date {
                 trace_header.push_str(&format!(
                     "Date: {}\r\n",

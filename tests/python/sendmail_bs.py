@@ -33,10 +33,9 @@ code, text = client.rcpt(refused)
 print("refused", code, text.decode())
 code, text = client.rcpt(recipient)
 assert code == 250, (code, text)
-message = (
-    "From: <%s>\r\nTo: <%s>\r\nSubject: from smtplib over -bs\r\n\r\nHello.\r\n"
-    % (sender, recipient)
-)
+# No From:, Date: or Message-ID: of its own: the server adds them, as
+# for plain sendmail.
+message = "To: <%s>\r\nSubject: from smtplib over -bs\r\n\r\nHello.\r\n" % recipient
 code, text = client.data(message.encode())
 assert code == 250, (code, text)
 print("queued", text.decode())
