@@ -534,3 +534,48 @@ fn output_into_a_closed_pipe_ends_quietly() {
         assert_eq!(output.status.code(), Some(0), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn help_works_on_every_command_without_a_config() {
+    // `petrel sendmail --help` said "unknown sendmail option --help" (or,
+    // without a config, "the message was not sent", exit 75).
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let output = petrel()
+            .args(args)
+            .current_dir(dir.path())
+            .env("PETREL_CONFIG", dir.path().join("missing.toml"))
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        )
+    };
+    let (code, help) = run(&["sendmail", "--help"]);
+    assert_eq!(code, Some(0), "{help}");
+    assert!(help.contains("Usage: petrel sendmail [OPTIONS]"), "{help}");
+    assert!(help.contains("-bs SMTP on standard input"), "{help}");
+    assert!(help.contains("--config <FILE>"), "{help}");
+    // Invoked as sendmail, the page names itself so.
+    let link = dir.path().join("sendmail");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_petrel"), &link).unwrap();
+    let output = Command::new(&link).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{help}");
+    assert!(help.contains("Usage: sendmail [OPTIONS]"), "{help}");
+    for command in [
+        &["serve", "--help"][..],
+        &["check-config", "--help"],
+        &["queue", "--help"],
+        &["queue", "show", "--help"],
+        &["user", "--help"],
+        &["user", "app-password", "add", "--help"],
+        &["dkim", "generate", "--help"],
+        &["dns-check", "--help"],
+    ] {
+        let (code, help) = run(command);
+        assert_eq!(code, Some(0), "{command:?}: {help}");
+        assert!(help.contains("Usage: petrel"), "{command:?}: {help}");
+    }
+}

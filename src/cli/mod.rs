@@ -193,6 +193,9 @@ pub fn main() -> ExitCode {
 
 /// `-c FILE` (petrel's) may appear anywhere among sendmail's arguments.
 fn run_sendmail(args: &[String], invoked_as: &str) -> Result<(), Failure> {
+    if args.iter().any(|a| a == "--help") {
+        return sendmail_help(invoked_as);
+    }
     let mut config_file = None;
     let mut rest = Vec::new();
     let mut iter = args.iter();
@@ -208,6 +211,30 @@ fn run_sendmail(args: &[String], invoked_as: &str) -> Result<(), Failure> {
     }
     let config = sendmail_config(config_file.as_deref())?;
     sendmail::run(&config, &rest, invoked_as)
+}
+
+/// The help `petrel sendmail` has in clap, which the manual page
+/// sendmail.8 is made of too; needs no config.
+fn sendmail_help(invoked_as: &str) -> Result<(), Failure> {
+    use clap::CommandFactory as _;
+    // Built whole, so that the global -c is among its options.
+    let mut command = Cli::command();
+    command.build();
+    let Some(sendmail) = command.find_subcommand("sendmail") else {
+        return Err(Failure::Runtime("no help for sendmail".into()));
+    };
+    let name = if invoked_as == "sendmail" && std::env::args().nth(1).as_deref() == Some("sendmail")
+    {
+        "petrel sendmail".to_string()
+    } else {
+        invoked_as.to_string()
+    };
+    let help = sendmail
+        .clone()
+        .override_usage(format!("{name} [OPTIONS] [RCPT]..."))
+        .render_long_help();
+    say!("{}", help.to_string().trim_end());
+    Ok(())
 }
 
 /// `sendmail` never runs on the demo defaults: a data dir invented in the
