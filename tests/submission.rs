@@ -224,6 +224,50 @@ fn relay_policy_table() {
 }
 
 #[test]
+fn an_open_relay_scanner_finishes_its_sixteen_probes() {
+    // The probes of the classic relay tests, each in one session: every
+    // RCPT refused. With 10 errors allowed the session was closed half way
+    // and the scanner reported an error instead of "not an open relay".
+    let server = TestServer::start(|_| {});
+    let probes = [
+        "victim@elsewhere.example",
+        "victim%elsewhere.example@example.test",
+        "victim%elsewhere.example@[127.0.0.1]",
+        "\"victim@elsewhere.example\"@example.test",
+        "\"victim%elsewhere.example\"@example.test",
+        "victim@elsewhere.example@example.test",
+        "@example.test:victim@elsewhere.example",
+        "elsewhere.example!victim@example.test",
+        "elsewhere.example!victim@[127.0.0.1]",
+        "victim@elsewhere.example.",
+        "victim@[127.0.0.2]",
+        "VICTIM@ELSEWHERE.EXAMPLE",
+        "victim@sub.elsewhere.example",
+        "victim%elsewhere.example%example.test@example.test",
+        "victim@elsewhere.example:25",
+        "postmaster@elsewhere.example",
+    ];
+    let mut scanner = RawClient::greeted(server.smtp());
+    scanner.command("EHLO scanner.test");
+    let started = std::time::Instant::now();
+    let mut codes = Vec::new();
+    for probe in probes {
+        assert_eq!(scanner.command("MAIL FROM:<scanner@example.org>").code, 250);
+        codes.push(scanner.command(&format!("RCPT TO:<{probe}>")).code);
+        assert_eq!(scanner.command("RSET").code, 250);
+    }
+    assert!(codes.iter().all(|&c| (500..600).contains(&c)), "{codes:?}");
+    assert_eq!(scanner.command("QUIT").code, 221, "the scan finished");
+    // Past the soft limit of 10 errors, each refusal came a second late.
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(server.message_count(), 0);
+}
+
+#[test]
 fn authenticated_users_send_only_as_themselves() {
     let server = TestServer::start(|config| {
         config.aliases.insert(

@@ -470,8 +470,13 @@ pub struct LimitsConfig {
     /// 421. 0 turns it off. Trusted networks are exempt from this and from
     /// max_sessions_per_ip.
     pub max_connection_rate: u32,
-    /// Protocol errors before a session is closed with 421.
+    /// Errors (5xx replies) before a session is closed with 421: 20, as
+    /// Postfix's smtpd_hard_error_limit, so that an open-relay scanner
+    /// (about 16 refused probes in one session) finishes its report.
     pub max_errors: u32,
+    /// After this many errors, each further error reply waits a second
+    /// (Postfix's smtpd_soft_error_limit and smtpd_error_sleep_time).
+    pub soft_errors: u32,
     /// Waiting for a command: RFC 5321 4.5.3.2.7 says at least 5 minutes.
     pub command_timeout: HumanDuration,
     /// DATA must start within this (RFC 5321 4.5.3.2.5 says 3 minutes) ...
@@ -499,7 +504,8 @@ impl Default for LimitsConfig {
             max_local_sessions: 32,
             max_local_sessions_per_user: 8,
             max_connection_rate: 60,
-            max_errors: 10,
+            max_errors: 20,
+            soft_errors: 10,
             command_timeout: HumanDuration::secs(300),
             data_timeout: HumanDuration::secs(180),
             min_data_rate: ByteSize(500),

@@ -75,6 +75,10 @@ pub struct LocalUser {
     pub trusted: bool,
 }
 
+/// How long an error reply waits once a session is past its soft error
+/// limit (Postfix's smtpd_error_sleep_time).
+pub const ERROR_SLEEP: Duration = Duration::from_secs(1);
+
 /// What every session on one listener shares.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -83,6 +87,8 @@ pub struct SessionConfig {
     pub max_message_size: u64,
     pub max_recipients: usize,
     pub max_errors: u32,
+    /// Past this many errors, each error reply waits [`ERROR_SLEEP`].
+    pub soft_errors: u32,
     /// A certificate is loaded, so STARTTLS can be offered.
     pub tls_available: bool,
     /// Where `RCPT TO:<Postmaster>` goes (RFC 5321 4.1.1.3).
@@ -616,12 +622,16 @@ impl Session {
         self.count_errors(Step::reply(reply))
     }
 
-    /// Every 5xx counts; past the limit the client is told 421 and dropped,
-    /// which stops blind scanners and broken loops early.
+    /// Every 5xx counts; past the soft limit each one is answered a second
+    /// late, past the hard limit the client is told 421 and dropped, which
+    /// stops blind scanners and broken loops early.
     fn count_errors(&mut self, mut step: Step) -> Step {
         let failed = step.replies.iter().any(|r| r.code() >= 500);
         if failed {
             self.errors += 1;
+            if self.errors > self.config.soft_errors {
+                step.delay = Some(step.delay.unwrap_or_default().max(ERROR_SLEEP));
+            }
             if self.errors >= self.config.max_errors && !matches!(step.action, Action::Close) {
                 step.replies.push(Reply::new(
                     reply::TOO_MANY_ERRORS,
@@ -1352,6 +1362,7 @@ mod tests {
             max_message_size: 1000,
             max_recipients: 3,
             max_errors: 10,
+            soft_errors: 10,
             tls_available: true,
             postmaster: Address::parse("postmaster@localhost").ok(),
             max_header_size: 500,

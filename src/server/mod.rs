@@ -145,6 +145,7 @@ fn session_config(config: &Config, listener: ListenerKind, tls_available: bool) 
         max_message_size: config.limits.max_message_size.bytes(),
         max_recipients: config.limits.max_recipients,
         max_errors: config.limits.max_errors,
+        soft_errors: config.limits.soft_errors,
         tls_available,
         postmaster: config
             .domains
