@@ -77,6 +77,23 @@ pub enum RouteError {
     Unavailable(String),
 }
 
+impl std::fmt::Display for RouteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RouteError::NoSuchMailbox => f.write_str("no such mailbox"),
+            RouteError::AliasTooDeep => write!(
+                f,
+                "an alias leads through more than {MAX_ALIAS_DEPTH} others (a loop?)"
+            ),
+            RouteError::TooManyTargets => write!(
+                f,
+                "an alias leads to more than {MAX_ALIAS_TARGETS} recipients"
+            ),
+            RouteError::Unavailable(why) => write!(f, "the accounts cannot be read: {why}"),
+        }
+    }
+}
+
 /// The outcome for one address: its final recipients, and alias targets
 /// that were dropped because they name no mailbox (for the log).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -559,7 +559,10 @@ impl Scheduler {
         if !ids.is_empty()
             && let Err(error) = self.context.queue.requeue_at(ids, until)
         {
-            log::error!("scheduler: cannot put back jobs for {destination:?}: {error}");
+            log::error!(
+                "scheduler: cannot put back jobs for {}: {error}",
+                destination.key()
+            );
         }
         match self.context.queue.back_off(destination.key(), until) {
             Ok(count) => log::info!(
@@ -567,7 +570,7 @@ impl Scheduler {
                 destination.key(),
                 crate::timefmt::short_duration(delay)
             ),
-            Err(error) => log::error!("scheduler: cannot back off {destination:?}: {error}"),
+            Err(error) => log::error!("scheduler: cannot back off {}: {error}", destination.key()),
         }
     }
 

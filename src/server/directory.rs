@@ -261,7 +261,7 @@ pub fn deliverability_warnings(
                 }
             }
             Err(error) => warnings.push(format!(
-                "alias {alias} cannot be expanded ({error:?}); mail to it is refused"
+                "alias {alias} cannot be expanded ({error}); mail to it is refused"
             )),
         }
     }
@@ -336,9 +336,9 @@ impl Services for Directory {
             Err(RouteError::Unavailable(error)) => {
                 return Err(self.local_error("recipient lookup", error));
             }
-            Err(RouteError::AliasTooDeep | RouteError::TooManyTargets) => {
+            Err(error @ (RouteError::AliasTooDeep | RouteError::TooManyTargets)) => {
                 log::error!(
-                    "alias {} cannot be expanded ({resolution:?}); fix [aliases]",
+                    "alias {} cannot be expanded ({error}); fix [aliases]",
                     recipient.mailbox_key()
                 );
                 return Err(Reply::new(
@@ -372,7 +372,7 @@ impl Services for Directory {
                 }
                 Ok(resolution.targets)
             }
-            (_, Err(error)) => Err(self.local_error("recipient routing", format!("{error:?}"))),
+            (_, Err(error)) => Err(self.local_error("recipient routing", error)),
         }
     }
 

@@ -179,13 +179,33 @@ pub fn check_pair(cert_path: &Path, key_path: &Path) -> Result<CertificateDer<'s
     Ok(certs.swap_remove(0))
 }
 
-/// Whether a certificate is valid for `hostname` (its SAN names).
+/// Whether a certificate is valid for `hostname` (its SAN names); the
+/// reason in words when it is not.
 pub fn covers_name(cert: &CertificateDer<'_>, hostname: &str) -> Result<(), String> {
-    let end_entity = webpki::EndEntityCert::try_from(cert).map_err(|e| e.to_string())?;
-    let name = rustls::pki_types::ServerName::try_from(hostname).map_err(|e| e.to_string())?;
+    let end_entity = webpki::EndEntityCert::try_from(cert).map_err(|e| describe_webpki(&e))?;
+    let name = rustls::pki_types::ServerName::try_from(hostname)
+        .map_err(|_| format!("{hostname:?} is not a host name"))?;
     end_entity
         .verify_is_valid_for_subject_name(&name)
-        .map_err(|e| e.to_string())
+        .map_err(|e| describe_webpki(&e))
+}
+
+/// webpki's errors display as their Rust names
+/// (`CertNotValidForName(InvalidNameContext { .. })`): an operator reads
+/// these instead.
+fn describe_webpki(error: &webpki::Error) -> String {
+    match error {
+        webpki::Error::CertNotValidForName(context) if context.presented.is_empty() => {
+            "it names no host in its subjectAltName".to_string()
+        }
+        webpki::Error::CertNotValidForName(context) => {
+            format!("it is only valid for {}", context.presented.join(", "))
+        }
+        webpki::Error::BadDer | webpki::Error::BadDerTime => {
+            "it is not a well-formed certificate".to_string()
+        }
+        other => format!("the certificate was refused ({other:?})"),
+    }
 }
 
 fn build_server_config(cert_path: &Path, key_path: &Path) -> Result<Arc<ServerConfig>, TlsError> {
