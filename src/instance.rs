@@ -56,18 +56,89 @@ pub struct Instance {
     server: Server,
     delivery: Option<Delivery>,
     control: Option<ControlSocket>,
-    /// Where `reload-aliases` reads from (set by `petrel serve`).
-    config_file: Arc<std::sync::Mutex<Option<std::path::PathBuf>>>,
+    /// What SIGHUP and `petrel reload` change, and the file they read
+    /// (set by `petrel serve`).
+    reloader: Reloader,
     _lock: File,
 }
 
 /// What the control socket reaches: the scheduler, the AUTH limiter, and
-/// the routing's aliases with the file they come from.
+/// what a reload changes.
 struct InstanceControls {
     waker: Option<Waker>,
     limiter: Arc<AuthLimiter>,
+    reloader: Reloader,
+}
+
+/// Everything that can change without a restart, with the file it comes
+/// from: aliases, DKIM keys and `[dkim]`, the TLS certificate. One place
+/// for SIGHUP, `petrel reload` and `newaliases`.
+#[derive(Clone)]
+struct Reloader {
     server: Arc<crate::server::ServerContext>,
     config_file: Arc<std::sync::Mutex<Option<std::path::PathBuf>>>,
+}
+
+impl Reloader {
+    fn config_file(&self) -> Option<std::path::PathBuf> {
+        self.config_file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Reads the config file again (the whole of it is checked, as at
+    /// start; nothing changes if it is wrong) and applies what can change
+    /// while running; returns one line for each part, as logged.
+    fn reload(&self) -> Result<Vec<String>, String> {
+        let running = &self.server.config;
+        let (config, source) = match self.config_file() {
+            Some(path) => (
+                Config::load_file(&path).map_err(|e| e.to_string())?,
+                format!("config {}", path.display()),
+            ),
+            // The built-in defaults do not change; keys and certificates may.
+            None => (Config::clone(running), "built-in defaults".to_string()),
+        };
+        let mut said = vec![format!("reload: {source}")];
+        said.push(format!("aliases: {}", config.aliases.len()));
+        self.server.services.replace_aliases(config.aliases.clone());
+        said.push(match self.server.dkim.reload(&config) {
+            Ok(loaded) => loaded,
+            Err(error) => format!("dkim: keeping the keys in use: {error}"),
+        });
+        if let Some(tls) = &self.server.tls {
+            said.push(tls.force_reload());
+        }
+        let mut rest = config;
+        rest.aliases = running.aliases.clone();
+        rest.dkim = running.dkim.clone();
+        rest.domains.local = running.domains.local.clone();
+        if rest != **running {
+            said.push("other changed settings apply at the next start".to_string());
+        }
+        for line in &said {
+            log::info!("{line}");
+        }
+        Ok(said)
+    }
+
+    /// `newaliases`: the aliases only.
+    fn reload_aliases(&self) -> Result<usize, String> {
+        let path = self
+            .config_file()
+            .ok_or("petrel runs on its built-in defaults: there is no config file to read")?;
+        // The whole file is checked, as at start; only the aliases change.
+        let config = Config::load_file(&path).map_err(|e| e.to_string())?;
+        let count = config.aliases.len();
+        self.server.services.replace_aliases(config.aliases);
+        log::info!(
+            "aliases reloaded from {}: {count} aliases (`petrel reload` or SIGHUP reloads keys \
+             and certificates too)",
+            path.display()
+        );
+        Ok(count)
+    }
 }
 
 impl Controls for InstanceControls {
@@ -82,21 +153,11 @@ impl Controls for InstanceControls {
     }
 
     fn reload_aliases(&self) -> Result<usize, String> {
-        let path = self
-            .config_file
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-            .ok_or("petrel runs on its built-in defaults: there is no config file to read")?;
-        // The whole file is checked, as at start; only the aliases change.
-        let config = Config::load_file(&path).map_err(|e| e.to_string())?;
-        let count = config.aliases.len();
-        self.server.services.replace_aliases(config.aliases);
-        log::info!(
-            "aliases reloaded from {}: {count} aliases (other settings apply at restart)",
-            path.display()
-        );
-        Ok(count)
+        self.reloader.reload_aliases()
+    }
+
+    fn reload(&self) -> Result<Vec<String>, String> {
+        self.reloader.reload()
     }
 }
 
@@ -163,10 +224,8 @@ impl Instance {
             Box::new(move |destinations: Vec<String>| waker.new_mail_for(destinations))
                 as crate::server::OnQueued
         });
-        let dkim = crate::dkim::Signer::load(&config).map_err(error)?;
-        if !dkim.domains().is_empty() {
-            log::info!("dkim: signing for {}", dkim.domains().join(", "));
-        }
+        let dkim = crate::dkim::Keys::load(&config).map_err(error)?;
+        log::info!("dkim: {}", dkim.signer().summary());
         let parts = ServerParts {
             dkim: Arc::new(dkim),
             queue: queue.handle(),
@@ -183,12 +242,14 @@ impl Instance {
                 return Err(error(e));
             }
         };
-        let config_file = Arc::new(std::sync::Mutex::new(None));
+        let reloader = Reloader {
+            server: server.shared_context(),
+            config_file: Arc::new(std::sync::Mutex::new(None)),
+        };
         let controls = InstanceControls {
             waker: delivery.as_ref().map(Delivery::waker),
             limiter,
-            server: server.shared_context(),
-            config_file: Arc::clone(&config_file),
+            reloader: reloader.clone(),
         };
         let control = match ControlSocket::start(&config.data_dir, Arc::new(controls)) {
             Ok(control) => Some(control),
@@ -207,7 +268,7 @@ impl Instance {
             server,
             delivery,
             control,
-            config_file,
+            reloader,
             _lock: lock,
         })
     }
@@ -229,12 +290,19 @@ impl Instance {
         self.server.active_sessions()
     }
 
-    /// The file the config came from, for `newaliases` to reload from.
+    /// The file the config came from, for reloads to read.
     pub fn set_config_file(&self, path: &std::path::Path) {
         *self
+            .reloader
             .config_file
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(path.to_path_buf());
+    }
+
+    /// SIGHUP: applies what can change without a restart (aliases, DKIM
+    /// keys and `[dkim]`, the certificate); one line each, as logged.
+    pub fn reload(&self) -> Result<Vec<String>, String> {
+        self.reloader.reload()
     }
 
     /// Session threads started so far (started as sessions need them).

@@ -35,6 +35,7 @@ pub mod safe_fs;
 pub mod server;
 pub mod timefmt;
 pub mod tls;
+pub mod watched;
 
 /// A small deterministic source of numbers below `bound`, for tests that
 /// try many arbitrary inputs and splits (xorshift64; `seed` not zero).

@@ -156,3 +156,126 @@ fn a_from_the_login_does_not_own_is_never_signed() {
         assert_eq!(signed, text.contains("Subject: mine"), "{text}");
     }
 }
+
+/// Sends one message as alice over implicit TLS to a `petrel serve`.
+fn submit_to(serving: &common::serving::Serving, data_dir: &Path, subject: &str) {
+    let mut client = RawClient::implicit_tls(
+        serving.listen_address("smtps"),
+        &data_dir.join("tls/selfsigned-cert.pem"),
+    );
+    client.command("EHLO client.test");
+    assert_eq!(client.auth_plain("alice@example.test", PASSWORD).code, 235);
+    let body = format!("From: alice@example.test\r\nSubject: {subject}\r\n\r\nx\r\n");
+    let reply = client.send_transaction(
+        "alice@example.test",
+        &["friend@elsewhere.example"],
+        body.as_bytes(),
+    );
+    assert_eq!(reply.code, 250, "{reply:?}");
+}
+
+/// The selector of the DKIM-Signature of the message with `subject`, if
+/// it has one.
+fn selector_of(sink: &Sink, subject: &str) -> Option<String> {
+    sink.messages().into_iter().find_map(|m| {
+        let text = String::from_utf8_lossy(&m.content).into_owned();
+        if !text.contains(&format!("Subject: {subject}\r\n")) {
+            return None;
+        }
+        let at = text.find("\ts=")?;
+        Some(text[at + 3..].split(';').next()?.to_string())
+    })
+}
+
+#[test]
+fn a_new_key_is_used_without_a_restart_and_sighup_reloads_dkim() {
+    use common::serving::{Serving, add_user, petrel};
+    // Before, `petrel dkim generate` while the server ran left mail
+    // unsigned until a restart; SIGHUP reloaded only the certificate.
+    let sink = Sink::start("accept", 0);
+    let dns = standard_dns();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[domains]\nlocal = [\"example.test\"]\n[dns]\nnameservers = [\"{}\"]\n\
+             [delivery]\nport = {}\n",
+            dns.addr, sink.port
+        ),
+    );
+    add_user(&config, "alice@example.test");
+    let data_dir = dir.path().join("data");
+    let mut serving = Serving::start(&config);
+    submit_to(&serving, &data_dir, "before any key");
+    sink.wait_for_messages(1);
+    assert_eq!(selector_of(&sink, "before any key"), None);
+
+    let generate = |selector: &str| {
+        let output = petrel()
+            .arg("-c")
+            .arg(&config)
+            .args(["dkim", "generate", "example.test", "--selector", selector])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let said = generate("petrel");
+    assert!(
+        said.contains("the running server signs mail from example.test with this key"),
+        "{said}"
+    );
+    // Picked up at the next signing once a look at the files is due (at
+    // most every 2 s): polled by sending, a bounded number of times.
+    let mut picked_up = false;
+    for attempt in 0..20 {
+        let subject = format!("after generate {attempt}");
+        submit_to(&serving, &data_dir, &subject);
+        sink.wait_for_messages(2 + attempt);
+        if selector_of(&sink, &subject).as_deref() == Some("petrel") {
+            picked_up = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    assert!(picked_up, "the new key was never used");
+    serving.wait_for_log("dkim: key files changed; signing for example.test with selector petrel");
+
+    // A rollover: a key under a new selector, the config switched, SIGHUP.
+    let said = generate("s2");
+    assert!(said.contains("set dkim.selector = \"s2\""), "{said}");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text}\n[dkim]\nselector = \"s2\"\n")).unwrap();
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &serving.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    serving.wait_for_log("dkim: signing for example.test with selector s2");
+    serving.wait_for_log("tls: reloaded certificate");
+    let before = sink.messages().len();
+    submit_to(&serving, &data_dir, "after the rollover");
+    sink.wait_for_messages(before + 1);
+    assert_eq!(
+        selector_of(&sink, "after the rollover").as_deref(),
+        Some("s2")
+    );
+    // `petrel reload` does SIGHUP's work and says what it loaded.
+    let output = petrel()
+        .arg("-c")
+        .arg(&config)
+        .arg("reload")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
+    for line in [
+        "reload: config ",
+        "aliases: 0",
+        "dkim: signing for example.test with selector s2",
+        "tls: reloaded certificate",
+    ] {
+        assert!(said.contains(line), "{said}");
+    }
+    serving.terminate();
+}

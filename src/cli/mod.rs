@@ -27,7 +27,8 @@ without one, every command but sendmail runs on built-in defaults (a demo in ./p
 
 EXIT STATUS: 0 ok, 1 runtime failure, 2 usage or configuration error, 75 try again later (sendmail).
 
-SIGNALS: petrel serve stops gracefully on SIGTERM and SIGINT; SIGHUP reloads the TLS certificate.
+SIGNALS: petrel serve stops gracefully on SIGTERM and SIGINT; SIGHUP (or petrel reload) reloads \
+the aliases, the DKIM keys and [dkim], and the TLS certificate.
 
 FILES: data_dir (/var/lib/petrel when packaged) holds queue.db (SQLite; readable with sqlite3), \
 mail/DOMAIN/USER/ (Maildirs), public/submit.sock and public/maildrop/ (local submission) and \
@@ -48,6 +49,10 @@ pub enum Command {
     Serve,
     /// Validate the config and print the effective settings
     CheckConfig,
+    /// Have the running server apply what can change without a restart:
+    /// aliases, DKIM keys and [dkim], the TLS certificate (as SIGHUP does);
+    /// prints what it loaded
+    Reload,
     /// Inspect and act on the queue (also while the server runs)
     Queue {
         #[command(subcommand)]
@@ -293,6 +298,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let (config, source) = load_config(cli.config.as_deref())?;
             check::run(&config, &source)
         }
+        Command::Reload => {
+            let (config, _) = load_config(cli.config.as_deref())?;
+            reload(&config)
+        }
         Command::Queue { command } => {
             let (config, _) = load_config(cli.config.as_deref())?;
             queue::run(&config, command)
@@ -321,6 +330,35 @@ fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
+/// `petrel reload`: SIGHUP's work, asked over the control socket, so that
+/// the answer says what was loaded.
+fn reload(config: &Config) -> Result<(), Failure> {
+    let socket = config.data_dir.join(crate::server::control::CONTROL_SOCKET);
+    if let Err(error) = std::os::unix::net::UnixStream::connect(&socket)
+        && error.kind() == std::io::ErrorKind::PermissionDenied
+    {
+        return Err(Failure::Runtime(format!(
+            "{} is for root and the server's user only (permission denied)",
+            socket.display()
+        )));
+    }
+    match crate::server::control::reload(&config.data_dir) {
+        Some(Ok(lines)) => {
+            for line in lines {
+                say!("{line}");
+            }
+            Ok(())
+        }
+        Some(Err(why)) => Err(Failure::Runtime(format!(
+            "the running server did not reload: {why}"
+        ))),
+        None => Err(Failure::Runtime(format!(
+            "no running server answered at {}",
+            socket.display()
+        ))),
+    }
+}
+
 fn dkim(config: &Config, command: DkimCommand) -> Result<(), Failure> {
     let DkimCommand::Generate {
         domain,
@@ -335,11 +373,40 @@ fn dkim(config: &Config, command: DkimCommand) -> Result<(), Failure> {
         crate::dkim::generate(&config.dkim_key_dir(), &domain, &selector, algorithm)
             .map_err(|e| Failure::Runtime(e.to_string()))?;
     eprintln!(
-        "petrel: key written to {}; publish this record, then set dkim.selector = {selector:?}:",
+        "petrel: key written to {}; publish this record:",
         path.display()
     );
     println!("{record}");
+    eprintln!("petrel: {}", key_use(config, &domain, &selector));
     Ok(())
+}
+
+/// Whether the running server (or the next one) signs with a key just
+/// made for `domain` and `selector`, and what to do if not.
+fn key_use(config: &Config, domain: &str, selector: &str) -> String {
+    let (domains, _) = crate::dkim::signing_domains(config);
+    if selector != config.dkim.selector {
+        return format!(
+            "the server signs with selector {:?}: once the record is published, set \
+             dkim.selector = {selector:?} and run `petrel reload` (or send SIGHUP) to sign with \
+             this key",
+            config.dkim.selector
+        );
+    }
+    if !domains.iter().any(|d| d.eq_ignore_ascii_case(domain)) {
+        return format!(
+            "mail from {domain} is not signed: add {domain:?} to [domains] local (or to [dkim] \
+             domains), then run `petrel reload`"
+        );
+    }
+    if crate::server::control::poke(&config.data_dir) {
+        format!(
+            "the running server signs mail from {domain} with this key from now on (it notices \
+             new keys within seconds, no restart needed); publish the record at once"
+        )
+    } else {
+        format!("petrel serve signs mail from {domain} with this key when it starts")
+    }
 }
 
 /// `user` and `queue` write in `data_dir`: run by root, they become the

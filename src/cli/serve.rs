@@ -1,5 +1,6 @@
-//! `petrel serve`: run until SIGTERM or SIGINT; SIGHUP reloads the TLS
-//! certificate.
+//! `petrel serve`: run until SIGTERM or SIGINT; SIGHUP reloads what can
+//! change without a restart (aliases, DKIM keys and `[dkim]`, the TLS
+//! certificate) and logs what it loaded.
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -32,8 +33,10 @@ pub fn serve(config: Config, source: ConfigSource) -> Result<(), Failure> {
     notify("READY=1\nSTATUS=serving");
     for signal in signals.forever() {
         if signal == SIGHUP {
-            log::info!("SIGHUP: reloading TLS certificate");
-            instance.tls().force_reload();
+            log::info!("SIGHUP: reloading aliases, DKIM keys and the certificate");
+            if let Err(error) = instance.reload() {
+                log::error!("SIGHUP: nothing reloaded: {error}");
+            }
             continue;
         }
         log::info!("signal {signal}: shutting down");

@@ -16,6 +16,7 @@ pub mod verify;
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -25,6 +26,7 @@ use rustls::pki_types::PrivateKeyDer;
 use rustls::pki_types::pem::PemObject;
 
 use crate::config::Config;
+use crate::watched::Watched;
 use canonical::{RelaxedBody, relaxed_header};
 
 crate::error::message_error!(DkimError, "DKIM failed.");
@@ -128,25 +130,123 @@ pub fn key_path(dir: &Path, domain: &str, selector: &str) -> PathBuf {
     dir.join(format!("{}.{selector}.pem", domain.to_ascii_lowercase()))
 }
 
+/// The domains mail is signed for, and whether they were listed
+/// (`dkim.domains`) rather than taken from `domains.local`.
+pub fn signing_domains(config: &Config) -> (&[String], bool) {
+    if config.dkim.domains.is_empty() {
+        (&config.domains.local, false)
+    } else {
+        (&config.dkim.domains, true)
+    }
+}
+
+/// The key file of each domain signed for (present or not), in the order
+/// of [`signing_domains`].
+pub fn key_paths(config: &Config) -> Vec<PathBuf> {
+    let dir = config.dkim_key_dir();
+    signing_domains(config)
+        .0
+        .iter()
+        .map(|domain| key_path(&dir, domain, &config.dkim.selector))
+        .collect()
+}
+
+/// The keys in use, replaced whole when they change: a key file that
+/// appears or changes for a domain signed for is noticed at the next
+/// signing (looked at most every couple of seconds, as certificates are),
+/// and [`Keys::reload`] (SIGHUP, `petrel reload`) applies a new `[dkim]`.
+pub struct Keys {
+    loaded: RwLock<Arc<Loaded>>,
+}
+
+struct Loaded {
+    /// What the keys were loaded from (its `[dkim]`, local domains and
+    /// data dir).
+    config: Arc<Config>,
+    signer: Arc<Signer>,
+    files: Watched,
+}
+
+impl Loaded {
+    fn new(config: Arc<Config>) -> Result<Loaded, DkimError> {
+        let files = Watched::new(key_paths(&config));
+        let signer = Arc::new(Signer::load(&config)?);
+        Ok(Loaded {
+            config,
+            signer,
+            files,
+        })
+    }
+}
+
+impl Keys {
+    pub fn load(config: &Config) -> Result<Keys, DkimError> {
+        let loaded = Loaded::new(Arc::new(config.clone()))?;
+        Ok(Keys {
+            loaded: RwLock::new(Arc::new(loaded)),
+        })
+    }
+
+    fn current(&self) -> Arc<Loaded> {
+        Arc::clone(&self.loaded.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// The keys to sign with now, after a look at the key files when one
+    /// is due: a new key is used without a restart or a signal.
+    pub fn signer(&self) -> Arc<Signer> {
+        let loaded = self.current();
+        let Some(stamp) = loaded.files.changed() else {
+            return Arc::clone(&loaded.signer);
+        };
+        match Loaded::new(Arc::clone(&loaded.config)) {
+            Ok(fresh) => {
+                log::info!("dkim: key files changed; {}", fresh.signer.summary());
+                let signer = Arc::clone(&fresh.signer);
+                *self.loaded.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(fresh);
+                signer
+            }
+            Err(error) => {
+                // A key half written, or unreadable: the old keys stay,
+                // and the next change is tried.
+                loaded.files.loaded(stamp);
+                log::warn!("dkim: keeping the keys in use: {error}");
+                Arc::clone(&loaded.signer)
+            }
+        }
+    }
+
+    /// Loads the keys `config` names (its `[dkim]` section, local
+    /// domains); on error the keys in use stay. Returns what the log says.
+    pub fn reload(&self, config: &Config) -> Result<String, DkimError> {
+        let fresh = Loaded::new(Arc::new(config.clone()))?;
+        let said = format!("dkim: {}", fresh.signer.summary());
+        *self.loaded.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(fresh);
+        Ok(said)
+    }
+}
+
 impl Signer {
     /// Loads the key of each domain to sign for. A domain listed in
     /// `dkim.domains` without a usable key is an error (its mail would
     /// leave unsigned and fail DMARC); a local domain without a key, when
     /// none are listed, is simply not signed for.
     pub fn load(config: &Config) -> Result<Signer, DkimError> {
-        let dir = config.dkim_key_dir();
         let selector = config.dkim.selector.clone();
-        let listed = !config.dkim.domains.is_empty();
-        let domains = if listed {
-            &config.dkim.domains
-        } else {
-            &config.domains.local
-        };
+        let (domains, listed) = signing_domains(config);
         let mut keys = HashMap::new();
-        for domain in domains {
-            let path = key_path(&dir, domain, &selector);
-            if !listed && !path.exists() {
-                continue;
+        for (domain, path) in domains.iter().zip(key_paths(config)) {
+            // Missing is fine for a local domain not listed; a key that is
+            // there but cannot be read (permissions) is said as such.
+            match std::fs::metadata(&path) {
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound && !listed => continue,
+                Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(DkimError(format!(
+                        "dkim: {domain}: cannot read {}: {error} (the server's user must \
+                         read it)",
+                        path.display()
+                    )));
+                }
+                _ => {}
             }
             let key = load_key(&path).map_err(|e| {
                 DkimError(format!(
@@ -173,6 +273,19 @@ impl Signer {
     /// The TXT record value for `domain`'s key, if it has one.
     pub fn record(&self, domain: &str) -> Option<String> {
         self.keys.get(&domain.to_ascii_lowercase()).map(Key::record)
+    }
+
+    /// "signing for a.example, b.example with selector s1", or that mail
+    /// leaves unsigned.
+    pub fn summary(&self) -> String {
+        if self.keys.is_empty() {
+            return "no keys: mail leaves unsigned".to_string();
+        }
+        format!(
+            "signing for {} with selector {}",
+            self.domains().join(", "),
+            self.selector
+        )
     }
 
     /// The domains signed for, sorted.

@@ -675,6 +675,7 @@ fn sign(message: &mut NewMessage, ctx: &ServerContext) -> Result<(), String> {
         .map_err(|e| e.to_string())
         .and_then(|mut reader| {
             ctx.dkim
+                .signer()
                 .sign(domain, &mut reader, std::time::SystemTime::now())
                 .map_err(|e| e.to_string())
         });

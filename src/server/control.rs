@@ -7,7 +7,9 @@
 //! - `unlock <account>` (`petrel user unlock`): lifts the AUTH lockouts of
 //!   the addresses that failed at the account; the reply says which;
 //! - `reload-aliases` (`newaliases`): the server reads the aliases from its
-//!   config file again; the reply says how many, or why not.
+//!   config file again; the reply says how many, or why not;
+//! - `reload` (`petrel reload`): what SIGHUP does: aliases, DKIM keys and
+//!   `[dkim]`, the certificate; the reply is what was loaded.
 //!
 //! It can do nothing else, and only for petrel's own user and root: the
 //! socket is mode 0600 whatever the umask, and each connection's peer is
@@ -37,6 +39,9 @@ pub trait Controls: Send + Sync + 'static {
     /// Reads the aliases from the config file again and routes with them
     /// from now on; returns how many there are.
     fn reload_aliases(&self) -> Result<usize, String>;
+    /// Everything that can change without a restart (SIGHUP's work);
+    /// returns what was loaded, a line for each part.
+    fn reload(&self) -> Result<Vec<String>, String>;
 }
 
 pub const CONTROL_SOCKET: &str = "control.sock";
@@ -141,6 +146,15 @@ fn serve(connection: UnixStream, controls: &dyn Controls) {
     let mut reader = BufReader::new(connection.take(MAX_LINE));
     let _ = reader.read_line(&mut line);
     let line = line.trim_end();
+    if line == "reload" {
+        let answer = match controls.reload() {
+            Ok(lines) => format!("reloaded {}", lines.join(" | ")),
+            Err(error) => format!("error {error}"),
+        };
+        let _ = writer.set_write_timeout(Some(Duration::from_millis(200)));
+        let _ = writeln!(writer, "{}", answer.replace(['\r', '\n'], " "));
+        return;
+    }
     if line == "reload-aliases" {
         let answer = match controls.reload_aliases() {
             Ok(count) => format!("reloaded {count}"),
@@ -203,6 +217,28 @@ pub fn unlock(data_dir: &Path, account: &str) -> Option<Vec<String>> {
         .ok()?;
     let lifted = reply.trim_end().strip_prefix("unlocked")?;
     Some(lifted.split_whitespace().map(str::to_string).collect())
+}
+
+/// Asks the server running on `data_dir` to reload what can change while
+/// it runs (SIGHUP's work): `None` when no server answered, else the lines
+/// it logged, or why it could not.
+pub fn reload(data_dir: &Path) -> Option<Result<Vec<String>, String>> {
+    let mut stream = UnixStream::connect(data_dir.join(CONTROL_SOCKET)).ok()?;
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    stream.write_all(b"reload\n").ok()?;
+    let mut reply = String::new();
+    BufReader::new(stream.take(64 * 1024))
+        .read_line(&mut reply)
+        .ok()?;
+    let reply = reply.trim_end();
+    match reply.strip_prefix("reloaded ") {
+        Some(lines) => Some(Ok(lines.split(" | ").map(str::to_string).collect())),
+        None if reply.is_empty() => None,
+        None => Some(Err(reply
+            .strip_prefix("error ")
+            .unwrap_or(reply)
+            .to_string())),
+    }
 }
 
 /// Asks the server running on `data_dir` to read its aliases again.

@@ -106,7 +106,7 @@ pub struct ServerContext {
     pub queue: QueueHandle,
     pub tls: Option<Arc<ServerTls>>,
     /// Signs what local users send.
-    pub dkim: Arc<crate::dkim::Signer>,
+    pub dkim: Arc<crate::dkim::Keys>,
     /// Per listener kind: smtp, submission, smtps, local.
     sessions: [Arc<SessionConfig>; 4],
     registry: ConnectionRegistry,
@@ -221,7 +221,7 @@ pub type OnQueued = Box<dyn Fn(Vec<String>) + Send + Sync>;
 pub struct ServerParts {
     pub queue: QueueHandle,
     pub tls: Option<Arc<ServerTls>>,
-    pub dkim: Arc<crate::dkim::Signer>,
+    pub dkim: Arc<crate::dkim::Keys>,
     pub services: Directory,
     /// Called after each message is committed (wakes the scheduler).
     pub on_queued: Option<OnQueued>,

@@ -14,22 +14,19 @@ use std::fs;
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::Config;
+use crate::watched::{FileStamp, Watched};
 
 /// Generated certificate and key, when none is configured.
 const GENERATED_DIR: &str = "tls";
 const GENERATED_CERT: &str = "selfsigned-cert.pem";
 const GENERATED_KEY: &str = "selfsigned-key.pem";
-
-/// How often a new connection may trigger a look at the files' mtimes.
-const RELOAD_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -40,36 +37,14 @@ pub const PROTOCOL_VERSIONS: &[&rustls::SupportedProtocolVersion] =
 
 crate::error::message_error!(TlsError, "A certificate, key or TLS configuration problem.");
 
-/// Identifies one version of the certificate files.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct FileStamp(Vec<(Option<SystemTime>, u64)>);
-
-impl FileStamp {
-    fn of(paths: &[&Path]) -> FileStamp {
-        FileStamp(
-            paths
-                .iter()
-                .map(|path| match fs::metadata(path) {
-                    Ok(meta) => (meta.modified().ok(), meta.len()),
-                    Err(_) => (None, 0),
-                })
-                .collect(),
-        )
-    }
-}
-
-struct Loaded {
-    config: Arc<ServerConfig>,
-    stamp: FileStamp,
-}
-
 /// The server's TLS configuration, swapped atomically on reload; sessions
 /// already in TLS keep the configuration they started with.
 pub struct ServerTls {
     cert_path: PathBuf,
     key_path: PathBuf,
-    current: RwLock<Loaded>,
-    last_check: Mutex<Instant>,
+    /// The certificate and key files, looked at on new connections.
+    files: Watched,
+    current: RwLock<Arc<ServerConfig>>,
 }
 
 impl ServerTls {
@@ -80,70 +55,47 @@ impl ServerTls {
             (Some(cert), Some(key)) => (cert.clone(), key.clone()),
             _ => ensure_self_signed(&config.data_dir, &config.hostname)?,
         };
-        let stamp = FileStamp::of(&[&cert_path, &key_path]);
+        let files = Watched::new(vec![cert_path.clone(), key_path.clone()]);
         let server_config = build_server_config(&cert_path, &key_path)?;
         Ok(ServerTls {
             cert_path,
             key_path,
-            current: RwLock::new(Loaded {
-                config: server_config,
-                stamp,
-            }),
-            last_check: Mutex::new(Instant::now()),
+            files,
+            current: RwLock::new(server_config),
         })
     }
 
     /// The configuration for a new handshake, reloading first if the files
     /// changed (checked at most every couple of seconds).
     pub fn server_config(&self) -> Arc<ServerConfig> {
-        let due = {
-            let mut last = self
-                .last_check
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if last.elapsed() >= RELOAD_CHECK_INTERVAL {
-                *last = Instant::now();
-                true
-            } else {
-                false
-            }
-        };
-        if due {
-            self.reload_if_changed();
-        }
-        let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
-        Arc::clone(&current.config)
-    }
-
-    /// Reloads when the files changed; on SIGHUP the caller forces it.
-    pub fn reload_if_changed(&self) {
-        let stamp = FileStamp::of(&[&self.cert_path, &self.key_path]);
-        let unchanged = {
-            let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
-            current.stamp == stamp
-        };
-        if !unchanged {
+        if let Some(stamp) = self.files.changed() {
             self.reload(stamp);
         }
+        let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(&current)
     }
 
-    pub fn force_reload(&self) {
-        self.reload(FileStamp::of(&[&self.cert_path, &self.key_path]));
+    /// SIGHUP (or `petrel reload`): read the files again now. Returns what
+    /// the log says.
+    pub fn force_reload(&self) -> String {
+        self.reload(self.files.current())
     }
 
-    fn reload(&self, stamp: FileStamp) {
+    fn reload(&self, stamp: FileStamp) -> String {
+        // Half-written files during a renewal are normal: the old
+        // certificate stays in service, and the next change is tried.
+        self.files.loaded(stamp);
         match build_server_config(&self.cert_path, &self.key_path) {
             Ok(config) => {
-                let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
-                *current = Loaded { config, stamp };
-                log::info!("tls: reloaded certificate {}", self.cert_path.display());
+                *self.current.write().unwrap_or_else(PoisonError::into_inner) = config;
+                let said = format!("tls: reloaded certificate {}", self.cert_path.display());
+                log::info!("{said}");
+                said
             }
             Err(error) => {
-                // Half-written files during a renewal are normal; keep
-                // serving the old certificate and try again on the next change.
-                log::warn!("tls: keeping the previous certificate: {error}");
-                let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
-                current.stamp = stamp;
+                let said = format!("tls: keeping the previous certificate: {error}");
+                log::warn!("{said}");
+                said
             }
         }
     }
