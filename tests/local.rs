@@ -211,7 +211,23 @@ fn a_local_user_sends_as_themselves_and_only_root_chooses_the_sender() {
         )
     };
     assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains("the queue is private to root"), "{err}");
+    assert!(err.contains("petrel queue needs root"), "{err}");
+    // So do mailq, sendmail -q and newaliases, each saying so by name
+    // (they said "cannot switch users", exit 2, or reported missing
+    // accounts and no server, exit 0).
+    for (args, name) in [
+        (&["sendmail", "-bp"][..], "sendmail -bp"),
+        (&["sendmail", "-q"], "sendmail -q"),
+        (&["sendmail", "-bi"], "newaliases"),
+    ] {
+        let output = output_when_not_busy(setup.command(args).uid(NOBODY).gid(NOBODY));
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains(&format!("{name} needs root")),
+            "{args:?}: {err}"
+        );
+    }
 
     // Root may use any sender (cron jobs, daemons sending for others).
     // -v tells where the message went.

@@ -170,6 +170,43 @@ fn started_as_root_the_server_binds_then_serves_as_the_configured_user() {
     wait_for("the Maildir delivery", || {
         std::fs::read_dir(&new).map(|d| d.count()).unwrap_or(0) == 1
     });
+    // An operator action run by root is logged as root's, not as the
+    // user the command became (it said uid=65534).
+    let output = petrel_as_root(&config, &["queue", "retry", "--all"]);
+    assert!(output.status.success(), "{output:?}");
+    serving.wait_for_log("retry now, by the operator (petrel queue, uid=0)");
+    // Anyone else is told what the queue needs (it said "cannot switch
+    // users", exit 2).
+    let output = petrel()
+        .arg("-c")
+        .arg(&config)
+        .args(["queue", "list"])
+        .uid(1)
+        .gid(1)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("petrel queue needs root or the user nobody"),
+        "{err}"
+    );
+    // check-config as another user: the keys it cannot read are "not
+    // checked", not "missing".
+    let output = petrel_as_root(&config, &["dkim", "generate", "example.test"]);
+    assert!(output.status.success(), "{output:?}");
+    let output = petrel()
+        .arg("-c")
+        .arg(&config)
+        .arg("check-config")
+        .uid(1)
+        .gid(1)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(!err.contains("make one with"), "{err}");
+    assert!(err.contains("DKIM keys and accounts in"), "{err}");
+    assert!(err.contains("not checked"), "{err}");
     let (code, _) = serving.terminate();
     assert_eq!(code, 0);
     assert_eq!(not_owned_by(&data_dir, NOBODY), Vec::<String>::new());

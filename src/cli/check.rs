@@ -68,6 +68,16 @@ pub fn check(config: &Config) -> Findings {
 fn read_data_dir_as_server(config: &Config, findings: &mut Findings) -> bool {
     use crate::server::privileges::{self, RunAs};
     if !rustix::process::geteuid().is_root() {
+        // Another user cannot read the keys and accounts: not checked,
+        // rather than reported missing.
+        if let Err(user) = privileges::may_act_as_server(&config.server, &config.data_dir) {
+            findings.warnings.push(format!(
+                "DKIM keys and accounts in {} not checked: they are readable by root and {user} \
+                 only (run check-config as one of them)",
+                config.data_dir.display()
+            ));
+            return false;
+        }
         return true;
     }
     match RunAs::from_config(&config.server) {

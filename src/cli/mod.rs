@@ -368,7 +368,7 @@ fn dkim(config: &Config, command: DkimCommand) -> Result<(), Failure> {
     let algorithm =
         crate::dkim::Algorithm::parse(&algorithm).map_err(|e| Failure::Usage(e.to_string()))?;
     let selector = selector.unwrap_or_else(|| config.dkim.selector.clone());
-    as_server_user(config)?;
+    as_server_user(config, "petrel dkim generate")?;
     let (path, record) =
         crate::dkim::generate(&config.dkim_key_dir(), &domain, &selector, algorithm)
             .map_err(|e| Failure::Runtime(e.to_string()))?;
@@ -411,15 +411,35 @@ fn key_use(config: &Config, domain: &str, selector: &str) -> String {
 
 /// `user` and `queue` write in `data_dir`: run by root, they become the
 /// server's user first, so that what they create stays the server's (and
-/// root never follows a path in a folder that user can change).
-pub(crate) fn as_server_user(config: &Config) -> Result<(), Failure> {
+/// root never follows a path in a folder that user can change). Anyone
+/// else is told what `command` needs (exit 1). Returns the uid of who
+/// asked, for the log: after the switch, the process is the server's.
+pub(crate) fn as_server_user(config: &Config, command: &str) -> Result<u32, Failure> {
     use crate::server::privileges;
+    let caller = rustix::process::getuid().as_raw();
+    needs_server_rights(config, command)?;
     let pending = privileges::prepare_data_dir(&config.server, &config.data_dir)
         .map_err(|e| Failure::Usage(e.to_string()))?;
     if let Some(run_as) = pending {
         privileges::switch(&run_as).map_err(|e| Failure::Runtime(e.to_string()))?;
     }
-    Ok(())
+    Ok(caller)
+}
+
+/// `command` works in the server's private data dir: root or the
+/// server's user may run it, and anyone else is told so.
+pub(crate) fn needs_server_rights(config: &Config, command: &str) -> Result<(), Failure> {
+    crate::server::privileges::may_act_as_server(&config.server, &config.data_dir).map_err(|user| {
+        let who = if user == "root" {
+            "root".to_string()
+        } else {
+            format!("root or the user {user}")
+        };
+        Failure::Runtime(format!(
+            "{command} needs {who} (the queue and accounts are private to the server): try \
+                 sudo {command}"
+        ))
+    })
 }
 
 /// Logging for long-running commands: `RUST_LOG` wins, `info` by default.

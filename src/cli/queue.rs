@@ -49,7 +49,13 @@ pub enum QueueCommand {
 }
 
 pub fn run(config: &Config, command: QueueCommand) -> Result<(), Failure> {
-    super::as_server_user(config)?;
+    run_as(config, command, "petrel queue")
+}
+
+/// [`run`], named `command` in what it tells a user without the rights
+/// (`mailq`, `sendmail -q` run it too).
+pub fn run_as(config: &Config, command: QueueCommand, name: &str) -> Result<(), Failure> {
+    let asked_by = super::as_server_user(config, name)?;
     let mut conn = queue::open_direct(&config.data_dir).map_err(runtime)?;
     match command {
         QueueCommand::List { limit, after } => {
@@ -83,7 +89,7 @@ pub fn run(config: &Config, command: QueueCommand) -> Result<(), Failure> {
                 Some(id) => format!("{id}: retry now, by the operator"),
                 None => format!("{count} recipients: retry now, by the operator"),
             };
-            log_action(config, &what);
+            log_action(config, &what, asked_by);
             say!("{count} recipients due now{}", wake(config));
             Ok(())
         }
@@ -92,11 +98,11 @@ pub fn run(config: &Config, command: QueueCommand) -> Result<(), Failure> {
             if !delivery::delete_message(&conn, id.as_str()).map_err(runtime)? {
                 return Err(Failure::Runtime(format!("{id}: not in the queue")));
             }
-            log_action(config, &format!("{id}: deleted by the operator"));
+            log_action(config, &format!("{id}: deleted by the operator"), asked_by);
             say!("{id}: deleted");
             Ok(())
         }
-        QueueCommand::Bounce { id } => bounce(config, &mut conn, &parse_id(&id)?),
+        QueueCommand::Bounce { id } => bounce(config, &mut conn, &parse_id(&id)?, asked_by),
     }
 }
 
@@ -122,11 +128,12 @@ fn wake(config: &Config) -> &'static str {
 
 /// Operator actions go to the running server's log (through its control
 /// socket, so they sit beside what the server did) and to stderr.
-fn log_action(config: &Config, what: &str) {
-    let uid = rustix::process::getuid().as_raw();
+/// `asked_by`: the uid that ran the command (root, usually), not the
+/// server's user it became.
+fn log_action(config: &Config, what: &str, asked_by: u32) {
     control::notify(
         &config.data_dir,
-        &format!("{what} (petrel queue, uid={uid})"),
+        &format!("{what} (petrel queue, uid={asked_by})"),
     );
     eprintln!("petrel: {what}");
 }
@@ -315,7 +322,12 @@ fn show(conn: &Connection, id: &QueueId) -> Result<(), Failure> {
     Ok(())
 }
 
-fn bounce(config: &Config, conn: &mut Connection, id: &QueueId) -> Result<(), Failure> {
+fn bounce(
+    config: &Config,
+    conn: &mut Connection,
+    id: &QueueId,
+    asked_by: u32,
+) -> Result<(), Failure> {
     let Some(message) =
         delivery::load_message(conn, id.as_str(), dsn::MAX_RETURNED_MESSAGE).map_err(runtime)?
     else {
@@ -373,6 +385,7 @@ fn bounce(config: &Config, conn: &mut Connection, id: &QueueId) -> Result<(), Fa
             "{id}: bounced by the operator ({} recipients)",
             waiting.len()
         ),
+        asked_by,
     );
     match &notice {
         Some(notice) => say!(

@@ -246,19 +246,25 @@ pub fn run(config: &Config, args: &[String], invoked_as: &str) -> Result<(), Fai
     match request.mode {
         Mode::Submit => submit(config, &request),
         Mode::Smtp => smtp_on_stdio(config),
-        Mode::ListQueue => super::queue::run(
+        Mode::ListQueue => super::queue::run_as(
             config,
             super::queue::QueueCommand::List {
                 limit: 100,
                 after: None,
             },
+            if invoked_as == "mailq" {
+                "mailq"
+            } else {
+                "sendmail -bp"
+            },
         ),
-        Mode::RunQueue => super::queue::run(
+        Mode::RunQueue => super::queue::run_as(
             config,
             super::queue::QueueCommand::Retry {
                 id: None,
                 all: true,
             },
+            "sendmail -q",
         ),
         Mode::Aliases => check_aliases(config),
     }
@@ -267,6 +273,10 @@ pub fn run(config: &Config, args: &[String], invoked_as: &str) -> Result<(), Fai
 /// `newaliases`: aliases live in the config, so this checks them the way
 /// the server will use them, then has the running server read them again.
 fn check_aliases(config: &Config) -> Result<(), Failure> {
+    // It reads the accounts and talks to the server's control socket:
+    // as anyone else it would report aliases to "missing" accounts and
+    // no server.
+    super::needs_server_rights(config, "newaliases")?;
     let findings = super::check::check(config);
     let problems: Vec<&String> = findings
         .warnings

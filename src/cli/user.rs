@@ -62,7 +62,7 @@ pub enum AppPasswordCommand {
 }
 
 pub fn run(config: &Config, command: UserCommand) -> Result<(), Failure> {
-    super::as_server_user(config)?;
+    super::as_server_user(config, "petrel user")?;
     match command {
         UserCommand::Add {
             address,

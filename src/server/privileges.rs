@@ -105,6 +105,32 @@ fn unnamed_group(gid: Gid) -> Group {
     }
 }
 
+/// Whether this process may work in `data_dir` as the server does: it is
+/// root (and switches), or the server's user (`[server] user`, else the
+/// owner of `data_dir`). `Err` names the user it would have to be.
+pub fn may_act_as_server(server: &ServerConfig, data_dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let euid = nix::unistd::geteuid();
+    if euid.is_root() {
+        return Ok(());
+    }
+    let needed = match RunAs::from_config(server) {
+        Ok(Some(run_as)) if run_as.uid == euid.as_raw() => return Ok(()),
+        Ok(Some(run_as)) => run_as.user,
+        // A user that does not exist: said as a config error elsewhere.
+        Err(_) => return Ok(()),
+        Ok(None) => match fs::metadata(data_dir) {
+            Ok(meta) if meta.uid() != euid.as_raw() => User::from_uid(Uid::from_raw(meta.uid()))
+                .ok()
+                .flatten()
+                .map_or_else(|| format!("uid {}", meta.uid()), |user| user.name),
+            // Ours, or not made yet: whoever runs it will own it.
+            _ => return Ok(()),
+        },
+    };
+    Err(needed)
+}
+
 /// The user to become, if one is configured and we are not it already:
 /// a config error when it does not exist, or when we are neither it nor
 /// root (and so cannot switch).
