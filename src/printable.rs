@@ -36,8 +36,10 @@ pub fn escape_lines(bytes: &[u8]) -> String {
         .join("\n")
 }
 
+/// Tabs are printable (header folding is made of them); other control
+/// characters are not.
 fn needs_escape(c: char) -> bool {
-    c.is_control() || c == '\\'
+    (c.is_control() && c != '\t') || c == '\\'
 }
 
 #[cfg(test)]
@@ -52,7 +54,7 @@ mod tests {
             escape("451 \u{1b}]0;pwned\u{7} try later"),
             "451 \\x1b]0;pwned\\x07 try later"
         );
-        assert_eq!(escape("a\r\nb\tc"), "a\\x0d\\x0ab\\x09c");
+        assert_eq!(escape("a\r\nb\tc"), "a\\x0d\\x0ab\tc");
         assert_eq!(escape("back\\slash"), "back\\\\slash");
         assert_eq!(escape("naïve ünïcode"), "naïve ünïcode");
         assert_eq!(escape("\u{9b}31m"), "\\x9b31m", "C1 controls too");

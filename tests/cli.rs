@@ -74,6 +74,11 @@ fn bad_configs_exit_2_naming_the_key() {
             "[dns]\nnameservers = [\"not-an-address\"]\n",
             "dns.nameservers",
         ),
+        // A certificate that is not there (serve said so with exit 1).
+        (
+            "[tls]\ncert = \"/nonexistent/cert.pem\"\nkey = \"/nonexistent/key.pem\"\n",
+            "/nonexistent/cert.pem",
+        ),
     ] {
         let path = write_config(dir.path(), extra);
         for command in ["check-config", "serve"] {

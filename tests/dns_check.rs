@@ -106,9 +106,13 @@ fn a_fully_configured_domain_passes_and_an_empty_one_gets_its_records() {
     for expected in [
         "empty.test. IN MX 10 mail.example.test.",
         "empty.test. IN TXT \"v=spf1 mx -all\"",
-        "_dmarc.empty.test. IN TXT \"v=DMARC1; p=quarantine; rua=mailto:postmaster@empty.test\"",
+        "_dmarc.empty.test. IN TXT \"v=DMARC1; p=none; rua=mailto:postmaster@empty.test\"",
         "no key here yet: run `petrel dkim generate empty.test`",
         "_smtp._tls.empty.test. IN TXT \"v=TLSRPTv1; rua=mailto:postmaster@empty.test\"",
+        // One path, starting safe: reports first, then tighten.
+        "mode: testing",
+        "switch to mode: enforce",
+        "then p=reject",
     ] {
         assert!(table.contains(expected), "{expected:?} in\n{table}");
     }

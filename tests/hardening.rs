@@ -296,6 +296,10 @@ fn control_characters_from_the_network_are_escaped() {
         );
         assert!(output.contains("\\x1b]0;pwned\\x07"), "{output}");
     }
-    assert!(queue(&["show", &id]).contains("Subject: \\x1b[31mred\\x1b[0m"));
+    let shown = queue(&["show", &id]);
+    assert!(shown.contains("Subject: \\x1b[31mred\\x1b[0m"));
+    // Folding tabs are printable: shown as they are (they showed as \x09).
+    assert!(!shown.contains("\\x09"), "{shown}");
+    assert!(shown.contains("\tby mx.test (petrel)"), "{shown}");
     serving.terminate();
 }

@@ -285,13 +285,23 @@ fn with_the_server_stopped_mail_waits_in_the_maildrop_and_leaves_at_start() {
         b"Subject: while stopped\n\nwaiting\n",
     );
     assert_eq!(code, 0, "{err}");
-    assert!(err.contains("maildrop"), "{err}");
+    // Silent on success, maildrop or not (cron mails any output).
+    assert_eq!(err, "");
+    let (code, err) = setup.sendmail(
+        Some(NOBODY),
+        &["-v", "alice@example.test"],
+        b"Subject: told\n\nwaiting\n",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("waits in the maildrop"), "{err}");
     let dropped: Vec<_> = std::fs::read_dir(&maildrop)
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
-    assert_eq!(dropped.len(), 1, "{dropped:?}");
-    assert_eq!(std::fs::metadata(&dropped[0]).unwrap().uid(), NOBODY);
+    assert_eq!(dropped.len(), 2, "{dropped:?}");
+    for file in &dropped {
+        assert_eq!(std::fs::metadata(file).unwrap().uid(), NOBODY);
+    }
     // Users may add to the maildrop but not see what others left there.
     let listing = Command::new("ls")
         .arg(&maildrop)
@@ -315,9 +325,22 @@ fn with_the_server_stopped_mail_waits_in_the_maildrop_and_leaves_at_start() {
     wait_for("the maildrop to empty", || {
         std::fs::read_dir(&maildrop).unwrap().count() == 0
     });
-    let id = only_message(&server);
-    assert_eq!(server.sender_of(&id), "nobody@localhost");
-    assert!(raw_content(&server, &id).contains("Subject: while stopped"));
+    assert_eq!(server.message_count(), 2);
+    let ids: Vec<String> = {
+        let db = server.db();
+        let mut stmt = db.prepare("SELECT id FROM messages").unwrap();
+        stmt.query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    for id in &ids {
+        assert_eq!(server.sender_of(id), "nobody@localhost");
+    }
+    assert!(
+        ids.iter()
+            .any(|id| raw_content(&server, id).contains("Subject: while stopped"))
+    );
     let mut set_aside: Vec<String> = std::fs::read_dir(data_dir.join("maildrop-refused"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -609,4 +632,20 @@ fn a_full_name_cannot_add_header_fields() {
         content.contains("From: \"Eve  Reply-To: attacker@evil.example\" <"),
         "{content}"
     );
+}
+
+#[test]
+fn sendmail_t_without_recipients_says_what_is_missing() {
+    let server = TestServer::start(|_| {});
+    let setup = LocalSetup::new(server.dir.path(), server.instance().config());
+    // It said "or use -t" to someone who had.
+    let (code, err) = setup.sendmail(None, &["-t"], b"Subject: nobody to\n\nx\n");
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("the message has no To:, Cc: or Bcc: field"),
+        "{err}"
+    );
+    let (code, err) = setup.sendmail(None, &[], b"Subject: nobody to\n\nx\n");
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("or use -t"), "{err}");
 }

@@ -215,3 +215,46 @@ impl OutputWithStdin for Command {
         child.wait_with_output().unwrap()
     }
 }
+
+#[test]
+fn an_unreachable_smart_host_is_logged_with_what_waits_for_it() {
+    // The log said "0 waiting recipients" while two waited.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[domains]\nlocal = [\"example.test\"]\n[relay]\ntrusted_networks = [\"127.0.0.0/8\"]\n\
+             [delivery]\nsmarthost = \"127.0.0.1:{port}\"\nsmarthost_tls = \"none\"\nworkers = 1\n"
+        ),
+    );
+    add_user(&config, "alice@example.test");
+    let mut serving = Serving::start(&config);
+    let mut client = RawClient::greeted(serving.listen_address("smtp"));
+    client.command("EHLO client.test");
+    for n in 0..2 {
+        let reply = client.send_transaction(
+            "alice@example.test",
+            &[
+                &format!("friend{n}@elsewhere.example"),
+                &format!("colleague{n}@elsewhere.example"),
+            ],
+            b"Subject: x\r\n\r\nx\r\n",
+        );
+        // The smart host decides about the domain: no DNS asked here.
+        assert_eq!(reply.code, 250, "{reply:?}");
+    }
+    let line = serving.wait_for_log("smarthost unreachable;");
+    // The failed message's two recipients wait, and perhaps the other
+    // message (or it is still being tried, or not claimed yet).
+    let waiting: usize = line
+        .split("unreachable; ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("a count");
+    assert!(waiting >= 2, "{line}");
+    serving.terminate();
+}

@@ -280,8 +280,12 @@ fn check(config: &Config, dns: &Dns, domain: &str, addresses: &[IpAddr]) -> Vec<
         true,
         &format!("_dmarc.{domain}"),
         "v=DMARC1",
+        // Start safe: reports only. Tighten to p=quarantine, then
+        // p=reject, once the reports show only your own mail passing.
         format!(
-            "_dmarc.{domain}. IN TXT \"v=DMARC1; p=quarantine; rua=mailto:postmaster@{domain}\""
+            "_dmarc.{domain}. IN TXT \"v=DMARC1; p=none; rua=mailto:postmaster@{domain}\" \
+             (start with p=none; once the reports at rua show all your mail passing, move to \
+             p=quarantine, then p=reject)"
         ),
     ));
     // Recommended.
@@ -294,7 +298,9 @@ fn check(config: &Config, dns: &Dns, domain: &str, addresses: &[IpAddr]) -> Vec<
         format!(
             "_mta-sts.{domain}. IN TXT \"v=STSv1; id=1\" and a policy at \
              https://mta-sts.{domain}/.well-known/mta-sts.txt (text/plain):\n    \
-             version: STSv1\n    mode: enforce\n    mx: {hostname}\n    max_age: 604800"
+             version: STSv1\n    mode: testing\n    mx: {hostname}\n    max_age: 604800\n    \
+             (start in testing; once TLS reports show senders reaching you over valid TLS, \
+             switch to mode: enforce and raise the id)"
         ),
     );
     if mta_sts.status == Status::Ok {

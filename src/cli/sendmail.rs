@@ -337,9 +337,11 @@ fn prepare(config: &Config, request: &Request) -> Result<Submission, Failure> {
         }
     }
     if recipients.is_empty() {
-        return Err(Failure::Usage(
-            "no recipients: name them, or use -t to take them from the headers".into(),
-        ));
+        return Err(Failure::Usage(if request.from_headers {
+            "no recipients: the message has no To:, Cc: or Bcc: field, and none were named".into()
+        } else {
+            "no recipients: name them, or use -t to take them from the headers".into()
+        }));
     }
     // A bare user name means a local mailbox, as with any sendmail.
     let domain = me
@@ -444,7 +446,7 @@ fn submit(config: &Config, request: &Request) -> Result<(), Failure> {
                 io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
             ) =>
         {
-            drop_off(config, &dialogue)
+            drop_off(config, &dialogue, request.verbose)
         }
         Err(error) => Err(Failure::Temporary(format!(
             "cannot reach the petrel server at {}: {error}; the message was not sent",
@@ -562,7 +564,7 @@ fn read_reply(reader: &mut BufReader<UnixStream>) -> Result<ServerReply, Failure
 /// The maildrop is reached from `data_dir` one folder at a time, never
 /// through a symbolic link: run by root, sendmail must not be steered into
 /// writing somewhere else by whoever can change `data_dir`.
-fn drop_off(config: &Config, dialogue: &[u8]) -> Result<(), Failure> {
+fn drop_off(config: &Config, dialogue: &[u8], verbose: bool) -> Result<(), Failure> {
     use std::os::unix::fs::PermissionsExt as _;
     let relative = Path::new(local::PUBLIC_DIR).join(local::MAILDROP);
     let name = format!(
@@ -607,10 +609,13 @@ fn drop_off(config: &Config, dialogue: &[u8]) -> Result<(), Failure> {
             config.data_dir.join(&relative).display()
         )));
     }
-    eprintln!(
-        "petrel: the server is not running; the message waits in the maildrop and is sent \
-         when it starts"
-    );
+    // Silent on success (cron mails any output back); -v tells.
+    if verbose {
+        eprintln!(
+            "petrel: the server is not running; the message waits in the maildrop and is \
+             sent when it starts"
+        );
+    }
     Ok(())
 }
 

@@ -22,6 +22,19 @@ pub fn serve(config: Config, source: ConfigSource) -> Result<(), Failure> {
     // found before anything is bound.
     crate::server::privileges::pending_switch(&config.server)
         .map_err(|e| Failure::Usage(e.to_string()))?;
+    // A certificate that is not there is a config error too (exit 2, as
+    // the README says), not a failure at run time.
+    for (key, path) in [("tls.cert", &config.tls.cert), ("tls.key", &config.tls.key)] {
+        if let Some(path) = path
+            && let Err(error) = std::fs::metadata(path)
+            && error.kind() == std::io::ErrorKind::NotFound
+        {
+            return Err(Failure::Usage(format!(
+                "config error: {key}: {} does not exist",
+                path.display()
+            )));
+        }
+    }
     // Register before starting so a signal during start-up is not lost.
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])
         .map_err(|e| Failure::Runtime(format!("cannot install signal handlers: {e}")))?;

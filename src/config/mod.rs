@@ -600,6 +600,27 @@ impl ConfigError {
             message: message.into(),
         }
     }
+
+    /// `Ok` for no problems, one error as itself, several as one error
+    /// that lists each on a line of its own.
+    fn of_all(mut problems: Vec<ConfigError>) -> Result<(), ConfigError> {
+        match problems.len() {
+            0 => Ok(()),
+            1 => Err(problems.remove(0)),
+            count => Err(ConfigError {
+                file: None,
+                key: None,
+                message: format!(
+                    "{count} problems:\n{}",
+                    problems
+                        .iter()
+                        .map(|problem| format!("  {problem}"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                ),
+            }),
+        }
+    }
 }
 
 impl fmt::Display for ConfigError {
@@ -730,32 +751,43 @@ impl Config {
         self.domains.local.iter().any(|d| domain.eq_ignore_case(d))
     }
 
+    /// Checks every key and reports every problem found, not only the
+    /// first (one error hid the others).
     fn normalize_and_validate(&mut self) -> Result<(), ConfigError> {
+        let mut problems: Vec<ConfigError> = Vec::new();
         if Domain::parse(&self.hostname).is_err() {
-            return Err(ConfigError::at(
+            problems.push(ConfigError::at(
                 "hostname",
                 format!("{:?} is not a valid host name", self.hostname),
             ));
         }
         if self.data_dir.as_os_str().is_empty() {
-            return Err(ConfigError::at("data_dir", "must not be empty"));
+            problems.push(ConfigError::at("data_dir", "must not be empty"));
         }
         for (index, domain) in self.domains.local.iter_mut().enumerate() {
-            let parsed = Domain::parse(domain).map_err(|e| {
-                ConfigError::at(
+            match Domain::parse(domain) {
+                Ok(parsed) => *domain = parsed.to_string(),
+                Err(e) => problems.push(ConfigError::at(
                     format!("domains.local[{index}]"),
                     format!("{domain:?}: {e}"),
-                )
-            })?;
-            *domain = parsed.to_string();
+                )),
+            }
         }
         let mut aliases = BTreeMap::new();
         for (from, targets) in &self.aliases {
             let key = format!("aliases.{from:?}");
-            let source = Address::parse(from)
-                .map_err(|e| ConfigError::at(&key, format!("{from:?} is not an address: {e}")))?;
+            let source = match Address::parse(from) {
+                Ok(source) => source,
+                Err(e) => {
+                    problems.push(ConfigError::at(
+                        &key,
+                        format!("{from:?} is not an address: {e}"),
+                    ));
+                    continue;
+                }
+            };
             if !self.is_local_domain(source.domain()) {
-                return Err(ConfigError::at(
+                problems.push(ConfigError::at(
                     &key,
                     format!(
                         "{from:?} is not in a local domain (domains.local); only local addresses can be aliases"
@@ -764,13 +796,16 @@ impl Config {
             }
             let mut normalized = Vec::new();
             for target in targets.as_slice() {
-                let parsed = Address::parse(target).map_err(|e| {
-                    ConfigError::at(&key, format!("target {target:?} is not an address: {e}"))
-                })?;
-                normalized.push(parsed.to_string());
+                match Address::parse(target) {
+                    Ok(parsed) => normalized.push(parsed.to_string()),
+                    Err(e) => problems.push(ConfigError::at(
+                        &key,
+                        format!("target {target:?} is not an address: {e}"),
+                    )),
+                }
             }
-            if normalized.is_empty() {
-                return Err(ConfigError::at(&key, "needs at least one target address"));
+            if targets.as_slice().is_empty() {
+                problems.push(ConfigError::at(&key, "needs at least one target address"));
             }
             aliases.insert(source.mailbox_key(), AliasTargets::Many(normalized));
         }
@@ -778,13 +813,13 @@ impl Config {
 
         match (&self.tls.cert, &self.tls.key) {
             (Some(_), None) => {
-                return Err(ConfigError::at(
+                problems.push(ConfigError::at(
                     "tls.key",
                     "tls.cert is set, so tls.key must be set too",
                 ));
             }
             (None, Some(_)) => {
-                return Err(ConfigError::at(
+                problems.push(ConfigError::at(
                     "tls.cert",
                     "tls.key is set, so tls.cert must be set too",
                 ));
@@ -792,37 +827,40 @@ impl Config {
             _ => {}
         }
 
-        if let Some(smarthost) = &self.delivery.smarthost {
-            parse_host_port(smarthost).map_err(|e| ConfigError::at("delivery.smarthost", e))?;
+        if let Some(smarthost) = &self.delivery.smarthost
+            && let Err(e) = parse_host_port(smarthost)
+        {
+            problems.push(ConfigError::at("delivery.smarthost", e));
         }
-        if let Some(fingerprint) = &self.delivery.smarthost_fingerprint {
-            parse_fingerprint(fingerprint)
-                .map_err(|e| ConfigError::at("delivery.smarthost_fingerprint", e))?;
+        if let Some(fingerprint) = &self.delivery.smarthost_fingerprint
+            && let Err(e) = parse_fingerprint(fingerprint)
+        {
+            problems.push(ConfigError::at("delivery.smarthost_fingerprint", e));
         }
         if self.delivery.smarthost_user.is_some() != self.delivery.smarthost_password_file.is_some()
         {
-            return Err(ConfigError::at(
+            problems.push(ConfigError::at(
                 "delivery.smarthost_password_file",
                 "smarthost_user and smarthost_password_file go together",
             ));
         }
         if self.delivery.port == 0 {
-            return Err(ConfigError::at(
+            problems.push(ConfigError::at(
                 "delivery.port",
                 "must be a port number from 1 to 65535",
             ));
         }
         if self.delivery.workers == 0 {
-            return Err(ConfigError::at("delivery.workers", "must be at least 1"));
+            problems.push(ConfigError::at("delivery.workers", "must be at least 1"));
         }
         if self.delivery.destination_concurrency == 0 {
-            return Err(ConfigError::at(
+            problems.push(ConfigError::at(
                 "delivery.destination_concurrency",
                 "must be at least 1",
             ));
         }
         if self.delivery.local_workers == 0 {
-            return Err(ConfigError::at(
+            problems.push(ConfigError::at(
                 "delivery.local_workers",
                 "must be at least 1",
             ));
@@ -833,11 +871,11 @@ impl Config {
             ("delivery.attempt_timeout", self.delivery.attempt_timeout),
         ] {
             if value.is_zero() {
-                return Err(ConfigError::at(key, "must be more than 0"));
+                problems.push(ConfigError::at(key, "must be more than 0"));
             }
         }
         if self.dns.timeout.is_zero() {
-            return Err(ConfigError::at("dns.timeout", "must be more than 0"));
+            problems.push(ConfigError::at("dns.timeout", "must be more than 0"));
         }
 
         let queue = &self.queue;
@@ -847,11 +885,11 @@ impl Config {
             ("queue.retry_max", queue.retry_max),
         ] {
             if value.is_zero() {
-                return Err(ConfigError::at(key, "must be more than 0"));
+                problems.push(ConfigError::at(key, "must be more than 0"));
             }
         }
         if queue.retry_min > queue.retry_max {
-            return Err(ConfigError::at(
+            problems.push(ConfigError::at(
                 "queue.retry_min",
                 format!(
                     "{} is more than queue.retry_max ({})",
@@ -872,50 +910,50 @@ impl Config {
             ),
         ] {
             if value == 0 {
-                return Err(ConfigError::at(key, "must be at least 1"));
+                problems.push(ConfigError::at(key, "must be at least 1"));
             }
         }
         if limits.max_local_sessions > 1_000 {
-            return Err(ConfigError::at(
+            problems.push(ConfigError::at(
                 "limits.max_local_sessions",
                 "more than 1000 local sessions at once is not what this server is built for",
             ));
         }
         if limits.max_sessions > 10_000 {
-            return Err(ConfigError::at(
+            problems.push(ConfigError::at(
                 "limits.max_sessions",
                 "more than 10000 threads is not what this server is built for",
             ));
         }
         if limits.min_data_rate.bytes() == 0 {
-            return Err(ConfigError::at(
+            problems.push(ConfigError::at(
                 "limits.min_data_rate",
                 "must be more than 0",
             ));
         }
         if limits.max_line_length.bytes() < 1000 {
-            return Err(ConfigError::at(
+            problems.push(ConfigError::at(
                 "limits.max_line_length",
                 "must be at least 1000 (RFC 5321's own limit)",
             ));
         }
         if limits.max_header_size.bytes() < 1024 {
-            return Err(ConfigError::at(
+            problems.push(ConfigError::at(
                 "limits.max_header_size",
                 "must be at least 1KiB",
             ));
         }
         if limits.max_hops == 0 {
-            return Err(ConfigError::at("limits.max_hops", "must be at least 1"));
+            problems.push(ConfigError::at("limits.max_hops", "must be at least 1"));
         }
         if limits.max_message_size.bytes() < 1024 {
-            return Err(ConfigError::at(
+            problems.push(ConfigError::at(
                 "limits.max_message_size",
                 "must be at least 1KiB",
             ));
         }
         if limits.max_message_size.bytes() > 1 << 30 {
-            return Err(ConfigError::at(
+            problems.push(ConfigError::at(
                 "limits.max_message_size",
                 "more than 1GiB cannot be held in the queue database",
             ));
@@ -926,25 +964,25 @@ impl Config {
             ("limits.session_timeout", limits.session_timeout),
         ] {
             if value.is_zero() {
-                return Err(ConfigError::at(key, "must be more than 0"));
+                problems.push(ConfigError::at(key, "must be more than 0"));
             }
         }
         if self.auth.password_policy.min_strength > 4 {
-            return Err(ConfigError::at(
+            problems.push(ConfigError::at(
                 "auth.password_policy.min_strength",
                 "is a zxcvbn score from 0 to 4",
             ));
         }
         if self.auth.max_parallel_checks == 0 {
-            return Err(ConfigError::at(
+            problems.push(ConfigError::at(
                 "auth.max_parallel_checks",
                 "must be at least 1",
             ));
         }
         if self.auth.lockout_after == 0 {
-            return Err(ConfigError::at("auth.lockout_after", "must be at least 1"));
+            problems.push(ConfigError::at("auth.lockout_after", "must be at least 1"));
         }
-        Ok(())
+        ConfigError::of_all(problems)
     }
 }
 
@@ -1021,6 +1059,21 @@ fn system_hostname() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_problem_is_reported_not_only_the_first() {
+        // retry_min > retry_max used to hide the rest.
+        let error = Config::parse(
+            "hostname = \"mx.test\"\n[queue]\nretry_min = \"2h\"\nretry_max = \"1h\"\n\
+             [limits]\nmax_sessions = 0\n[delivery]\nworkers = 0\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.starts_with("3 problems:"), "{error}");
+        for key in ["queue.retry_min", "limits.max_sessions", "delivery.workers"] {
+            assert!(error.contains(&format!("\n  {key}: ")), "{error}");
+        }
+    }
 
     fn error_of(text: &str) -> ConfigError {
         Config::parse(text).expect_err("config should be refused")

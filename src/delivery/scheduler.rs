@@ -66,6 +66,8 @@ pub enum Event {
         reach: Reach,
         /// How long the attempt took.
         took: Duration,
+        /// The job's recipients (deferred with it when it failed).
+        recipients: usize,
     },
     /// Taken from a lane after the stop: not started, goes back untouched.
     Unstarted(Job),
@@ -489,6 +491,7 @@ impl Scheduler {
                 destination,
                 reach,
                 took,
+                recipients,
             } => {
                 self.outstanding = self.outstanding.saturating_sub(1);
                 let maximum = self.context.config.delivery.destination_concurrency;
@@ -529,7 +532,8 @@ impl Scheduler {
                         state.more_due = false;
                         state.backed_off_until = Some(Instant::now() + retry_min);
                         let waiting: Vec<Job> = state.waiting.drain(..).collect();
-                        self.back_off(&destination, waiting, retry_min);
+                        let in_flight = state.running;
+                        self.back_off(&destination, waiting, recipients, in_flight, retry_min);
                     }
                 }
                 self.dispatch(&destination);
@@ -549,13 +553,24 @@ impl Scheduler {
 
     /// The destination could not be reached: its waiting recipients in the
     /// queue, and the jobs claimed for it here, wait `delay` as a whole.
-    fn back_off(&mut self, destination: &Destination, claimed: Vec<Job>, delay: Duration) {
+    /// `failed`: the recipients of the job that found it unreachable;
+    /// `in_flight`: its jobs still being tried (each is retried on its own
+    /// schedule when it ends).
+    fn back_off(
+        &mut self,
+        destination: &Destination,
+        claimed: Vec<Job>,
+        failed: usize,
+        in_flight: usize,
+        delay: Duration,
+    ) {
         let until = SystemTime::now() + delay;
         self.outstanding = self.outstanding.saturating_sub(claimed.len());
         let ids: Vec<i64> = claimed
             .iter()
             .flat_map(|job| job.recipients.iter().map(|r| r.id))
             .collect();
+        let claimed_count = ids.len();
         if !ids.is_empty()
             && let Err(error) = self.context.queue.requeue_at(ids, until)
         {
@@ -565,10 +580,20 @@ impl Scheduler {
             );
         }
         match self.context.queue.back_off(destination.key(), until) {
+            // Every recipient that now waits for it: the failed job's,
+            // those claimed here and those in the queue (the log said 0,
+            // counting only the last, while 2 waited); and those still
+            // being tried.
             Ok(count) => log::info!(
-                "delivery: {} unreachable; {count} waiting recipients for it retry in {}",
+                "delivery: {} unreachable; {} waiting recipients for it retry in {}{}",
                 destination.key(),
-                crate::timefmt::short_duration(delay)
+                failed + count + claimed_count,
+                crate::timefmt::short_duration(delay),
+                match in_flight {
+                    0 => String::new(),
+                    1 => "; 1 message is still being tried".to_string(),
+                    n => format!("; {n} messages are still being tried"),
+                }
             ),
             Err(error) => log::error!("scheduler: cannot back off {}: {error}", destination.key()),
         }

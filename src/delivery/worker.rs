@@ -61,6 +61,7 @@ pub fn run(jobs: Receiver<Job>, ctx: &DeliveryContext, events: &Sender<Event>, s
             destination: job.destination,
             reach,
             took: started.elapsed(),
+            recipients: job.recipients.len(),
         });
     }
 }

@@ -18,6 +18,10 @@ pub struct RecipientFacts {
     pub authenticated: bool,
     /// The client address is in `relay.trusted_networks`.
     pub trusted_network: bool,
+    /// Relayed mail goes to `delivery.smarthost`, which decides what it
+    /// takes: the domain is not looked up here (as Postfix does with a
+    /// relayhost).
+    pub by_smarthost: bool,
     /// For relayed recipients: what DNS says about the domain.
     pub domain: DomainStatus,
 }
@@ -48,7 +52,7 @@ pub enum RecipientDecision {
 
 /// Whether a relayed recipient needs a DNS check before the decision.
 pub fn recipient_needs_dns(facts: &RecipientFacts) -> bool {
-    !facts.local_domain && may_relay(facts)
+    !facts.local_domain && may_relay(facts) && !facts.by_smarthost
 }
 
 fn may_relay(facts: &RecipientFacts) -> bool {
@@ -196,6 +200,7 @@ mod tests {
             mailbox_exists,
             authenticated,
             trusted_network,
+            by_smarthost: false,
             domain,
         }
     }
@@ -248,6 +253,11 @@ mod tests {
         assert!(recipient_needs_dns(&facts(
             false, false, false, true, NotChecked
         )));
+        // A smart host carries relayed mail: it decides, not our DNS.
+        let mut relayed = facts(false, false, true, false, NotChecked);
+        relayed.by_smarthost = true;
+        assert!(!recipient_needs_dns(&relayed));
+        assert_eq!(decide_recipient(&relayed), RecipientDecision::Relay);
     }
 
     fn sender(

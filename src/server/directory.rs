@@ -347,19 +347,20 @@ impl Services for Directory {
                 ));
             }
         };
+        let by_mx = matches!(
+            routing::remote_route(&self.config, ""),
+            Route::Remote { .. }
+        );
         let mut facts = RecipientFacts {
             local_domain,
             mailbox_exists,
             authenticated: client.user.is_some(),
             trusted_network: self.config.relay.is_trusted(client.ip),
+            by_smarthost: !by_mx,
             domain: DomainStatus::NotChecked,
         };
         if policy::recipient_needs_dns(&facts) {
-            let by_mx = matches!(
-                routing::remote_route(&self.config, ""),
-                Route::Remote { .. }
-            );
-            facts.domain = self.domain_status(recipient.domain(), by_mx);
+            facts.domain = self.domain_status(recipient.domain(), true);
         }
         match (policy::decide_recipient(&facts), resolution) {
             (RecipientDecision::Refuse(reply), _) => Err(reply),
