@@ -84,28 +84,10 @@ def record(what):
         results.append(what)
 
 
-def auth(n, start):
-    try:
-        raw = socket.create_connection(("127.0.0.1", smtps_port), timeout=120, source_address=(source(n, 2), 0))
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        s = context.wrap_socket(raw)
-        f = s.makefile("rb")
-        reply(f)
-        s.sendall(b"EHLO bench.test\r\n")
-        reply(f)
-        start.wait()
-        token = base64.b64encode(b"\0alice@localhost\0Wrong-Password-%d!" % n)
-        s.sendall(b"AUTH PLAIN " + token + b"\r\n")
-        record(reply(f))
-        s.close()
-    except Exception as e:
-        record("error:" + type(e).__name__)
-
-
-def sequential_login(n):
-    raw = socket.create_connection(("127.0.0.1", smtps_port), timeout=120, source_address=(source(n, 7), 0))
+def login(n, base, user, password, start=None):
+    """AUTH PLAIN over implicit TLS from the n-th address of 127.base.x.y;
+    waits at `start` (a barrier) before the AUTH when given."""
+    raw = socket.create_connection(("127.0.0.1", smtps_port), timeout=120, source_address=(source(n, base), 0))
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
@@ -114,10 +96,23 @@ def sequential_login(n):
     reply(f)
     s.sendall(b"EHLO bench.test\r\n")
     reply(f)
-    token = base64.b64encode(b"\0nobody%d@localhost\0Wrong-Password-1!" % n)
+    if start is not None:
+        start.wait()
+    token = base64.b64encode(b"\0" + user + b"\0" + password)
     s.sendall(b"AUTH PLAIN " + token + b"\r\n")
     record(reply(f))
     s.close()
+
+
+def auth(n, start):
+    try:
+        login(n, 2, b"alice@localhost", b"Wrong-Password-%d!" % n, start)
+    except Exception as e:
+        record("error:" + type(e).__name__)
+
+
+def sequential_login(n):
+    login(n, 7, b"nobody%d@localhost" % n, b"Wrong-Password-1!")
 
 
 def sequential():

@@ -202,20 +202,36 @@ pub fn notify(data_dir: &Path, note: &str) -> bool {
     true
 }
 
-/// Asks the server running on `data_dir` to lift the lockouts caused by
-/// failures at `account`. `None`: no server was reached; otherwise the
-/// addresses it let in again.
-pub fn unlock(data_dir: &Path, account: &str) -> Option<Vec<String>> {
+/// Sends one request line to the server running on `data_dir` and reads
+/// its one-line answer. `None`: no server was reached, or it did not
+/// answer within `wait`.
+fn ask(data_dir: &Path, request: &str, wait: Duration) -> Option<String> {
     let mut stream = UnixStream::connect(data_dir.join(CONTROL_SOCKET)).ok()?;
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-    stream
-        .write_all(format!("unlock {}\n", account.replace(['\r', '\n'], " ")).as_bytes())
-        .ok()?;
+    let _ = stream.set_read_timeout(Some(wait));
+    let line = format!("{}\n", request.replace(['\r', '\n'], " "));
+    stream.write_all(line.as_bytes()).ok()?;
     let mut reply = String::new();
     BufReader::new(stream.take(64 * 1024))
         .read_line(&mut reply)
         .ok()?;
-    let lifted = reply.trim_end().strip_prefix("unlocked")?;
+    Some(reply.trim_end().to_string())
+}
+
+/// An answer that is not what was asked for: the server's reason.
+fn refusal(reply: &str) -> String {
+    reply.strip_prefix("error ").unwrap_or(reply).to_string()
+}
+
+/// Asks the server running on `data_dir` to lift the lockouts caused by
+/// failures at `account`. `None`: no server was reached; otherwise the
+/// addresses it let in again.
+pub fn unlock(data_dir: &Path, account: &str) -> Option<Vec<String>> {
+    let reply = ask(
+        data_dir,
+        &format!("unlock {account}"),
+        Duration::from_secs(5),
+    )?;
+    let lifted = reply.strip_prefix("unlocked")?;
     Some(lifted.split_whitespace().map(str::to_string).collect())
 }
 
@@ -223,44 +239,22 @@ pub fn unlock(data_dir: &Path, account: &str) -> Option<Vec<String>> {
 /// it runs (SIGHUP's work): `None` when no server answered, else the lines
 /// it logged, or why it could not.
 pub fn reload(data_dir: &Path) -> Option<Result<Vec<String>, String>> {
-    let mut stream = UnixStream::connect(data_dir.join(CONTROL_SOCKET)).ok()?;
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-    stream.write_all(b"reload\n").ok()?;
-    let mut reply = String::new();
-    BufReader::new(stream.take(64 * 1024))
-        .read_line(&mut reply)
-        .ok()?;
-    let reply = reply.trim_end();
+    let reply = ask(data_dir, "reload", Duration::from_secs(30))?;
     match reply.strip_prefix("reloaded ") {
         Some(lines) => Some(Ok(lines.split(" | ").map(str::to_string).collect())),
         None if reply.is_empty() => None,
-        None => Some(Err(reply
-            .strip_prefix("error ")
-            .unwrap_or(reply)
-            .to_string())),
+        None => Some(Err(refusal(&reply))),
     }
 }
 
 /// Asks the server running on `data_dir` to read its aliases again.
 /// `None`: no server was reached; `Some(Ok(count))` or the server's reason.
 pub fn reload_aliases(data_dir: &Path) -> Option<Result<usize, String>> {
-    let mut stream = UnixStream::connect(data_dir.join(CONTROL_SOCKET)).ok()?;
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    stream.write_all(b"reload-aliases\n").ok()?;
-    let mut reply = String::new();
-    BufReader::new(stream.take(64 * 1024))
-        .read_line(&mut reply)
-        .ok()?;
-    let reply = reply.trim_end();
-    if let Some(count) = reply.strip_prefix("reloaded ") {
-        return Some(
-            count
-                .parse()
-                .map_err(|_| format!("unexpected reply {reply:?}")),
-        );
-    }
-    Some(Err(reply
-        .strip_prefix("error ")
-        .unwrap_or(reply)
-        .to_string()))
+    let reply = ask(data_dir, "reload-aliases", Duration::from_secs(10))?;
+    Some(match reply.strip_prefix("reloaded ") {
+        Some(count) => count
+            .parse()
+            .map_err(|_| format!("unexpected reply {reply:?}")),
+        None => Err(refusal(&reply)),
+    })
 }
