@@ -6,13 +6,20 @@
 //! - [`queue`]: the SQLite queue and its group-commit writer thread
 //! - [`routing`]: where a recipient's mail goes, decided once at acceptance
 //! - [`policy`]: relay, sender and outbound-address decisions as pure functions
-//! - [`mailauth`]: SPF, DKIM verification, DMARC and Authentication-Results
-//!   for inbound mail
+//! - [`delivery`]: the scheduler, delivery workers, the SMTP client, Maildirs,
+//!   bounces (DSNs)
+//! - [`dkim`]: DKIM signing of our users' mail, and verification
+//! - [`mailauth`]: SPF, DMARC and Authentication-Results for inbound mail
 //! - [`mta_sts`]: MTA-STS policies of the domains mail is delivered to
+//! - [`dns`]: the blocking DNS facade over hickory-resolver
 //! - [`auth`]: accounts, password policy and hashing, brute-force limiter
 //! - [`tls`]: certificates and rustls configurations
 //! - [`config`]: the TOML config file, defaults and validation
 //! - [`cli`]: the `petrel` command line
+//! - [`instance`]: a whole running server, started and stopped in order
+//! - [`safe_fs`]: file operations for root in folders others can write
+//! - [`watched`]: files reloaded when they change on disk
+//! - [`printable`], [`timefmt`]: escaping network text; dates
 
 #![forbid(unsafe_code)]
 

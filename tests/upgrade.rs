@@ -101,3 +101,44 @@ fn a_queue_from_the_previous_release_is_upgraded_and_delivered() {
             == Some("127.0.0.1")
     });
 }
+
+#[test]
+fn two_processes_starting_on_a_fresh_data_dir_both_migrate_it() {
+    // The version was read outside the migration's transaction: both ran
+    // the same ALTER TABLE, and the second failed ("duplicate column").
+    for round in 0..8 {
+        let dir = tempfile::tempdir().unwrap();
+        let config = common::serving::write_config(dir.path(), "");
+        // A database left at the previous release's schema: the later
+        // migrations (ALTER TABLE among them) still to run.
+        std::fs::create_dir_all(dir.path().join("data")).unwrap();
+        let old = rusqlite::Connection::open(dir.path().join("data/queue.db")).unwrap();
+        old.execute_batch(FIXTURE).unwrap();
+        drop(old);
+        let children: Vec<_> = (0..2)
+            .map(|_| {
+                common::serving::petrel()
+                    .arg("-c")
+                    .arg(&config)
+                    .args(["queue", "list"])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for child in children {
+            let output = child.wait_with_output().unwrap();
+            assert!(
+                output.status.success(),
+                "round {round}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let db = rusqlite::Connection::open(dir.path().join("data/queue.db")).unwrap();
+        let version: u32 = db
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, petrel::queue::SCHEMA_VERSION);
+    }
+}

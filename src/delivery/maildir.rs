@@ -41,13 +41,25 @@ fn safe_component(text: &str) -> String {
 
 /// Creates `tmp/`, `new/` and `cur/` if needed, readable by us only.
 pub fn create(maildir: &Path) -> io::Result<()> {
+    create_with(maildir, &mut |parent| File::open(parent)?.sync_all())
+}
+
+/// [`create`], syncing each parent a folder was created in with `sync`:
+/// a folder's name is on disk only once its parent is fsynced, and a
+/// mailbox's first message, renamed into a `new/` whose name was lost in a
+/// power cut, would vanish after the queue had let it go.
+fn create_with(maildir: &Path, sync: &mut dyn FnMut(&Path) -> io::Result<()>) -> io::Result<()> {
     for sub in ["tmp", "new", "cur"] {
         let dir = maildir.join(sub);
-        if !dir.is_dir() {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&dir)?;
+        let missing: Vec<&Path> = dir.ancestors().take_while(|p| !p.is_dir()).collect();
+        for folder in missing.into_iter().rev() {
+            match fs::DirBuilder::new().mode(0o700).create(folder) {
+                Err(error) if error.kind() != io::ErrorKind::AlreadyExists => return Err(error),
+                _ => {}
+            }
+            if let Some(parent) = folder.parent() {
+                sync(parent)?;
+            }
         }
     }
     Ok(())
@@ -162,6 +174,54 @@ impl<W: Write> Write for LineEnds<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_folder_made_for_a_new_mailbox_is_synced_into_its_parent() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path();
+        std::fs::create_dir(data.join("mail")).unwrap();
+        let maildir = maildir_path(data, "alice@example.test");
+        let mut synced = Vec::new();
+        create_with(&maildir, &mut |parent| {
+            synced.push(parent.strip_prefix(data).unwrap().to_path_buf());
+            Ok(())
+        })
+        .unwrap();
+        let expected: Vec<PathBuf> = [
+            "mail",
+            "mail/example.test",
+            "mail/example.test/alice",
+            "mail/example.test/alice",
+            "mail/example.test/alice",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+        assert_eq!(
+            synced, expected,
+            "the domain, the mailbox, tmp, new and cur"
+        );
+        use std::os::unix::fs::PermissionsExt as _;
+        for folder in [
+            "example.test",
+            "example.test/alice",
+            "example.test/alice/new",
+        ] {
+            let mode = std::fs::metadata(data.join("mail").join(folder))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o700, "{folder}");
+        }
+        // Nothing new, nothing synced.
+        synced.clear();
+        create_with(&maildir, &mut |parent| {
+            synced.push(parent.to_path_buf());
+            Ok(())
+        })
+        .unwrap();
+        assert!(synced.is_empty());
+    }
 
     #[test]
     fn delivers_into_new_with_trace_headers() {

@@ -168,35 +168,52 @@ pub fn open_connection(path: &Path) -> Result<Connection, QueueError> {
     Ok(conn)
 }
 
+/// Brings the schema up to date in one `BEGIN IMMEDIATE` transaction that
+/// also reads the version: a second process starting at the same moment
+/// waits for the lock, then finds the work done (read outside, both ran
+/// the same `ALTER TABLE` and the second failed). The version bump commits
+/// with the migrations, so a crash halfway leaves the old schema intact.
 fn migrate(conn: &Connection, path: &Path) -> Result<(), QueueError> {
-    let version: u32 = conn
-        .query_row("PRAGMA user_version", [], |row| row.get(0))
-        .map_err(QueueError::sqlite(format!(
-            "cannot read schema version of {}",
-            path.display()
-        )))?;
-    if version > SCHEMA_VERSION {
-        return Err(QueueError::new(format!(
-            "{} has schema version {version}, but this petrel knows only up to {SCHEMA_VERSION}; \
-             it was written by a newer petrel",
-            path.display()
-        )));
-    }
-    for (index, (name, sql)) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-        let target = index + 1;
-        // The version bump commits together with the migration, so a crash
-        // halfway leaves the old schema intact and the file re-runs.
-        let script = format!("BEGIN IMMEDIATE;\n{sql}\nPRAGMA user_version = {target};\nCOMMIT;");
-        if let Err(error) = conn.execute_batch(&script) {
-            let _ = conn.execute_batch("ROLLBACK");
-            return Err(QueueError::sqlite(format!(
-                "migration {name} failed on {}",
+    let failed = |what: String| QueueError::sqlite(format!("{what} {}", path.display()));
+    conn.execute_batch("BEGIN IMMEDIATE")
+        .map_err(failed("cannot lock for migration:".into()))?;
+    let migrated = (|| {
+        let version: u32 = conn
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .map_err(failed("cannot read schema version of".into()))?;
+        if version > SCHEMA_VERSION {
+            return Err(QueueError::new(format!(
+                "{} has schema version {version}, but this petrel knows only up to \
+                 {SCHEMA_VERSION}; it was written by a newer petrel",
                 path.display()
-            ))(error));
+            )));
         }
-        log::info!("queue schema: applied {name}");
+        let mut applied = Vec::new();
+        for (name, sql) in MIGRATIONS.iter().skip(version as usize) {
+            conn.execute_batch(sql)
+                .map_err(failed(format!("migration {name} failed on")))?;
+            applied.push(*name);
+        }
+        if !applied.is_empty() {
+            conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
+                .map_err(failed("cannot record the schema version of".into()))?;
+        }
+        Ok(applied)
+    })();
+    match migrated {
+        Ok(applied) => {
+            conn.execute_batch("COMMIT")
+                .map_err(failed("cannot commit the migration of".into()))?;
+            for name in applied {
+                log::info!("queue schema: applied {name}");
+            }
+            Ok(())
+        }
+        Err(error) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(error)
+        }
     }
-    Ok(())
 }
 
 #[cfg(test)]
