@@ -4,6 +4,8 @@
 //! - [`protocol`]: SMTP parsing and the session state machine (no IO)
 //! - [`server`]: listeners, acceptor, worker pool, the per-connection IO loop
 //! - [`queue`]: the SQLite queue and its group-commit writer thread
+//! - [`envelope`]: a final recipient and its route: the one vocabulary of
+//!   routing, the queue and delivery
 //! - [`routing`]: where a recipient's mail goes, decided once at acceptance
 //! - [`policy`]: relay, sender and outbound-address decisions as pure functions
 //! - [`delivery`]: the scheduler, delivery workers, the SMTP client, Maildirs,
@@ -29,6 +31,7 @@ pub mod config;
 pub mod delivery;
 pub mod dkim;
 pub mod dns;
+pub mod envelope;
 mod error;
 pub mod instance;
 pub mod mailauth;

@@ -11,6 +11,7 @@
 use std::collections::HashSet;
 
 use crate::config::Config;
+pub use crate::envelope::{Recipient, Route};
 use crate::protocol::address::Address;
 
 /// Alias chains longer than this are refused rather than followed.
@@ -18,51 +19,6 @@ pub const MAX_ALIAS_DEPTH: usize = 10;
 /// One RCPT may fan out to at most this many final recipients, so one
 /// message cannot turn into unbounded outbound work.
 pub const MAX_ALIAS_TARGETS: usize = 1000;
-
-/// Where one final recipient's mail goes.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Route {
-    /// One of our Maildirs, named by its canonical mailbox key
-    /// ([`Address::mailbox_key`]).
-    Local { mailbox: String },
-    /// The MX hosts (or address) of this domain.
-    Remote { domain: String },
-    /// The configured smart host (`delivery.smarthost`).
-    SmartHost,
-}
-
-impl Route {
-    /// The stored name of the route kind (the `route` column).
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Route::Local { .. } => "local",
-            Route::Remote { .. } => "mx",
-            Route::SmartHost => "smarthost",
-        }
-    }
-
-    /// Where delivery connects, as one key: `local`, `smarthost` or
-    /// `mx:` and the domain. The queue's `recipients.destination` column
-    /// (sql/0007) computes the same from the stored route; concurrency
-    /// limits and backoff are per destination.
-    pub fn destination(&self) -> String {
-        match self {
-            Route::Remote { domain } => format!("mx:{domain}"),
-            other => other.kind().to_string(),
-        }
-    }
-}
-
-/// A final recipient: the address for the envelope and where it goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Routed {
-    /// For local mailboxes the mailbox key; otherwise the address as given
-    /// (the remote host decides what its local part means, RFC 5321 2.4).
-    pub address: String,
-    /// The recipient's domain (lower case), for the queue views.
-    pub domain: String,
-    pub route: Route,
-}
 
 /// Why an address has no route.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,7 +56,7 @@ impl std::fmt::Display for RouteError {
 pub struct Resolution {
     /// The address is in one of `domains.local`.
     pub local_domain: bool,
-    pub targets: Vec<Routed>,
+    pub targets: Vec<Recipient>,
     pub skipped: Vec<String>,
 }
 
@@ -168,17 +124,17 @@ pub fn resolve(
 /// The route of an address that is already final (no alias expansion, no
 /// existence check): used by [`resolve`] for each target, and once when
 /// recipients queued by an older petrel are given their stored route.
-pub fn route_final(config: &Config, address: &Address) -> Routed {
+pub fn route_final(config: &Config, address: &Address) -> Recipient {
     let domain = address.domain().as_str().to_string();
     if config.is_local_domain(address.domain()) {
         let mailbox = address.mailbox_key();
-        return Routed {
+        return Recipient {
             address: mailbox.clone(),
             domain,
             route: Route::Local { mailbox },
         };
     }
-    Routed {
+    Recipient {
         address: address.to_string(),
         route: remote_route(config, &domain),
         domain,
@@ -201,7 +157,7 @@ pub fn remote_route(config: &Config, domain: &str) -> Route {
 /// recipient (a local sender's alias is expanded); an address that routes
 /// nowhere still gets its plain route, so a failure there is recorded
 /// (and, being about a notice, never reported again).
-pub fn notice_route(config: &Config, mailboxes: &dyn Mailboxes, sender: &str) -> Vec<Routed> {
+pub fn notice_route(config: &Config, mailboxes: &dyn Mailboxes, sender: &str) -> Vec<Recipient> {
     let Ok(address) = Address::parse(sender) else {
         return Vec::new();
     };

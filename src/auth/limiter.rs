@@ -123,7 +123,7 @@ pub struct AuthLimiter {
 /// [`AuthLimiter::failed`] or [`AuthLimiter::abandoned`].
 #[derive(Debug)]
 #[must_use]
-pub struct Attempt {
+pub struct LoginAttempt {
     address: IpAddr,
     /// The login name as counted (every name, account or not).
     name: String,
@@ -209,7 +209,7 @@ impl AuthLimiter {
         name: &str,
         account: Option<&str>,
         deadline: Instant,
-    ) -> Result<Attempt, Refused> {
+    ) -> Result<LoginAttempt, Refused> {
         self.begin_with(ip, name, account, deadline, Instant::now)
     }
 
@@ -221,7 +221,7 @@ impl AuthLimiter {
         account: Option<&str>,
         deadline: Instant,
         clock: impl Fn() -> Instant,
-    ) -> Result<Attempt, Refused> {
+    ) -> Result<LoginAttempt, Refused> {
         let address = client_key(ip);
         let horizon = self.lockout_duration;
         let mut counts = self.lock();
@@ -249,7 +249,7 @@ impl AuthLimiter {
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
-        Ok(Attempt {
+        Ok(LoginAttempt {
             address,
             name: counted_name(name),
             account: account.map(str::to_string),
@@ -260,7 +260,7 @@ impl AuthLimiter {
     /// counts; wakes an attempt waiting its turn.
     fn settle<T>(
         &self,
-        attempt: &Attempt,
+        attempt: &LoginAttempt,
         now: Instant,
         change: impl FnOnce(&mut Counts, Instant) -> T,
     ) -> T {
@@ -277,11 +277,11 @@ impl AuthLimiter {
     /// The password was wrong: one more failure for the address and the
     /// name. Returns how long to wait before answering, or that the
     /// address is now locked out.
-    pub fn failed(&self, attempt: Attempt) -> FailureOutcome {
+    pub fn failed(&self, attempt: LoginAttempt) -> FailureOutcome {
         self.failed_at(attempt, Instant::now())
     }
 
-    fn failed_at(&self, attempt: Attempt, now: Instant) -> FailureOutcome {
+    fn failed_at(&self, attempt: LoginAttempt, now: Instant) -> FailureOutcome {
         self.settle(&attempt, now, |counts, now| {
             let horizon = self.lockout_duration;
             prune(&mut counts.names, now, horizon);
@@ -321,7 +321,7 @@ impl AuthLimiter {
 
     /// The password was right: the name's failures are cleared; the
     /// address's stay (they may be guesses at other accounts).
-    pub fn succeeded(&self, attempt: Attempt) {
+    pub fn succeeded(&self, attempt: LoginAttempt) {
         self.settle(&attempt, Instant::now(), |counts, _| {
             counts.names.remove(&attempt.name);
         });
@@ -329,7 +329,7 @@ impl AuthLimiter {
 
     /// The password was not checked (the server was too busy): nothing
     /// is counted.
-    pub fn abandoned(&self, attempt: Attempt) {
+    pub fn abandoned(&self, attempt: LoginAttempt) {
         self.settle(&attempt, Instant::now(), |_, _| {});
     }
 
@@ -405,7 +405,7 @@ mod tests {
         name: &str,
         account: Option<&str>,
         now: Instant,
-    ) -> Result<Attempt, Refused> {
+    ) -> Result<LoginAttempt, Refused> {
         limiter.begin_with(ip, name, account, now, || now)
     }
 
@@ -456,7 +456,7 @@ mod tests {
         let limiter = limiter();
         let ip: IpAddr = "192.0.2.9".parse().unwrap();
         let now = Instant::now();
-        let started: Vec<Result<Attempt, Refused>> = (0..20)
+        let started: Vec<Result<LoginAttempt, Refused>> = (0..20)
             .map(|_| begin(&limiter, ip, "alice@example.com", None, now))
             .collect();
         let admitted = started.iter().filter(|a| a.is_ok()).count();

@@ -40,11 +40,11 @@ pub struct Cli {
     pub config: Option<PathBuf>,
 
     #[command(subcommand)]
-    pub command: Command,
+    pub command: PetrelCommand,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub enum PetrelCommand {
     /// Run listeners, scheduler and delivery until SIGTERM/SIGINT
     Serve,
     /// Validate the config and print the effective settings
@@ -290,35 +290,35 @@ fn exit(result: Result<(), Failure>) -> ExitCode {
 
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
-        Command::Serve => {
+        PetrelCommand::Serve => {
             let (config, source) = load_config(cli.config.as_deref())?;
             serve::serve(config, source)
         }
-        Command::CheckConfig => {
+        PetrelCommand::CheckConfig => {
             let (config, source) = load_config(cli.config.as_deref())?;
             check::run(&config, &source)
         }
-        Command::Reload => {
+        PetrelCommand::Reload => {
             let (config, _) = load_config(cli.config.as_deref())?;
             reload(&config)
         }
-        Command::Queue { command } => {
+        PetrelCommand::Queue { command } => {
             let (config, _) = load_config(cli.config.as_deref())?;
             queue::run(&config, command)
         }
-        Command::Sendmail { args } => {
+        PetrelCommand::Sendmail { args } => {
             let config = sendmail_config(cli.config.as_deref())?;
             sendmail::run(&config, &args, "sendmail")
         }
-        Command::User { command } => {
+        PetrelCommand::User { command } => {
             let (config, _) = load_config(cli.config.as_deref())?;
             user::run(&config, command)
         }
-        Command::Dkim { command } => {
+        PetrelCommand::Dkim { command } => {
             let (config, _) = load_config(cli.config.as_deref())?;
             dkim(&config, command)
         }
-        Command::DnsCheck {
+        PetrelCommand::DnsCheck {
             domain,
             addresses,
             strict,
@@ -326,7 +326,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let (config, _) = load_config(cli.config.as_deref())?;
             dns_check::run(&config, &domain, &addresses, strict)
         }
-        Command::Manpages { dir } => manpages::write(&dir),
+        PetrelCommand::Manpages { dir } => manpages::write(&dir),
     }
 }
 

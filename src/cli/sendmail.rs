@@ -22,8 +22,8 @@ use crate::timefmt::rfc5322_date;
 
 /// What the sendmail command line asked for.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Request {
-    pub mode: Mode,
+pub struct SendmailRequest {
+    pub mode: SendmailMode,
     /// -t: recipients from To, Cc and Bcc (Bcc is then removed).
     pub from_headers: bool,
     /// -i / -oi: a line with a single dot does not end the message.
@@ -39,7 +39,7 @@ pub struct Request {
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub enum SendmailMode {
     /// -bm: deliver a message (the default).
     #[default]
     Submit,
@@ -56,8 +56,8 @@ pub enum Mode {
 /// Parses sendmail's options; the ones that make no sense here (-o
 /// settings, -B, -N, -odi ...) are accepted and ignored, as other
 /// sendmail replacements do, so existing scripts keep working.
-pub fn parse_args(args: &[String]) -> Result<Request, Failure> {
-    let mut request = Request::default();
+pub fn parse_args(args: &[String]) -> Result<SendmailRequest, Failure> {
+    let mut request = SendmailRequest::default();
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -90,10 +90,10 @@ pub fn parse_args(args: &[String]) -> Result<Request, Failure> {
             flag if flag.starts_with("-o") || flag.starts_with("-B") => {}
             "-v" => request.verbose = true,
             "-bm" | "-U" | "-G" | "-n" => {}
-            "-bs" => request.mode = Mode::Smtp,
-            "-bp" => request.mode = Mode::ListQueue,
-            "-bi" => request.mode = Mode::Aliases,
-            flag if flag.starts_with("-q") => request.mode = Mode::RunQueue,
+            "-bs" => request.mode = SendmailMode::Smtp,
+            "-bp" => request.mode = SendmailMode::ListQueue,
+            "-bi" => request.mode = SendmailMode::Aliases,
+            flag if flag.starts_with("-q") => request.mode = SendmailMode::RunQueue,
             flag if flag.starts_with("-b") => {
                 return Err(Failure::Usage(format!(
                     "sendmail mode {flag} is not supported (petrel has -bm, -bs, -bp, -bi, -q)"
@@ -239,14 +239,14 @@ struct Submission {
 pub fn run(config: &Config, args: &[String], invoked_as: &str) -> Result<(), Failure> {
     let mut request = parse_args(args)?;
     match invoked_as {
-        "mailq" => request.mode = Mode::ListQueue,
-        "newaliases" => request.mode = Mode::Aliases,
+        "mailq" => request.mode = SendmailMode::ListQueue,
+        "newaliases" => request.mode = SendmailMode::Aliases,
         _ => {}
     }
     match request.mode {
-        Mode::Submit => submit(config, &request),
-        Mode::Smtp => smtp_on_stdio(config),
-        Mode::ListQueue => super::queue::run_as(
+        SendmailMode::Submit => submit(config, &request),
+        SendmailMode::Smtp => smtp_on_stdio(config),
+        SendmailMode::ListQueue => super::queue::run_as(
             config,
             super::queue::QueueCommand::List {
                 limit: 100,
@@ -258,7 +258,7 @@ pub fn run(config: &Config, args: &[String], invoked_as: &str) -> Result<(), Fai
                 "sendmail -bp"
             },
         ),
-        Mode::RunQueue => super::queue::run_as(
+        SendmailMode::RunQueue => super::queue::run_as(
             config,
             super::queue::QueueCommand::Retry {
                 id: None,
@@ -266,7 +266,7 @@ pub fn run(config: &Config, args: &[String], invoked_as: &str) -> Result<(), Fai
             },
             "sendmail -q",
         ),
-        Mode::Aliases => check_aliases(config),
+        SendmailMode::Aliases => check_aliases(config),
     }
 }
 
@@ -307,7 +307,7 @@ fn check_aliases(config: &Config) -> Result<(), Failure> {
 }
 
 /// Builds the message and the envelope from the command line and stdin.
-fn prepare(config: &Config, request: &Request) -> Result<Submission, Failure> {
+fn prepare(config: &Config, request: &SendmailRequest) -> Result<Submission, Failure> {
     let raw = with_blank_line_after_headers(read_message(request.ignore_dots)?);
     let header_list = headers(&raw);
     let has = |name: &str| {
@@ -429,7 +429,7 @@ fn own_identity(config: &Config) -> crate::protocol::session::LocalUser {
     )
 }
 
-fn submit(config: &Config, request: &Request) -> Result<(), Failure> {
+fn submit(config: &Config, request: &SendmailRequest) -> Result<(), Failure> {
     let submission = prepare(config, request)?;
     let dialogue = dialogue(&submission);
     match UnixStream::connect(local::socket_path(&config.data_dir)) {
@@ -689,8 +689,8 @@ mod tests {
         .unwrap();
         assert_eq!(
             request,
-            Request {
-                mode: Mode::Submit,
+            SendmailRequest {
+                mode: SendmailMode::Submit,
                 from_headers: true,
                 ignore_dots: true,
                 sender: Some("me@example.com".into()),
@@ -711,12 +711,21 @@ mod tests {
                 .as_deref(),
             Some("me@example.com")
         );
-        assert_eq!(parse_args(&args(&["-bs"])).unwrap().mode, Mode::Smtp);
-        assert_eq!(parse_args(&args(&["-bp"])).unwrap().mode, Mode::ListQueue);
-        assert_eq!(parse_args(&args(&["-q"])).unwrap().mode, Mode::RunQueue);
+        assert_eq!(
+            parse_args(&args(&["-bs"])).unwrap().mode,
+            SendmailMode::Smtp
+        );
+        assert_eq!(
+            parse_args(&args(&["-bp"])).unwrap().mode,
+            SendmailMode::ListQueue
+        );
+        assert_eq!(
+            parse_args(&args(&["-q"])).unwrap().mode,
+            SendmailMode::RunQueue
+        );
         assert_eq!(
             parse_args(&args(&["-qR", "x"])).unwrap().mode,
-            Mode::RunQueue
+            SendmailMode::RunQueue
         );
         assert!(parse_args(&args(&["-bd"])).is_err(), "no daemon mode");
         assert!(parse_args(&args(&["-Z"])).is_err());

@@ -25,7 +25,7 @@ pub const RSET_WAIT: Duration = Duration::from_secs(10);
 
 /// A connection past EHLO (and STARTTLS and AUTH, where they apply),
 /// between transactions.
-pub struct Session {
+pub struct OpenConnection {
     pub client: SmtpClient,
     pub extensions: Extensions,
     /// host[ip]:port, for the log.
@@ -37,7 +37,7 @@ pub struct Session {
 struct Idle {
     /// The destination's key ([`super::Destination::key`]).
     destination: String,
-    session: Session,
+    session: OpenConnection,
     since: Instant,
 }
 
@@ -88,7 +88,7 @@ impl ConnectionCache {
 
     /// An idle connection to `destination`. Its transaction must start
     /// with RSET: the server may have closed it meanwhile.
-    pub fn take(&self, destination: &str) -> Option<Session> {
+    pub fn take(&self, destination: &str) -> Option<OpenConnection> {
         let mut idle = lock(&self.shared.idle);
         let position = idle
             .iter()
@@ -98,7 +98,7 @@ impl ConnectionCache {
 
     /// Keeps a connection for the next message to `destination`, or
     /// closes it when it has been used enough or the cache is full.
-    pub fn put(&self, destination: &str, session: Session) {
+    pub fn put(&self, destination: &str, session: OpenConnection) {
         if session.uses >= self.reuse_limit || self.capacity == 0 {
             session.client.quit_within(QUIT_WAIT);
             return;

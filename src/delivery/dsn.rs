@@ -14,13 +14,13 @@
 
 use std::time::SystemTime;
 
+use crate::envelope::Recipient;
 use crate::protocol::data::header_section_len;
 use crate::protocol::dsn::Notify;
 use crate::protocol::dsn::Ret;
 use crate::queue::content::Content;
 use crate::queue::delivery::StoredMessage;
 use crate::queue::{MessageKind, NewMessage, NewRecipient, QueueId};
-use crate::routing::Routed;
 use crate::timefmt::rfc5322_date;
 
 /// Most of the original header section a notice returns.
@@ -78,7 +78,7 @@ pub fn notice(
     message: &StoredMessage,
     kind: NoticeKind,
     problems: &[Problem],
-    to: Vec<Routed>,
+    to: Vec<Recipient>,
     now: SystemTime,
     retry_until: Option<SystemTime>,
 ) -> Option<NewMessage> {
@@ -341,7 +341,7 @@ fn one_line(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routing::Route;
+    use crate::envelope::Route;
     use std::time::Duration;
 
     trait WithContent {
@@ -387,9 +387,9 @@ mod tests {
         }
     }
 
-    fn to(address: &str) -> Vec<Routed> {
+    fn to(address: &str) -> Vec<Recipient> {
         let domain = address.rsplit_once('@').unwrap().1.to_string();
-        vec![Routed {
+        vec![Recipient {
             address: address.into(),
             route: Route::Remote {
                 domain: domain.clone(),

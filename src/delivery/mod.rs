@@ -28,49 +28,10 @@ use rustls::ClientConfig;
 use crate::auth::Accounts;
 use crate::config::Config;
 use crate::dns::Dns;
+use crate::envelope::Destination;
 use crate::policy::outbound::OutboundPolicy;
 use crate::queue::delivery::ClaimedRecipient;
 use crate::queue::{QueueHandle, ReadPool};
-use crate::routing::Route;
-
-/// What a worker connects to for a job: recipients of one message that
-/// share a destination share one transaction.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Destination {
-    Local,
-    SmartHost,
-    Domain(String),
-}
-
-impl Destination {
-    /// As [`Route::destination`] (and the queue's `destination` column).
-    pub fn key(&self) -> String {
-        match self {
-            Destination::Local => "local".into(),
-            Destination::SmartHost => "smarthost".into(),
-            Destination::Domain(domain) => format!("mx:{domain}"),
-        }
-    }
-
-    /// The inverse of [`Destination::key`].
-    pub fn from_key(key: &str) -> Option<Destination> {
-        match key {
-            "local" => Some(Destination::Local),
-            "smarthost" => Some(Destination::SmartHost),
-            _ => key
-                .strip_prefix("mx:")
-                .map(|domain| Destination::Domain(domain.to_string())),
-        }
-    }
-
-    pub fn of(route: &Route) -> Destination {
-        match route {
-            Route::Local { .. } => Destination::Local,
-            Route::SmartHost => Destination::SmartHost,
-            Route::Remote { domain } => Destination::Domain(domain.clone()),
-        }
-    }
-}
 
 /// What a finished job showed about its destination, for its window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

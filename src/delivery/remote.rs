@@ -11,7 +11,7 @@ use rustls::ClientConfig;
 
 use super::DeliveryContext;
 use super::client::{self, ClientError, Extensions, ServerReply, SmtpClient};
-use super::connections::{self, Session};
+use super::connections::{self, OpenConnection};
 use super::outcome::{self, Attempt, Stage};
 use crate::config::SmarthostTls;
 use crate::dns::DnsFailure;
@@ -21,7 +21,7 @@ use crate::protocol::dsn::{self, Notify, Ret};
 use crate::queue::delivery::StoredMessage;
 
 /// The message as the remote side needs it.
-pub struct Envelope<'a> {
+pub struct Outbound<'a> {
     pub sender: &'a str,
     pub recipients: Vec<RemoteRecipient<'a>>,
     /// The queued message, read a chunk at a time while it is sent.
@@ -81,7 +81,7 @@ pub struct RemoteOutcome {
 }
 
 impl RemoteOutcome {
-    fn all(envelope: &Envelope, attempt: Attempt) -> RemoteOutcome {
+    fn all(envelope: &Outbound, attempt: Attempt) -> RemoteOutcome {
         RemoteOutcome {
             attempts: all(envelope, attempt),
             relay: None,
@@ -91,7 +91,7 @@ impl RemoteOutcome {
     }
 }
 
-fn all(envelope: &Envelope, attempt: Attempt) -> Vec<Attempt> {
+fn all(envelope: &Outbound, attempt: Attempt) -> Vec<Attempt> {
     envelope
         .recipients
         .iter()
@@ -101,7 +101,7 @@ fn all(envelope: &Envelope, attempt: Attempt) -> Vec<Attempt> {
 
 /// Delivers to the MX hosts of `domain`, or to the host an address
 /// literal names, at addresses the outbound policy allows.
-pub fn to_domain(ctx: &DeliveryContext, domain: &str, envelope: &Envelope) -> RemoteOutcome {
+pub fn to_domain(ctx: &DeliveryContext, domain: &str, envelope: &Outbound) -> RemoteOutcome {
     let config = &ctx.config.delivery;
     let literal = crate::protocol::address::Domain::parse(domain)
         .ok()
@@ -125,7 +125,7 @@ pub fn to_domain(ctx: &DeliveryContext, domain: &str, envelope: &Envelope) -> Re
     let mut policy = TlsPolicy::Opportunistic {
         fallback: config.plaintext_fallback,
     };
-    let mut destination = format!("mx:{domain}");
+    let mut destination = crate::envelope::Destination::Domain(domain.to_string()).key();
     if literal.is_none() {
         match mta_sts(ctx, domain, &mut hosts) {
             Err(attempt) => return RemoteOutcome::all(envelope, attempt),
@@ -201,7 +201,7 @@ fn mta_sts(
 }
 
 /// Delivers to the smart host.
-pub fn to_smarthost(ctx: &DeliveryContext, envelope: &Envelope) -> RemoteOutcome {
+pub fn to_smarthost(ctx: &DeliveryContext, envelope: &Outbound) -> RemoteOutcome {
     let config = &ctx.config.delivery;
     let misconfigured = |text: String| {
         RemoteOutcome::all(
@@ -284,7 +284,7 @@ struct Hosts<'a> {
     credentials: Option<&'a (String, String)>,
 }
 
-fn try_hosts(ctx: &DeliveryContext, route: &Hosts, envelope: &Envelope) -> RemoteOutcome {
+fn try_hosts(ctx: &DeliveryContext, route: &Hosts, envelope: &Outbound) -> RemoteOutcome {
     let timeouts = client::Timeouts::from_config(&ctx.config.delivery);
     let deadline = Instant::now() + timeouts.attempt;
     if let Some(mut session) = ctx.connections.take(&route.destination) {
@@ -382,12 +382,12 @@ fn try_hosts(ctx: &DeliveryContext, route: &Hosts, envelope: &Envelope) -> Remot
 /// sends it over a new one, so nothing is lost and nothing sent twice.
 fn reuse(
     ctx: &DeliveryContext,
-    mut session: Session,
+    mut session: OpenConnection,
     route: &Hosts,
-    envelope: &Envelope,
+    envelope: &Outbound,
 ) -> Option<RemoteOutcome> {
     session.uses += 1;
-    let outcome = |attempts, session: &Session| RemoteOutcome {
+    let outcome = |attempts, session: &OpenConnection| RemoteOutcome {
         attempts,
         relay: Some(session.relay.clone()),
         peer_reports: session.extensions.dsn,
@@ -451,7 +451,7 @@ fn deliver_to_host(
     connection: &Connection,
     route: &Hosts,
     policy: &TlsPolicy,
-    envelope: &Envelope,
+    envelope: &Outbound,
 ) -> HostResult {
     let (host, peer) = (connection.host, connection.peer);
     let credentials = route.credentials;
@@ -481,7 +481,7 @@ fn deliver_to_host(
         envelope,
     ) {
         Ok((result, Some(extensions))) => {
-            let session = Session {
+            let session = OpenConnection {
                 client,
                 extensions,
                 relay: format!("{host}[{}]:{}", peer.ip(), peer.port()),
@@ -541,7 +541,7 @@ fn open_session(
     (host, peer): (&str, SocketAddr),
     policy: &TlsPolicy,
     credentials: Option<&(String, String)>,
-    envelope: &Envelope,
+    envelope: &Outbound,
 ) -> Result<Result<Extensions, HostResult>, ClientError> {
     let hostname = &ctx.config.hostname;
     let (hello, mut extensions) = client.hello(hostname)?;
@@ -623,7 +623,7 @@ fn transaction(
     (host, peer): (&str, SocketAddr),
     policy: &TlsPolicy,
     credentials: Option<&(String, String)>,
-    envelope: &Envelope,
+    envelope: &Outbound,
 ) -> Result<(HostResult, Option<Extensions>), ClientError> {
     let extensions = match open_session(ctx, client, (host, peer), policy, credentials, envelope)? {
         Ok(extensions) => extensions,
@@ -640,7 +640,7 @@ fn transaction(
 }
 
 /// Messages the server cannot take as they are (RFC 1870, 6152, 6531).
-fn unsendable(extensions: &Extensions, envelope: &Envelope) -> Option<Attempt> {
+fn unsendable(extensions: &Extensions, envelope: &Outbound) -> Option<Attempt> {
     let refuse = |status, text: String| Some(Attempt::local(status, Stage::Hello, text));
     if let Some(limit) = extensions.size
         && envelope.size > limit
@@ -684,7 +684,7 @@ fn send_message(
     ctx: &DeliveryContext,
     client: &mut SmtpClient,
     extensions: &Extensions,
-    envelope: &Envelope,
+    envelope: &Outbound,
     reset: Reset,
     ended: &mut bool,
 ) -> Result<Vec<Attempt>, ClientError> {

@@ -650,7 +650,7 @@ pub fn group(claimed: Vec<ClaimedRecipient>) -> Vec<Job> {
     let mut jobs: Vec<Job> = Vec::new();
     let mut index: HashMap<(String, Destination), usize> = HashMap::new();
     for recipient in claimed {
-        let destination = Destination::of(&recipient.route);
+        let destination = recipient.route.destination();
         let key = (recipient.message_id.clone(), destination.clone());
         match index.get(&key) {
             Some(&at) => jobs[at].recipients.push(recipient),
@@ -680,7 +680,7 @@ fn needs_discovery(news: &News, destinations: &HashMap<Destination, DestinationS
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routing::Route;
+    use crate::envelope::Route;
 
     #[test]
     fn only_new_mail_for_backlogged_destinations_needs_no_discovery() {

@@ -12,17 +12,18 @@ use crossbeam_channel::{Receiver, Sender};
 use super::backoff::{random_fraction, retry_delay};
 use super::dsn::{self, NoticeKind, Problem};
 use super::outcome::{self, Attempt, Stage, Verdict};
-use super::remote::{self, Envelope, RemoteRecipient};
+use super::remote::{self, Outbound, RemoteRecipient};
 use super::scheduler::Event;
 use super::{DeliveryContext, Destination, Job, Reach, maildir};
 use crate::config::Config;
+use crate::envelope::{Recipient, Route};
 use crate::printable::escape;
 use crate::queue::QueueError;
 use crate::queue::content::ContentReader;
 use crate::queue::delivery::{
     self, ClaimedRecipient, DeliveryReport, RecipientStatus, RecipientUpdate, StoredMessage,
 };
-use crate::routing::{self, Route, Routed};
+use crate::routing;
 use crate::timefmt::short_duration;
 
 /// After a worker fails internally, its recipients wait this long.
@@ -83,7 +84,7 @@ fn deliver(ctx: &DeliveryContext, job: &Job) -> Result<Reach, QueueError> {
             0,
         ),
         destination => {
-            let envelope = Envelope {
+            let envelope = Outbound {
                 sender: &message.sender,
                 recipients: job
                     .recipients
@@ -114,7 +115,7 @@ fn deliver(ctx: &DeliveryContext, job: &Job) -> Result<Reach, QueueError> {
         }
     };
     let reach = Reach::of(&attempts);
-    // Routed only when a notice is actually built (rarely).
+    // Recipient only when a notice is actually built (rarely).
     let route_sender = || routing::notice_route(&ctx.config, &ctx.accounts, &message.sender);
     let report = settle(
         &ctx.config,
@@ -212,7 +213,7 @@ pub struct Settlement<'a> {
     /// reports are its job now.
     pub peer_reports: bool,
     /// Where notices to the sender go (asked only when one is sent).
-    pub route_sender: &'a dyn Fn() -> Vec<Routed>,
+    pub route_sender: &'a dyn Fn() -> Vec<Recipient>,
 }
 
 /// Turns the attempts into queue updates and notices, and logs them.

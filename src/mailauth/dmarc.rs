@@ -40,26 +40,26 @@ impl DmarcResult {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Policy {
+pub enum DmarcPolicy {
     None,
     Quarantine,
     Reject,
 }
 
-impl Policy {
+impl DmarcPolicy {
     pub fn name(self) -> &'static str {
         match self {
-            Policy::None => "none",
-            Policy::Quarantine => "quarantine",
-            Policy::Reject => "reject",
+            DmarcPolicy::None => "none",
+            DmarcPolicy::Quarantine => "quarantine",
+            DmarcPolicy::Reject => "reject",
         }
     }
 
-    fn parse(value: &str) -> Option<Policy> {
+    fn parse(value: &str) -> Option<DmarcPolicy> {
         match value.trim().to_ascii_lowercase().as_str() {
-            "none" => Some(Policy::None),
-            "quarantine" => Some(Policy::Quarantine),
-            "reject" => Some(Policy::Reject),
+            "none" => Some(DmarcPolicy::None),
+            "quarantine" => Some(DmarcPolicy::Quarantine),
+            "reject" => Some(DmarcPolicy::Reject),
             _ => None,
         }
     }
@@ -72,14 +72,14 @@ pub struct DmarcVerdict {
     pub from_domain: Option<String>,
     /// What the domain asks for this message (p=, or sp= for a
     /// subdomain), when it has a record.
-    pub policy: Option<Policy>,
+    pub policy: Option<DmarcPolicy>,
     pub reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Record {
-    policy: Policy,
-    subdomain_policy: Option<Policy>,
+    policy: DmarcPolicy,
+    subdomain_policy: Option<DmarcPolicy>,
     strict_dkim: bool,
     strict_spf: bool,
     /// DMARCbis psd=: Some(true) "a public suffix", Some(false) "an
@@ -294,7 +294,7 @@ fn parse_record(text: &str) -> Option<Record> {
     let mut policy = None;
     let mut has_rua = false;
     let mut record = Record {
-        policy: Policy::None,
+        policy: DmarcPolicy::None,
         subdomain_policy: None,
         strict_dkim: false,
         strict_spf: false,
@@ -302,8 +302,8 @@ fn parse_record(text: &str) -> Option<Record> {
     };
     for (name, value) in tags {
         match name.as_str() {
-            "p" => policy = Policy::parse(value),
-            "sp" => record.subdomain_policy = Policy::parse(value),
+            "p" => policy = DmarcPolicy::parse(value),
+            "sp" => record.subdomain_policy = DmarcPolicy::parse(value),
             "adkim" => record.strict_dkim = value.eq_ignore_ascii_case("s"),
             "aspf" => record.strict_spf = value.eq_ignore_ascii_case("s"),
             "psd" => {
@@ -319,7 +319,7 @@ fn parse_record(text: &str) -> Option<Record> {
     }
     match policy {
         Some(policy) => record.policy = policy,
-        None if has_rua => record.policy = Policy::None,
+        None if has_rua => record.policy = DmarcPolicy::None,
         None => return None,
     }
     Some(record)
@@ -477,7 +477,7 @@ mod tests {
         );
         assert_eq!(
             (v.result, v.policy),
-            (DmarcResult::Pass, Some(Policy::Reject))
+            (DmarcResult::Pass, Some(DmarcPolicy::Reject))
         );
         // Relaxed: a subdomain of the same organization is aligned.
         let v = eval(
@@ -499,7 +499,7 @@ mod tests {
         );
         assert_eq!(
             (v.result, v.policy),
-            (DmarcResult::Fail, Some(Policy::Reject))
+            (DmarcResult::Fail, Some(DmarcPolicy::Reject))
         );
         // Strict: the subdomain is not enough.
         let v = eval(
@@ -510,7 +510,7 @@ mod tests {
         );
         assert_eq!(
             (v.result, v.policy),
-            (DmarcResult::Fail, Some(Policy::Quarantine))
+            (DmarcResult::Fail, Some(DmarcPolicy::Quarantine))
         );
         let v = eval(
             &dns,
@@ -532,7 +532,7 @@ mod tests {
         );
         assert_eq!(
             (v.result, v.policy),
-            (DmarcResult::Fail, Some(Policy::Reject))
+            (DmarcResult::Fail, Some(DmarcPolicy::Reject))
         );
         let v = eval(&dns, "nothing.example", &spf(SpfResult::Fail, "x"), &[]);
         assert_eq!(v.result, DmarcResult::None);
@@ -579,7 +579,7 @@ mod tests {
         assert_eq!(parse_record("v=spf1 -all"), None);
         assert_eq!(
             parse_record("v=DMARC1; rua=mailto:x@example.org").map(|r| r.policy),
-            Some(Policy::None)
+            Some(DmarcPolicy::None)
         );
         let field = |text: &str| vec![("from".to_string(), text.as_bytes().to_vec())];
         assert_eq!(

@@ -23,7 +23,7 @@ use crate::dkim::verify::{self as dkim_verify, DkimOutcome};
 use crate::dns::{Dns, DnsFailure};
 use crate::protocol::reply::{self, Reply};
 use crate::protocol::session::{ClientView, ListenerKind};
-use dmarc::{DmarcResult, DmarcVerdict, Policy};
+use dmarc::{DmarcPolicy, DmarcResult, DmarcVerdict};
 use spf::SpfVerdict;
 
 /// The DNS questions SPF, DKIM and DMARC ask. An empty answer (no such
@@ -128,7 +128,7 @@ pub fn check_message(
 /// RFC 7489 6.7: honour p=reject when configured to; quarantine and
 /// none only tag (there is no junk folder to file mail into).
 fn refusal(settings: &MailAuthConfig, dmarc: &DmarcVerdict) -> Option<Reply> {
-    let rejecting = dmarc.result == DmarcResult::Fail && dmarc.policy == Some(Policy::Reject);
+    let rejecting = dmarc.result == DmarcResult::Fail && dmarc.policy == Some(DmarcPolicy::Reject);
     (rejecting && settings.honour_dmarc_reject).then(|| {
         Reply::new(
             reply::DMARC_REJECT,

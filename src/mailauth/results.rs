@@ -271,7 +271,7 @@ fn skip_cfws(chars: &mut std::iter::Peekable<std::str::Chars<'_>>) -> Option<()>
 mod tests {
     use super::*;
     use crate::dkim::verify::DkimResult;
-    use crate::mailauth::dmarc::{DmarcResult, Policy};
+    use crate::mailauth::dmarc::{DmarcPolicy, DmarcResult};
     use crate::mailauth::spf::SpfResult;
 
     fn filtered(input: &[u8], split: usize) -> (Vec<u8>, usize) {
@@ -411,7 +411,7 @@ mod tests {
         let dmarc = DmarcVerdict {
             result: DmarcResult::Pass,
             from_domain: Some("example.org".into()),
-            policy: Some(Policy::Reject),
+            policy: Some(DmarcPolicy::Reject),
             reason: String::new(),
         };
         assert_eq!(

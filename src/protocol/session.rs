@@ -23,7 +23,7 @@ use super::data::{ContentLimits, DataError, DataSummary, content_refusal};
 use super::dsn::{Notify, Ret};
 use super::reply::{self, Reply};
 use crate::mailauth::spf::SpfVerdict;
-use crate::routing::{Route, Routed};
+use crate::routing::{Recipient, Route};
 
 /// RFC 5321 4.5.3.1.4: 512 octets including the CRLF.
 pub const MAX_COMMAND_LINE: usize = 510;
@@ -155,7 +155,7 @@ pub struct Envelope {
 /// One final recipient, routed when it was accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnvelopeRecipient {
-    pub target: Routed,
+    pub target: Recipient,
     /// The RCPT TO address, when it differs from `target.address`.
     pub original: Option<String>,
     /// RFC 3461 NOTIFY as it will be honoured; `None` when not given.
@@ -317,7 +317,7 @@ pub trait Services {
         &self,
         client: &ClientView,
         recipient: &Address,
-    ) -> Result<Vec<Routed>, Reply>;
+    ) -> Result<Vec<Recipient>, Reply>;
     /// `mechanism` ("PLAIN", "LOGIN") is for the log.
     fn authenticate(
         &self,
@@ -346,7 +346,7 @@ struct Transaction {
 #[derive(Debug)]
 struct AcceptedRecipient {
     envelope: Address,
-    targets: Vec<Routed>,
+    targets: Vec<Recipient>,
     notify: Option<Notify>,
     orcpt: Option<String>,
 }
@@ -1271,7 +1271,7 @@ mod tests {
             &self,
             client: &ClientView,
             recipient: &Address,
-        ) -> Result<Vec<Routed>, Reply> {
+        ) -> Result<Vec<Recipient>, Reply> {
             if recipient.domain().as_str() == "localhost" {
                 if recipient.local_part() == "team" {
                     return Ok(vec![local("alice@localhost"), remote("bob@example.org")]);
@@ -1327,8 +1327,8 @@ mod tests {
         }
     }
 
-    fn local(mailbox: &str) -> Routed {
-        Routed {
+    fn local(mailbox: &str) -> Recipient {
+        Recipient {
             address: mailbox.to_string(),
             domain: "localhost".into(),
             route: Route::Local {
@@ -1337,9 +1337,9 @@ mod tests {
         }
     }
 
-    fn remote(address: &str) -> Routed {
+    fn remote(address: &str) -> Recipient {
         let domain = address.rsplit_once('@').unwrap().1.to_string();
-        Routed {
+        Recipient {
             address: address.to_string(),
             route: Route::Remote {
                 domain: domain.clone(),

@@ -12,9 +12,10 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::writer::insert_message;
 use super::{MessageKind, NewMessage, QueueError};
 use crate::config::Config;
+use crate::envelope::Route;
 use crate::protocol::address::Address;
 use crate::protocol::dsn::{Notify, Ret};
-use crate::routing::{self, Route};
+use crate::routing;
 use crate::timefmt::{parse_sql_timestamp, sql_timestamp};
 
 /// A recipient taken by the scheduler for one delivery attempt.
@@ -1030,7 +1031,7 @@ mod tests {
         let second = claim_due(&conn, now, &limits).unwrap().recipients;
         let mut claimed: Vec<(String, String)> = second
             .iter()
-            .map(|r| (r.message_id.clone(), r.route.destination()))
+            .map(|r| (r.message_id.clone(), r.route.key()))
             .collect();
         claimed.sort();
         assert_eq!(
@@ -1068,7 +1069,7 @@ mod tests {
             claimed
                 .recipients
                 .iter()
-                .filter(|r| r.route.destination() == destination)
+                .filter(|r| r.route.key() == destination)
                 .count()
         };
         assert_eq!(count("mx:busy.example"), 4);
@@ -1173,7 +1174,7 @@ mod tests {
                     |r| r.get(0),
                 )
                 .unwrap();
-            assert_eq!(stored, recipient.route.destination());
+            assert_eq!(stored, recipient.route.key());
         }
     }
 

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Sender;
 use rusqlite::Connection;
 
+use crate::envelope::Route;
 use crate::protocol::dsn::{Notify, Ret};
-use crate::routing::Route;
 use delivery::{ClaimLimits, Claimed, DeliveryReport};
 pub use id::QueueId;
 pub use schema::SCHEMA_VERSION;
@@ -206,7 +206,7 @@ impl QueueHandle {
     }
 
     /// Every waiting recipient for `destination` (a
-    /// [`crate::routing::Route::destination`] key) due before `until` is
+    /// [`crate::envelope::Route::key`]) due before `until` is
     /// put back to `until`; returns how many.
     pub fn back_off(
         &self,

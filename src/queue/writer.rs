@@ -14,7 +14,7 @@ use rusqlite::{Connection, TransactionBehavior, params};
 use super::delivery::{self, ClaimLimits, Claimed, DeliveryReport};
 use super::{NewMessage, QueueError, QueueStats};
 use crate::auth::accounts::{self, LoginEvent};
-use crate::routing::Route;
+use crate::envelope::Route;
 use crate::timefmt::sql_timestamp;
 
 /// Sessions waiting to be committed; beyond this, senders wait, which is

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::ServerContext;
-use super::connection::{Job, Stream};
+use super::connection::{Incoming, Stream};
 use super::limits::{ConnectionLimits, Refusal};
 use super::pool::WorkerPool;
 use crate::protocol::reply::{self, Reply};
@@ -47,7 +47,7 @@ impl Acceptor {
             let trusted = self.context.config.relay.is_trusted(peer.ip());
             match self.limits.try_acquire(peer.ip(), self.kind, trusted) {
                 Ok(permit) => {
-                    let job = Job {
+                    let job = Incoming {
                         stream: Stream::Tcp(stream),
                         peer,
                         listener: self.kind,

@@ -68,7 +68,7 @@ impl Buffers {
 }
 
 /// A connection handed from an acceptor to a worker.
-pub struct Job {
+pub struct Incoming {
     pub stream: Stream,
     pub peer: SocketAddr,
     pub listener: ListenerKind,
@@ -154,8 +154,8 @@ impl End {
 /// Runs one session to its end; never panics on client input. Returns
 /// what it achieved (for the maildrop pickup). `buffers` are the worker's,
 /// lent for the session.
-pub fn serve(job: Job, ctx: &ServerContext, buffers: &mut Buffers) -> SubmissionOutcome {
-    let Job {
+pub fn serve(job: Incoming, ctx: &ServerContext, buffers: &mut Buffers) -> SubmissionOutcome {
+    let Incoming {
         stream,
         peer,
         listener,
@@ -805,11 +805,7 @@ fn commit(
     }
     let id = message.id.clone();
     let summary = log_summary(&message, client);
-    let mut destinations: Vec<String> = message
-        .recipients
-        .iter()
-        .map(|r| r.route.destination())
-        .collect();
+    let mut destinations: Vec<String> = message.recipients.iter().map(|r| r.route.key()).collect();
     destinations.sort_unstable();
     destinations.dedup();
     match ctx.queue.insert(message) {
@@ -892,7 +888,7 @@ mod tests {
         let recipient = |address: &str| NewRecipient {
             address: address.to_string(),
             original: None,
-            route: crate::routing::Route::SmartHost,
+            route: crate::envelope::Route::SmartHost,
             domain: "example.test".to_string(),
             notify: None,
             orcpt: None,

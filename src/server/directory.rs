@@ -12,6 +12,7 @@ use crate::auth::hashing::{Busy, HashingPool};
 use crate::auth::{Accounts, AuthLimiter, FailureOutcome, Refused, app_passwords};
 use crate::config::Config;
 use crate::dns::{Dns, DnsFailure};
+use crate::envelope::{Recipient, Route};
 use crate::mailauth::{self, MessageVerdict, spf::SpfVerdict};
 use crate::policy::outbound::{OutboundPolicy, assigned_here};
 use crate::policy::{self, DomainStatus, RecipientDecision, RecipientFacts, SenderFacts};
@@ -20,7 +21,7 @@ use crate::protocol::address::{Address, Domain, ReversePath};
 use crate::protocol::reply::{self, Reply};
 use crate::protocol::session::{AuthVerdict, ClientView, FromOwner, SenderStanding, Services};
 use crate::queue::QueueHandle;
-use crate::routing::{self, Route, RouteError, Routed};
+use crate::routing::{self, RouteError};
 
 pub struct Directory {
     config: Arc<Config>,
@@ -328,7 +329,7 @@ impl Services for Directory {
         &self,
         client: &ClientView,
         recipient: &Address,
-    ) -> Result<Vec<Routed>, Reply> {
+    ) -> Result<Vec<Recipient>, Reply> {
         let resolution = routing::resolve(&self.routing_config(), &self.accounts, recipient);
         let (local_domain, mailbox_exists) = match &resolution {
             Ok(resolution) => (resolution.local_domain, resolution.local_domain),

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use super::ServerContext;
-use super::connection::{self, Job, Stream};
+use super::connection::{self, Incoming, Stream};
 use super::limits::ConnectionLimits;
 use crate::config::Config;
 use crate::printable::escape;
@@ -153,7 +153,7 @@ impl LocalAcceptor {
                     continue;
                 }
             };
-            let job = Job {
+            let job = Incoming {
                 stream: Stream::Unix(stream),
                 peer: std::net::SocketAddr::new(loopback(), 0),
                 listener: ListenerKind::Local,
@@ -358,7 +358,7 @@ fn pickup_one(
         stop: Arc::clone(stop),
         timed_out: Arc::clone(&timed_out),
     };
-    let job = Job {
+    let job = Incoming {
         stream: Stream::Replay(Box::new(io::BufReader::new(replay))),
         peer: std::net::SocketAddr::new(loopback(), 0),
         listener: ListenerKind::Local,

@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender};
 
 use super::ServerContext;
-use super::connection::{self, Job};
+use super::connection::{self, Incoming};
 
 /// Worker threads run deep-ish code (TLS handshakes, SQLite, argon2 with
 /// its memory on the heap) but nothing recursive; 256 KiB is plenty and
@@ -27,8 +27,8 @@ pub struct PoolClosed;
 
 pub struct WorkerPool {
     /// `None` once closed: workers finish what is queued and exit.
-    jobs: Mutex<Option<Sender<Job>>>,
-    receiver: Receiver<Job>,
+    jobs: Mutex<Option<Sender<Incoming>>>,
+    receiver: Receiver<Incoming>,
     /// Workers waiting for a job that no submitted job has claimed yet.
     idle: Arc<AtomicUsize>,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -40,7 +40,7 @@ impl WorkerPool {
     pub fn start(context: Arc<ServerContext>, max: usize) -> std::io::Result<WorkerPool> {
         // Permits cap the sessions in flight at `max`, so this channel
         // never blocks an acceptor.
-        let (jobs, receiver) = crossbeam_channel::bounded::<Job>(max.max(1));
+        let (jobs, receiver) = crossbeam_channel::bounded::<Incoming>(max.max(1));
         let pool = WorkerPool {
             jobs: Mutex::new(Some(jobs)),
             receiver,
@@ -60,7 +60,7 @@ impl WorkerPool {
     /// one (below the limit; at the limit the permits guarantee one frees).
     /// `Err` when the pool is closed (shutting down): the job is dropped,
     /// which closes its connection.
-    pub fn submit(&self, job: Job) -> Result<(), PoolClosed> {
+    pub fn submit(&self, job: Incoming) -> Result<(), PoolClosed> {
         let claimed = self
             .idle
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -124,7 +124,7 @@ impl WorkerPool {
     }
 }
 
-fn worker_loop(jobs: &Receiver<Job>, context: &ServerContext, idle: &AtomicUsize) {
+fn worker_loop(jobs: &Receiver<Incoming>, context: &ServerContext, idle: &AtomicUsize) {
     let mut buffers = connection::Buffers::default();
     while let Ok(job) = jobs.recv() {
         let peer = job.peer;
