@@ -1,11 +1,11 @@
-//! Time stamps in the two forms petrel writes: the queue's readable
+//! Time stamps in the forms petrel writes: the queue's readable
 //! `YYYY-MM-DD HH:MM:SS` (UTC, which SQLite's date functions understand and
-//! which sorts as text) and RFC 5322 dates for headers.
+//! which sorts as text), short durations for logs, and (from
+//! [`crate::protocol::date`]) RFC 5322 dates for headers.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use time::OffsetDateTime;
-use time::format_description::well_known::Rfc2822;
 use time::macros::format_description;
 
 const SQL_FORMAT: &[time::format_description::BorrowedFormatItem<'static>] =
@@ -30,12 +30,8 @@ pub fn parse_sql_timestamp(text: &str) -> Option<SystemTime> {
         .map(|s| UNIX_EPOCH + Duration::from_secs(s))
 }
 
-/// `Sat, 28 Nov 2026 17:48:58 +0000`.
-pub fn rfc5322_date(at: SystemTime) -> String {
-    to_offset(at)
-        .format(&Rfc2822)
-        .unwrap_or_else(|_| "Thu, 01 Jan 1970 00:00:00 +0000".to_string())
-}
+/// The header date lives with the rest of the message format.
+pub use crate::protocol::date::rfc5322_date;
 
 /// "3d4h", "5m10s", "0s": for log lines and the queue CLI.
 pub fn short_duration(duration: Duration) -> String {

@@ -13,8 +13,8 @@ use std::time::{Duration, SystemTime};
 
 use super::{Failure, say};
 use crate::config::Config;
-use crate::delivery::client::{DotStuffer, ParseStep, ReplyParser, ServerReply};
 use crate::protocol::address::Address;
+use crate::protocol::client::{DotStuffer, ParseStep, ReplyParser, ServerReply};
 use crate::protocol::data::header_section_len;
 use crate::queue::QueueId;
 use crate::server::local;

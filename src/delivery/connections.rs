@@ -16,7 +16,8 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::client::{Extensions, SmtpClient};
+use super::client::SmtpClient;
+use crate::protocol::client::Extensions;
 
 /// A QUIT to an idle connection waits at most this long for its reply.
 const QUIT_WAIT: Duration = Duration::from_millis(500);

@@ -9,7 +9,7 @@
 
 use std::fmt;
 
-use super::client::ServerReply;
+use crate::protocol::client::ServerReply;
 use crate::protocol::reply::{Status, enhanced};
 
 pub const DELIVERED_TO_MAILDIR: Status = enhanced(250, "2.0.0");

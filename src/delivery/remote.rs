@@ -10,13 +10,14 @@ use std::time::Instant;
 use rustls::ClientConfig;
 
 use super::DeliveryContext;
-use super::client::{self, ClientError, Extensions, ServerReply, SmtpClient};
+use super::client::{self, ClientError, SmtpClient};
 use super::connections::{self, OpenConnection};
 use super::outcome::{self, Attempt, Stage};
 use crate::config::SmarthostTls;
 use crate::dns::DnsFailure;
 use crate::mta_sts::Mode;
 use crate::policy::outbound::{Forbidden, assigned_here};
+use crate::protocol::client::{Extensions, ServerReply};
 use crate::protocol::dsn::{self, Notify, Ret};
 use crate::queue::delivery::StoredMessage;
 
@@ -837,7 +838,7 @@ fn send_body(
     client: &mut SmtpClient,
     message: &StoredMessage,
 ) -> Result<Vec<u8>, ClientError> {
-    let mut stuffer = client::DotStuffer::default();
+    let mut stuffer = crate::protocol::client::DotStuffer::default();
     let mut out = Vec::new();
     let copied = super::worker::copy_content(ctx, message, |chunk| {
         stuffer.push(chunk, &mut out);

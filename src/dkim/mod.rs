@@ -359,7 +359,7 @@ impl Signer {
 /// must cover the folded form or it would break in transit.
 struct AsSent<'a> {
     inner: &'a mut dyn Read,
-    folder: crate::delivery::client::DotStuffer,
+    folder: crate::protocol::client::DotStuffer,
     pending: Vec<u8>,
     at: usize,
     done: bool,
@@ -397,7 +397,7 @@ fn read_message(
 ) -> Result<(Vec<u8>, Vec<u8>), DkimError> {
     let content = &mut AsSent {
         inner: content,
-        folder: crate::delivery::client::DotStuffer::folding_only(),
+        folder: crate::protocol::client::DotStuffer::folding_only(),
         pending: Vec::new(),
         at: 0,
         done: false,

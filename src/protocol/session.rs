@@ -14,16 +14,16 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as BASE64;
-
 use super::address::{Address, ReversePath};
 use super::command::{BodyType, Command, ForwardPath, MailParams, RcptParams, parse_command};
 use super::data::{ContentLimits, DataError, DataSummary, content_refusal};
-use super::dsn::{Notify, Ret};
+use super::dsn::Notify;
 use super::reply::{self, Reply};
-use crate::mailauth::spf::SpfVerdict;
-use crate::routing::{Recipient, Route};
+use super::sasl;
+pub use super::services::{
+    AuthVerdict, ClientView, Envelope, EnvelopeRecipient, FromOwner, Kinds, LocalUser, NotQueued,
+    SenderStanding, Services, Stamp, SubmissionOutcome, Target,
+};
 
 /// RFC 5321 4.5.3.1.4: 512 octets including the CRLF.
 pub const MAX_COMMAND_LINE: usize = 510;
@@ -63,18 +63,6 @@ impl ListenerKind {
     }
 }
 
-/// A user of this host submitting through the local socket, as the kernel
-/// identified them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LocalUser {
-    pub uid: u32,
-    pub name: String,
-    /// The envelope sender this user may use: name@(first local domain).
-    pub address: String,
-    /// root, or a member of `[sendmail] trusted_group`: may use any sender.
-    pub trusted: bool,
-}
-
 /// How long an error reply waits once a session is past its soft error
 /// limit (Postfix's smtpd_error_sleep_time).
 pub const ERROR_SLEEP: Duration = Duration::from_secs(1);
@@ -106,7 +94,7 @@ pub struct TlsInfo {
 }
 
 #[derive(Debug)]
-pub enum Action {
+pub enum Action<K: Kinds> {
     /// Keep reading commands.
     Continue,
     /// Send the replies, then close the connection.
@@ -118,69 +106,13 @@ pub enum Action {
     /// [`Session::data_finished`].
     ReceiveData,
     /// Commit this message to the queue, then call [`Session::enqueued`].
-    Enqueue(Box<Envelope>),
-}
-
-/// A message the session has accepted, as it hands it over to be queued.
-#[derive(Debug, Clone)]
-pub struct Envelope {
-    /// The queue id the connection gave it (see [`Stamp`]).
-    pub id: String,
-    /// The reverse path; empty for the null sender.
-    pub sender: String,
-    pub recipients: Vec<EnvelopeRecipient>,
-    /// Our Received header, to go in front of the body the connection
-    /// spooled (the session never holds the message itself).
-    pub trace_header: Vec<u8>,
-    /// Octets of the body.
-    pub body_size: u64,
-    pub client_ip: IpAddr,
-    pub helo: Option<String>,
-    pub auth_user: Option<String>,
-    /// The app password `auth_user` logged in with; `None`: the main one.
-    pub auth_label: Option<String>,
-    pub listener: ListenerKind,
-    pub eight_bit: bool,
-    pub smtputf8: bool,
-    /// RFC 3461 RET and ENVID.
-    pub ret: Option<Ret>,
-    pub envid: Option<String>,
-    /// From MAIL FROM: present when the message is to be checked.
-    pub spf: Option<SpfVerdict>,
-    /// The login every From: address must belong to (see
-    /// [`SenderStanding::from_owner`]).
-    pub from_owner: Option<FromOwner>,
-}
-
-/// One final recipient, routed when it was accepted.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EnvelopeRecipient {
-    pub target: Recipient,
-    /// The RCPT TO address, when it differs from `target.address`.
-    pub original: Option<String>,
-    /// RFC 3461 NOTIFY as it will be honoured; `None` when not given.
-    pub notify: Option<Notify>,
-    pub orcpt: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SubmissionOutcome {
-    pub queued: u32,
-    pub refused_for_good: bool,
-}
-
-/// What the connection provides when DATA ends: the session never makes
-/// ids or reads the clock itself.
-#[derive(Debug, Clone)]
-pub struct Stamp {
-    pub id: String,
-    pub now: SystemTime,
+    Enqueue(Box<Envelope<K>>),
 }
 
 #[derive(Debug)]
-pub struct Step {
+pub struct Step<K: Kinds> {
     pub replies: Vec<Reply>,
-    pub action: Action,
+    pub action: Action<K>,
     /// Wait this long before sending the replies (slows password guessing).
     pub delay: Option<Duration>,
     /// A mail transaction command was refused: the connection logs it.
@@ -200,8 +132,8 @@ pub struct Rejection {
     pub esmtp: bool,
 }
 
-impl Step {
-    fn reply(reply: Reply) -> Step {
+impl<K: Kinds> Step<K> {
+    fn reply(reply: Reply) -> Step<K> {
         Step {
             replies: vec![reply],
             action: Action::Continue,
@@ -210,12 +142,12 @@ impl Step {
         }
     }
 
-    fn then(mut self, action: Action) -> Step {
+    fn then(mut self, action: Action<K>) -> Step<K> {
         self.action = action;
         self
     }
 
-    fn nothing(action: Action) -> Step {
+    fn nothing(action: Action<K>) -> Step<K> {
         Step {
             replies: Vec::new(),
             action,
@@ -225,137 +157,20 @@ impl Step {
     }
 }
 
-/// The part of the session state that policy decisions depend on.
-#[derive(Debug, Clone, Copy)]
-pub struct ClientView<'a> {
-    pub ip: IpAddr,
-    /// Forward-confirmed reverse DNS name, when there is one.
-    pub name: Option<&'a str>,
-    /// The HELO/EHLO name, when given.
-    pub helo: Option<&'a str>,
-    pub user: Option<&'a str>,
-    pub listener: ListenerKind,
-    /// Set on the local socket.
-    pub local: Option<&'a LocalUser>,
-}
-
-impl ClientView<'_> {
-    /// "name[ip]" as logs show a client ("unknown" without a name);
-    /// "local[uid=1000]" for a user of this host.
-    pub fn label(&self) -> String {
-        match self.local {
-            Some(local) => format!("local[uid={}]", local.uid),
-            None => format!("{}[{}]", self.name.unwrap_or("unknown"), self.ip),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AuthVerdict {
-    /// Logged in as `account` (canonical form), with the main password or
-    /// the app password labelled `app_password`.
-    Success {
-        account: String,
-        app_password: Option<String>,
-    },
-    /// Wrong user or password; reply after this delay.
-    Failure { delay: Duration },
-    /// Too many failures from this address.
-    LockedOut,
-    /// The account store could not be read.
-    Unavailable,
-    /// Too many password checks in progress: try again in a moment.
-    Busy,
-}
-
-/// How far the server trusts the client that gave a sender.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SenderStanding {
-    /// An authenticated user or a trusted network: accountable for what it
-    /// sends, so it may ask for success reports (RFC 3461 NOTIFY=SUCCESS).
-    /// A stranger may not: a report to a forged sender is backscatter.
-    pub accountable: bool,
-    /// The SPF verdict, when the message is to be checked (SPF, DKIM,
-    /// DMARC: [`crate::mailauth::applies`]); it goes with the message.
-    pub spf: Option<SpfVerdict>,
-    /// Who the message's From: addresses must belong to: the login of an
-    /// authenticated user, or a local user who may not choose the sender;
-    /// `None` for anyone else (strangers' mail, trusted networks, root).
-    /// Decided here, at MAIL, and read when the message is complete.
-    pub from_owner: Option<FromOwner>,
-}
-
-/// A login that From: addresses must belong to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FromOwner {
-    /// The account (or local user's address), canonical.
-    pub login: String,
-    /// A local user owns exactly its address; an account, its aliases too.
-    pub local: bool,
-}
-
-/// Why a message the session handed over was not queued.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NotQueued {
-    /// The queue could not take it: try again later (451).
-    Failed(String),
-    /// A check of the complete message refused it, with this reply.
-    Refused(Reply),
-}
-
-/// The outside world as the session sees it.
-pub trait Services {
-    /// `Err` carries the refusal reply.
-    fn check_sender(
-        &self,
-        client: &ClientView,
-        sender: &ReversePath,
-    ) -> Result<SenderStanding, Reply>;
-    /// The final recipients with their routes (aliases expanded), or the
-    /// refusal.
-    fn check_recipient(
-        &self,
-        client: &ClientView,
-        recipient: &Address,
-    ) -> Result<Vec<Recipient>, Reply>;
-    /// `mechanism` ("PLAIN", "LOGIN") is for the log.
-    fn authenticate(
-        &self,
-        client: &ClientView,
-        mechanism: &str,
-        username: &str,
-        password: &str,
-    ) -> AuthVerdict;
-    fn is_locked_out(&self, ip: IpAddr) -> bool;
-    /// Whether there is room for new mail (disk space above the floor).
-    fn has_room(&self) -> bool;
-    /// Whether what a session logged in with still stands: the account
-    /// exists, and the app password (`app_password`: its label) has not
-    /// been revoked. Asked at each transaction.
-    fn login_stands(&self, account: &str, app_password: Option<&str>) -> bool;
-}
-
 #[derive(Debug)]
-struct Transaction {
+struct Transaction<K: Kinds> {
     sender: ReversePath,
     params: MailParams,
-    standing: SenderStanding,
-    recipients: Vec<AcceptedRecipient>,
+    standing: SenderStanding<K>,
+    recipients: Vec<AcceptedRecipient<K>>,
 }
 
 #[derive(Debug)]
-struct AcceptedRecipient {
+struct AcceptedRecipient<K: Kinds> {
     envelope: Address,
-    targets: Vec<Recipient>,
+    targets: Vec<K::Target>,
     notify: Option<Notify>,
     orcpt: Option<String>,
-}
-
-#[derive(Debug)]
-enum AuthExchange {
-    PlainResponse,
-    LoginUsername,
-    LoginPassword { username: String },
 }
 
 /// The message handed to the queue, and what a refusal's log line needs.
@@ -367,7 +182,7 @@ struct AwaitingQueue {
 }
 
 #[derive(Debug)]
-pub struct Session {
+pub struct Session<K: Kinds> {
     config: Arc<SessionConfig>,
     client_ip: IpAddr,
     helo: Option<String>,
@@ -376,8 +191,8 @@ pub struct Session {
     user: Option<String>,
     /// The app password `user` logged in with.
     app_password: Option<String>,
-    transaction: Option<Transaction>,
-    auth: Option<AuthExchange>,
+    transaction: Option<Transaction<K>>,
+    auth: Option<sasl::Exchange>,
     /// A message went to the queue and its fate is not known yet.
     awaiting_queue: Option<AwaitingQueue>,
     errors: u32,
@@ -391,9 +206,9 @@ pub struct Session {
     counts: Vec<(&'static str, u32, u32)>,
 }
 
-impl Session {
+impl<K: Kinds> Session<K> {
     /// `tls` is set for implicit-TLS listeners, where the handshake came first.
-    pub fn new(config: Arc<SessionConfig>, client_ip: IpAddr, tls: Option<TlsInfo>) -> Session {
+    pub fn new(config: Arc<SessionConfig>, client_ip: IpAddr, tls: Option<TlsInfo>) -> Session<K> {
         Session {
             config,
             client_ip,
@@ -442,7 +257,7 @@ impl Session {
     }
 
     /// A local user on the local socket: known, accountable, may relay.
-    pub fn with_local_user(mut self, user: LocalUser) -> Session {
+    pub fn with_local_user(mut self, user: LocalUser) -> Session<K> {
         self.user = Some(user.address.clone());
         self.local = Some(user);
         self
@@ -464,7 +279,7 @@ impl Session {
     }
 
     /// The client's forward-confirmed name, for the Received header.
-    pub fn with_client_name(mut self, name: Option<String>) -> Session {
+    pub fn with_client_name(mut self, name: Option<String>) -> Session<K> {
         self.client_name = name;
         self
     }
@@ -509,13 +324,13 @@ impl Session {
     }
 
     /// A line that exceeded even the AUTH limit, already discarded.
-    pub fn line_too_long(&mut self) -> Step {
+    pub fn line_too_long(&mut self) -> Step<K> {
         self.auth = None;
         self.finish(Reply::new(reply::LINE_TOO_LONG, "Line too long"))
     }
 
     /// One line of input (without CRLF) in command mode.
-    pub fn handle_line(&mut self, line: &[u8], services: &dyn Services) -> Step {
+    pub fn handle_line(&mut self, line: &[u8], services: &dyn Services<K>) -> Step<K> {
         let step = match self.auth.take() {
             Some(exchange) => {
                 let step = self.continue_auth(exchange, line, services);
@@ -530,7 +345,7 @@ impl Session {
         self.count_errors(step)
     }
 
-    fn command(&mut self, line: &[u8], services: &dyn Services) -> Step {
+    fn command(&mut self, line: &[u8], services: &dyn Services<K>) -> Step<K> {
         let is_auth = line.len() >= 5 && line[..5].eq_ignore_ascii_case(b"AUTH ");
         if line.len() > MAX_COMMAND_LINE && !is_auth {
             return Step::reply(Reply::new(reply::LINE_TOO_LONG, "Line too long"));
@@ -565,11 +380,11 @@ impl Session {
     /// Marks a refused transaction command for the log.
     fn note_rejection(
         &mut self,
-        mut step: Step,
+        mut step: Step<K>,
         stage: &'static str,
         from: Option<String>,
         to: Option<String>,
-    ) -> Step {
+    ) -> Step<K> {
         // Policy refusals (4xx, 55x), not syntax or sequence errors (50x),
         // as Postfix logs them.
         let refusal = |r: &&Reply| (400..500).contains(&r.code()) || r.code() >= 550;
@@ -587,7 +402,7 @@ impl Session {
         step
     }
 
-    fn run_command(&mut self, command: Command, services: &dyn Services) -> Step {
+    fn run_command(&mut self, command: Command, services: &dyn Services<K>) -> Step<K> {
         match command {
             Command::Ehlo(name) => self.ehlo(name, true),
             Command::Helo(name) => self.ehlo(name, false),
@@ -618,14 +433,14 @@ impl Session {
         }
     }
 
-    fn finish(&mut self, reply: Reply) -> Step {
+    fn finish(&mut self, reply: Reply) -> Step<K> {
         self.count_errors(Step::reply(reply))
     }
 
     /// Every 5xx counts; past the soft limit each one is answered a second
     /// late, past the hard limit the client is told 421 and dropped, which
     /// stops blind scanners and broken loops early.
-    fn count_errors(&mut self, mut step: Step) -> Step {
+    fn count_errors(&mut self, mut step: Step<K>) -> Step<K> {
         let failed = step.replies.iter().any(|r| r.code() >= 500);
         if failed {
             self.errors += 1;
@@ -646,7 +461,7 @@ impl Session {
         step
     }
 
-    fn ehlo(&mut self, name: String, esmtp: bool) -> Step {
+    fn ehlo(&mut self, name: String, esmtp: bool) -> Step<K> {
         self.transaction = None;
         self.helo = Some(name.clone());
         self.esmtp = esmtp;
@@ -674,7 +489,12 @@ impl Session {
         Step::reply(Reply::multiline(reply::HELLO_OK, lines))
     }
 
-    fn mail(&mut self, from: ReversePath, params: MailParams, services: &dyn Services) -> Step {
+    fn mail(
+        &mut self,
+        from: ReversePath,
+        params: MailParams,
+        services: &dyn Services<K>,
+    ) -> Step<K> {
         if self.helo.is_none() {
             return Step::reply(Reply::new(reply::BAD_SEQUENCE, "Send EHLO or HELO first"));
         }
@@ -747,7 +567,7 @@ impl Session {
         Step::reply(Reply::new(reply::SENDER_OK, "Sender OK"))
     }
 
-    fn rcpt(&mut self, to: ForwardPath, params: RcptParams, services: &dyn Services) -> Step {
+    fn rcpt(&mut self, to: ForwardPath, params: RcptParams, services: &dyn Services<K>) -> Step<K> {
         let view = ClientView {
             ip: self.client_ip,
             name: self.client_name.as_deref(),
@@ -806,7 +626,7 @@ impl Session {
         }
     }
 
-    fn data(&mut self) -> Step {
+    fn data(&mut self) -> Step<K> {
         match &self.transaction {
             None => Step::reply(Reply::new(reply::BAD_SEQUENCE, "Need MAIL command first")),
             // RFC 2920 3.1: with pipelining, DATA after all RCPTs failed.
@@ -824,7 +644,11 @@ impl Session {
     /// The DATA stream ended (at `<CRLF>.<CRLF>`). Whatever can be known
     /// about the message now is checked now, so that nothing accepted can
     /// turn into a bounce later for a reason the client could have been told.
-    pub fn data_finished(&mut self, result: Result<DataSummary, DataError>, stamp: Stamp) -> Step {
+    pub fn data_finished(
+        &mut self,
+        result: Result<DataSummary, DataError>,
+        stamp: Stamp,
+    ) -> Step<K> {
         let Some(transaction) = self.transaction.take() else {
             return Step::reply(Reply::new(reply::BAD_SEQUENCE, "No transaction"));
         };
@@ -839,10 +663,10 @@ impl Session {
 
     fn finish_message(
         &mut self,
-        transaction: Transaction,
+        transaction: Transaction<K>,
         result: Result<DataSummary, DataError>,
         stamp: Stamp,
-    ) -> Step {
+    ) -> Step<K> {
         let message = match result {
             Ok(message) => message,
             Err(DataError::TooLarge) => {
@@ -889,7 +713,7 @@ impl Session {
             if !message.headers.has_date {
                 trace_header.push_str(&format!(
                     "Date: {}\r\n",
-                    crate::timefmt::rfc5322_date(stamp.now)
+                    super::date::rfc5322_date(stamp.now)
                 ));
             }
             if !message.headers.has_message_id {
@@ -898,19 +722,16 @@ impl Session {
         }
         let trace_header = trace_header.into_bytes();
 
-        let mut recipients: Vec<EnvelopeRecipient> = Vec::new();
+        let mut recipients: Vec<EnvelopeRecipient<K>> = Vec::new();
         for accepted in &transaction.recipients {
             for target in &accepted.targets {
                 // Two aliases that end at the same mailbox deliver once.
-                if recipients
-                    .iter()
-                    .any(|r| r.target.route == target.route && r.target.address == target.address)
-                {
+                if recipients.iter().any(|r| r.target == *target) {
                     continue;
                 }
                 let original = accepted.envelope.to_string();
                 recipients.push(EnvelopeRecipient {
-                    original: (original != target.address).then_some(original),
+                    original: (original != target.address()).then_some(original),
                     target: target.clone(),
                     notify: accepted.notify,
                     orcpt: accepted.orcpt.clone(),
@@ -946,15 +767,12 @@ impl Session {
         Step::nothing(Action::Enqueue(Box::new(envelope)))
     }
 
-    fn refuse_content(&self, transaction: &Transaction, message: &DataSummary) -> Option<Reply> {
+    fn refuse_content(&self, transaction: &Transaction<K>, message: &DataSummary) -> Option<Reply> {
         let local_mailboxes = transaction
             .recipients
             .iter()
             .flat_map(|r| &r.targets)
-            .filter_map(|t| match &t.route {
-                Route::Local { mailbox } => Some(mailbox.as_str()),
-                _ => None,
-            });
+            .filter_map(|t| t.local_mailbox());
         let limits = ContentLimits {
             max_header_size: self.config.max_header_size,
             max_hops: self.config.max_hops,
@@ -964,7 +782,7 @@ impl Session {
 
     /// The queue's answer for the message from [`Action::Enqueue`]: only now
     /// may the client hear 250, because only now is the message on disk.
-    pub fn enqueued(&mut self, result: Result<(), NotQueued>) -> Step {
+    pub fn enqueued(&mut self, result: Result<(), NotQueued>) -> Step<K> {
         let Some(pending) = self.awaiting_queue.take() else {
             return Step::reply(Reply::new(reply::LOCAL_ERROR, "No message pending"));
         };
@@ -990,14 +808,14 @@ impl Session {
         }
     }
 
-    fn received_header(&self, id: &str, transaction: &Transaction, now: SystemTime) -> String {
+    fn received_header(&self, id: &str, transaction: &Transaction<K>, now: SystemTime) -> String {
         if let Some(local) = &self.local {
             // As Postfix's pickup: who on this host, not a network peer.
             return format!(
                 "Received: by {} (petrel, from userid {}) id {id}; {}\r\n",
                 self.config.hostname,
                 local.uid,
-                crate::timefmt::rfc5322_date(now)
+                super::date::rfc5322_date(now)
             );
         }
         // RFC 3848 / RFC 6531 3.7.3 protocol names.
@@ -1045,11 +863,11 @@ impl Session {
         if let [only] = transaction.recipients.as_slice() {
             header.push_str(&format!("\r\n\tfor <{}>", only.envelope));
         }
-        header.push_str(&format!("; {}\r\n", crate::timefmt::rfc5322_date(now)));
+        header.push_str(&format!("; {}\r\n", super::date::rfc5322_date(now)));
         header
     }
 
-    fn starttls(&mut self) -> Step {
+    fn starttls(&mut self) -> Step<K> {
         if self.tls.is_some() {
             return Step::reply(Reply::new(reply::BAD_SEQUENCE, "TLS already active"));
         }
@@ -1071,7 +889,12 @@ impl Session {
         self.auth = None;
     }
 
-    fn auth(&mut self, mechanism: &str, initial: Option<String>, services: &dyn Services) -> Step {
+    fn auth(
+        &mut self,
+        mechanism: &str,
+        initial: Option<String>,
+        services: &dyn Services<K>,
+    ) -> Step<K> {
         if self.helo.is_none() || !self.esmtp {
             return Step::reply(Reply::new(reply::BAD_SEQUENCE, "Send EHLO first"));
         }
@@ -1093,28 +916,24 @@ impl Session {
         if services.is_locked_out(self.client_ip) {
             return self.locked_out();
         }
-        match (mechanism, initial) {
-            ("PLAIN", None) => self.challenge(AuthExchange::PlainResponse, ""),
-            ("PLAIN", Some(response)) => {
-                self.continue_auth(AuthExchange::PlainResponse, response.as_bytes(), services)
-            }
-            ("LOGIN", None) => self.challenge(AuthExchange::LoginUsername, "VXNlcm5hbWU6"),
-            ("LOGIN", Some(response)) => {
-                self.continue_auth(AuthExchange::LoginUsername, response.as_bytes(), services)
-            }
-            _ => Step::reply(Reply::new(
+        let Some((exchange, challenge)) = sasl::start(mechanism) else {
+            return Step::reply(Reply::new(
                 reply::UNKNOWN_AUTH_MECHANISM,
                 "Unrecognized authentication mechanism",
-            )),
+            ));
+        };
+        match initial {
+            None => self.challenge(exchange, challenge),
+            Some(response) => self.continue_auth(exchange, response.as_bytes(), services),
         }
     }
 
-    fn challenge(&mut self, next: AuthExchange, text: &str) -> Step {
+    fn challenge(&mut self, next: sasl::Exchange, text: &str) -> Step<K> {
         self.auth = Some(next);
         Step::reply(Reply::new(reply::AUTH_CHALLENGE, text))
     }
 
-    fn locked_out(&mut self) -> Step {
+    fn locked_out(&mut self) -> Step<K> {
         Step::reply(Reply::new(
             reply::AUTH_LOCKED_OUT,
             "Too many failed logins from your address, try again later",
@@ -1124,58 +943,30 @@ impl Session {
 
     fn continue_auth(
         &mut self,
-        exchange: AuthExchange,
+        exchange: sasl::Exchange,
         line: &[u8],
-        services: &dyn Services,
-    ) -> Step {
-        if line == b"*" {
-            return Step::reply(Reply::new(
+        services: &dyn Services<K>,
+    ) -> Step<K> {
+        let mechanism = match exchange {
+            sasl::Exchange::PlainResponse => "PLAIN",
+            _ => "LOGIN",
+        };
+        match sasl::respond(exchange, line) {
+            sasl::Response::Cancelled => Step::reply(Reply::new(
                 reply::AUTH_CANCELLED,
                 "Authentication cancelled",
-            ));
-        }
-        let malformed = || {
-            Step::reply(Reply::new(
+            )),
+            sasl::Response::Malformed => Step::reply(Reply::new(
                 reply::AUTH_MALFORMED,
                 "Malformed authentication response",
-            ))
-        };
-        // RFC 4954 4: "=" is an empty initial response.
-        let decoded = if line == b"=" {
-            Vec::new()
-        } else {
-            match BASE64.decode(line) {
-                Ok(decoded) => decoded,
-                Err(_) => return malformed(),
-            }
-        };
-        let Ok(decoded) = String::from_utf8(decoded) else {
-            return malformed();
-        };
-        match exchange {
-            AuthExchange::PlainResponse => {
-                // authzid NUL authcid NUL password (RFC 4616)
-                let mut parts = decoded.split('\0');
-                let (Some(authzid), Some(username), Some(password), None) =
-                    (parts.next(), parts.next(), parts.next(), parts.next())
-                else {
-                    return malformed();
-                };
-                if !authzid.is_empty() && authzid != username {
-                    // Acting as someone else is not something we offer.
-                    return Step::reply(Reply::new(
-                        reply::AUTH_INVALID_CREDENTIALS,
-                        "Authentication credentials invalid",
-                    ));
-                }
-                self.verify_password("PLAIN", username, password, services)
-            }
-            AuthExchange::LoginUsername => self.challenge(
-                AuthExchange::LoginPassword { username: decoded },
-                "UGFzc3dvcmQ6",
-            ),
-            AuthExchange::LoginPassword { username } => {
-                self.verify_password("LOGIN", &username, &decoded, services)
+            )),
+            sasl::Response::ActingAsOther => Step::reply(Reply::new(
+                reply::AUTH_INVALID_CREDENTIALS,
+                "Authentication credentials invalid",
+            )),
+            sasl::Response::Challenge(next, text) => self.challenge(next, text),
+            sasl::Response::Credentials { username, password } => {
+                self.verify_password(mechanism, &username, &password, services)
             }
         }
     }
@@ -1185,8 +976,8 @@ impl Session {
         mechanism: &str,
         username: &str,
         password: &str,
-        services: &dyn Services,
-    ) -> Step {
+        services: &dyn Services<K>,
+    ) -> Step<K> {
         match services.authenticate(&self.view(), mechanism, username, password) {
             AuthVerdict::Success {
                 account,
@@ -1240,710 +1031,5 @@ fn command_name(command: &Command) -> &'static str {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::protocol::data::{DataDecoder, Progress};
-
-    /// Accepts everything under `localhost`; relays only when authenticated;
-    /// one account alice@localhost / "Correct-Horse-9".
-    struct FakeServices;
-
-    impl Services for FakeServices {
-        fn check_sender(
-            &self,
-            client: &ClientView,
-            sender: &ReversePath,
-        ) -> Result<SenderStanding, Reply> {
-            match (client.user, sender.address()) {
-                (Some(user), Some(address)) if address.mailbox_key() != user => Err(Reply::new(
-                    reply::SENDER_NOT_OWNED,
-                    "Sender address not owned by user",
-                )),
-                _ => Ok(SenderStanding {
-                    accountable: client.user.is_some(),
-                    spf: None,
-                    from_owner: None,
-                }),
-            }
-        }
-
-        fn check_recipient(
-            &self,
-            client: &ClientView,
-            recipient: &Address,
-        ) -> Result<Vec<Recipient>, Reply> {
-            if recipient.domain().as_str() == "localhost" {
-                if recipient.local_part() == "team" {
-                    return Ok(vec![local("alice@localhost"), remote("bob@example.org")]);
-                }
-                return Ok(vec![local(&recipient.mailbox_key())]);
-            }
-            if client.user.is_some() {
-                return Ok(vec![remote(&recipient.to_string())]);
-            }
-            Err(Reply::new(reply::RELAY_DENIED, "Relay access denied"))
-        }
-
-        fn authenticate(
-            &self,
-            _client: &ClientView,
-            _mechanism: &str,
-            username: &str,
-            password: &str,
-        ) -> AuthVerdict {
-            if username == "alice@localhost" && password == "Correct-Horse-9" {
-                AuthVerdict::Success {
-                    account: username.to_string(),
-                    app_password: None,
-                }
-            } else if username == "alice@localhost" && password == "app-password" {
-                AuthVerdict::Success {
-                    account: username.to_string(),
-                    app_password: Some("phone".into()),
-                }
-            } else if username == "alice@localhost" && password == "revoked-soon" {
-                AuthVerdict::Success {
-                    account: username.to_string(),
-                    app_password: Some("revoked".into()),
-                }
-            } else {
-                AuthVerdict::Failure {
-                    delay: Duration::from_millis(500),
-                }
-            }
-        }
-
-        fn is_locked_out(&self, ip: IpAddr) -> bool {
-            ip == IpAddr::from([192, 0, 2, 66])
-        }
-
-        fn has_room(&self) -> bool {
-            true
-        }
-
-        /// The app password "revoked" is revoked as soon as it is used.
-        fn login_stands(&self, _account: &str, app_password: Option<&str>) -> bool {
-            app_password != Some("revoked")
-        }
-    }
-
-    fn local(mailbox: &str) -> Recipient {
-        Recipient {
-            address: mailbox.to_string(),
-            domain: "localhost".into(),
-            route: Route::Local {
-                mailbox: mailbox.to_string(),
-            },
-        }
-    }
-
-    fn remote(address: &str) -> Recipient {
-        let domain = address.rsplit_once('@').unwrap().1.to_string();
-        Recipient {
-            address: address.to_string(),
-            route: Route::Remote {
-                domain: domain.clone(),
-            },
-            domain,
-        }
-    }
-
-    fn stamp() -> Stamp {
-        Stamp {
-            id: "0123456789ABCDEF".into(),
-            now: SystemTime::now(),
-        }
-    }
-
-    fn config(listener: ListenerKind) -> Arc<SessionConfig> {
-        Arc::new(SessionConfig {
-            hostname: "mx.test".into(),
-            listener,
-            max_message_size: 1000,
-            max_recipients: 3,
-            max_errors: 10,
-            soft_errors: 10,
-            tls_available: true,
-            postmaster: Address::parse("postmaster@localhost").ok(),
-            max_header_size: 500,
-            max_hops: 5,
-        })
-    }
-
-    fn session() -> Session {
-        Session::new(
-            config(ListenerKind::Smtp),
-            IpAddr::from([127, 0, 0, 1]),
-            None,
-        )
-    }
-
-    fn tls_info() -> TlsInfo {
-        TlsInfo {
-            version: "TLSv1_3".into(),
-            cipher: "TLS13_AES_256_GCM_SHA384".into(),
-        }
-    }
-
-    /// Sends one line, returns the codes of the replies.
-    fn send(session: &mut Session, line: &str) -> (Vec<u16>, Action) {
-        let step = session.handle_line(line.as_bytes(), &FakeServices);
-        (step.replies.iter().map(Reply::code).collect(), step.action)
-    }
-
-    fn code(session: &mut Session, line: &str) -> u16 {
-        let (codes, _) = send(session, line);
-        assert_eq!(codes.len(), 1, "{line}: {codes:?}");
-        codes[0]
-    }
-
-    /// A stranger's session after EHLO, MAIL, RCPT to alice and DATA (354).
-    fn at_data() -> Session {
-        let mut s = session();
-        code(&mut s, "EHLO c");
-        code(&mut s, "MAIL FROM:<a@example.org>");
-        code(&mut s, "RCPT TO:<alice@localhost>");
-        code(&mut s, "DATA");
-        s
-    }
-
-    /// [`at_data`], then a message the session handed to the queue.
-    fn handed_to_queue() -> Session {
-        let mut s = at_data();
-        let step = finish_data(&mut s, b"x\r\n.\r\n");
-        assert!(matches!(step.action, Action::Enqueue(_)));
-        s
-    }
-
-    fn finish_data(session: &mut Session, data: &[u8]) -> Step {
-        let mut decoder = DataDecoder::new(1000, crate::protocol::data::MAX_TEXT_LINE);
-        let mut body = Vec::new();
-        assert!(matches!(
-            decoder.feed(data, &mut body),
-            Progress::Done { .. }
-        ));
-        session.data_finished(decoder.finish(), stamp())
-    }
-
-    fn deliver(session: &mut Session, data: &[u8]) -> Envelope {
-        let step = finish_data(session, data);
-        let Action::Enqueue(message) = step.action else {
-            panic!("expected Enqueue, got {:?}", step.replies);
-        };
-        assert!(step.replies.is_empty(), "250 must wait for the queue");
-        let step = session.enqueued(Ok(()));
-        assert_eq!(step.replies[0].code(), 250);
-        assert!(step.replies[0].lines[0].contains(&message.id));
-        *message
-    }
-
-    #[test]
-    fn full_transaction() {
-        let mut s = session();
-        assert_eq!(s.greeting().code(), 220);
-        assert_eq!(code(&mut s, "EHLO client.test"), 250);
-        assert_eq!(code(&mut s, "MAIL FROM:<sender@example.org> SIZE=100"), 250);
-        assert_eq!(code(&mut s, "RCPT TO:<alice@localhost>"), 250);
-        assert_eq!(code(&mut s, "RCPT TO:<Postmaster>"), 250);
-        let (codes, action) = send(&mut s, "DATA");
-        assert_eq!(codes, vec![354]);
-        assert!(matches!(action, Action::ReceiveData));
-        let message = deliver(&mut s, b"Subject: hi\r\n\r\nHello\r\n.\r\n");
-        assert_eq!(message.sender, "sender@example.org");
-        let to: Vec<&str> = message
-            .recipients
-            .iter()
-            .map(|r| r.target.address.as_str())
-            .collect();
-        assert_eq!(to, vec!["alice@localhost", "postmaster@localhost"]);
-        let text = String::from_utf8(message.trace_header).unwrap();
-        assert!(text.starts_with(
-            "Received: from client.test ([127.0.0.1])\r\n\tby mx.test (petrel) with ESMTP id "
-        ));
-        assert!(text.ends_with(" +0000\r\n"), "{text}");
-        assert_eq!(
-            message.body_size,
-            b"Subject: hi\r\n\r\nHello\r\n".len() as u64
-        );
-        assert!(!text.contains("for <"), "two recipients: no 'for' clause");
-        // The transaction is over; a new one needs MAIL again.
-        assert_eq!(code(&mut s, "RCPT TO:<alice@localhost>"), 503);
-        let (codes, action) = send(&mut s, "QUIT");
-        assert_eq!(codes, vec![221]);
-        assert!(matches!(action, Action::Close));
-    }
-
-    #[test]
-    fn ehlo_advertises_extensions() {
-        let mut s = session();
-        let step = s.handle_line(b"EHLO c", &FakeServices);
-        let lines = &step.replies[0].lines;
-        for extension in [
-            "PIPELINING",
-            "SIZE 1000",
-            "8BITMIME",
-            "ENHANCEDSTATUSCODES",
-            "SMTPUTF8",
-            "DSN",
-            "STARTTLS",
-        ] {
-            assert!(
-                lines.iter().any(|l| l == extension),
-                "{extension} missing: {lines:?}"
-            );
-        }
-        assert!(
-            !lines.iter().any(|l| l.starts_with("AUTH")),
-            "no AUTH before TLS"
-        );
-        s.tls_started(tls_info());
-        let step = s.handle_line(b"EHLO c", &FakeServices);
-        let lines = &step.replies[0].lines;
-        assert!(lines.iter().any(|l| l == "AUTH PLAIN LOGIN"));
-        assert!(!lines.iter().any(|l| l == "STARTTLS"));
-    }
-
-    #[test]
-    fn helo_gets_a_single_line_and_no_extensions() {
-        let mut s = session();
-        let step = s.handle_line(b"HELO c", &FakeServices);
-        assert_eq!(step.replies[0].lines.len(), 1);
-        assert_eq!(code(&mut s, "MAIL FROM:<a@example.org> SIZE=10"), 555);
-        assert_eq!(code(&mut s, "MAIL FROM:<a@example.org>"), 250);
-    }
-
-    #[test]
-    fn bad_sequences() {
-        let mut s = session();
-        assert_eq!(code(&mut s, "MAIL FROM:<a@example.org>"), 503);
-        assert_eq!(code(&mut s, "EHLO c"), 250);
-        assert_eq!(code(&mut s, "RCPT TO:<alice@localhost>"), 503);
-        assert_eq!(code(&mut s, "DATA"), 503);
-        assert_eq!(code(&mut s, "MAIL FROM:<a@example.org>"), 250);
-        assert_eq!(code(&mut s, "MAIL FROM:<a@example.org>"), 503);
-        assert_eq!(code(&mut s, "DATA"), 503, "no valid recipients");
-        assert_eq!(code(&mut s, "RSET"), 250);
-        assert_eq!(code(&mut s, "RCPT TO:<alice@localhost>"), 503);
-    }
-
-    #[test]
-    fn misc_commands() {
-        let mut s = session();
-        assert_eq!(code(&mut s, "NOOP"), 250);
-        assert_eq!(code(&mut s, "VRFY alice"), 252);
-        assert_eq!(code(&mut s, "EXPN list"), 502);
-        assert_eq!(code(&mut s, "HELP"), 214);
-        assert_eq!(code(&mut s, "BOGUS"), 500);
-        assert_eq!(code(&mut s, &format!("NOOP {}", "x".repeat(600))), 500);
-    }
-
-    #[test]
-    fn size_is_checked_at_mail() {
-        let mut s = session();
-        code(&mut s, "EHLO c");
-        assert_eq!(code(&mut s, "MAIL FROM:<a@example.org> SIZE=1001"), 552);
-        assert_eq!(code(&mut s, "MAIL FROM:<a@example.org> SIZE=1000"), 250);
-    }
-
-    #[test]
-    fn refused_data_resets_the_transaction() {
-        let mut s = at_data();
-        let step = s.data_finished(Err(DataError::TooLarge), stamp());
-        assert_eq!(step.replies[0].code(), 552);
-        code(&mut s, "MAIL FROM:<a@example.org>");
-        code(&mut s, "RCPT TO:<alice@localhost>");
-        code(&mut s, "DATA");
-        let step = s.data_finished(Err(DataError::BareLineFeed), stamp());
-        assert_eq!(step.replies[0].code(), 554);
-        assert_eq!(code(&mut s, "DATA"), 503);
-    }
-
-    #[test]
-    fn queue_failure_is_a_temporary_error() {
-        let mut s = handed_to_queue();
-        assert_eq!(
-            s.enqueued(Err(NotQueued::Failed("disk full".into())))
-                .replies[0]
-                .code(),
-            451
-        );
-    }
-
-    #[test]
-    fn a_message_refused_by_a_check_is_a_logged_rejection() {
-        let mut s = handed_to_queue();
-        let refusal = Reply::new(reply::DMARC_REJECT, "DMARC says no");
-        let step = s.enqueued(Err(NotQueued::Refused(refusal)));
-        assert_eq!(step.replies[0].to_wire(), "550 5.7.1 DMARC says no\r\n");
-        let rejection = step.rejected.expect("logged as a rejection");
-        assert_eq!(rejection.stage, "END-OF-MESSAGE");
-        assert_eq!(rejection.from.as_deref(), Some("a@example.org"));
-        assert_eq!(rejection.to.as_deref(), Some("alice@localhost"));
-        // The session goes on: the next transaction is possible.
-        assert_eq!(code(&mut s, "MAIL FROM:<a@example.org>"), 250);
-    }
-
-    #[test]
-    fn too_many_recipients() {
-        let mut s = session();
-        code(&mut s, "EHLO c");
-        code(&mut s, "MAIL FROM:<a@example.org>");
-        for n in 0..3 {
-            assert_eq!(code(&mut s, &format!("RCPT TO:<u{n}@localhost>")), 250);
-        }
-        assert_eq!(code(&mut s, "RCPT TO:<u9@localhost>"), 452);
-    }
-
-    #[test]
-    fn relay_is_refused_without_auth() {
-        let mut s = session();
-        code(&mut s, "EHLO c");
-        code(&mut s, "MAIL FROM:<a@example.org>");
-        let step = s.handle_line(b"RCPT TO:<x@elsewhere.example>", &FakeServices);
-        assert_eq!(step.replies[0].code(), 554);
-        let rejected = step.rejected.expect("refusals are marked for the log");
-        assert_eq!(rejected.stage, "RCPT");
-        assert_eq!(rejected.from.as_deref(), Some("a@example.org"));
-        assert_eq!(rejected.to.as_deref(), Some("x@elsewhere.example"));
-        assert_eq!(rejected.helo.as_deref(), Some("c"));
-        let accepted = s.handle_line(b"RCPT TO:<alice@localhost>", &FakeServices);
-        assert!(accepted.rejected.is_none());
-    }
-
-    #[test]
-    fn aliases_expand_and_deduplicate() {
-        let mut s = session();
-        code(&mut s, "EHLO c");
-        code(&mut s, "MAIL FROM:<a@example.org>");
-        code(&mut s, "RCPT TO:<team@localhost>");
-        code(&mut s, "RCPT TO:<alice@localhost>");
-        code(&mut s, "DATA");
-        let message = deliver(&mut s, b"x\r\n.\r\n");
-        let recipients: Vec<(&str, Option<&str>)> = message
-            .recipients
-            .iter()
-            .map(|r| (r.target.address.as_str(), r.original.as_deref()))
-            .collect();
-        assert_eq!(
-            recipients,
-            vec![
-                ("alice@localhost", Some("team@localhost")),
-                ("bob@example.org", Some("team@localhost")),
-            ]
-        );
-    }
-
-    #[test]
-    fn mixed_case_local_recipients_become_their_mailbox() {
-        let mut s = session();
-        code(&mut s, "EHLO c");
-        code(&mut s, "MAIL FROM:<a@example.org>");
-        code(&mut s, "RCPT TO:<ALICE@localhost>");
-        code(&mut s, "RCPT TO:<alice@LOCALHOST>");
-        code(&mut s, "DATA");
-        let message = deliver(&mut s, b"x\r\n.\r\n");
-        assert_eq!(message.recipients.len(), 1, "one mailbox, delivered once");
-        let recipient = &message.recipients[0];
-        assert_eq!(recipient.target.address, "alice@localhost");
-        assert_eq!(
-            recipient.target.route,
-            Route::Local {
-                mailbox: "alice@localhost".into()
-            }
-        );
-        assert_eq!(recipient.original.as_deref(), Some("ALICE@localhost"));
-    }
-
-    fn refused_at_end_of_data(data: &[u8]) -> Reply {
-        let mut s = at_data();
-        let step = finish_data(&mut s, data);
-        assert!(matches!(step.action, Action::Continue), "nothing queued");
-        assert_eq!(code(&mut s, "DATA"), 503, "the transaction is over");
-        step.replies[0].clone()
-    }
-
-    #[test]
-    fn hop_count_header_size_and_loops_are_refused_at_end_of_data() {
-        let hops = "Received: x\r\n".repeat(5) + "\r\nbody\r\n.\r\n";
-        let reply = refused_at_end_of_data(hops.as_bytes());
-        assert_eq!(reply.to_wire().get(..10), Some("554 5.4.6 "), "{reply:?}");
-        assert!(reply.lines[0].contains("Too many hops"));
-
-        let big = format!("X-Big: {}\r\n\r\n.\r\n", "y".repeat(600));
-        let reply = refused_at_end_of_data(big.as_bytes());
-        assert_eq!(reply.to_wire().get(..10), Some("552 5.3.4 "), "{reply:?}");
-        assert!(reply.lines[0].contains("header section"));
-
-        let looped = b"Delivered-To: ALICE@localhost\r\n\r\nx\r\n.\r\n";
-        let reply = refused_at_end_of_data(looped);
-        assert_eq!(reply.to_wire().get(..10), Some("554 5.4.6 "), "{reply:?}");
-        assert!(reply.lines[0].contains("loop"));
-
-        // Just under every limit: accepted.
-        let mut s = at_data();
-        let fine = "Received: x\r\n".repeat(4) + "Delivered-To: bob@localhost\r\n\r\n.\r\n";
-        deliver(&mut s, fine.as_bytes());
-    }
-
-    #[test]
-    fn success_reports_only_for_accountable_senders() {
-        let mut s = session();
-        code(&mut s, "EHLO c");
-        code(&mut s, "MAIL FROM:<a@example.org> RET=FULL ENVID=abc");
-        code(
-            &mut s,
-            "RCPT TO:<alice@localhost> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;A+40localhost",
-        );
-        code(&mut s, "DATA");
-        let message = deliver(&mut s, b"x\r\n.\r\n");
-        assert_eq!(message.ret, Some(Ret::Full));
-        assert_eq!(message.envid.as_deref(), Some("abc"));
-        let recipient = &message.recipients[0];
-        assert_eq!(
-            recipient.notify,
-            Some(Notify {
-                success: false,
-                failure: true,
-                delay: false
-            }),
-            "a stranger cannot order success reports"
-        );
-        assert_eq!(recipient.orcpt.as_deref(), Some("rfc822;A@localhost"));
-
-        let mut s = tls_session(ListenerKind::Submission);
-        let plain = BASE64.encode("\0alice@localhost\0Correct-Horse-9");
-        code(&mut s, &format!("AUTH PLAIN {plain}"));
-        code(&mut s, "MAIL FROM:<alice@localhost>");
-        code(&mut s, "RCPT TO:<x@elsewhere.example> NOTIFY=SUCCESS");
-        code(&mut s, "DATA");
-        let message = deliver(&mut s, b"x\r\n.\r\n");
-        assert!(message.recipients[0].notify.is_some_and(|n| n.success));
-    }
-
-    #[test]
-    fn utf8_addresses_need_smtputf8() {
-        let mut s = session();
-        code(&mut s, "EHLO c");
-        assert_eq!(code(&mut s, "MAIL FROM:<José@example.org>"), 553);
-        assert_eq!(code(&mut s, "MAIL FROM:<a@example.org>"), 250);
-        assert_eq!(code(&mut s, "RCPT TO:<josé@localhost>"), 553);
-        code(&mut s, "RSET");
-        assert_eq!(code(&mut s, "MAIL FROM:<José@example.org> SMTPUTF8"), 250);
-        assert_eq!(code(&mut s, "RCPT TO:<josé@localhost>"), 250);
-        code(&mut s, "DATA");
-        let message = deliver(&mut s, b"x\r\n.\r\n");
-        assert!(message.smtputf8);
-        assert!(
-            String::from_utf8(message.trace_header)
-                .unwrap()
-                .contains("with UTF8SMTP id")
-        );
-    }
-
-    #[test]
-    fn too_many_errors_closes() {
-        let mut s = session();
-        for _ in 0..9 {
-            let (codes, action) = send(&mut s, "BOGUS");
-            assert_eq!(codes, vec![500]);
-            assert!(matches!(action, Action::Continue));
-        }
-        let (codes, action) = send(&mut s, "BOGUS");
-        assert_eq!(codes, vec![500, 421]);
-        assert!(matches!(action, Action::Close));
-    }
-
-    #[test]
-    fn starttls_resets_state() {
-        let mut s = session();
-        code(&mut s, "EHLO c");
-        code(&mut s, "MAIL FROM:<a@example.org>");
-        let (codes, action) = send(&mut s, "STARTTLS");
-        assert_eq!(codes, vec![220]);
-        assert!(matches!(action, Action::StartTls));
-        s.tls_started(tls_info());
-        assert_eq!(
-            code(&mut s, "MAIL FROM:<a@example.org>"),
-            503,
-            "EHLO needed again"
-        );
-        assert_eq!(code(&mut s, "EHLO c"), 250);
-        assert_eq!(code(&mut s, "STARTTLS"), 503);
-    }
-
-    #[test]
-    fn starttls_without_certificate() {
-        let mut s = Session::new(
-            Arc::new(SessionConfig {
-                tls_available: false,
-                ..(*config(ListenerKind::Smtp)).clone()
-            }),
-            IpAddr::from([127, 0, 0, 1]),
-            None,
-        );
-        code(&mut s, "EHLO c");
-        assert_eq!(code(&mut s, "STARTTLS"), 454);
-    }
-
-    #[test]
-    fn auth_needs_tls() {
-        let mut s = session();
-        code(&mut s, "EHLO c");
-        assert_eq!(
-            code(
-                &mut s,
-                "AUTH PLAIN AGFsaWNlQGxvY2FsaG9zdABDb3JyZWN0LUhvcnNlLTk="
-            ),
-            538
-        );
-        assert!(s.authenticated_user().is_none());
-    }
-
-    fn tls_session(listener: ListenerKind) -> Session {
-        let mut s = Session::new(
-            config(listener),
-            IpAddr::from([127, 0, 0, 1]),
-            Some(tls_info()),
-        );
-        code(&mut s, "EHLO c");
-        s
-    }
-
-    #[test]
-    fn auth_plain_initial_response() {
-        let mut s = tls_session(ListenerKind::Submission);
-        assert_eq!(code(&mut s, "MAIL FROM:<alice@localhost>"), 530);
-        let plain = BASE64.encode("\0alice@localhost\0Correct-Horse-9");
-        assert_eq!(code(&mut s, &format!("AUTH PLAIN {plain}")), 235);
-        assert_eq!(s.authenticated_user(), Some("alice@localhost"));
-        assert_eq!(code(&mut s, "AUTH PLAIN {plain}"), 503);
-        assert_eq!(code(&mut s, "MAIL FROM:<bob@localhost>"), 553);
-        assert_eq!(code(&mut s, "MAIL FROM:<alice@localhost>"), 250);
-        assert_eq!(
-            code(&mut s, "RCPT TO:<x@elsewhere.example>"),
-            250,
-            "authenticated relay"
-        );
-        code(&mut s, "DATA");
-        let message = deliver(&mut s, b"x\r\n.\r\n");
-        assert_eq!(message.auth_user.as_deref(), Some("alice@localhost"));
-        let text = String::from_utf8(message.trace_header).unwrap();
-        assert!(text.contains("with ESMTPSA id"), "{text}");
-        assert!(
-            text.contains("(using TLSv1_3 with cipher TLS13_AES_256_GCM_SHA384)"),
-            "{text}"
-        );
-        assert!(text.contains("for <x@elsewhere.example>"), "{text}");
-    }
-
-    #[test]
-    fn a_session_whose_app_password_is_revoked_sends_nothing_more() {
-        let mut s = tls_session(ListenerKind::Submission);
-        let plain = BASE64.encode("\0alice@localhost\0revoked-soon");
-        assert_eq!(code(&mut s, &format!("AUTH PLAIN {plain}")), 235);
-        assert_eq!(code(&mut s, "MAIL FROM:<alice@localhost>"), 530);
-        assert!(s.authenticated_user().is_none(), "logged out");
-        // The next transaction needs a login that stands.
-        assert_eq!(code(&mut s, "MAIL FROM:<alice@localhost>"), 530);
-        let plain = BASE64.encode("\0alice@localhost\0Correct-Horse-9");
-        assert_eq!(code(&mut s, &format!("AUTH PLAIN {plain}")), 235);
-        assert_eq!(code(&mut s, "MAIL FROM:<alice@localhost>"), 250);
-    }
-
-    #[test]
-    fn submission_adds_a_missing_date_and_message_id_the_mx_port_does_not() {
-        let mut s = tls_session(ListenerKind::Submission);
-        let plain = BASE64.encode("\0alice@localhost\0Correct-Horse-9");
-        code(&mut s, &format!("AUTH PLAIN {plain}"));
-        code(&mut s, "MAIL FROM:<alice@localhost>");
-        code(&mut s, "RCPT TO:<bob@localhost>");
-        code(&mut s, "DATA");
-        let message = deliver(&mut s, b"Subject: bare\r\n\r\nx\r\n.\r\n");
-        let text = String::from_utf8(message.trace_header).unwrap();
-        assert!(text.contains("\r\nDate: "), "{text}");
-        assert!(
-            text.contains(&format!("\r\nMessage-ID: <{}@mx.test>\r\n", message.id)),
-            "{text}"
-        );
-
-        code(&mut s, "MAIL FROM:<alice@localhost>");
-        code(&mut s, "RCPT TO:<bob@localhost>");
-        code(&mut s, "DATA");
-        let message = deliver(
-            &mut s,
-            b"Date: Sun, 1 Nov 2026 10:00:00 +0000\r\nMessage-ID: <own@x>\r\n\r\nx\r\n.\r\n",
-        );
-        let text = String::from_utf8(message.trace_header).unwrap();
-        assert!(
-            !text.contains("Date:") && !text.contains("Message-ID:"),
-            "{text}"
-        );
-
-        let mut mx = session();
-        code(&mut mx, "EHLO c");
-        code(&mut mx, "MAIL FROM:<a@example.org>");
-        code(&mut mx, "RCPT TO:<alice@localhost>");
-        code(&mut mx, "DATA");
-        let message = deliver(&mut mx, b"Subject: bare\r\n\r\nx\r\n.\r\n");
-        let text = String::from_utf8(message.trace_header).unwrap();
-        assert!(
-            !text.contains("Date:") && !text.contains("Message-ID:"),
-            "{text}"
-        );
-    }
-
-    #[test]
-    fn auth_plain_with_challenge_and_login() {
-        let mut s = tls_session(ListenerKind::Smtps);
-        let step = s.handle_line(b"AUTH PLAIN", &FakeServices);
-        assert_eq!(step.replies[0].to_wire(), "334 \r\n");
-        let plain = BASE64.encode("alice@localhost\0alice@localhost\0Correct-Horse-9");
-        assert_eq!(code(&mut s, &plain), 235);
-
-        let mut s = tls_session(ListenerKind::Smtps);
-        let step = s.handle_line(b"AUTH LOGIN", &FakeServices);
-        assert_eq!(step.replies[0].to_wire(), "334 VXNlcm5hbWU6\r\n");
-        let step = s.handle_line(BASE64.encode("alice@localhost").as_bytes(), &FakeServices);
-        assert_eq!(step.replies[0].to_wire(), "334 UGFzc3dvcmQ6\r\n");
-        assert_eq!(code(&mut s, &BASE64.encode("Correct-Horse-9")), 235);
-    }
-
-    #[test]
-    fn auth_failures() {
-        let mut s = tls_session(ListenerKind::Submission);
-        let step = s.handle_line(
-            format!("AUTH PLAIN {}", BASE64.encode("\0alice@localhost\0wrong")).as_bytes(),
-            &FakeServices,
-        );
-        assert_eq!(step.replies[0].code(), 535);
-        assert_eq!(step.delay, Some(Duration::from_millis(500)));
-        assert_eq!(code(&mut s, "AUTH PLAIN !!!notbase64"), 501);
-        assert_eq!(
-            code(&mut s, &format!("AUTH PLAIN {}", BASE64.encode("no-nuls"))),
-            501
-        );
-        assert_eq!(code(&mut s, "AUTH CRAM-MD5"), 504);
-        code(&mut s, "AUTH LOGIN");
-        assert_eq!(code(&mut s, "*"), 501, "cancelled");
-        assert_eq!(code(&mut s, "NOOP"), 250, "back in command mode");
-        let plain = BASE64.encode("bob@localhost\0alice@localhost\0Correct-Horse-9");
-        assert_eq!(
-            code(&mut s, &format!("AUTH PLAIN {plain}")),
-            535,
-            "no proxy auth"
-        );
-    }
-
-    #[test]
-    fn locked_out_address_is_dropped() {
-        let mut s = Session::new(
-            config(ListenerKind::Submission),
-            IpAddr::from([192, 0, 2, 66]),
-            Some(tls_info()),
-        );
-        code(&mut s, "EHLO c");
-        let (codes, action) = send(&mut s, "AUTH LOGIN");
-        assert_eq!(codes, vec![421]);
-        assert!(matches!(action, Action::Close));
-    }
-}
+#[path = "session_tests.rs"]
+mod tests;

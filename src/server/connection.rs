@@ -11,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 use rustls::ServerConnection;
 
 use super::ServerContext;
+use super::directory::Mail;
 use super::limits::Permit;
 use crate::mailauth::results::ForgedResultsFilter;
 use crate::mailauth::spf::SpfVerdict;
@@ -325,7 +326,11 @@ fn run(
 }
 
 /// The dialogue, from the greeting to the end of the session.
-fn converse(session: &mut Session, io: &mut SessionIo, ctx: &ServerContext) -> io::Result<End> {
+fn converse(
+    session: &mut Session<Mail>,
+    io: &mut SessionIo,
+    ctx: &ServerContext,
+) -> io::Result<End> {
     let command_timeout = ctx.config.limits.command_timeout.get();
     if ctx.is_shutting_down() {
         io.conn.send(shutting_down_reply(ctx).as_bytes())?;
@@ -415,8 +420,8 @@ fn flush(conn: &mut Conn, out: &mut Vec<u8>) -> io::Result<()> {
 /// Carries out a step and the steps that follow from it (DATA leads to a
 /// commit, which leads to the final reply). `Some(end)` ends the session.
 fn perform(
-    mut step: Step,
-    session: &mut Session,
+    mut step: Step<Mail>,
+    session: &mut Session<Mail>,
     io: &mut SessionIo,
     ctx: &ServerContext,
 ) -> io::Result<Option<End>> {
@@ -625,7 +630,7 @@ fn start_tls(
 }
 
 /// The queue's form of a message the session accepted.
-fn queued_form(envelope: Envelope, body: Body) -> Result<NewMessage, String> {
+fn queued_form(envelope: Envelope<Mail>, body: Body) -> Result<NewMessage, String> {
     let id = QueueId::parse(&envelope.id).ok_or("the session produced a bad queue id")?;
     Ok(NewMessage {
         id,
@@ -785,7 +790,7 @@ fn check_authentication(
 /// Hands the message to the queue writer and logs the outcome; the client
 /// hears 250 only if this returns `Ok`.
 fn commit(
-    envelope: Envelope,
+    envelope: Envelope<Mail>,
     body: Body,
     client: &str,
     ctx: &ServerContext,

@@ -19,9 +19,34 @@ use crate::policy::{self, DomainStatus, RecipientDecision, RecipientFacts, Sende
 use crate::printable::escape;
 use crate::protocol::address::{Address, Domain, ReversePath};
 use crate::protocol::reply::{self, Reply};
-use crate::protocol::session::{AuthVerdict, ClientView, FromOwner, SenderStanding, Services};
+use crate::protocol::session::{
+    AuthVerdict, ClientView, FromOwner, Kinds, SenderStanding, Services, Target,
+};
 use crate::queue::QueueHandle;
 use crate::routing::{self, RouteError};
+
+/// What petrel's sessions carry for it: recipients as routing decided
+/// them, and SPF's verdict on the sender.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mail;
+
+impl Kinds for Mail {
+    type Target = Recipient;
+    type Verdict = SpfVerdict;
+}
+
+impl Target for Recipient {
+    fn address(&self) -> &str {
+        &self.address
+    }
+
+    fn local_mailbox(&self) -> Option<&str> {
+        match &self.route {
+            Route::Local { mailbox } => Some(mailbox),
+            _ => None,
+        }
+    }
+}
 
 pub struct Directory {
     config: Arc<Config>,
@@ -269,12 +294,12 @@ pub fn deliverability_warnings(
     warnings
 }
 
-impl Services for Directory {
+impl Services<Mail> for Directory {
     fn check_sender(
         &self,
         client: &ClientView,
         sender: &ReversePath,
-    ) -> Result<SenderStanding, Reply> {
+    ) -> Result<SenderStanding<Mail>, Reply> {
         if let Some(local) = client.local {
             return policy::decide_local_sender(local, sender).map(|()| SenderStanding {
                 accountable: true,
