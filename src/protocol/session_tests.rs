@@ -1,8 +1,8 @@
 //! The session state machine's tests, without sockets.
 
 use super::*;
-use crate::protocol::dsn::Ret;
 use crate::protocol::data::{DataDecoder, Progress};
+use crate::protocol::dsn::Ret;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 

@@ -141,9 +141,7 @@ pub fn open_connection(path: &Path) -> Result<Connection, QueueError> {
     // once by `ensure_incremental_vacuum`.
     conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")
         .map_err(QueueError::sqlite(context("cannot configure")))?;
-    let mode: String = conn
-        .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
-        .map_err(QueueError::sqlite(context("cannot switch to WAL")))?;
+    let mode = switch_to_wal(&conn).map_err(QueueError::sqlite(context("cannot switch to WAL")))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(QueueError::new(format!(
             "{}: journal mode is {mode}, WAL is required",
@@ -173,6 +171,24 @@ pub fn open_connection(path: &Path) -> Result<Connection, QueueError> {
 /// waits for the lock, then finds the work done (read outside, both ran
 /// the same `ALTER TABLE` and the second failed). The version bump commits
 /// with the migrations, so a crash halfway leaves the old schema intact.
+/// `PRAGMA journal_mode = WAL`, tried again while another process holds
+/// the database (two starting on one data dir at once): SQLite answers
+/// this one with "database is locked" at once instead of waiting.
+fn switch_to_wal(conn: &Connection) -> rusqlite::Result<String> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0)) {
+            Err(rusqlite::Error::SqliteFailure(error, _))
+                if error.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            done => return done,
+        }
+    }
+}
+
 fn migrate(conn: &Connection, path: &Path) -> Result<(), QueueError> {
     let failed = |what: String| QueueError::sqlite(format!("{what} {}", path.display()));
     conn.execute_batch("BEGIN IMMEDIATE")
