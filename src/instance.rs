@@ -10,11 +10,12 @@ use crate::auth::{Accounts, AuthLimiter};
 use crate::config::Config;
 use crate::delivery::{Delivery, Waker};
 use crate::dns::Dns;
+use crate::intake::directory::{self, Directory};
+use crate::intake::{Intake, OnQueued};
 use crate::policy::outbound::OutboundPolicy;
 use crate::protocol::session::ListenerKind;
 use crate::queue::{Queue, QueueHandle, ReadPool};
 use crate::server::control::{ControlSocket, Controls};
-use crate::server::directory::{self, Directory};
 use crate::server::privileges;
 use crate::server::{Bound, Server, ServerParts};
 use crate::tls::ServerTls;
@@ -102,8 +103,11 @@ impl Reloader {
         };
         let mut said = vec![format!("reload: {source}")];
         said.push(format!("aliases: {}", config.aliases.len()));
-        self.server.services.replace_aliases(config.aliases.clone());
-        said.push(match self.server.dkim.reload(&config) {
+        self.server
+            .intake
+            .directory()
+            .replace_aliases(config.aliases.clone());
+        said.push(match self.server.intake.dkim().reload(&config) {
             Ok(loaded) => loaded,
             Err(error) => format!("dkim: keeping the keys in use: {error}"),
         });
@@ -131,7 +135,10 @@ impl Reloader {
         // The whole file is checked, as at start; only the aliases change.
         let config = Config::load_file(&path).map_err(|e| e.to_string())?;
         let count = config.aliases.len();
-        self.server.services.replace_aliases(config.aliases);
+        self.server
+            .intake
+            .directory()
+            .replace_aliases(config.aliases);
         log::info!(
             "aliases reloaded from {}: {count} aliases (`petrel reload` or SIGHUP reloads keys \
              and certificates too)",
@@ -219,19 +226,21 @@ impl Instance {
         } else {
             None
         };
-        let on_queued: Option<crate::server::OnQueued> = delivery.as_ref().map(|d| {
+        let on_queued: Option<OnQueued> = delivery.as_ref().map(|d| {
             let waker = d.waker();
-            Box::new(move |destinations: Vec<String>| waker.new_mail_for(destinations))
-                as crate::server::OnQueued
+            Box::new(move |destinations: Vec<String>| waker.new_mail_for(destinations)) as OnQueued
         });
         let dkim = crate::dkim::Keys::load(&config).map_err(error)?;
         log::info!("dkim: {}", dkim.signer().summary());
         let parts = ServerParts {
-            dkim: Arc::new(dkim),
-            queue: queue.handle(),
             tls: Some(Arc::clone(&tls)),
-            services,
-            on_queued,
+            intake: Intake::new(
+                Arc::clone(&config),
+                services,
+                Arc::new(dkim),
+                queue.handle(),
+                on_queued,
+            ),
         };
         let server = match Server::start(Arc::clone(&config), bound, parts) {
             Ok(server) => server,
@@ -283,7 +292,7 @@ impl Instance {
 
     /// Password checks (argon2) run since start: what AUTH has cost.
     pub fn password_checks(&self) -> u64 {
-        self.server.context().services.password_checks()
+        self.server.context().intake.directory().password_checks()
     }
 
     pub fn active_sessions(&self) -> usize {

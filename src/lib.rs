@@ -34,6 +34,7 @@ pub mod dns;
 pub mod envelope;
 mod error;
 pub mod instance;
+pub mod intake;
 pub mod mailauth;
 pub mod mta_sts;
 pub mod policy;

@@ -54,7 +54,7 @@ pub fn check(config: &Config) -> Findings {
     let existing = existing_accounts(config);
     findings
         .warnings
-        .extend(crate::server::directory::deliverability_warnings(
+        .extend(crate::intake::directory::deliverability_warnings(
             config,
             |a| existing.contains(a),
         ));

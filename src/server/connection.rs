@@ -11,21 +11,19 @@ use std::time::{Duration, Instant, SystemTime};
 use rustls::ServerConnection;
 
 use super::ServerContext;
-use super::directory::Mail;
 use super::limits::Permit;
+use crate::intake::Mail;
 use crate::mailauth::results::ForgedResultsFilter;
-use crate::mailauth::spf::SpfVerdict;
 use crate::printable::escape;
-use crate::protocol::address::Address;
 use crate::protocol::data::{DataDecoder, DataError, DataSummary, Progress};
 use crate::protocol::line::{Line, LineReader};
 use crate::protocol::reply::{self, Reply};
 use crate::protocol::session::{
-    Action, Envelope, FromOwner, ListenerKind, LocalUser, NotQueued, Rejection, Session, Stamp,
-    Step, SubmissionOutcome, TlsInfo,
+    Action, ListenerKind, LocalUser, NotQueued, Rejection, Session, Stamp, Step, SubmissionOutcome,
+    TlsInfo,
 };
-use crate::queue::content::{Body, Content, Spool};
-use crate::queue::{MessageKind, NewMessage, NewRecipient, QueueId};
+use crate::queue::QueueId;
+use crate::queue::content::{Body, Spool};
 use crate::tls::{ServerTls, Transport};
 
 /// Per session: 100 sessions at once hold 100 of these (16 KiB was 0.8 MB
@@ -175,7 +173,7 @@ pub fn serve(job: Incoming, ctx: &ServerContext, buffers: &mut Buffers) -> Submi
     let name = if peer.ip().is_loopback() {
         None
     } else {
-        ctx.services.client_name(peer.ip())
+        ctx.intake.directory().client_name(peer.ip())
     };
     let label = match &local {
         Some(user) => format!("local[uid={}]", user.uid),
@@ -344,7 +342,7 @@ fn converse(
     loop {
         while let Some(line) = io.buffers.lines.next_line() {
             let step = match line {
-                Line::Complete(line) => session.handle_line(line, &ctx.services),
+                Line::Complete(line) => session.handle_line(line, ctx.intake.directory()),
                 Line::TooLong => session.line_too_long(),
             };
             if let Some(end) = perform(step, session, io, ctx)? {
@@ -502,7 +500,7 @@ fn perform(
             }
             Action::Enqueue(envelope) => {
                 let result = match body.take() {
-                    Some(body) => commit(*envelope, body, &session.client_label(), ctx),
+                    Some(body) => ctx.intake.accept(*envelope, body, &session.client_label()),
                     None => Err(NotQueued::Failed("no message body to queue".to_string())),
                 };
                 session.enqueued(result)
@@ -629,238 +627,6 @@ fn start_tls(
     Ok(Conn::Net(upgraded))
 }
 
-/// The queue's form of a message the session accepted.
-fn queued_form(envelope: Envelope<Mail>, body: Body) -> Result<NewMessage, String> {
-    let id = QueueId::parse(&envelope.id).ok_or("the session produced a bad queue id")?;
-    Ok(NewMessage {
-        id,
-        sender: envelope.sender,
-        recipients: envelope
-            .recipients
-            .into_iter()
-            .map(|r| NewRecipient {
-                address: r.target.address,
-                original: r.original,
-                route: r.target.route,
-                domain: r.target.domain,
-                notify: r.notify,
-                orcpt: r.orcpt,
-            })
-            .collect(),
-        content: Content {
-            prefix: envelope.trace_header,
-            body,
-        },
-        client_ip: Some(envelope.client_ip),
-        helo: envelope.helo,
-        auth_user: envelope.auth_user,
-        auth_label: envelope.auth_label,
-        listener: envelope.listener.name().to_string(),
-        eight_bit: envelope.eight_bit,
-        smtputf8: envelope.smtputf8,
-        kind: MessageKind::Normal,
-        ret: envelope.ret,
-        envid: envelope.envid,
-    })
-}
-
-/// DKIM-signs mail from local users (authenticated, or local submission)
-/// whose sender domain has a key. Mail that should be signed and cannot
-/// be is refused for now (4xx) rather than sent to fail DMARC.
-fn sign(message: &mut NewMessage, ctx: &ServerContext) -> Result<(), String> {
-    if message.auth_user.is_none() {
-        return Ok(());
-    }
-    let Some((_, domain)) = message.sender.rsplit_once('@') else {
-        return Ok(());
-    };
-    let signed = message
-        .content
-        .reader()
-        .map_err(|e| e.to_string())
-        .and_then(|mut reader| {
-            ctx.dkim
-                .signer()
-                .sign(domain, &mut reader, std::time::SystemTime::now())
-                .map_err(|e| e.to_string())
-        });
-    match signed {
-        Ok(Some(header)) => {
-            let mut prefix = header.into_bytes();
-            prefix.append(&mut message.content.prefix);
-            message.content.prefix = prefix;
-            Ok(())
-        }
-        Ok(None) => Ok(()),
-        Err(error) => {
-            log::error!("{}: cannot DKIM-sign: {error}", message.id);
-            Err(format!("cannot DKIM-sign: {error}"))
-        }
-    }
-}
-
-/// Whether every From: address of a message belongs to its login. With
-/// `auth.sender_login_match`, a message whose From: does not is refused
-/// (553 5.7.1, as Postfix's smtpd_sender_login_maps does); without it, it
-/// is sent but never DKIM-signed: our signature would vouch for a From:
-/// the login does not own.
-fn from_owned_by(
-    message: &NewMessage,
-    owner: &FromOwner,
-    ctx: &ServerContext,
-) -> Result<bool, NotQueued> {
-    let max =
-        usize::try_from(ctx.config.limits.max_header_size.bytes() + 65536).unwrap_or(usize::MAX);
-    let section = message
-        .content
-        .reader()
-        .and_then(|mut reader| crate::dkim::verify::read_header_section(&mut reader, max))
-        .map_err(|error| {
-            log::error!("{}: cannot read the header section: {error}", message.id);
-            NotQueued::Failed(error.to_string())
-        })?;
-    let strangers: Vec<String> = crate::mailauth::dmarc::from_addresses(&section.fields)
-        .into_iter()
-        .filter(|text| {
-            !Address::parse(text).is_ok_and(|address| ctx.services.owns(owner, &address))
-        })
-        .collect();
-    let Some(first) = strangers.first() else {
-        return Ok(true);
-    };
-    if ctx.config.auth.sender_login_match {
-        log::info!(
-            "{}: refused: From: <{}> is not owned by {}",
-            message.id,
-            escape(first),
-            owner.login
-        );
-        return Err(NotQueued::Refused(Reply::new(
-            reply::SENDER_NOT_OWNED,
-            format!(
-                "From: address <{}> not owned by {}",
-                escape(first),
-                owner.login
-            ),
-        )));
-    }
-    log::info!(
-        "{}: not DKIM-signed: From: <{}> is not owned by {}",
-        message.id,
-        escape(first),
-        owner.login
-    );
-    Ok(false)
-}
-
-/// SPF (from MAIL FROM), DKIM and DMARC of a message from a stranger on
-/// the MX port: the results go in an Authentication-Results field after
-/// our Received field; a DMARC p=reject failure is refused.
-fn check_authentication(
-    message: &mut NewMessage,
-    spf: &SpfVerdict,
-    ctx: &ServerContext,
-) -> Result<(), NotQueued> {
-    let checked = match message.content.body.reader() {
-        Ok(mut reader) => ctx.services.check_message(spf, &mut reader),
-        Err(error) => Some(Err(error)),
-    };
-    let verdict = match checked {
-        None => return Ok(()),
-        Some(Ok(verdict)) => verdict,
-        Some(Err(error)) => {
-            log::error!(
-                "{}: cannot read the message to check it: {error}",
-                message.id
-            );
-            return Err(NotQueued::Failed(error.to_string()));
-        }
-    };
-    log::info!("{}: {}", message.id, verdict.summary);
-    if let Some(refusal) = verdict.refusal {
-        return Err(NotQueued::Refused(refusal));
-    }
-    message
-        .content
-        .prefix
-        .extend_from_slice(verdict.header.as_bytes());
-    Ok(())
-}
-
-/// Hands the message to the queue writer and logs the outcome; the client
-/// hears 250 only if this returns `Ok`.
-fn commit(
-    envelope: Envelope<Mail>,
-    body: Body,
-    client: &str,
-    ctx: &ServerContext,
-) -> Result<(), NotQueued> {
-    let spf = envelope.spf.clone();
-    let envelope_from_owner = envelope.from_owner.clone();
-    let mut message = queued_form(envelope, body).map_err(NotQueued::Failed)?;
-    if let Some(spf) = &spf {
-        check_authentication(&mut message, spf, ctx)?;
-    }
-    let from_owned = match &envelope_from_owner {
-        Some(owner) => from_owned_by(&message, owner, ctx)?,
-        None => true,
-    };
-    if from_owned {
-        sign(&mut message, ctx).map_err(NotQueued::Failed)?;
-    }
-    let id = message.id.clone();
-    let summary = log_summary(&message, client);
-    let mut destinations: Vec<String> = message.recipients.iter().map(|r| r.route.key()).collect();
-    destinations.sort_unstable();
-    destinations.dedup();
-    match ctx.queue.insert(message) {
-        Ok(()) => {
-            log::info!("{id}: accepted {summary}");
-            ctx.message_queued(destinations);
-            Ok(())
-        }
-        Err(error) => {
-            log::error!("{id}: NOT queued ({error}): {summary}");
-            Err(NotQueued::Failed(error.to_string()))
-        }
-    }
-}
-
-/// What the accepted (or NOT queued) line says about a message, in
-/// Postfix's words. Written into one buffer: built with `format!` and a
-/// `join`, it was a dozen allocations for every message.
-fn log_summary(message: &NewMessage, client: &str) -> String {
-    use std::fmt::Write as _;
-    let mut summary = String::with_capacity(256);
-    let _ = write!(
-        summary,
-        "from=<{}>, size={}, nrcpt={}, client={client}, helo=<{}>, listener={}",
-        message.sender,
-        message.content.len(),
-        message.recipients.len(),
-        escape(message.helo.as_deref().unwrap_or("")),
-        message.listener,
-    );
-    // A local user was named by the kernel, not by SASL: client= already
-    // says local[uid=N].
-    if let Some(user) = &message.auth_user
-        && message.listener != ListenerKind::Local.name()
-    {
-        let _ = write!(summary, ", sasl_username={user}");
-        if let Some(label) = &message.auth_label {
-            let _ = write!(summary, " ({label})");
-        }
-    }
-    summary.push_str(", to=");
-    for (index, recipient) in message.recipients.iter().enumerate() {
-        if index > 0 {
-            summary.push(',');
-        }
-        let _ = write!(summary, "<{}>", recipient.address);
-    }
-    summary
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -887,56 +653,5 @@ mod tests {
             assert!(buffer.capacity() <= RETAINED, "{}", buffer.capacity());
         }
         assert_eq!(buffers.read.len(), READ_BUFFER);
-    }
-
-    fn message(listener: &str, auth: Option<(&str, Option<&str>)>) -> NewMessage {
-        let recipient = |address: &str| NewRecipient {
-            address: address.to_string(),
-            original: None,
-            route: crate::envelope::Route::SmartHost,
-            domain: "example.test".to_string(),
-            notify: None,
-            orcpt: None,
-        };
-        NewMessage {
-            id: QueueId::generate(),
-            sender: "a@example.org".to_string(),
-            recipients: vec![recipient("b@example.test"), recipient("c@example.test")],
-            content: Content::in_memory(b"Subject: x\r\n\r\nbody\r\n".to_vec()),
-            client_ip: None,
-            helo: Some("client.test".to_string()),
-            auth_user: auth.map(|(user, _)| user.to_string()),
-            auth_label: auth.and_then(|(_, label)| label.map(str::to_string)),
-            listener: listener.to_string(),
-            eight_bit: false,
-            smtputf8: false,
-            kind: MessageKind::Normal,
-            ret: None,
-            envid: None,
-        }
-    }
-
-    #[test]
-    fn the_accepted_line_says_who_sent_what_to_whom() {
-        assert_eq!(
-            log_summary(&message("smtp", None), "unknown[192.0.2.1]"),
-            "from=<a@example.org>, size=20, nrcpt=2, client=unknown[192.0.2.1], \
-             helo=<client.test>, listener=smtp, to=<b@example.test>,<c@example.test>"
-        );
-        assert_eq!(
-            log_summary(
-                &message("submission", Some(("u@example.org", Some("phone")))),
-                "c[192.0.2.1]"
-            ),
-            "from=<a@example.org>, size=20, nrcpt=2, client=c[192.0.2.1], helo=<client.test>, \
-             listener=submission, sasl_username=u@example.org (phone), \
-             to=<b@example.test>,<c@example.test>"
-        );
-        // The kernel named a local user; client= already says which.
-        let local = log_summary(
-            &message("local", Some(("u@example.org", None))),
-            "local[uid=1000]",
-        );
-        assert!(!local.contains("sasl_username"), "{local}");
     }
 }

@@ -9,7 +9,6 @@
 mod acceptor;
 mod connection;
 pub mod control;
-pub mod directory;
 mod limits;
 pub mod local;
 pub mod notify;
@@ -23,11 +22,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use crate::config::Config;
+use crate::intake::Intake;
 use crate::protocol::address::Address;
 use crate::protocol::session::{ListenerKind, SessionConfig};
-use crate::queue::QueueHandle;
 use crate::tls::ServerTls;
-use directory::Directory;
 pub use limits::{ConnectionLimits, LimitSettings, Refusal};
 use pool::WorkerPool;
 
@@ -102,16 +100,13 @@ impl ConnectionRegistry {
 /// What the worker threads share.
 pub struct ServerContext {
     pub config: Arc<Config>,
-    pub services: Directory,
-    pub queue: QueueHandle,
+    /// What sessions ask, and where their messages go.
+    pub intake: Intake,
     pub tls: Option<Arc<ServerTls>>,
-    /// Signs what local users send.
-    pub dkim: Arc<crate::dkim::Keys>,
     /// Per listener kind: smtp, submission, smtps, local.
     sessions: [Arc<SessionConfig>; 4],
     registry: ConnectionRegistry,
     shutting_down: AtomicBool,
-    on_queued: Option<OnQueued>,
 }
 
 impl ServerContext {
@@ -127,14 +122,6 @@ impl ServerContext {
 
     fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::SeqCst)
-    }
-
-    /// Tells delivery that new mail is waiting, and for which
-    /// destinations.
-    fn message_queued(&self, destinations: Vec<String>) {
-        if let Some(notify) = &self.on_queued {
-            notify(destinations);
-        }
     }
 }
 
@@ -213,18 +200,11 @@ impl Bound {
     }
 }
 
-/// Told the destination keys (`mx:DOMAIN`, `smarthost`, `local`) of each
-/// message once it is committed.
-pub type OnQueued = Box<dyn Fn(Vec<String>) + Send + Sync>;
-
 /// What the server needs besides its config.
 pub struct ServerParts {
-    pub queue: QueueHandle,
     pub tls: Option<Arc<ServerTls>>,
-    pub dkim: Arc<crate::dkim::Keys>,
-    pub services: Directory,
-    /// Called after each message is committed (wakes the scheduler).
-    pub on_queued: Option<OnQueued>,
+    /// Checks, signs and commits what sessions accept.
+    pub intake: Intake,
 }
 
 /// A running set of listeners and workers.
@@ -272,14 +252,11 @@ impl Server {
         });
         let context = Arc::new(ServerContext {
             config: Arc::clone(&config),
-            services: parts.services,
-            queue: parts.queue,
+            intake: parts.intake,
             tls: parts.tls,
-            dkim: parts.dkim,
             sessions,
             registry: ConnectionRegistry::default(),
             shutting_down: AtomicBool::new(false),
-            on_queued: parts.on_queued,
         });
 
         let max_sessions = config.limits.max_sessions;
