@@ -25,7 +25,7 @@ TOML
 # A real mailbox: petrel delivers into it while it accepts, as in real use.
 echo 'Quiet-Lantern-Bench-42!' |
     "$petrel" user add sink@localhost --password-stdin -c "$work/petrel.toml" >/dev/null
-start_petrel "${RUST_LOG:-warn,petrel::queue=info,petrel::cli=info}"
+start_petrel "${RUST_LOG:-warn,petrel::queue=info,petrel::store=info,petrel::cli=info}"
 
 start=$(date +%s.%N)
 smtp-source -s "$sessions" -m "$messages" -l "$size" -f bench@localhost -t sink@localhost "127.0.0.1:$port"

@@ -20,15 +20,18 @@ port=${PORT:-25281}
 sink_port=${SINK_PORT:-25282}
 
 . bench/common.sh
-start_relay "$sessions" "warn,petrel::cli=info,petrel::queue=info"
+start_relay "$sessions" "warn,petrel::cli=info,petrel::queue=info,petrel::store=info"
 extra_cleanup+='; kill "${tracer:-}" 2>/dev/null || true'
 
 writer=""
 for task in /proc/"$server"/task/*; do
-    if [ "$(cat "$task/comm")" = queue-writer ]; then writer=${task##*/}; fi
+    # store-writer since the store/ layer; queue-writer in older builds.
+    case "$(cat "$task/comm")" in
+    store-writer | queue-writer) writer=${task##*/} ;;
+    esac
 done
 if [ -z "$writer" ]; then
-    echo "no queue-writer thread in petrel $server" >&2
+    echo "no store-writer thread in petrel $server" >&2
     exit 1
 fi
 strace -c -o "$work/strace.txt" -p "$writer" 2>/dev/null &

@@ -46,7 +46,7 @@ fn main() {
     let kept = args.get(1).map(PathBuf::from);
     let temporary = tempfile::tempdir().expect("a temporary directory");
     let data_dir = kept.unwrap_or_else(|| temporary.path().to_path_buf());
-    let conn = petrel::queue::open_direct(&data_dir).expect("the queue opens");
+    let conn = petrel::store::open_direct(&data_dir).expect("the queue opens");
 
     let started = Instant::now();
     fill(&conn, recipients);

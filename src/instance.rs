@@ -6,6 +6,7 @@ use std::fs::File;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::auth::accounts::LoginLog;
 use crate::auth::{Accounts, AuthLimiter};
 use crate::config::Config;
 use crate::delivery::{Delivery, Waker};
@@ -14,7 +15,7 @@ use crate::intake::directory::{self, Directory};
 use crate::intake::{Intake, OnQueued};
 use crate::policy::outbound::OutboundPolicy;
 use crate::protocol::session::ListenerKind;
-use crate::queue::{Queue, QueueHandle, ReadPool};
+use crate::queue::{Queue, QueueHandle};
 use crate::server::control::{ControlSocket, Controls};
 use crate::server::privileges;
 use crate::server::{Bound, Server, ServerParts};
@@ -25,9 +26,6 @@ use crate::tls::ServerTls;
 /// of clients.
 const SESSION_READ_CONNECTIONS: usize = 8;
 
-/// Held while a server runs: two servers on one queue would each think
-/// the other's in-flight deliveries were abandoned.
-const LOCK_FILE: &str = "petrel.lock";
 /// Running deliveries get this long to finish at shutdown.
 const DELIVERY_GRACE: Duration = Duration::from_secs(10);
 
@@ -189,7 +187,7 @@ impl Instance {
         }
         let lock = lock_data_dir(&config)?;
         let queue = Queue::open(&config.data_dir).map_err(error)?;
-        for warning in crate::queue::make_private(&config.data_dir) {
+        for warning in crate::store::data_dir::make_private(&config.data_dir) {
             log::warn!("files: {warning}");
         }
         bound.bind_local(&config).map_err(error)?;
@@ -200,16 +198,13 @@ impl Instance {
         let tls = Arc::new(tls);
         let dns = Arc::new(Dns::new(&config.dns).map_err(error)?);
         let outbound = OutboundPolicy::from_config(&config).with_listeners(bound.addresses());
-        let accounts = Accounts::new(ReadPool::new(
-            queue.handle().path(),
-            SESSION_READ_CONNECTIONS,
-        ));
+        let accounts = Accounts::new(queue.handle().store().read_pool(SESSION_READ_CONNECTIONS));
         let services = Directory::new(
             Arc::clone(&config),
             accounts,
             Some(Arc::clone(&dns)),
             outbound.clone(),
-            Some(queue.handle()),
+            Some(LoginLog::new(queue.handle().store().clone())),
         );
         let limiter = services.auth_limiter();
         let warnings = directory::deliverability_warnings(&config, |address| {
@@ -377,8 +372,8 @@ fn certificate_before_switch(
 /// Taken as the server's user, never through a symbolic link, and never
 /// truncating what is there.
 fn lock_data_dir(config: &Config) -> Result<File, InstanceError> {
-    let path = config.data_dir.join(LOCK_FILE);
-    crate::queue::create_private_dir(&config.data_dir).map_err(|e| {
+    let path = config.data_dir.join(crate::store::data_dir::LOCK_FILE);
+    crate::store::data_dir::create_private_dir(&config.data_dir).map_err(|e| {
         InstanceError(format!(
             "cannot create data_dir {}: {e}",
             config.data_dir.display()

@@ -3,7 +3,11 @@
 //! Where things live:
 //! - [`protocol`]: SMTP parsing and the session state machine (no IO)
 //! - [`server`]: listeners, acceptor, worker pool, the per-connection IO loop
-//! - [`queue`]: the SQLite queue and its group-commit writer thread
+//! - [`intake`]: between a session's envelope and the commit: the recipient
+//!   directory, SPF/DKIM/DMARC checks, signing, the queue's form
+//! - [`queue`]: messages, recipients and delivery state, and their SQL
+//! - [`store`]: the SQLite file, migrations, the group-commit writer, read
+//!   connections, and every path in `data_dir`
 //! - [`envelope`]: a final recipient and its route: the one vocabulary of
 //!   routing, the queue and delivery
 //! - [`routing`]: where a recipient's mail goes, decided once at acceptance
@@ -44,6 +48,7 @@ pub mod queue;
 pub mod routing;
 pub mod safe_fs;
 pub mod server;
+pub mod store;
 pub mod timefmt;
 pub mod tls;
 pub mod watched;

@@ -301,7 +301,7 @@ fn concurrent_user_commands_while_serving_lose_nothing() {
 /// An app password made the way the CLI makes one, for in-process servers.
 fn app_password_for(server: &TestServer, address: &str, label: &str) -> String {
     let generated = app_passwords::generate().unwrap();
-    let conn = petrel::queue::open_direct(&server.instance().config().data_dir).unwrap();
+    let conn = petrel::store::open_direct(&server.instance().config().data_dir).unwrap();
     accounts::add_app_password(&conn, address, label, &generated.selector, &generated.hash)
         .unwrap();
     generated.display
@@ -514,7 +514,7 @@ fn a_session_open_when_its_app_password_is_revoked_sends_nothing_more() {
         b"Subject: before\r\n\r\nx\r\n",
     );
     assert_eq!(sent.code, 250, "{sent:?}");
-    let conn = petrel::queue::open_direct(&server.instance().config().data_dir).unwrap();
+    let conn = petrel::store::open_direct(&server.instance().config().data_dir).unwrap();
     accounts::revoke_app_password(&conn, "alice@example.test", "phone").unwrap();
     let refused = client.command("MAIL FROM:<alice@example.test>");
     assert_eq!(refused.code, 530, "{refused:?}");

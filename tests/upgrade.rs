@@ -70,7 +70,7 @@ fn a_queue_from_the_previous_release_is_upgraded_and_delivered() {
     let version: u32 = db
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, petrel::queue::SCHEMA_VERSION);
+    assert_eq!(version, petrel::store::SCHEMA_VERSION);
     // Schema 8's MTA-STS policy cache is there, empty.
     let policies: i64 = db
         .query_row("SELECT count(*) FROM mta_sts_policies", [], |r| r.get(0))
@@ -139,6 +139,6 @@ fn two_processes_starting_on_a_fresh_data_dir_both_migrate_it() {
         let version: u32 = db
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(version, petrel::queue::SCHEMA_VERSION);
+        assert_eq!(version, petrel::store::SCHEMA_VERSION);
     }
 }

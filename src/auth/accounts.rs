@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::queue::{QueueError, ReadPool};
+use crate::store::{ReadPool, StoreError, StoreHandle};
 use crate::timefmt::sql_timestamp;
 
 pub struct Accounts {
@@ -19,7 +19,7 @@ impl Accounts {
     }
 
     /// `address` is a canonical mailbox key (`Address::mailbox_key`).
-    pub fn exists(&self, address: &str) -> Result<bool, QueueError> {
+    pub fn exists(&self, address: &str) -> Result<bool, StoreError> {
         self.pool
             .with("cannot look up account", |conn| exists(conn, address))
     }
@@ -30,7 +30,7 @@ impl Accounts {
         &self,
         address: &str,
         selector: Option<&str>,
-    ) -> Result<Option<Credentials>, QueueError> {
+    ) -> Result<Option<Credentials>, StoreError> {
         self.pool.with("cannot look up account", |conn| {
             conn.query_row(
                 "SELECT u.password_hash, u.failures, u.last_login_from, a.label, a.password_hash
@@ -58,7 +58,7 @@ impl Accounts {
     /// Whether a login as `address` (with the app password `label`, or
     /// the main one) would still find what it logged in with: the account,
     /// and the app password not revoked.
-    pub fn login_exists(&self, address: &str, label: Option<&str>) -> Result<bool, QueueError> {
+    pub fn login_exists(&self, address: &str, label: Option<&str>) -> Result<bool, StoreError> {
         self.pool
             .with("cannot look up account", |conn| match label {
                 None => exists(conn, address),
@@ -74,7 +74,7 @@ impl Accounts {
     }
 
     /// Lockouts still running, for a server that starts.
-    pub fn lockouts(&self) -> Result<Vec<Lockout>, QueueError> {
+    pub fn lockouts(&self) -> Result<Vec<Lockout>, StoreError> {
         self.pool.with("cannot read auth lockouts", |conn| {
             let now = sql_timestamp(SystemTime::now());
             let mut statement =
@@ -90,7 +90,7 @@ impl Accounts {
         })
     }
 
-    pub fn password_hash(&self, address: &str) -> Result<Option<String>, QueueError> {
+    pub fn password_hash(&self, address: &str) -> Result<Option<String>, StoreError> {
         self.pool.with("cannot look up account", |conn| {
             conn.query_row(
                 "SELECT password_hash FROM users WHERE address = ?1",
@@ -166,8 +166,29 @@ pub enum LoginEvent {
     LockedOut(Lockout),
 }
 
-/// Records a login event (inside the queue writer's transaction).
-pub fn record(conn: &Connection, event: &LoginEvent, now: &str) -> rusqlite::Result<()> {
+/// Where logins are recorded, for `petrel user list`.
+#[derive(Clone)]
+pub struct LoginLog {
+    store: StoreHandle,
+}
+
+impl LoginLog {
+    pub fn new(store: StoreHandle) -> LoginLog {
+        LoginLog { store }
+    }
+
+    /// Records a login without waiting for the commit: the audit trail
+    /// must not slow AUTH down, and a crash may lose the last few events
+    /// (never mail).
+    pub fn record(&self, event: LoginEvent) {
+        self.store.write_later("a login", move |conn, now| {
+            record(conn, &event, now).map_err(StoreError::sqlite("cannot record a login"))
+        });
+    }
+}
+
+/// Records a login event (inside the store writer's transaction).
+fn record(conn: &Connection, event: &LoginEvent, now: &str) -> rusqlite::Result<()> {
     match event {
         LoginEvent::Succeeded {
             account,
@@ -220,7 +241,7 @@ pub enum AccountError {
     NoSuchLabel(String, String),
     /// The new app password's selector is in use: draw another.
     SelectorTaken,
-    Database(QueueError),
+    Database(StoreError),
 }
 
 impl std::fmt::Display for AccountError {
@@ -247,7 +268,7 @@ impl std::error::Error for AccountError {}
 
 fn db(context: &str) -> impl FnOnce(rusqlite::Error) -> AccountError {
     let context = context.to_string();
-    move |error| AccountError::Database(QueueError::new(format!("{context}: {error}")))
+    move |error| AccountError::Database(StoreError::new(format!("{context}: {error}")))
 }
 
 pub fn add(conn: &Connection, address: &str, password_hash: &str) -> Result<(), AccountError> {
@@ -528,14 +549,17 @@ mod tests {
     #[test]
     fn add_change_delete() {
         let dir = tempfile::tempdir().unwrap();
-        let conn = crate::queue::open_direct(dir.path()).unwrap();
+        let conn = crate::store::open_direct(dir.path()).unwrap();
         add(&conn, "alice@example.com", "$argon2id$fake").unwrap();
         assert!(matches!(
             add(&conn, "alice@example.com", "$argon2id$fake"),
             Err(AccountError::AlreadyExists(_))
         ));
         set_password(&conn, "alice@example.com", "$argon2id$new").unwrap();
-        let accounts = Accounts::new(ReadPool::new(&dir.path().join(crate::queue::QUEUE_FILE), 2));
+        let accounts = Accounts::new(ReadPool::new(
+            &dir.path().join(crate::store::data_dir::QUEUE_FILE),
+            2,
+        ));
         assert_eq!(
             accounts
                 .password_hash("alice@example.com")

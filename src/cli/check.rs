@@ -303,7 +303,7 @@ fn check_relay(config: &Config, findings: &mut Findings) {
 /// migrating anything: check-config must not write.
 fn existing_accounts(config: &Config) -> std::collections::HashSet<String> {
     use rusqlite::OpenFlags;
-    let path = config.data_dir.join(crate::queue::QUEUE_FILE);
+    let path = config.data_dir.join(crate::store::data_dir::QUEUE_FILE);
     let Ok(conn) = rusqlite::Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
     else {
         return Default::default();

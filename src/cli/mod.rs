@@ -333,7 +333,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
 /// `petrel reload`: SIGHUP's work, asked over the control socket, so that
 /// the answer says what was loaded.
 fn reload(config: &Config) -> Result<(), Failure> {
-    let socket = config.data_dir.join(crate::server::control::CONTROL_SOCKET);
+    let socket = config.data_dir.join(crate::store::data_dir::CONTROL_SOCKET);
     if let Err(error) = std::os::unix::net::UnixStream::connect(&socket)
         && error.kind() == std::io::ErrorKind::PermissionDenied
     {

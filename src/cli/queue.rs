@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::delivery::dsn;
 use crate::delivery::outcome::{self, Attempt, Stage};
 use crate::printable::{escape, escape_lines};
-use crate::queue::{self, QueueId, delivery, views};
+use crate::queue::{QueueId, delivery, views};
 use crate::routing;
 use crate::server::control;
 use crate::timefmt::sql_timestamp;
@@ -56,7 +56,7 @@ pub fn run(config: &Config, command: QueueCommand) -> Result<(), Failure> {
 /// (`mailq`, `sendmail -q` run it too).
 pub fn run_as(config: &Config, command: QueueCommand, name: &str) -> Result<(), Failure> {
     let asked_by = super::as_server_user(config, name)?;
-    let mut conn = queue::open_direct(&config.data_dir).map_err(runtime)?;
+    let mut conn = crate::store::open_direct(&config.data_dir).map_err(runtime)?;
     match command {
         QueueCommand::List { limit, after } => {
             let after = match after {

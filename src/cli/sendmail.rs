@@ -18,6 +18,7 @@ use crate::protocol::client::{DotStuffer, ParseStep, ReplyParser, ServerReply};
 use crate::protocol::data::header_section_len;
 use crate::queue::QueueId;
 use crate::server::local;
+use crate::store::data_dir;
 use crate::timefmt::rfc5322_date;
 
 /// What the sendmail command line asked for.
@@ -566,7 +567,7 @@ fn read_reply(reader: &mut BufReader<UnixStream>) -> Result<ServerReply, Failure
 /// writing somewhere else by whoever can change `data_dir`.
 fn drop_off(config: &Config, dialogue: &[u8], verbose: bool) -> Result<(), Failure> {
     use std::os::unix::fs::PermissionsExt as _;
-    let relative = Path::new(local::PUBLIC_DIR).join(local::MAILDROP);
+    let relative = Path::new(data_dir::PUBLIC_DIR).join(data_dir::MAILDROP);
     let name = format!(
         "{:016x}{:016x}",
         crate::dns::random_u64(),
@@ -575,7 +576,7 @@ fn drop_off(config: &Config, dialogue: &[u8], verbose: bool) -> Result<(), Failu
     let temporary = format!(".{name}");
     // The maildrop is on the queue's disk: it keeps the same floor free.
     let floor = config.queue.min_free_space.bytes();
-    if let Ok(free) = crate::queue::free_space(&config.data_dir)
+    if let Ok(free) = data_dir::free_space(&config.data_dir)
         && free < floor.saturating_add(dialogue.len() as u64)
     {
         return Err(Failure::Temporary(format!(

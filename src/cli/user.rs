@@ -11,7 +11,6 @@ use super::{Failure, say};
 use crate::auth::{accounts, app_passwords, password};
 use crate::config::Config;
 use crate::protocol::address::Address;
-use crate::queue;
 use crate::server::control;
 
 #[derive(Debug, Subcommand)]
@@ -276,7 +275,7 @@ fn account_failure(error: accounts::AccountError) -> Failure {
 }
 
 fn open(config: &Config) -> Result<rusqlite::Connection, Failure> {
-    queue::open_direct(&config.data_dir).map_err(|e| Failure::Runtime(e.to_string()))
+    crate::store::open_direct(&config.data_dir).map_err(|e| Failure::Runtime(e.to_string()))
 }
 
 fn exists(conn: &rusqlite::Connection, address: &str) -> Result<bool, Failure> {

@@ -123,7 +123,7 @@ impl Config {
         self.dkim
             .key_dir
             .clone()
-            .unwrap_or_else(|| self.data_dir.join("dkim"))
+            .unwrap_or_else(|| self.data_dir.join(crate::store::data_dir::DKIM_DIR))
     }
 }
 

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub const MAIL_DIR: &str = "mail";
+use crate::store::data_dir::MAIL_DIR;
 
 /// The Maildir of an account (lookup form, `local@domain`).
 pub fn maildir_path(data_dir: &Path, address: &str) -> PathBuf {

@@ -30,8 +30,9 @@ use crate::config::Config;
 use crate::dns::Dns;
 use crate::envelope::Destination;
 use crate::policy::outbound::OutboundPolicy;
+use crate::queue::QueueHandle;
 use crate::queue::delivery::ClaimedRecipient;
-use crate::queue::{QueueHandle, ReadPool};
+use crate::store::ReadPool;
 
 /// What a finished job showed about its destination, for its window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -220,7 +221,7 @@ impl Delivery {
             crate::mta_sts::Policies::new(
                 Arc::clone(&dns),
                 outbound.clone(),
-                queue.clone(),
+                queue.store().clone(),
                 Arc::clone(tls),
                 config.delivery.mta_sts_port,
             )
@@ -229,8 +230,8 @@ impl Delivery {
         // holds its own while it streams content to a slow server, and
         // never waits for another's.
         let threads = config.delivery.workers + config.delivery.local_workers + 1;
-        let reads = ReadPool::new(queue.path(), threads);
-        let accounts = Accounts::new(ReadPool::new(queue.path(), threads));
+        let reads = queue.store().read_pool(threads);
+        let accounts = Accounts::new(queue.store().read_pool(threads));
         let context = Arc::new(DeliveryContext {
             config: Arc::clone(&config),
             queue,

@@ -18,12 +18,12 @@ use super::{DeliveryContext, Destination, Job, Reach, maildir};
 use crate::config::Config;
 use crate::envelope::{Recipient, Route};
 use crate::printable::escape;
-use crate::queue::QueueError;
 use crate::queue::content::ContentReader;
 use crate::queue::delivery::{
     self, ClaimedRecipient, DeliveryReport, RecipientStatus, RecipientUpdate, StoredMessage,
 };
 use crate::routing;
+use crate::store::StoreError;
 use crate::timefmt::short_duration;
 
 /// After a worker fails internally, its recipients wait this long.
@@ -67,7 +67,7 @@ pub fn run(jobs: Receiver<Job>, ctx: &DeliveryContext, events: &Sender<Event>, s
     }
 }
 
-fn deliver(ctx: &DeliveryContext, job: &Job) -> Result<Reach, QueueError> {
+fn deliver(ctx: &DeliveryContext, job: &Job) -> Result<Reach, StoreError> {
     let Some(message) = ctx
         .reads
         .run(|conn| delivery::load_message(conn, &job.message_id, dsn::MAX_RETURNED_MESSAGE))?

@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::auth::accounts::{Lockout, LoginEvent};
+use crate::auth::accounts::{Lockout, LoginEvent, LoginLog};
 use crate::auth::hashing::{Busy, HashingPool};
 use crate::auth::{Accounts, AuthLimiter, FailureOutcome, Refused, app_passwords};
 use crate::config::Config;
@@ -22,7 +22,6 @@ use crate::protocol::reply::{self, Reply};
 use crate::protocol::session::{
     AuthVerdict, ClientView, FromOwner, Kinds, SenderStanding, Services, Target,
 };
-use crate::queue::QueueHandle;
 use crate::routing::{self, RouteError};
 
 /// What petrel's sessions carry for it: recipients as routing decided
@@ -57,7 +56,7 @@ pub struct Directory {
     /// Shared with the control socket (`petrel user unlock`).
     limiter: Arc<AuthLimiter>,
     /// Where logins are recorded (`petrel user list` shows them).
-    logins: Option<QueueHandle>,
+    logins: Option<LoginLog>,
     /// Password checks: a bounded number at once.
     hashing: HashingPool,
     /// Address verification; without it domains are not checked.
@@ -80,7 +79,7 @@ impl Directory {
         accounts: Accounts,
         dns: Option<Arc<Dns>>,
         outbound: OutboundPolicy,
-        logins: Option<QueueHandle>,
+        logins: Option<LoginLog>,
     ) -> Directory {
         let limiter = Arc::new(AuthLimiter::new(&config.auth));
         restore_lockouts(&limiter, &accounts);
@@ -154,7 +153,7 @@ impl Directory {
         };
         for lockout in self.limiter.take_new_lockouts() {
             let until = std::time::SystemTime::now() + lockout.duration;
-            logins.record_login(LoginEvent::LockedOut(Lockout {
+            logins.record(LoginEvent::LockedOut(Lockout {
                 client: lockout.client.to_string(),
                 account: lockout.account,
                 until: crate::timefmt::sql_timestamp(until),
@@ -230,7 +229,7 @@ impl Directory {
 
     fn check_room(&self) -> bool {
         let floor = self.config.queue.min_free_space.bytes();
-        match crate::queue::free_space(&self.config.data_dir) {
+        match crate::store::data_dir::free_space(&self.config.data_dir) {
             Ok(free) if free >= floor => true,
             Ok(free) => {
                 log::warn!(
@@ -500,7 +499,7 @@ impl Services<Mail> for Directory {
                     );
                 }
                 if let Some(logins) = &self.logins {
-                    logins.record_login(LoginEvent::Succeeded {
+                    logins.record(LoginEvent::Succeeded {
                         account: key.clone(),
                         client: client_ip,
                         label: app_label.clone(),
@@ -515,7 +514,7 @@ impl Services<Mail> for Directory {
                 let outcome = self.limiter.failed(attempt);
                 self.record_new_lockouts();
                 if let (Some(logins), Some(_), Some(account)) = (&self.logins, found, account) {
-                    logins.record_login(LoginEvent::Failed {
+                    logins.record(LoginEvent::Failed {
                         account,
                         client: ip.to_string(),
                     });

@@ -20,7 +20,7 @@ use rustls::ClientConfig;
 
 use crate::dns::Dns;
 use crate::policy::outbound::{OutboundPolicy, assigned_here};
-use crate::queue::{QueueError, QueueHandle, ReadPool};
+use crate::store::{Commit, ReadPool, StoreError, StoreHandle};
 
 /// RFC 8461 3.2: max_age is at most a year.
 const MAX_AGE_LIMIT: u64 = 31_557_600;
@@ -158,7 +158,7 @@ pub struct Policies {
     dns: Arc<Dns>,
     outbound: OutboundPolicy,
     reads: ReadPool,
-    queue: QueueHandle,
+    store: StoreHandle,
     /// Verifies the policy host's certificate (Mozilla roots and
     /// `delivery.ca_file`).
     tls: Arc<ClientConfig>,
@@ -171,7 +171,7 @@ impl Policies {
     pub fn new(
         dns: Arc<Dns>,
         outbound: OutboundPolicy,
-        queue: QueueHandle,
+        store: StoreHandle,
         tls: Arc<ClientConfig>,
         https_port: u16,
     ) -> Policies {
@@ -179,8 +179,8 @@ impl Policies {
             dns,
             outbound,
             // A cached policy is one indexed row.
-            reads: ReadPool::new(queue.path(), 2),
-            queue,
+            reads: store.read_pool(2),
+            store,
             tls,
             https_port,
             failed: Mutex::new(HashMap::new()),
@@ -251,7 +251,11 @@ impl Policies {
                     policy.mode.name(),
                     policy.max_age
                 );
-                if let Err(error) = self.queue.store_policy(policy.clone()) {
+                let cached = policy.clone();
+                let stored = self
+                    .store
+                    .write(Commit::Durable, move |conn, now| store(conn, &cached, now));
+                if let Err(error) = stored {
                     log::warn!("MTA-STS: cannot cache the policy of {domain}: {error}");
                 }
                 Some(policy)
@@ -266,7 +270,7 @@ impl Policies {
 }
 
 /// The cached policy of `domain`, expired or not.
-pub fn load(conn: &Connection, domain: &str) -> Result<Option<Policy>, QueueError> {
+pub fn load(conn: &Connection, domain: &str) -> Result<Option<Policy>, StoreError> {
     let row = conn
         .query_row(
             "SELECT policy_id, mode, mx, max_age, expires_at FROM mta_sts_policies WHERE domain = ?1",
@@ -282,7 +286,7 @@ pub fn load(conn: &Connection, domain: &str) -> Result<Option<Policy>, QueueErro
             },
         )
         .optional()
-        .map_err(QueueError::sqlite("cannot read an MTA-STS policy"))?;
+        .map_err(StoreError::sqlite("cannot read an MTA-STS policy"))?;
     let Some((id, mode, mx, max_age, expires_at)) = row else {
         return Ok(None);
     };
@@ -305,7 +309,7 @@ pub fn load(conn: &Connection, domain: &str) -> Result<Option<Policy>, QueueErro
 
 /// Replaces the cached policy of its domain; `now` as the queue writes
 /// timestamps.
-pub fn store(conn: &Connection, policy: &Policy, now: &str) -> Result<(), QueueError> {
+pub fn store(conn: &Connection, policy: &Policy, now: &str) -> Result<(), StoreError> {
     conn.execute(
         "INSERT OR REPLACE INTO mta_sts_policies
              (domain, policy_id, mode, mx, max_age, fetched_at, expires_at)
@@ -321,7 +325,7 @@ pub fn store(conn: &Connection, policy: &Policy, now: &str) -> Result<(), QueueE
         ],
     )
     .map(|_| ())
-    .map_err(QueueError::sqlite("cannot store an MTA-STS policy"))
+    .map_err(StoreError::sqlite("cannot store an MTA-STS policy"))
 }
 
 /// Addresses of a host that delivery may connect to: a policy host is
@@ -416,7 +420,7 @@ mod tests {
     #[test]
     fn the_cache_round_trips() {
         let dir = tempfile::tempdir().unwrap();
-        let conn = crate::queue::open_direct(dir.path()).unwrap();
+        let conn = crate::store::open_direct(dir.path()).unwrap();
         let now = SystemTime::now();
         let body = "version: STSv1\nmode: testing\nmx: *.example.net\nmax_age: 86400\n";
         let policy = parse_policy("example.net", "7", body, now).unwrap();

@@ -18,14 +18,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{QueueError, ReadPool};
+use crate::store::data_dir::SPOOL_DIR;
+use crate::store::{ReadPool, StoreError};
 
 /// Content up to this size stays in memory; beyond it, it goes to a file.
 pub const IN_MEMORY_LIMIT: usize = 128 * 1024;
 /// Unit of copying between files, the database and sockets.
 pub const CHUNK: usize = 64 * 1024;
-/// Where spool files live, under `data_dir`.
-pub const SPOOL_DIR: &str = "spool";
 
 /// A spool file, removed when dropped (after its content is in the queue,
 /// or when the message is refused or the client goes away).
@@ -167,7 +166,7 @@ impl Spool {
 
 fn create_spool_file(dir: &Path) -> io::Result<SpoolFile> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    super::create_private_dir(dir)?;
+    crate::store::data_dir::create_private_dir(dir)?;
     let name = format!(
         "{}.{}.{}",
         std::process::id(),
@@ -206,9 +205,9 @@ pub fn clear_spool(data_dir: &Path) -> io::Result<usize> {
 
 /// Stores a message's content (inside the caller's transaction), copying
 /// a spooled body a chunk at a time; returns its id for `messages.content_id`.
-pub fn store(conn: &Connection, message_id: &str, content: &Content) -> Result<i64, QueueError> {
-    let error = |what: &str| QueueError::sqlite(format!("{message_id}: {what}"));
-    let insert = |value: &dyn rusqlite::ToSql| -> Result<i64, QueueError> {
+pub fn store(conn: &Connection, message_id: &str, content: &Content) -> Result<i64, StoreError> {
+    let error = |what: &str| StoreError::sqlite(format!("{message_id}: {what}"));
+    let insert = |value: &dyn rusqlite::ToSql| -> Result<i64, StoreError> {
         conn.prepare_cached("INSERT INTO message_contents (content) VALUES (?1)")
             .and_then(|mut statement| statement.insert(params![value]))
             .map_err(error("cannot store the content"))
@@ -228,7 +227,7 @@ pub fn store(conn: &Connection, message_id: &str, content: &Content) -> Result<i
         .blob_open("main", "message_contents", "content", rowid, false)
         .map_err(error("cannot open the content for writing"))?;
     let mut at = 0usize;
-    let mut put = |bytes: &[u8]| -> Result<(), QueueError> {
+    let mut put = |bytes: &[u8]| -> Result<(), StoreError> {
         blob.write_at(bytes, at)
             .map_err(error("cannot write the content"))?;
         at += bytes.len();
@@ -243,7 +242,7 @@ pub fn store(conn: &Connection, message_id: &str, content: &Content) -> Result<i
         }
         Body::File { file, len } => {
             let spool_error = |e: io::Error| {
-                QueueError::new(format!("{message_id}: cannot read the spool file: {e}"))
+                StoreError::new(format!("{message_id}: cannot read the spool file: {e}"))
             };
             let mut reader = &file.file;
             reader.seek(io::SeekFrom::Start(0)).map_err(spool_error)?;
@@ -252,7 +251,7 @@ pub fn store(conn: &Connection, message_id: &str, content: &Content) -> Result<i
             while copied < *len {
                 let n = reader.read(&mut buffer).map_err(spool_error)?;
                 if n == 0 {
-                    return Err(QueueError::new(format!(
+                    return Err(StoreError::new(format!(
                         "{message_id}: the spool file is shorter than the message"
                     )));
                 }
@@ -266,7 +265,7 @@ pub fn store(conn: &Connection, message_id: &str, content: &Content) -> Result<i
 
 /// The first `limit` octets of a message (headers for notices and `queue
 /// show`), read without loading the rest.
-pub fn head(conn: &Connection, message_id: &str, limit: usize) -> Result<Vec<u8>, QueueError> {
+pub fn head(conn: &Connection, message_id: &str, limit: usize) -> Result<Vec<u8>, StoreError> {
     let mut reader = ContentReader::new(message_id);
     let mut head = Vec::new();
     while head.len() < limit && !reader.finished() {
@@ -304,9 +303,9 @@ impl ContentReader {
 
     /// The next chunk (at most `max` octets, at most [`CHUNK`]); empty at
     /// the end. An error when the message left the queue meanwhile.
-    pub fn read_chunk(&mut self, conn: &Connection, max: usize) -> Result<Vec<u8>, QueueError> {
+    pub fn read_chunk(&mut self, conn: &Connection, max: usize) -> Result<Vec<u8>, StoreError> {
         let id = &self.message_id;
-        let error = |what: &'static str| QueueError::sqlite(format!("{id}: {what}"));
+        let error = |what: &'static str| StoreError::sqlite(format!("{id}: {what}"));
         let tx = conn
             .unchecked_transaction()
             .map_err(error("cannot begin reading the content"))?;
@@ -318,7 +317,7 @@ impl ContentReader {
             .map_err(error("cannot find the content"))?
             .flatten();
         let Some(rowid) = rowid else {
-            return Err(QueueError::new(format!(
+            return Err(StoreError::new(format!(
                 "{id}: the message is no longer in the queue"
             )));
         };
@@ -361,7 +360,7 @@ impl ContentReader {
 /// Why a copy out of the queue stopped.
 #[derive(Debug)]
 pub enum CopyError {
-    Queue(QueueError),
+    Queue(StoreError),
     Sink(io::Error),
 }
 
@@ -379,7 +378,7 @@ mod tests {
     use super::*;
 
     fn queue_db(dir: &Path) -> Connection {
-        super::super::open_direct(dir).unwrap()
+        crate::store::open_direct(dir).unwrap()
     }
 
     fn insert(conn: &Connection, id: &str, content: &Content) {
@@ -430,7 +429,7 @@ mod tests {
     fn content_round_trips_through_the_queue_in_chunks() {
         let dir = tempfile::tempdir().unwrap();
         let conn = queue_db(dir.path());
-        let pool = ReadPool::new(&dir.path().join(super::super::QUEUE_FILE), 2);
+        let pool = ReadPool::new(&dir.path().join(crate::store::data_dir::QUEUE_FILE), 2);
         let mut spool = Spool::new(dir.path());
         let mut expected = b"Received: by test\r\n".to_vec();
         for n in 0..30_000u32 {

@@ -9,13 +9,14 @@ use std::time::SystemTime;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::writer::insert_message;
-use super::{MessageKind, NewMessage, QueueError};
+use super::insert_message;
+use super::{MessageKind, NewMessage};
 use crate::config::Config;
 use crate::envelope::Route;
 use crate::protocol::address::Address;
 use crate::protocol::dsn::{Notify, Ret};
 use crate::routing;
+use crate::store::StoreError;
 use crate::timefmt::{parse_sql_timestamp, sql_timestamp};
 
 /// A recipient taken by the scheduler for one delivery attempt.
@@ -210,7 +211,7 @@ pub fn claim_due(
     conn: &Connection,
     now: &str,
     limits: &ClaimLimits,
-) -> Result<Claimed, QueueError> {
+) -> Result<Claimed, StoreError> {
     let skip: Vec<String> = limits
         .room
         .iter()
@@ -219,17 +220,17 @@ pub fn claim_due(
         .collect();
     let skip = json_array(&skip);
     let read_due =
-        |sql: String, key: &str, limit: usize| -> Result<Vec<(String, String)>, QueueError> {
+        |sql: String, key: &str, limit: usize| -> Result<Vec<(String, String)>, StoreError> {
             let mut statement = conn
                 .prepare_cached(&sql)
-                .map_err(QueueError::sqlite("cannot prepare claim"))?;
+                .map_err(StoreError::sqlite("cannot prepare claim"))?;
             let rows = statement
                 .query_map(params![now, limit as i64, key], |row| {
                     Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
                 })
-                .map_err(QueueError::sqlite("cannot read due recipients"))?;
+                .map_err(StoreError::sqlite("cannot read due recipients"))?;
             rows.collect::<rusqlite::Result<Vec<_>>>()
-                .map_err(QueueError::sqlite("cannot read due recipients"))
+                .map_err(StoreError::sqlite("cannot read due recipients"))
         };
     let mut filled: Vec<String> = Vec::new();
     let due = if limits.only.is_empty() {
@@ -286,13 +287,13 @@ pub fn claim_due(
     }
     let mut claim = conn
         .prepare_cached(&claim_sql())
-        .map_err(QueueError::sqlite("cannot prepare claim"))?;
+        .map_err(StoreError::sqlite("cannot prepare claim"))?;
     let rows = claim
         .query_map(params![now, json_array(&messages), skip], claimed_from_row)
-        .map_err(QueueError::sqlite("cannot claim recipients"))?;
+        .map_err(StoreError::sqlite("cannot claim recipients"))?;
     let mut recipients = rows
         .collect::<rusqlite::Result<Vec<_>>>()
-        .map_err(QueueError::sqlite("cannot claim recipients"))?;
+        .map_err(StoreError::sqlite("cannot claim recipients"))?;
     recipients.sort_by_key(|r| r.id);
     Ok(Claimed {
         recipients,
@@ -356,7 +357,7 @@ fn json_array(items: &[String]) -> String {
 
 /// Applies one attempt's outcome. Updates only recipients still marked as
 /// being delivered, so an operator's `queue delete` or `bounce` meanwhile wins.
-pub fn record(conn: &Connection, report: &DeliveryReport, now: &str) -> Result<(), QueueError> {
+pub fn record(conn: &Connection, report: &DeliveryReport, now: &str) -> Result<(), StoreError> {
     for notice in &report.notices {
         insert_message(conn, notice, now)?;
     }
@@ -371,7 +372,7 @@ pub fn record(conn: &Connection, report: &DeliveryReport, now: &str) -> Result<(
                  last_status = ?7
              WHERE id = ?1 AND status = 'delivering'",
         )
-        .map_err(QueueError::sqlite("cannot prepare recipient update"))?;
+        .map_err(StoreError::sqlite("cannot prepare recipient update"))?;
     for change in &report.updates {
         let (status, next) = match &change.status {
             RecipientStatus::Sent => ("sent", now.to_string()),
@@ -388,7 +389,7 @@ pub fn record(conn: &Connection, report: &DeliveryReport, now: &str) -> Result<(
                 change.relay,
                 change.reply_status
             ])
-            .map_err(QueueError::sqlite(format!(
+            .map_err(StoreError::sqlite(format!(
                 "{}: cannot record attempt",
                 report.message_id
             )))?;
@@ -398,7 +399,7 @@ pub fn record(conn: &Connection, report: &DeliveryReport, now: &str) -> Result<(
             "UPDATE messages SET delay_warning_sent_at = ?2 WHERE id = ?1",
             params![report.message_id, now],
         )
-        .map_err(QueueError::sqlite("cannot mark delay warning"))?;
+        .map_err(StoreError::sqlite("cannot mark delay warning"))?;
     }
     remove_if_finished(conn, &report.message_id)
 }
@@ -408,7 +409,7 @@ pub fn record(conn: &Connection, report: &DeliveryReport, now: &str) -> Result<(
 /// without first rewriting that recipient's row and moving it in two
 /// indexes only for the delete to undo it: 5 of the 24 B-tree changes a
 /// one-recipient message costs from insert to removal. True if it went.
-fn remove_if_last(conn: &Connection, report: &DeliveryReport) -> Result<bool, QueueError> {
+fn remove_if_last(conn: &Connection, report: &DeliveryReport) -> Result<bool, StoreError> {
     let [only] = report.updates.as_slice() else {
         return Ok(false);
     };
@@ -428,19 +429,19 @@ fn remove_if_last(conn: &Connection, report: &DeliveryReport) -> Result<bool, Qu
         // Worded only on failure: this runs for every message relayed.
         .map_err(|error| {
             let context = format!("{}: cannot remove delivered message", report.message_id);
-            QueueError::sqlite(context)(error)
+            StoreError::sqlite(context)(error)
         })?;
     Ok(removed > 0)
 }
 
 /// A message leaves the queue once no recipient is waiting.
-fn remove_if_finished(conn: &Connection, message_id: &str) -> Result<(), QueueError> {
+fn remove_if_finished(conn: &Connection, message_id: &str) -> Result<(), StoreError> {
     conn.prepare_cached(
         "DELETE FROM messages WHERE id = ?1 AND NOT EXISTS (
              SELECT 1 FROM recipients WHERE message_id = ?1 AND status IN ('queued', 'delivering'))",
     )
     .and_then(|mut statement| statement.execute([message_id]))
-    .map_err(QueueError::sqlite(format!("{message_id}: cannot remove finished message")))?;
+    .map_err(StoreError::sqlite(format!("{message_id}: cannot remove finished message")))?;
     Ok(())
 }
 
@@ -452,15 +453,15 @@ pub fn requeue(
     ids: Option<&[i64]>,
     now: &str,
     retry_at: Option<&str>,
-) -> Result<usize, QueueError> {
+) -> Result<usize, StoreError> {
     let mut statement = conn
         .prepare_cached(
             "UPDATE recipients
              SET status = 'queued', updated_at = ?2, next_attempt_at = coalesce(?3, next_attempt_at)
              WHERE status = 'delivering' AND (?1 IS NULL OR id = ?1)",
         )
-        .map_err(QueueError::sqlite("cannot prepare requeue"))?;
-    let error = || QueueError::sqlite("cannot requeue recipients");
+        .map_err(StoreError::sqlite("cannot prepare requeue"))?;
+    let error = || StoreError::sqlite("cannot requeue recipients");
     match ids {
         None => statement
             .execute(params![None::<i64>, now, retry_at])
@@ -490,7 +491,7 @@ pub fn back_off(
     destination: &str,
     until: &str,
     now: &str,
-) -> Result<usize, QueueError> {
+) -> Result<usize, StoreError> {
     conn.prepare_cached(
         "UPDATE recipients SET next_attempt_at = ?2, updated_at = ?3
          WHERE id IN (SELECT id FROM recipients INDEXED BY recipients_by_destination
@@ -500,18 +501,18 @@ pub fn back_off(
     .and_then(|mut statement| {
         statement.execute(params![destination, until, now, BACK_OFF_CHUNK as i64])
     })
-    .map_err(QueueError::sqlite(format!("cannot back off {destination}")))
+    .map_err(StoreError::sqlite(format!("cannot back off {destination}")))
 }
 
 /// When the scheduler next has something to do.
-pub fn next_due(conn: &Connection) -> Result<Option<SystemTime>, QueueError> {
+pub fn next_due(conn: &Connection) -> Result<Option<SystemTime>, StoreError> {
     let next: Option<String> = conn
         .query_row(
             "SELECT min(next_attempt_at) FROM recipients WHERE status = 'queued'",
             [],
             |row| row.get(0),
         )
-        .map_err(QueueError::sqlite("cannot read next due time"))?;
+        .map_err(StoreError::sqlite("cannot read next due time"))?;
     Ok(next.as_deref().and_then(parse_sql_timestamp))
 }
 
@@ -522,7 +523,7 @@ pub fn load_message(
     conn: &Connection,
     id: &str,
     head_limit: usize,
-) -> Result<Option<StoredMessage>, QueueError> {
+) -> Result<Option<StoredMessage>, StoreError> {
     // A message that fits in the head (nearly all) comes with this query;
     // only bigger ones are read through a blob handle.
     let message = conn
@@ -558,7 +559,7 @@ pub fn load_message(
                 })
                 .optional()
         })
-        .map_err(QueueError::sqlite(format!("{id}: cannot load message")))?;
+        .map_err(StoreError::sqlite(format!("{id}: cannot load message")))?;
     let Some(mut message) = message else {
         return Ok(None);
     };
@@ -569,13 +570,13 @@ pub fn load_message(
 }
 
 /// Makes a message's waiting recipients due now (`queue retry ID`).
-pub fn retry_now(conn: &Connection, message_id: &str, now: &str) -> Result<usize, QueueError> {
+pub fn retry_now(conn: &Connection, message_id: &str, now: &str) -> Result<usize, StoreError> {
     conn.execute(
         "UPDATE recipients SET next_attempt_at = ?1, updated_at = ?1
          WHERE status = 'queued' AND message_id = ?2",
         params![now, message_id],
     )
-    .map_err(QueueError::sqlite("cannot schedule retry"))
+    .map_err(StoreError::sqlite("cannot schedule retry"))
 }
 
 /// Recipients `retry --all` makes due per transaction: each is short, so
@@ -585,18 +586,18 @@ pub const RETRY_CHUNK: usize = 5000;
 
 /// `queue retry --all`: every waiting recipient due now, in transactions
 /// of `chunk`, each through the due index. Returns how many are due now.
-pub fn retry_all(conn: &Connection, now: &str, chunk: usize) -> Result<usize, QueueError> {
+pub fn retry_all(conn: &Connection, now: &str, chunk: usize) -> Result<usize, StoreError> {
     let mut statement = conn
         .prepare(
             "UPDATE recipients SET next_attempt_at = ?1, updated_at = ?1
              WHERE id IN (SELECT id FROM recipients INDEXED BY recipients_due
                           WHERE status = 'queued' AND next_attempt_at > ?1 LIMIT ?2)",
         )
-        .map_err(QueueError::sqlite("cannot schedule retry"))?;
+        .map_err(StoreError::sqlite("cannot schedule retry"))?;
     // Each round leaves fewer rows after `now`, so the loop ends.
     while statement
         .execute(params![now, chunk as i64])
-        .map_err(QueueError::sqlite("cannot schedule retry"))?
+        .map_err(StoreError::sqlite("cannot schedule retry"))?
         == chunk
     {}
     let due: i64 = conn
@@ -605,34 +606,34 @@ pub fn retry_all(conn: &Connection, now: &str, chunk: usize) -> Result<usize, Qu
             [now],
             |row| row.get(0),
         )
-        .map_err(QueueError::sqlite("cannot count due recipients"))?;
+        .map_err(StoreError::sqlite("cannot count due recipients"))?;
     Ok(usize::try_from(due).unwrap_or(0))
 }
 
 /// Removes a message and all its recipients (`queue delete`).
-pub fn delete_message(conn: &Connection, message_id: &str) -> Result<bool, QueueError> {
+pub fn delete_message(conn: &Connection, message_id: &str) -> Result<bool, StoreError> {
     conn.execute("DELETE FROM messages WHERE id = ?1", [message_id])
         .map(|n| n > 0)
-        .map_err(QueueError::sqlite(format!("{message_id}: cannot delete")))
+        .map_err(StoreError::sqlite(format!("{message_id}: cannot delete")))
 }
 
 /// Waiting recipients of a message, for `queue bounce`.
 pub fn waiting_recipients(
     conn: &Connection,
     message_id: &str,
-) -> Result<Vec<ClaimedRecipient>, QueueError> {
+) -> Result<Vec<ClaimedRecipient>, StoreError> {
     let mut statement = conn
         .prepare(&format!(
             "SELECT {CLAIMED_COLUMNS} FROM recipients
              WHERE message_id = ?1 AND status IN ('queued', 'delivering') AND {ROUTED}
              ORDER BY id"
         ))
-        .map_err(QueueError::sqlite("cannot read recipients"))?;
+        .map_err(StoreError::sqlite("cannot read recipients"))?;
     let rows = statement
         .query_map([message_id], claimed_from_row)
-        .map_err(QueueError::sqlite("cannot read recipients"))?;
+        .map_err(StoreError::sqlite("cannot read recipients"))?;
     rows.collect::<rusqlite::Result<Vec<_>>>()
-        .map_err(QueueError::sqlite("cannot read recipients"))
+        .map_err(StoreError::sqlite("cannot read recipients"))
 }
 
 /// Operator bounce: the given recipients fail now with `reason`, and the
@@ -643,22 +644,22 @@ pub fn bounce_now(
     recipients: &[ClaimedRecipient],
     reason: &str,
     notices: &[NewMessage],
-) -> Result<(), QueueError> {
+) -> Result<(), StoreError> {
     let now = sql_timestamp(SystemTime::now());
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        .map_err(QueueError::sqlite("cannot begin transaction"))?;
+        .map_err(StoreError::sqlite("cannot begin transaction"))?;
     {
         let mut update = tx
             .prepare(
                 "UPDATE recipients SET status = 'bounced', last_reply = ?2, updated_at = ?3
                  WHERE id = ?1 AND status IN ('queued', 'delivering')",
             )
-            .map_err(QueueError::sqlite("cannot prepare bounce"))?;
+            .map_err(StoreError::sqlite("cannot prepare bounce"))?;
         for recipient in recipients {
             update
                 .execute(params![recipient.id, reason, now])
-                .map_err(QueueError::sqlite("cannot bounce recipient"))?;
+                .map_err(StoreError::sqlite("cannot bounce recipient"))?;
         }
     }
     for notice in notices {
@@ -666,7 +667,7 @@ pub fn bounce_now(
     }
     remove_if_finished(&tx, message_id)?;
     tx.commit()
-        .map_err(QueueError::sqlite("cannot commit bounce"))
+        .map_err(StoreError::sqlite("cannot commit bounce"))
 }
 
 /// What [`assign_routes`] changed.
@@ -686,20 +687,20 @@ pub struct RouteChanges {
 /// address, which also repairs mixed-case local addresses stored by 0.1;
 /// waiting remote recipients follow the current smart host setting. Local
 /// routes are never changed: the mailbox was decided at acceptance.
-pub fn assign_routes(conn: &mut Connection, config: &Config) -> Result<RouteChanges, QueueError> {
+pub fn assign_routes(conn: &mut Connection, config: &Config) -> Result<RouteChanges, StoreError> {
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        .map_err(QueueError::sqlite("cannot begin transaction"))?;
+        .map_err(StoreError::sqlite("cannot begin transaction"))?;
     let mut changes = RouteChanges::default();
     let legacy: Vec<(i64, String)> = {
         let mut statement = tx
             .prepare("SELECT id, address FROM recipients WHERE route IS NULL AND status IN ('queued', 'delivering')")
-            .map_err(QueueError::sqlite("cannot read unrouted recipients"))?;
+            .map_err(StoreError::sqlite("cannot read unrouted recipients"))?;
         let rows = statement
             .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
-            .map_err(QueueError::sqlite("cannot read unrouted recipients"))?;
+            .map_err(StoreError::sqlite("cannot read unrouted recipients"))?;
         rows.collect::<rusqlite::Result<_>>()
-            .map_err(QueueError::sqlite("cannot read unrouted recipients"))?
+            .map_err(StoreError::sqlite("cannot read unrouted recipients"))?
     };
     {
         let mut update = tx
@@ -709,7 +710,7 @@ pub fn assign_routes(conn: &mut Connection, config: &Config) -> Result<RouteChan
                          THEN coalesce(original_address, address) ELSE original_address END
                  WHERE id = ?1",
             )
-            .map_err(QueueError::sqlite("cannot prepare route update"))?;
+            .map_err(StoreError::sqlite("cannot prepare route update"))?;
         for (id, text) in legacy {
             let Ok(address) = Address::parse(&text) else {
                 changes.unroutable.push(id);
@@ -728,7 +729,7 @@ pub fn assign_routes(conn: &mut Connection, config: &Config) -> Result<RouteChan
                     routed.domain,
                     routed.address
                 ])
-                .map_err(QueueError::sqlite("cannot store a route"))?;
+                .map_err(StoreError::sqlite("cannot store a route"))?;
             changes.routed += 1;
         }
     }
@@ -742,9 +743,9 @@ pub fn assign_routes(conn: &mut Connection, config: &Config) -> Result<RouteChan
                AND domain IS NOT NULL",
             params![from, to],
         )
-        .map_err(QueueError::sqlite("cannot re-route remote recipients"))?;
+        .map_err(StoreError::sqlite("cannot re-route remote recipients"))?;
     tx.commit()
-        .map_err(QueueError::sqlite("cannot commit routes"))?;
+        .map_err(StoreError::sqlite("cannot commit routes"))?;
     Ok(changes)
 }
 
@@ -787,7 +788,7 @@ mod tests {
 
     fn queue() -> (tempfile::TempDir, Connection) {
         let dir = tempfile::tempdir().unwrap();
-        let conn = crate::queue::open_direct(dir.path()).unwrap();
+        let conn = crate::store::open_direct(dir.path()).unwrap();
         (dir, conn)
     }
 

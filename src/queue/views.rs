@@ -8,7 +8,7 @@ use std::time::SystemTime;
 
 use rusqlite::{Connection, params};
 
-use super::QueueError;
+use super::StoreError;
 use crate::timefmt::parse_sql_timestamp;
 
 /// One waiting recipient, with its message, as `queue list` shows it.
@@ -45,7 +45,7 @@ pub fn list_page(
     conn: &Connection,
     after: &str,
     limit: usize,
-) -> Result<Vec<ListedRecipient>, QueueError> {
+) -> Result<Vec<ListedRecipient>, StoreError> {
     let mut statement = conn
         .prepare_cached(
             "SELECT m.id, m.size, m.received_at, m.sender, r.address, r.status, r.attempts,
@@ -56,7 +56,7 @@ pub fn list_page(
              WHERE r.status IN ('queued', 'delivering')
              ORDER BY m.id, r.id",
         )
-        .map_err(QueueError::sqlite("cannot list the queue"))?;
+        .map_err(StoreError::sqlite("cannot list the queue"))?;
     let rows = statement
         .query_map(params![after, limit as i64], |row| {
             Ok(ListedRecipient {
@@ -71,23 +71,23 @@ pub fn list_page(
                 last_reply: row.get(8)?,
             })
         })
-        .map_err(QueueError::sqlite("cannot list the queue"))?;
+        .map_err(StoreError::sqlite("cannot list the queue"))?;
     rows.collect::<rusqlite::Result<_>>()
-        .map_err(QueueError::sqlite("cannot list the queue"))
+        .map_err(StoreError::sqlite("cannot list the queue"))
 }
 
 /// Messages in the queue and recipients waiting, counted from indexes.
-pub fn totals(conn: &Connection) -> Result<(i64, i64), QueueError> {
+pub fn totals(conn: &Connection) -> Result<(i64, i64), StoreError> {
     let messages: i64 = conn
         .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
-        .map_err(QueueError::sqlite("cannot count messages"))?;
+        .map_err(StoreError::sqlite("cannot count messages"))?;
     let recipients: i64 = conn
         .query_row(
             "SELECT count(*) FROM recipients WHERE status IN ('queued', 'delivering')",
             [],
             |r| r.get(0),
         )
-        .map_err(QueueError::sqlite("cannot count recipients"))?;
+        .map_err(StoreError::sqlite("cannot count recipients"))?;
     Ok((messages, recipients))
 }
 
@@ -127,10 +127,10 @@ pub struct ShapeRow {
 }
 
 /// The shape, busiest destination first.
-pub fn shape(conn: &Connection, now: SystemTime) -> Result<Vec<ShapeRow>, QueueError> {
+pub fn shape(conn: &Connection, now: SystemTime) -> Result<Vec<ShapeRow>, StoreError> {
     let mut statement = conn
         .prepare(&shape_sql(now))
-        .map_err(QueueError::sqlite("cannot read the queue's shape"))?;
+        .map_err(StoreError::sqlite("cannot read the queue's shape"))?;
     let cells = statement
         .query_map([], |row| {
             Ok((
@@ -139,9 +139,9 @@ pub fn shape(conn: &Connection, now: SystemTime) -> Result<Vec<ShapeRow>, QueueE
                 row.get::<_, i64>(2)?,
             ))
         })
-        .map_err(QueueError::sqlite("cannot read the queue's shape"))?
+        .map_err(StoreError::sqlite("cannot read the queue's shape"))?
         .collect::<rusqlite::Result<Vec<_>>>()
-        .map_err(QueueError::sqlite("cannot read the queue's shape"))?;
+        .map_err(StoreError::sqlite("cannot read the queue's shape"))?;
     let mut rows: Vec<ShapeRow> = Vec::new();
     for (destination, bucket, count) in cells {
         let index = usize::try_from(bucket).unwrap_or(0).min(AGE_BUCKETS.len());

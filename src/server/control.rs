@@ -26,6 +26,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::store::data_dir::CONTROL_SOCKET;
+
 /// The control thread's stack.
 const CONTROL_STACK: usize = 512 * 1024;
 
@@ -43,8 +45,6 @@ pub trait Controls: Send + Sync + 'static {
     /// returns what was loaded, a line for each part.
     fn reload(&self) -> Result<Vec<String>, String>;
 }
-
-pub const CONTROL_SOCKET: &str = "control.sock";
 
 pub struct ControlSocket {
     path: PathBuf,

@@ -26,12 +26,8 @@ use super::limits::ConnectionLimits;
 use crate::config::Config;
 use crate::printable::escape;
 use crate::protocol::session::{ListenerKind, LocalUser};
+use crate::store::data_dir::{MAILDROP, PUBLIC_DIR, REFUSED_DIR, SUBMIT_SOCKET};
 
-pub const PUBLIC_DIR: &str = "public";
-pub const SOCKET: &str = "submit.sock";
-pub const MAILDROP: &str = "maildrop";
-/// Maildrop files that could not be accepted, kept for the operator.
-pub const REFUSED_DIR: &str = "maildrop-refused";
 /// How often the maildrop is looked at while the server runs (files land
 /// there only when the socket could not be reached).
 const PICKUP_INTERVAL: Duration = Duration::from_secs(30);
@@ -42,7 +38,7 @@ const REPLAY_DEADLINE: Duration = Duration::from_secs(60);
 const STALE_TEMPORARY: Duration = Duration::from_secs(3600);
 
 pub fn socket_path(data_dir: &Path) -> PathBuf {
-    data_dir.join(PUBLIC_DIR).join(SOCKET)
+    data_dir.join(PUBLIC_DIR).join(SUBMIT_SOCKET)
 }
 
 pub fn maildrop_path(data_dir: &Path) -> PathBuf {
@@ -392,7 +388,7 @@ fn pickup_one(
 /// not try it again.
 fn set_aside(context: &ServerContext, path: &Path) -> io::Result<PathBuf> {
     let refused = context.config.data_dir.join(REFUSED_DIR);
-    crate::queue::create_private_dir(&refused)?;
+    crate::store::data_dir::create_private_dir(&refused)?;
     let target = refused.join(path.file_name().unwrap_or_default());
     fs::rename(path, &target)?;
     Ok(target)

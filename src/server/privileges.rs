@@ -268,8 +268,8 @@ fn hand_over_dir(
     let path = dir.path();
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
     let leave_contents = match depth {
-        1 => name == crate::server::local::REFUSED_DIR,
-        2 => name == crate::server::local::MAILDROP,
+        1 => name == crate::store::data_dir::REFUSED_DIR,
+        2 => name == crate::store::data_dir::MAILDROP,
         // Only the Maildir tree goes four deep.
         3 => !is_under_mail(path),
         4 => true,

@@ -21,10 +21,10 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::Config;
+use crate::store::data_dir::TLS_DIR;
 use crate::watched::{FileStamp, Watched};
 
-/// Generated certificate and key, when none is configured.
-const GENERATED_DIR: &str = "tls";
+/// Generated certificate and key (in [`TLS_DIR`]), when none is configured.
 const GENERATED_CERT: &str = "selfsigned-cert.pem";
 const GENERATED_KEY: &str = "selfsigned-key.pem";
 
@@ -185,7 +185,7 @@ fn build_server_config(cert_path: &Path, key_path: &Path) -> Result<Arc<ServerCo
 
 /// Returns the generated pair's paths, creating it if needed.
 fn ensure_self_signed(data_dir: &Path, hostname: &str) -> Result<(PathBuf, PathBuf), TlsError> {
-    let dir = data_dir.join(GENERATED_DIR);
+    let dir = data_dir.join(TLS_DIR);
     let cert_path = dir.join(GENERATED_CERT);
     let key_path = dir.join(GENERATED_KEY);
     if cert_path.exists() && key_path.exists() {
@@ -195,7 +195,7 @@ fn ensure_self_signed(data_dir: &Path, hostname: &str) -> Result<(PathBuf, PathB
         );
         return Ok((cert_path, key_path));
     }
-    crate::queue::create_private_dir(&dir)
+    crate::store::data_dir::create_private_dir(&dir)
         .map_err(|e| TlsError(format!("cannot create {}: {e}", dir.display())))?;
     let mut names = vec![hostname.to_string()];
     if hostname != "localhost" {

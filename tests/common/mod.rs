@@ -39,7 +39,7 @@ fn password_hash() -> &'static str {
 /// does); accounts that exist already are left as they are.
 pub fn add_accounts(data_dir: &Path, addresses: &[&str]) {
     use petrel::auth::accounts::{self, AccountError};
-    let conn = petrel::queue::open_direct(data_dir).unwrap();
+    let conn = petrel::store::open_direct(data_dir).unwrap();
     for address in addresses {
         match accounts::add(&conn, address, password_hash()) {
             Ok(()) | Err(AccountError::AlreadyExists(_)) => {}

@@ -7,7 +7,7 @@ use std::time::Duration;
 use rusqlite::Connection;
 use rusqlite::config::DbConfig;
 
-use super::QueueError;
+use super::StoreError;
 
 /// SQLite's page cache per connection, in KiB. The default (2 MiB) for
 /// the writer and every pooled reader was 2.3 MB of the server's peak
@@ -66,7 +66,7 @@ const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 
 /// Opens (creating if needed) and migrates. Every connection gets WAL and
 /// `synchronous=FULL`: a commit is on disk when it returns.
-pub fn open(path: &Path) -> Result<Connection, QueueError> {
+pub fn open(path: &Path) -> Result<Connection, StoreError> {
     create_private_file(path)?;
     let conn = open_connection(path)?;
     migrate(&conn, path)?;
@@ -77,7 +77,7 @@ pub fn open(path: &Path) -> Result<Connection, QueueError> {
 /// The database holds all queued mail and the password hashes: it is
 /// created readable by petrel's user only (SQLite gives its -wal and -shm
 /// files the same mode), whatever the umask.
-fn create_private_file(path: &Path) -> Result<(), QueueError> {
+fn create_private_file(path: &Path) -> Result<(), StoreError> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let created = std::fs::OpenOptions::new()
         .write(true)
@@ -97,13 +97,13 @@ fn create_private_file(path: &Path) -> Result<(), QueueError> {
     match result {
         Ok(_) => Ok(()),
         Err(error) if error.kind() == std::io::ErrorKind::PermissionDenied => {
-            Err(QueueError::new(format!(
+            Err(StoreError::new(format!(
                 "cannot open {}: permission denied; the queue is private to root and \
                  the user petrel runs as (try sudo)",
                 path.display()
             )))
         }
-        Err(error) => Err(QueueError::new(format!(
+        Err(error) => Err(StoreError::new(format!(
             "cannot create {}: {error}",
             path.display()
         ))),
@@ -113,10 +113,10 @@ fn create_private_file(path: &Path) -> Result<(), QueueError> {
 /// Freed pages go back to the filesystem (a periodic incremental vacuum
 /// in the writer), so queue.db shrinks after the queue drains. A database
 /// made before this needs one full VACUUM to switch; it is done here, once.
-fn ensure_incremental_vacuum(conn: &Connection, path: &Path) -> Result<(), QueueError> {
+fn ensure_incremental_vacuum(conn: &Connection, path: &Path) -> Result<(), StoreError> {
     let mode: i64 = conn
         .query_row("PRAGMA auto_vacuum", [], |row| row.get(0))
-        .map_err(QueueError::sqlite("cannot read auto_vacuum"))?;
+        .map_err(StoreError::sqlite("cannot read auto_vacuum"))?;
     if mode == 2 {
         return Ok(());
     }
@@ -125,25 +125,25 @@ fn ensure_incremental_vacuum(conn: &Connection, path: &Path) -> Result<(), Queue
         path.display()
     );
     conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL; VACUUM;")
-        .map_err(QueueError::sqlite(format!(
+        .map_err(StoreError::sqlite(format!(
             "cannot switch {} to incremental vacuum",
             path.display()
         )))
 }
 
-pub fn open_connection(path: &Path) -> Result<Connection, QueueError> {
+pub fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     let context = |what: &str| format!("{what} {}", path.display());
-    let conn = Connection::open(path).map_err(QueueError::sqlite(context("cannot open")))?;
+    let conn = Connection::open(path).map_err(StoreError::sqlite(context("cannot open")))?;
     conn.busy_timeout(BUSY_TIMEOUT)
-        .map_err(QueueError::sqlite(context("cannot configure")))?;
+        .map_err(StoreError::sqlite(context("cannot configure")))?;
     // Takes effect only on a new, empty database, and must come before
     // the switch to WAL writes its first page; older ones are converted
     // once by `ensure_incremental_vacuum`.
     conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")
-        .map_err(QueueError::sqlite(context("cannot configure")))?;
-    let mode = switch_to_wal(&conn).map_err(QueueError::sqlite(context("cannot switch to WAL")))?;
+        .map_err(StoreError::sqlite(context("cannot configure")))?;
+    let mode = switch_to_wal(&conn).map_err(StoreError::sqlite(context("cannot switch to WAL")))?;
     if !mode.eq_ignore_ascii_case("wal") {
-        return Err(QueueError::new(format!(
+        return Err(StoreError::new(format!(
             "{}: journal mode is {mode}, WAL is required",
             path.display()
         )));
@@ -154,7 +154,7 @@ pub fn open_connection(path: &Path) -> Result<Connection, QueueError> {
          PRAGMA cache_size = -{CACHE_KIB};
          PRAGMA cache_spill = {SPILL_PAGES};"
     ))
-    .map_err(QueueError::sqlite(context("cannot configure")))?;
+    .map_err(StoreError::sqlite(context("cannot configure")))?;
     // Plans never depend on bound values. Otherwise SQLite recompiles a
     // statement each time a value it planned with is bound anew, and in the
     // SQLite we bundle a bound LIMIT is one: the scheduler's claims, which
@@ -162,7 +162,7 @@ pub fn open_connection(path: &Path) -> Result<Connection, QueueError> {
     // writer's time). Our hot statements name their index; none needs a
     // value to choose one.
     conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
-        .map_err(QueueError::sqlite(context("cannot configure")))?;
+        .map_err(StoreError::sqlite(context("cannot configure")))?;
     Ok(conn)
 }
 
@@ -189,8 +189,8 @@ fn switch_to_wal(conn: &Connection) -> rusqlite::Result<String> {
     }
 }
 
-fn migrate(conn: &Connection, path: &Path) -> Result<(), QueueError> {
-    let failed = |what: String| QueueError::sqlite(format!("{what} {}", path.display()));
+fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let failed = |what: String| StoreError::sqlite(format!("{what} {}", path.display()));
     conn.execute_batch("BEGIN IMMEDIATE")
         .map_err(failed("cannot lock for migration:".into()))?;
     let migrated = (|| {
@@ -198,7 +198,7 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), QueueError> {
             .query_row("PRAGMA user_version", [], |row| row.get(0))
             .map_err(failed("cannot read schema version of".into()))?;
         if version > SCHEMA_VERSION {
-            return Err(QueueError::new(format!(
+            return Err(StoreError::new(format!(
                 "{} has schema version {version}, but this petrel knows only up to \
                  {SCHEMA_VERSION}; it was written by a newer petrel",
                 path.display()

@@ -1,23 +1,23 @@
-//! The one thread that writes to the queue. Requests that arrive while a
+//! The one thread that writes to the store. Requests that arrive while a
 //! commit is in progress are gathered into the next transaction, so many
 //! sessions finishing at once share one fsync (group commit). Each request
 //! runs inside its own savepoint: one failing write never fails the others.
+//! What a request writes is its owner's business: the writer runs the
+//! closure it was handed and knows only how durable its commit must be.
 
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use rusqlite::{Connection, TransactionBehavior, params};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use rusqlite::{Connection, TransactionBehavior};
 
-use super::delivery::{self, ClaimLimits, Claimed, DeliveryReport};
-use super::{NewMessage, QueueError, QueueStats};
-use crate::auth::accounts::{self, LoginEvent};
-use crate::envelope::Route;
+use super::{StoreError, StoreStats};
 use crate::timefmt::sql_timestamp;
 
-/// Sessions waiting to be committed; beyond this, senders wait, which is
+/// Requests waiting to be committed; beyond this, senders wait, which is
 /// the back-pressure we want when the disk is slower than the network.
 pub const CHANNEL_CAPACITY: usize = 1024;
 
@@ -31,37 +31,82 @@ const FREE_PAGES_KEPT: i64 = 256;
 /// ... and at most this many per step, so a step is short (8 MiB at 4 KiB).
 const PAGES_PER_STEP: i64 = 2048;
 
-pub enum WriteOp {
-    Insert(Box<NewMessage>),
-    /// Take due recipients for delivery (see [`delivery::claim_due`]).
-    Claim(ClaimLimits),
-    Record(Box<DeliveryReport>),
-    /// Put recipients stuck "delivering" back: these, or all when `None`;
-    /// due at `retry_at` if given, else when they were due before.
-    Requeue {
-        ids: Option<Vec<i64>>,
-        retry_at: Option<String>,
-    },
-    /// A destination's waiting recipients wait until `until`.
-    BackOff {
-        destination: String,
-        until: String,
-    },
-    /// A login, for `petrel user list` (accounts live in this database).
-    Login(Box<LoginEvent>),
-    /// An MTA-STS policy just fetched, replacing its domain's.
-    StorePolicy(Box<crate::mta_sts::Policy>),
+/// How durable a write's commit must be, decided by the write's owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Commit {
+    /// A new message: on disk before the call returns (the 250 promises
+    /// it), and counted in [`StoreStats::messages`].
+    NewMail,
+    /// On disk before the call returns.
+    Durable,
+    /// May wait for a later commit's sync, [`SYNC_WITHIN`] at most: for
+    /// writes whose loss in a power cut loses no mail (a claim, a delivery
+    /// outcome: the message is tried, or delivered, again).
+    Deferrable,
 }
 
-pub enum WriteOutput {
-    Done,
-    Claimed(Claimed),
-    Count(usize),
+/// What the writer does with a write's outcome once the transaction ends:
+/// tell whoever is waiting.
+type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+/// An owner's write, with the answer to give when it is done.
+trait Job: Send {
+    /// Runs the write; says whether it succeeded (else its savepoint is
+    /// rolled back) and how to answer once the commit is known.
+    fn run(self: Box<Self>, conn: &Connection, now: &str) -> (bool, Reply);
+    /// Answers without running: the transaction could not begin.
+    fn refuse(self: Box<Self>, error: StoreError);
+}
+
+struct TypedJob<T, W, A> {
+    work: W,
+    answer: A,
+    output: PhantomData<fn() -> T>,
+}
+
+impl<T, W, A> Job for TypedJob<T, W, A>
+where
+    T: Send + 'static,
+    W: FnOnce(&Connection, &str) -> Result<T, StoreError> + Send,
+    A: FnOnce(Result<T, StoreError>) + Send + 'static,
+{
+    fn run(self: Box<Self>, conn: &Connection, now: &str) -> (bool, Reply) {
+        let TypedJob { work, answer, .. } = *self;
+        let result = work(conn, now);
+        let succeeded = result.is_ok();
+        (
+            succeeded,
+            Box::new(move |committed| answer(committed.and(result))),
+        )
+    }
+
+    fn refuse(self: Box<Self>, error: StoreError) {
+        (self.answer)(Err(error));
+    }
 }
 
 pub struct WriteRequest {
-    pub op: WriteOp,
-    pub done: Sender<Result<WriteOutput, QueueError>>,
+    commit: Commit,
+    job: Box<dyn Job>,
+}
+
+impl WriteRequest {
+    /// `answer` gets the write's result, or the transaction's error, once
+    /// the transaction has ended.
+    pub fn new<T: Send + 'static>(
+        commit: Commit,
+        work: impl FnOnce(&Connection, &str) -> Result<T, StoreError> + Send + 'static,
+        answer: impl FnOnce(Result<T, StoreError>) + Send + 'static,
+    ) -> WriteRequest {
+        WriteRequest {
+            commit,
+            job: Box::new(TypedJob {
+                work,
+                answer,
+                output: PhantomData,
+            }),
+        }
+    }
 }
 
 /// What the writer thread receives.
@@ -75,15 +120,15 @@ pub enum Request {
 pub fn spawn(
     conn: Connection,
     requests: Receiver<Request>,
-    stats: Arc<QueueStats>,
-) -> Result<JoinHandle<()>, QueueError> {
+    stats: Arc<StoreStats>,
+) -> Result<JoinHandle<()>, StoreError> {
     std::thread::Builder::new()
-        .name("queue-writer".into())
+        .name("store-writer".into())
         .spawn(move || run(conn, requests, stats))
-        .map_err(|e| QueueError::new(format!("cannot start queue writer thread: {e}")))
+        .map_err(|e| StoreError::new(format!("cannot start the store's writer thread: {e}")))
 }
 
-fn run(mut conn: Connection, requests: Receiver<Request>, stats: Arc<QueueStats>) {
+fn run(mut conn: Connection, requests: Receiver<Request>, stats: Arc<StoreStats>) {
     let mut stopping = false;
     let mut durability = Durability::new(&conn);
     let mut last_maintenance = Instant::now();
@@ -111,11 +156,7 @@ fn run(mut conn: Connection, requests: Receiver<Request>, stats: Arc<QueueStats>
                 Err(_) => break,
             }
         }
-        let results = commit_batch(&mut conn, &batch, &stats, &mut durability);
-        for (request, result) in batch.into_iter().zip(results) {
-            // A session that gave up waiting is gone; nothing to tell it.
-            let _ = request.done.send(result);
-        }
+        commit_batch(&mut conn, batch, &stats, &mut durability);
     }
     durability.sync_now(&stats);
 }
@@ -127,7 +168,7 @@ fn reclaim_space(conn: &Connection) {
     let free: i64 = match conn.query_row("PRAGMA freelist_count", [], |row| row.get(0)) {
         Ok(free) => free,
         Err(error) => {
-            log::warn!("queue: cannot read the free page count: {error}");
+            log::warn!("store: cannot read the free page count: {error}");
             return;
         }
     };
@@ -143,7 +184,7 @@ fn reclaim_space(conn: &Connection) {
         Ok(())
     });
     if let Err(error) = vacuumed {
-        log::warn!("queue: incremental vacuum failed: {error}");
+        log::warn!("store: incremental vacuum failed: {error}");
         return;
     }
     // Readers may hold the WAL; a checkpoint that cannot finish now is
@@ -154,27 +195,31 @@ fn reclaim_space(conn: &Connection) {
 /// Runs one request inside a savepoint, so its failure undoes only its own
 /// writes. The savepoint statements are prepared once (SQLite would parse
 /// them anew for every request otherwise).
-fn in_savepoint(
-    conn: &Connection,
-    work: impl FnOnce() -> Result<WriteOutput, QueueError>,
-) -> Result<WriteOutput, QueueError> {
+fn in_savepoint(conn: &Connection, job: Box<dyn Job>, now: &str) -> (bool, Reply) {
     let run = |sql: &str| {
         conn.prepare_cached(sql)
             .and_then(|mut statement| statement.execute([]))
             .map(|_| ())
     };
-    run("SAVEPOINT request").map_err(QueueError::sqlite("cannot open savepoint"))?;
-    match work() {
-        Ok(output) => {
-            run("RELEASE request").map_err(QueueError::sqlite("cannot release savepoint"))?;
-            Ok(output)
-        }
-        Err(error) => {
-            let _ = run("ROLLBACK TO request");
-            let _ = run("RELEASE request");
-            Err(error)
+    if let Err(error) = run("SAVEPOINT request") {
+        job.refuse(StoreError::new(format!("cannot open savepoint: {error}")));
+        return (false, Box::new(|_| {}));
+    }
+    let (succeeded, reply) = job.run(conn, now);
+    if succeeded {
+        match run("RELEASE request") {
+            Ok(()) => return (true, reply),
+            Err(error) => {
+                let error = StoreError::new(format!("cannot release savepoint: {error}"));
+                let _ = run("ROLLBACK TO request");
+                let _ = run("RELEASE request");
+                return (false, Box::new(move |_| reply(Err(error))));
+            }
         }
     }
+    let _ = run("ROLLBACK TO request");
+    let _ = run("RELEASE request");
+    (false, reply)
 }
 
 /// How long a delivery's outcome may stay written but unsynced: after
@@ -224,12 +269,15 @@ impl Durability {
         }
     }
 
-    fn for_batch(&self, batch: &[WriteRequest]) -> SyncSetting {
-        let deferrable = |op: &WriteOp| matches!(op, WriteOp::Claim(_) | WriteOp::Record(_));
+    fn for_batch(&self, commits: impl IntoIterator<Item = Commit>) -> SyncSetting {
         let overdue = self
             .unsynced_since
             .is_some_and(|since| since.elapsed() >= SYNC_WITHIN);
-        if !overdue && batch.iter().all(|request| deferrable(&request.op)) {
+        if !overdue
+            && commits
+                .into_iter()
+                .all(|commit| commit == Commit::Deferrable)
+        {
             SyncSetting::Deferred
         } else {
             SyncSetting::Durable
@@ -238,7 +286,7 @@ impl Durability {
 
     /// Sets `wanted` on the connection, before the transaction: a commit
     /// that must be durable never runs on a setting we are unsure of.
-    fn set(&mut self, conn: &Connection, wanted: SyncSetting) -> Result<(), QueueError> {
+    fn set(&mut self, conn: &Connection, wanted: SyncSetting) -> Result<(), StoreError> {
         if self.setting == Some(wanted) {
             return Ok(());
         }
@@ -249,7 +297,7 @@ impl Durability {
         };
         conn.prepare_cached(pragma)
             .and_then(|mut statement| statement.execute([]))
-            .map_err(QueueError::sqlite("cannot set the commit's durability"))?;
+            .map_err(StoreError::sqlite("cannot set the commit's durability"))?;
         self.setting = Some(wanted);
         Ok(())
     }
@@ -277,7 +325,7 @@ impl Durability {
     /// Syncs the WAL if a commit waits for it, counted in `stats`. On
     /// failure the next commit is durable (the wait is over), which syncs
     /// it all the same.
-    fn sync_now(&mut self, stats: &QueueStats) {
+    fn sync_now(&mut self, stats: &StoreStats) {
         if self.unsynced_since.is_none() || self.sync_failed {
             return;
         }
@@ -296,7 +344,7 @@ impl Durability {
                 self.unsynced_since = None;
             }
             Err(error) => {
-                log::warn!("queue: cannot sync {}: {error}", wal.display());
+                log::warn!("store: cannot sync {}: {error}", wal.display());
                 self.sync_failed = true;
             }
         }
@@ -305,37 +353,46 @@ impl Durability {
 
 fn commit_batch(
     conn: &mut Connection,
-    batch: &[WriteRequest],
-    stats: &QueueStats,
+    batch: Vec<WriteRequest>,
+    stats: &StoreStats,
     durability: &mut Durability,
-) -> Vec<Result<WriteOutput, QueueError>> {
-    let fail_all = |error: QueueError| {
-        log::error!("queue: {error}");
-        batch
-            .iter()
-            .map(|_| Err(QueueError::new(error.to_string())))
-            .collect()
+) {
+    let refuse_all = |batch: Vec<WriteRequest>, error: StoreError| {
+        log::error!("store: {error}");
+        for request in batch {
+            request.job.refuse(StoreError::new(error.to_string()));
+        }
     };
-    let setting = durability.for_batch(batch);
+    let setting = durability.for_batch(batch.iter().map(|request| request.commit));
     if let Err(error) = durability.set(conn, setting) {
-        return fail_all(error);
+        return refuse_all(batch, error);
     }
     let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
-        Err(e) => return fail_all(QueueError::new(format!("cannot begin transaction: {e}"))),
+        Err(e) => {
+            return refuse_all(
+                batch,
+                StoreError::new(format!("cannot begin transaction: {e}")),
+            );
+        }
     };
     let now = sql_timestamp(SystemTime::now());
-    let mut results = Vec::with_capacity(batch.len());
+    let mut replies = Vec::with_capacity(batch.len());
     let mut inserted = 0u64;
     for request in batch {
-        let result = in_savepoint(&tx, || apply(&tx, &request.op, &now));
-        if result.is_ok() && matches!(request.op, WriteOp::Insert(_)) {
+        let (succeeded, reply) = in_savepoint(&tx, request.job, &now);
+        if succeeded && request.commit == Commit::NewMail {
             inserted += 1;
         }
-        results.push(result);
+        replies.push(reply);
     }
     if let Err(e) = tx.commit() {
-        return fail_all(QueueError::new(format!("commit failed: {e}")));
+        let error = StoreError::new(format!("commit failed: {e}"));
+        log::error!("store: {error}");
+        for reply in replies {
+            reply(Err(StoreError::new(error.to_string())));
+        }
+        return;
     }
     durability.committed(setting);
     stats.commits.fetch_add(1, Ordering::Relaxed);
@@ -346,100 +403,15 @@ fn commit_batch(
         stats.insert_commits.fetch_add(1, Ordering::Relaxed);
         stats.messages.fetch_add(inserted, Ordering::Relaxed);
     }
-    results
-}
-
-fn apply(conn: &Connection, op: &WriteOp, now: &str) -> Result<WriteOutput, QueueError> {
-    match op {
-        WriteOp::Insert(message) => insert_message(conn, message, now).map(|()| WriteOutput::Done),
-        WriteOp::Claim(limits) => delivery::claim_due(conn, now, limits).map(WriteOutput::Claimed),
-        WriteOp::Record(report) => delivery::record(conn, report, now).map(|()| WriteOutput::Done),
-        WriteOp::BackOff { destination, until } => {
-            delivery::back_off(conn, destination, until, now).map(WriteOutput::Count)
-        }
-        WriteOp::Login(event) => accounts::record(conn, event, now)
-            .map(|()| WriteOutput::Done)
-            .map_err(QueueError::sqlite("cannot record a login")),
-        WriteOp::StorePolicy(policy) => {
-            crate::mta_sts::store(conn, policy, now).map(|()| WriteOutput::Done)
-        }
-        WriteOp::Requeue { ids, retry_at } => {
-            delivery::requeue(conn, ids.as_deref(), now, retry_at.as_deref())
-                .map(WriteOutput::Count)
-        }
+    for reply in replies {
+        reply(Ok(()));
     }
-}
-
-pub fn insert_message(
-    conn: &Connection,
-    message: &NewMessage,
-    now: &str,
-) -> Result<(), QueueError> {
-    let id = message.id.as_str();
-    if message.recipients.is_empty() {
-        return Err(QueueError::new(format!("{id}: message has no recipients")));
-    }
-    let content_id = super::content::store(conn, id, &message.content)?;
-    conn.prepare_cached(
-        "INSERT INTO messages (id, received_at, sender, kind, listener, client_ip, helo, auth_user,
-                               eight_bit, smtputf8, size, dsn_ret, dsn_envid, content_id,
-                               auth_label)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
-    )
-    .and_then(|mut insert| {
-        insert.execute(params![
-            id,
-            now,
-            message.sender,
-            message.kind.as_str(),
-            message.listener,
-            message.client_ip.map(|ip| ip.to_string()),
-            message.helo,
-            message.auth_user,
-            message.eight_bit,
-            message.smtputf8,
-            message.content.len() as i64,
-            message.ret.map(|r| r.as_str()),
-            message.envid,
-            content_id,
-            message.auth_label,
-        ])
-    })
-    .map_err(QueueError::sqlite(format!("{id}: cannot insert message")))?;
-    let mut insert = conn
-        .prepare_cached(
-            "INSERT INTO recipients (message_id, address, original_address, status,
-                                     next_attempt_at, updated_at, route, mailbox, domain,
-                                     notify, orcpt)
-             VALUES (?1, ?2, ?3, 'queued', ?4, ?4, ?5, ?6, ?7, ?8, ?9)",
-        )
-        .map_err(QueueError::sqlite("cannot prepare recipient insert"))?;
-    for recipient in &message.recipients {
-        let mailbox = match &recipient.route {
-            Route::Local { mailbox } => Some(mailbox.as_str()),
-            _ => None,
-        };
-        insert
-            .execute(params![
-                id,
-                recipient.address,
-                recipient.original,
-                now,
-                recipient.route.kind(),
-                mailbox,
-                recipient.domain,
-                recipient.notify.map(|n| n.to_param()),
-                recipient.orcpt,
-            ])
-            .map_err(QueueError::sqlite(format!("{id}: cannot insert recipient")))?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::delivery::ClaimLimits;
+    use rusqlite::params;
 
     fn pages(conn: &Connection, pragma: &str) -> i64 {
         conn.query_row(&format!("PRAGMA {pragma}"), [], |r| r.get(0))
@@ -455,57 +427,112 @@ mod tests {
         }
     }
 
-    #[test]
-    fn claims_commit_without_waiting_for_the_disk_and_are_synced_soon_after() {
-        let dir = tempfile::tempdir().unwrap();
-        let queue = crate::queue::Queue::open(dir.path()).unwrap();
-        let handle = queue.handle();
-        let stats = handle.stats();
-        handle.requeue_all().unwrap();
-        assert_eq!((stats.commits(), stats.synced_commits()), (1, 1));
-        handle.claim_due(ClaimLimits::rows(10)).unwrap();
-        assert_eq!((stats.commits(), stats.synced_commits()), (2, 1));
-        wait_until("the WAL sync", || stats.wal_syncs() == 1);
-        // Anything but claims and outcomes waits for the disk again.
-        handle.requeue_all().unwrap();
-        assert_eq!((stats.commits(), stats.synced_commits()), (3, 2));
-        queue.close();
+    fn execute(sql: &'static str) -> impl FnOnce(&Connection, &str) -> Result<(), StoreError> {
+        move |conn, _| {
+            conn.execute(sql, [])
+                .map(|_| ())
+                .map_err(StoreError::sqlite(sql))
+        }
     }
 
-    fn request(op: WriteOp) -> WriteRequest {
-        WriteRequest {
-            op,
-            done: crossbeam_channel::bounded(1).0,
-        }
+    #[test]
+    fn deferrable_writes_commit_without_waiting_for_the_disk_and_are_synced_soon_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = super::super::Store::open(dir.path()).unwrap();
+        let handle = store.handle();
+        let stats = handle.stats();
+        handle
+            .write(Commit::Durable, execute("CREATE TABLE t (x)"))
+            .unwrap();
+        assert_eq!((stats.commits(), stats.synced_commits()), (1, 1));
+        handle
+            .write(Commit::Deferrable, execute("INSERT INTO t VALUES (1)"))
+            .unwrap();
+        assert_eq!((stats.commits(), stats.synced_commits()), (2, 1));
+        wait_until("the WAL sync", || stats.wal_syncs() == 1);
+        handle
+            .write(Commit::Durable, execute("INSERT INTO t VALUES (2)"))
+            .unwrap();
+        assert_eq!((stats.commits(), stats.synced_commits()), (3, 2));
+        assert_eq!(stats.messages(), 0);
+        store.close();
+    }
+
+    #[test]
+    fn a_failed_write_undoes_only_its_own_rows_and_each_gets_its_answer_after_the_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_direct(dir.path()).unwrap();
+        conn.execute("CREATE TABLE t (x)", []).unwrap();
+        let (answers, answered) = crossbeam_channel::unbounded();
+        let request = |rows: &'static str, fail: bool| {
+            let answers = answers.clone();
+            WriteRequest::new(
+                Commit::NewMail,
+                move |conn: &Connection, _: &str| {
+                    conn.execute(rows, []).map_err(StoreError::sqlite(rows))?;
+                    if fail {
+                        return Err(StoreError::new("refused"));
+                    }
+                    Ok(rows)
+                },
+                move |result: Result<&'static str, StoreError>| {
+                    answers.send(result.map_err(|e| e.to_string())).unwrap()
+                },
+            )
+        };
+        let batch = vec![
+            request("INSERT INTO t VALUES (1)", false),
+            request("INSERT INTO t VALUES (2), (3)", true),
+            request("INSERT INTO t VALUES (4)", false),
+        ];
+        let stats = StoreStats::default();
+        let mut durability = Durability::new(&conn);
+        commit_batch(&mut conn, batch, &stats, &mut durability);
+        let answers: Vec<_> = answered.try_iter().collect();
+        assert_eq!(
+            answers,
+            [
+                Ok("INSERT INTO t VALUES (1)"),
+                Err("refused".to_string()),
+                Ok("INSERT INTO t VALUES (4)")
+            ]
+        );
+        let rows: Vec<i64> = conn
+            .prepare("SELECT x FROM t ORDER BY x")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(rows, [1, 4]);
+        assert_eq!(
+            (stats.commits(), stats.insert_commits(), stats.messages()),
+            (1, 1, 2)
+        );
     }
 
     #[test]
     fn only_batches_of_claims_and_outcomes_defer_their_sync_and_never_for_long() {
         let dir = tempfile::tempdir().unwrap();
-        let conn = crate::queue::open_direct(dir.path()).unwrap();
+        let conn = crate::store::open_direct(dir.path()).unwrap();
         let mut durability = Durability::new(&conn);
-        let claim = || request(WriteOp::Claim(ClaimLimits::rows(1)));
-        let requeue = || {
-            request(WriteOp::Requeue {
-                ids: None,
-                retry_at: None,
-            })
-        };
+        let claim = || Commit::Deferrable;
+        let requeue = || Commit::Durable;
         assert_eq!(
-            durability.for_batch(&[claim(), claim()]),
+            durability.for_batch([claim(), claim()]),
             SyncSetting::Deferred
         );
         assert_eq!(
-            durability.for_batch(&[claim(), requeue()]),
+            durability.for_batch([claim(), requeue()]),
             SyncSetting::Durable
         );
         durability.committed(SyncSetting::Deferred);
         assert!(durability.wait() <= SYNC_WITHIN);
-        assert_eq!(durability.for_batch(&[claim()]), SyncSetting::Deferred);
+        assert_eq!(durability.for_batch([claim()]), SyncSetting::Deferred);
         // Waited long enough: the next commit syncs, whatever it holds.
         durability.unsynced_since = Instant::now().checked_sub(SYNC_WITHIN);
         assert_eq!(durability.wait(), Duration::ZERO);
-        assert_eq!(durability.for_batch(&[claim()]), SyncSetting::Durable);
+        assert_eq!(durability.for_batch([claim()]), SyncSetting::Durable);
         durability.committed(SyncSetting::Durable);
         assert_eq!(durability.wait(), MAINTENANCE_INTERVAL);
         // The setting on the connection follows.
@@ -522,7 +549,7 @@ mod tests {
     #[test]
     fn a_failed_wal_sync_makes_the_next_commit_durable_without_spinning() {
         let dir = tempfile::tempdir().unwrap();
-        let conn = crate::queue::open_direct(dir.path()).unwrap();
+        let conn = crate::store::open_direct(dir.path()).unwrap();
         let mut durability = Durability::new(&conn);
         // Under a regular file: opening fails, and not as "no WAL".
         let file = dir.path().join("a-file");
@@ -530,18 +557,20 @@ mod tests {
         durability.wal = Some(file.join("queue.db-wal"));
         durability.committed(SyncSetting::Deferred);
         durability.unsynced_since = Instant::now().checked_sub(SYNC_WITHIN);
-        let stats = QueueStats::default();
+        let stats = StoreStats::default();
         durability.sync_now(&stats);
         assert_eq!(stats.wal_syncs(), 0);
         assert_eq!(durability.wait(), MAINTENANCE_INTERVAL, "no busy loop");
-        let claim = request(WriteOp::Claim(ClaimLimits::rows(1)));
-        assert_eq!(durability.for_batch(&[claim]), SyncSetting::Durable);
+        assert_eq!(
+            durability.for_batch([Commit::Deferrable]),
+            SyncSetting::Durable
+        );
     }
 
     #[test]
     fn a_maintenance_step_gives_back_up_to_its_share_of_free_pages() {
         let dir = tempfile::tempdir().unwrap();
-        let conn = crate::queue::open_direct(dir.path()).unwrap();
+        let conn = crate::store::open_direct(dir.path()).unwrap();
         // 16 MiB of content, then gone: 4,096 free pages of 4 KiB.
         let blob = vec![7u8; 1 << 20];
         for _ in 0..16 {
