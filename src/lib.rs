@@ -23,6 +23,7 @@
 //! - [`config`]: the TOML config file, defaults and validation
 //! - [`cli`]: the `petrel` command line
 //! - [`instance`]: a whole running server, started and stopped in order
+//! - [`host`]: what the system says about this host (its own addresses)
 //! - [`safe_fs`]: file operations for root in folders others can write
 //! - [`watched`]: files reloaded when they change on disk
 //! - [`printable`], [`timefmt`]: escaping network text; dates
@@ -37,6 +38,7 @@ pub mod dkim;
 pub mod dns;
 pub mod envelope;
 mod error;
+pub mod host;
 pub mod instance;
 pub mod intake;
 pub mod mailauth;
@@ -52,15 +54,3 @@ pub mod store;
 pub mod timefmt;
 pub mod tls;
 pub mod watched;
-
-/// A small deterministic source of numbers below `bound`, for tests that
-/// try many arbitrary inputs and splits (xorshift64; `seed` not zero).
-#[cfg(test)]
-pub(crate) fn test_numbers(mut seed: u64) -> impl FnMut(usize) -> usize {
-    move |bound: usize| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        (seed % bound as u64) as usize
-    }
-}

@@ -15,14 +15,14 @@ use common::{RawClient, wait_for};
 
 const NOBODY: u32 = 65534;
 
-/// These tests need root (CI runs as root): without it they fail, loudly,
-/// rather than pass having checked nothing.
-fn running_as_root(test: &str) -> bool {
+/// These tests need root: they are ignored unless asked for (`cargo test
+/// -- --ignored`, which CI runs as root), and fail loudly when asked for
+/// without root rather than check nothing.
+fn running_as_root(test: &str) {
     assert!(
         rustix::process::geteuid().is_root(),
         "{test} needs root: it starts petrel as root and attacks it as another user"
     );
-    true
 }
 
 /// A port below 1024 that nothing listens on, on 127.0.0.1.
@@ -118,10 +118,9 @@ fn status_ids(pid: u32) -> Vec<String> {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn started_as_root_the_server_binds_then_serves_as_the_configured_user() {
-    if !running_as_root("started_as_root_the_server_binds_then_serves") {
-        return;
-    }
+    running_as_root("started_as_root_the_server_binds_then_serves");
     let (dir, config, port, _dns) = setup("[server]\nuser = \"nobody\"\n");
     let data_dir = dir.path().join("data");
     // Run by root before the server ever started: the account database is
@@ -213,10 +212,9 @@ fn started_as_root_the_server_binds_then_serves_as_the_configured_user() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_user_that_cannot_be_used_is_a_config_error() {
-    if !running_as_root("a_user_that_cannot_be_used_is_a_config_error") {
-        return;
-    }
+    running_as_root("a_user_that_cannot_be_used_is_a_config_error");
     let (_dir, config, _, _dns) = setup("[server]\nuser = \"no-such-petrel-user\"\n");
     let output = petrel()
         .arg("-c")
@@ -248,10 +246,9 @@ fn a_user_that_cannot_be_used_is_a_config_error() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn check_config_asks_whether_the_user_can_read_what_it_reads_later() {
-    if !running_as_root("check_config_asks_whether_the_user_can_read") {
-        return;
-    }
+    running_as_root("check_config_asks_whether_the_user_can_read");
     let (dir, config, _, _dns) = setup("");
     let secret = dir.path().join("smarthost.pass");
     std::fs::write(&secret, "hunter2\n").unwrap();
@@ -371,10 +368,9 @@ fn plant_symlink(target: &Path, link: &Path) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn root_never_follows_links_the_servers_user_planted_in_data_dir() {
-    if !running_as_root("root_never_follows_links_the_servers_user_planted") {
-        return;
-    }
+    running_as_root("root_never_follows_links_the_servers_user_planted");
     let (dir, config, _port, _dns) = setup("[server]\nuser = \"nobody\"\n");
     let data_dir = dir.path().join("data");
     assert!(add_user(&config).status.success());
@@ -440,10 +436,9 @@ fn root_never_follows_links_the_servers_user_planted_in_data_dir() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_folder_swapped_for_a_link_while_root_walks_gains_nothing() {
-    if !running_as_root("a_folder_swapped_for_a_link_while_root_walks") {
-        return;
-    }
+    running_as_root("a_folder_swapped_for_a_link_while_root_walks");
     let (dir, config, _port, _dns) = setup("[server]\nuser = \"nobody\"\n");
     let data_dir = dir.path().join("data");
     assert!(add_user(&config).status.success());
@@ -497,10 +492,9 @@ fn a_folder_swapped_for_a_link_while_root_walks_gains_nothing() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn the_control_socket_answers_only_the_servers_user_and_root() {
-    if !running_as_root("the_control_socket_answers_only_the_servers_user") {
-        return;
-    }
+    running_as_root("the_control_socket_answers_only_the_servers_user");
     let (dir, config, _port, _dns) = setup("[server]\nuser = \"nobody\"\n");
     let data_dir = dir.path().join("data");
     // Under umask 000 every file would be open to all but for explicit modes.

@@ -125,6 +125,13 @@ pub fn exists(conn: &Connection, address: &str) -> rusqlite::Result<bool> {
     )
 }
 
+/// Every account's address.
+pub fn addresses(conn: &Connection) -> rusqlite::Result<std::collections::HashSet<String>> {
+    let mut statement = conn.prepare("SELECT address FROM users")?;
+    let rows = statement.query_map([], |row| row.get::<_, String>(0))?;
+    rows.collect()
+}
+
 /// An account as a login sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Credentials {

@@ -308,11 +308,5 @@ fn existing_accounts(config: &Config) -> std::collections::HashSet<String> {
     else {
         return Default::default();
     };
-    let Ok(mut statement) = conn.prepare("SELECT address FROM users") else {
-        return Default::default();
-    };
-    statement
-        .query_map([], |row| row.get::<_, String>(0))
-        .map(|rows| rows.filter_map(Result::ok).collect())
-        .unwrap_or_default()
+    crate::auth::accounts::addresses(&conn).unwrap_or_default()
 }

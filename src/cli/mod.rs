@@ -333,10 +333,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
 /// `petrel reload`: SIGHUP's work, asked over the control socket, so that
 /// the answer says what was loaded.
 fn reload(config: &Config) -> Result<(), Failure> {
-    let socket = config.data_dir.join(crate::store::data_dir::CONTROL_SOCKET);
-    if let Err(error) = std::os::unix::net::UnixStream::connect(&socket)
-        && error.kind() == std::io::ErrorKind::PermissionDenied
-    {
+    let socket = crate::server::control::socket_path(&config.data_dir);
+    if crate::server::control::permission_denied(&config.data_dir) {
         return Err(Failure::Runtime(format!(
             "{} is for root and the server's user only (permission denied)",
             socket.display()

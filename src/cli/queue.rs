@@ -12,6 +12,7 @@ use crate::config::Config;
 use crate::delivery::dsn;
 use crate::delivery::outcome::{self, Attempt, Stage};
 use crate::printable::{escape, escape_lines};
+use crate::queue::views::{MessageOrigin, RecipientState};
 use crate::queue::{QueueId, delivery, views};
 use crate::routing;
 use crate::server::control;
@@ -224,31 +225,17 @@ fn show(conn: &Connection, id: &QueueId) -> Result<(), Failure> {
     else {
         return Err(Failure::Runtime(format!("{id}: not in the queue")));
     };
-    #[allow(clippy::type_complexity)]
-    let (received, listener, client, helo, user, app_password): (
-        String,
-        String,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-    ) = conn
-        .query_row(
-            "SELECT received_at, listener, client_ip, helo, auth_user, auth_label
-             FROM messages WHERE id = ?1",
-            [id.as_str()],
-            |row| {
-                Ok((
-                    row.get(0)?,
-                    row.get(1)?,
-                    row.get(2)?,
-                    row.get(3)?,
-                    row.get(4)?,
-                    row.get(5)?,
-                ))
-            },
-        )
-        .map_err(runtime)?;
+    let Some(origin) = views::origin(conn, id.as_str()).map_err(runtime)? else {
+        return Err(Failure::Runtime(format!("{id}: not in the queue")));
+    };
+    let MessageOrigin {
+        received,
+        listener,
+        client,
+        helo,
+        user,
+        app_password,
+    } = origin;
     say!("queue id:  {id}");
     say!("received:  {received} UTC via {listener}");
     if let Some(client) = client {
@@ -262,31 +249,19 @@ fn show(conn: &Connection, id: &QueueId) -> Result<(), Failure> {
     say!("sender:    <{}>", escape(&message.sender));
     say!("size:      {} octets", message.size);
     say!("kind:      {}", message.kind.as_str());
-    let mut statement = conn
-        .prepare(
-            "SELECT address, original_address, status, attempts, next_attempt_at, last_attempt_at,
-                    last_reply, relay
-             FROM recipients WHERE message_id = ?1 ORDER BY id",
-        )
-        .map_err(runtime)?;
-    let rows = statement
-        .query_map([id.as_str()], |row| {
-            Ok((
-                row.get::<_, String>(0)?,
-                row.get::<_, Option<String>>(1)?,
-                row.get::<_, String>(2)?,
-                row.get::<_, i64>(3)?,
-                row.get::<_, String>(4)?,
-                row.get::<_, Option<String>>(5)?,
-                row.get::<_, Option<String>>(6)?,
-                row.get::<_, Option<String>>(7)?,
-            ))
-        })
-        .map_err(runtime)?;
+    let recipients = views::recipients_of(conn, id.as_str()).map_err(runtime)?;
     say!("recipients:");
-    for row in rows {
-        let (address, original, status, attempts, next, last, reply, relay) =
-            row.map_err(runtime)?;
+    for recipient in recipients {
+        let RecipientState {
+            address,
+            original,
+            status,
+            attempts,
+            next,
+            last,
+            reply,
+            relay,
+        } = recipient;
         let original = original
             .map(|o| format!(" (sent to {})", escape(&o)))
             .unwrap_or_default();

@@ -433,7 +433,7 @@ fn own_identity(config: &Config) -> crate::protocol::session::LocalUser {
 fn submit(config: &Config, request: &SendmailRequest) -> Result<(), Failure> {
     let submission = prepare(config, request)?;
     let dialogue = dialogue(&submission);
-    match UnixStream::connect(local::socket_path(&config.data_dir)) {
+    match UnixStream::connect(data_dir::submit_socket(&config.data_dir)) {
         Ok(stream) => {
             let queued = converse(stream, &submission)?;
             if request.verbose {
@@ -451,7 +451,7 @@ fn submit(config: &Config, request: &SendmailRequest) -> Result<(), Failure> {
         }
         Err(error) => Err(Failure::Temporary(format!(
             "cannot reach the petrel server at {}: {error}; the message was not sent",
-            local::socket_path(&config.data_dir).display()
+            data_dir::submit_socket(&config.data_dir).display()
         ))),
     }
 }
@@ -623,7 +623,7 @@ fn drop_off(config: &Config, dialogue: &[u8], verbose: bool) -> Result<(), Failu
 /// `sendmail -bs`: SMTP on standard input and output, passed through to
 /// the server's local socket (what Symfony and Laravel use).
 fn smtp_on_stdio(config: &Config) -> Result<(), Failure> {
-    let stream = match UnixStream::connect(local::socket_path(&config.data_dir)) {
+    let stream = match UnixStream::connect(data_dir::submit_socket(&config.data_dir)) {
         Ok(stream) => stream,
         Err(error) => {
             let mut out = io::stdout().lock();
@@ -632,7 +632,7 @@ fn smtp_on_stdio(config: &Config) -> Result<(), Failure> {
             let _ = out.flush();
             return Err(Failure::Temporary(format!(
                 "cannot reach the petrel server at {}: {error}",
-                local::socket_path(&config.data_dir).display()
+                data_dir::submit_socket(&config.data_dir).display()
             )));
         }
     };

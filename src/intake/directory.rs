@@ -13,8 +13,9 @@ use crate::auth::{Accounts, AuthLimiter, FailureOutcome, Refused, app_passwords}
 use crate::config::Config;
 use crate::dns::{Dns, DnsFailure};
 use crate::envelope::{Recipient, Route};
+use crate::host::assigned_here;
 use crate::mailauth::{self, MessageVerdict, spf::SpfVerdict};
-use crate::policy::outbound::{OutboundPolicy, assigned_here};
+use crate::policy::outbound::OutboundPolicy;
 use crate::policy::{self, DomainStatus, RecipientDecision, RecipientFacts, SenderFacts};
 use crate::printable::escape;
 use crate::protocol::address::{Address, Domain, ReversePath};

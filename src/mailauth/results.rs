@@ -335,7 +335,7 @@ mod tests {
         // whitespace, folding and (nested, escaped) comments, in every
         // case and quoting, must be removed; another id behind the same
         // comments must be kept.
-        let mut pick = crate::test_numbers(0x5eed_ab1e);
+        let mut pick = crate::protocol::test_numbers(0x5eed_ab1e);
         let pieces = [
             " ",
             "\t",

@@ -19,7 +19,8 @@ use rusqlite::{Connection, OptionalExtension};
 use rustls::ClientConfig;
 
 use crate::dns::Dns;
-use crate::policy::outbound::{OutboundPolicy, assigned_here};
+use crate::host::assigned_here;
+use crate::policy::outbound::OutboundPolicy;
 use crate::store::{Commit, ReadPool, StoreError, StoreHandle};
 
 /// RFC 8461 3.2: max_age is at most a year.

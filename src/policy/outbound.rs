@@ -11,7 +11,8 @@
 //! Always refused: petrel's own listening addresses. The configured smart
 //! host is trusted as given and never asked about here.
 //!
-//! Pure, except [`assigned_here`], the one question it asks the system.
+//! Pure: whether an address is this host's own is asked by the caller
+//! ([`crate::host::assigned_here`]).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -97,12 +98,6 @@ impl OutboundPolicy {
             None => Ok(()),
         }
     }
-}
-
-/// Whether `ip` is one of this host's own addresses (for listeners on
-/// 0.0.0.0 or [::]): binding a socket to it succeeds only then.
-pub fn assigned_here(ip: IpAddr) -> bool {
-    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
 fn in_v4(ip: Ipv4Addr, network: [u8; 4], prefix: u32) -> bool {

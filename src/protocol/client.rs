@@ -324,7 +324,7 @@ mod tests {
     fn whole_lines_are_stuffed_exactly_as_octet_by_octet() {
         // Lines of every kind (dots, bare CRs, long ones to fold), split at
         // arbitrary points: the fast path must not change a single octet.
-        let mut next = crate::test_numbers(0x2545_f491_4f6c_dd1d_u64);
+        let mut next = crate::protocol::test_numbers(0x2545_f491_4f6c_dd1d_u64);
         for _ in 0..200 {
             let mut message = Vec::new();
             for _ in 0..next(20) {

@@ -416,7 +416,7 @@ mod tests {
     /// output, where the data ends, the error, and the header summary.
     #[test]
     fn any_split_of_the_input_decodes_alike() {
-        let mut next = crate::test_numbers(0x9e37_79b9_7f4a_7c15_u64);
+        let mut next = crate::protocol::test_numbers(0x9e37_79b9_7f4a_7c15_u64);
         let decode = |input: &[u8],
                       chunks: &mut dyn FnMut(usize) -> usize,
                       limits: (usize, usize),

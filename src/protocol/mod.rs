@@ -13,3 +13,15 @@ pub mod reply;
 pub mod sasl;
 pub mod services;
 pub mod session;
+
+/// A small deterministic source of numbers below `bound`, for tests that
+/// try many arbitrary inputs and splits (xorshift64; `seed` not zero).
+#[cfg(test)]
+pub(crate) fn test_numbers(mut seed: u64) -> impl FnMut(usize) -> usize {
+    move |bound: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % bound as u64) as usize
+    }
+}

@@ -6,9 +6,9 @@
 
 use std::time::SystemTime;
 
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension as _, params};
 
-use super::StoreError;
+use crate::store::StoreError;
 use crate::timefmt::parse_sql_timestamp;
 
 /// One waiting recipient, with its message, as `queue list` shows it.
@@ -166,4 +166,78 @@ pub fn shape(conn: &Connection, now: SystemTime) -> Result<Vec<ShapeRow>, StoreE
             .then(a.destination.cmp(&b.destination))
     });
     Ok(rows)
+}
+/// Where a message came from, as `queue show` tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageOrigin {
+    pub received: String,
+    pub listener: String,
+    pub client: Option<String>,
+    pub helo: Option<String>,
+    pub user: Option<String>,
+    /// The app password `user` logged in with.
+    pub app_password: Option<String>,
+}
+
+/// `None`: no message `id` in the queue.
+pub fn origin(conn: &Connection, id: &str) -> Result<Option<MessageOrigin>, StoreError> {
+    conn.query_row(
+        "SELECT received_at, listener, client_ip, helo, auth_user, auth_label
+         FROM messages WHERE id = ?1",
+        [id],
+        |row| {
+            Ok(MessageOrigin {
+                received: row.get(0)?,
+                listener: row.get(1)?,
+                client: row.get(2)?,
+                helo: row.get(3)?,
+                user: row.get(4)?,
+                app_password: row.get(5)?,
+            })
+        },
+    )
+    .optional()
+    .map_err(StoreError::sqlite(format!("{id}: cannot read the message")))
+}
+
+/// A recipient of a message and where its delivery stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecipientState {
+    pub address: String,
+    /// The RCPT TO address an alias turned into `address`.
+    pub original: Option<String>,
+    pub status: String,
+    pub attempts: i64,
+    pub next: String,
+    pub last: Option<String>,
+    pub reply: Option<String>,
+    pub relay: Option<String>,
+}
+
+/// Every recipient of message `id`, in the order they were given.
+pub fn recipients_of(conn: &Connection, id: &str) -> Result<Vec<RecipientState>, StoreError> {
+    let context = || format!("{id}: cannot read the recipients");
+    let mut statement = conn
+        .prepare(
+            "SELECT address, original_address, status, attempts, next_attempt_at, last_attempt_at,
+                    last_reply, relay
+             FROM recipients WHERE message_id = ?1 ORDER BY id",
+        )
+        .map_err(StoreError::sqlite(context()))?;
+    let rows = statement
+        .query_map([id], |row| {
+            Ok(RecipientState {
+                address: row.get(0)?,
+                original: row.get(1)?,
+                status: row.get(2)?,
+                attempts: row.get(3)?,
+                next: row.get(4)?,
+                last: row.get(5)?,
+                reply: row.get(6)?,
+                relay: row.get(7)?,
+            })
+        })
+        .map_err(StoreError::sqlite(context()))?;
+    rows.collect::<Result<_, _>>()
+        .map_err(StoreError::sqlite(context()))
 }

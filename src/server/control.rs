@@ -185,6 +185,17 @@ fn serve(connection: UnixStream, controls: &dyn Controls) {
     controls.wake();
 }
 
+pub fn socket_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(CONTROL_SOCKET)
+}
+
+/// Whether the control socket of `data_dir` is there but not for us (the
+/// caller is neither root nor the server's user).
+pub fn permission_denied(data_dir: &Path) -> bool {
+    UnixStream::connect(data_dir.join(CONTROL_SOCKET))
+        .is_err_and(|error| error.kind() == io::ErrorKind::PermissionDenied)
+}
+
 /// Wakes the server running on `data_dir`, if any. Returns whether one
 /// was reached.
 pub fn poke(data_dir: &Path) -> bool {

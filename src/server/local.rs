@@ -26,7 +26,7 @@ use super::limits::ConnectionLimits;
 use crate::config::Config;
 use crate::printable::escape;
 use crate::protocol::session::{ListenerKind, LocalUser};
-use crate::store::data_dir::{MAILDROP, PUBLIC_DIR, REFUSED_DIR, SUBMIT_SOCKET};
+use crate::store::data_dir::{self, PUBLIC_DIR, REFUSED_DIR};
 
 /// How often the maildrop is looked at while the server runs (files land
 /// there only when the socket could not be reached).
@@ -37,20 +37,12 @@ const REPLAY_DEADLINE: Duration = Duration::from_secs(60);
 /// is complete) this old was left by a sendmail that died: removed.
 const STALE_TEMPORARY: Duration = Duration::from_secs(3600);
 
-pub fn socket_path(data_dir: &Path) -> PathBuf {
-    data_dir.join(PUBLIC_DIR).join(SUBMIT_SOCKET)
-}
-
-pub fn maildrop_path(data_dir: &Path) -> PathBuf {
-    data_dir.join(PUBLIC_DIR).join(MAILDROP)
-}
-
 /// Creates the public part of `data_dir` with the modes above.
 pub fn prepare(data_dir: &Path) -> io::Result<()> {
     let set = |path: &Path, mode: u32| fs::set_permissions(path, fs::Permissions::from_mode(mode));
     set(data_dir, 0o711)?;
     let public = data_dir.join(PUBLIC_DIR);
-    let maildrop = maildrop_path(data_dir);
+    let maildrop = data_dir::maildrop(data_dir);
     for dir in [&public, &maildrop] {
         if !dir.is_dir() {
             DirBuilder::new().mode(0o700).create(dir)?;
@@ -64,7 +56,7 @@ pub fn prepare(data_dir: &Path) -> io::Result<()> {
 /// one server runs per data_dir).
 pub fn bind(data_dir: &Path) -> io::Result<UnixListener> {
     prepare(data_dir)?;
-    let path = socket_path(data_dir);
+    let path = data_dir::submit_socket(data_dir);
     match fs::remove_file(&path) {
         Ok(()) => {}
         Err(error) if error.kind() == io::ErrorKind::NotFound => {}
@@ -201,7 +193,7 @@ pub fn pickup_loop(
 /// Submits every complete file in the maildrop, each as its owner, until
 /// `stop`; removes what sendmail left half-written long ago.
 pub fn pickup(context: &ServerContext, limits: &Arc<ConnectionLimits>, stop: &Arc<AtomicBool>) {
-    let maildrop = maildrop_path(&context.config.data_dir);
+    let maildrop = data_dir::maildrop(&context.config.data_dir);
     let Ok(entries) = fs::read_dir(&maildrop) else {
         return;
     };

@@ -181,7 +181,7 @@ impl Bound {
 
     /// Binds the local submission socket in `data_dir/public/`.
     pub fn bind_local(&mut self, config: &Config) -> Result<(), StartError> {
-        let local_path = local::socket_path(&config.data_dir);
+        let local_path = crate::store::data_dir::submit_socket(&config.data_dir);
         let local = local::bind(&config.data_dir).map_err(|e| {
             StartError(format!(
                 "cannot listen on the local socket {}: {e}",

@@ -18,7 +18,7 @@
 //! `data_dir` itself is 0711: others may pass through to `public/`, never
 //! list or read.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::StoreError;
 
@@ -38,6 +38,16 @@ pub const CONTROL_SOCKET: &str = "control.sock";
 /// Held while a server runs: two servers on one queue would each think
 /// the other's in-flight deliveries were abandoned.
 pub const LOCK_FILE: &str = "petrel.lock";
+
+/// The local submission socket `sendmail` talks to.
+pub fn submit_socket(data_dir: &Path) -> PathBuf {
+    data_dir.join(PUBLIC_DIR).join(SUBMIT_SOCKET)
+}
+
+/// Where `sendmail` leaves mail while no server runs.
+pub fn maildrop(data_dir: &Path) -> PathBuf {
+    data_dir.join(PUBLIC_DIR).join(MAILDROP)
+}
 
 /// Creates `data_dir` (0700 until the server opens it to 0711).
 pub fn create(data_dir: &Path) -> Result<(), StoreError> {
