@@ -11,6 +11,7 @@ pub mod client;
 pub mod connections;
 pub mod dsn;
 pub mod maildir;
+pub mod next_state;
 pub mod outcome;
 mod remote;
 mod scheduler;

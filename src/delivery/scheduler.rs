@@ -29,6 +29,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender, select};
 
+use super::next_state::backs_off_destination;
 use super::{DeliveryContext, Destination, Job, News, Reach};
 use crate::queue::delivery::{self, ClaimLimits, ClaimedRecipient};
 
@@ -524,17 +525,16 @@ impl Scheduler {
                 } else if reach == Reach::Reached {
                     state.slow_until = None;
                 }
-                match reach {
-                    Reach::Reached => state.window = (state.window + 1).min(maximum),
-                    Reach::Unknown => {}
-                    Reach::Unreachable => {
-                        state.window = 1;
-                        state.more_due = false;
-                        state.backed_off_until = Some(Instant::now() + retry_min);
-                        let waiting: Vec<Job> = state.waiting.drain(..).collect();
-                        let in_flight = state.running;
-                        self.back_off(&destination, waiting, recipients, in_flight, retry_min);
-                    }
+                if reach == Reach::Reached {
+                    state.window = (state.window + 1).min(maximum);
+                }
+                if backs_off_destination(reach) {
+                    state.window = 1;
+                    state.more_due = false;
+                    state.backed_off_until = Some(Instant::now() + retry_min);
+                    let waiting: Vec<Job> = state.waiting.drain(..).collect();
+                    let in_flight = state.running;
+                    self.back_off(&destination, waiting, recipients, in_flight, retry_min);
                 }
                 self.dispatch(&destination);
                 if freed_slow {

@@ -9,15 +9,17 @@ use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::backoff::{random_fraction, retry_delay};
+use super::backoff::random_fraction;
 use super::dsn::{self, NoticeKind, Problem};
-use super::outcome::{self, Attempt, Stage, Verdict};
+use super::next_state::{NextState, RetryLimits, Tried, delay_warning_due, next_state};
+use super::outcome::{self, Attempt, Stage};
 use super::remote::{self, Outbound, RemoteRecipient};
 use super::scheduler::Event;
 use super::{DeliveryContext, Destination, Job, Reach, maildir};
 use crate::config::Config;
 use crate::envelope::{Recipient, Route};
 use crate::printable::escape;
+use crate::queue::NewMessage;
 use crate::queue::content::ContentReader;
 use crate::queue::delivery::{
     self, ClaimedRecipient, DeliveryReport, RecipientStatus, RecipientUpdate, StoredMessage,
@@ -225,135 +227,171 @@ pub fn settle(
     how: &Settlement,
     now: SystemTime,
 ) -> DeliveryReport {
-    let queue = &config.queue;
+    let limits = RetryLimits::of(&config.queue);
     let relay = how.relay;
     let age = now.duration_since(message.received_at).unwrap_or_default();
-    let expires = message.received_at + queue.max_age.get();
     let mut updates = Vec::new();
-    let mut failed = Vec::new();
-    let mut delayed = Vec::new();
-    let mut succeeded = Vec::new();
+    let mut problems = Problems::default();
     for (recipient, attempt) in recipients.iter().zip(attempts) {
-        let attempt_number = recipient.attempts + 1;
-        let notify = recipient.notify();
+        let tried = Tried {
+            verdict: attempt.verdict,
+            earlier_attempts: recipient.attempts,
+            notify: recipient.notify(),
+            relayed: relay != Some("local"),
+            peer_reports: how.peer_reports,
+        };
+        let state = next_state(tried, message.received_at, now, limits, random_fraction());
         let mut reply = attempt.to_string();
-        let (status, word) = match attempt.verdict {
-            Verdict::Delivered => {
-                let relayed = relay != Some("local");
-                if notify.success && !(relayed && how.peer_reports) {
-                    // The sender learns that it arrived, not where our
-                    // Maildirs are on disk.
-                    let diagnostic = if relayed {
-                        reply.clone()
-                    } else {
-                        format!(
-                            "{} {} delivered to the mailbox",
-                            attempt.code, attempt.status
-                        )
-                    };
-                    let mut problem = problem(recipient, &attempt, &diagnostic, relay);
-                    problem.relayed = relayed;
-                    succeeded.push(problem);
-                }
-                (RecipientStatus::Sent, "sent")
-            }
-            Verdict::Permanent => {
-                if notify.failure {
-                    failed.push(problem(recipient, &attempt, &reply, relay));
-                }
-                (RecipientStatus::Bounced, "bounced")
-            }
-            Verdict::Temporary if now >= expires => {
-                reply = format!("{reply} (gave up after {})", short_duration(age));
-                if notify.failure {
-                    failed.push(problem(recipient, &attempt, &reply, relay));
-                }
-                (RecipientStatus::Bounced, "expired")
-            }
-            Verdict::Temporary => {
-                let delay = retry_delay(
-                    attempt_number,
-                    queue.retry_min.get(),
-                    queue.retry_max.get(),
-                    random_fraction(),
-                );
-                // The last try happens at expiry, not a backoff later.
-                let next_attempt = (now + delay).min(expires.max(now));
-                if notify.delay {
-                    delayed.push(problem(recipient, &attempt, &reply, relay));
-                }
-                (RecipientStatus::Deferred { next_attempt }, "deferred")
-            }
-        };
-        let original = recipient
-            .original
-            .as_deref()
-            .map(|o| format!(", orig_to=<{}>", escape(o)))
-            .unwrap_or_default();
-        // As Postfix: said only of a connection that was reused.
-        let conn_use = match how.conn_use {
-            0 | 1 => String::new(),
-            uses => format!(", conn_use={uses}"),
-        };
-        log::info!(
-            "{}: to=<{}>{original}, relay={}{conn_use}, delay={}, attempt={attempt_number}, status={word} ({})",
-            message.id,
-            escape(&recipient.address),
-            escape(relay.unwrap_or("none")),
-            short_duration(age),
-            escape(&reply)
-        );
+        if let NextState::Expired { .. } = state {
+            reply = format!("{reply} (gave up after {})", short_duration(age));
+        }
+        problems.note(state, recipient, &attempt, &reply, relay);
+        log_attempt(message, recipient, how, age, state.word(), &reply);
         updates.push(RecipientUpdate {
             recipient_id: recipient.id,
-            status,
+            status: match state {
+                NextState::Done { .. } => RecipientStatus::Sent,
+                NextState::Retry { at, .. } => RecipientStatus::Deferred { next_attempt: at },
+                NextState::Bounce { .. } | NextState::Expired { .. } => RecipientStatus::Bounced,
+            },
             reply,
             reply_status: attempt.status.clone(),
             relay: relay.map(str::to_string),
         });
     }
-
-    let hostname = &config.hostname;
-    let mut notices = Vec::new();
-    let sender_route = std::cell::OnceCell::new();
-    let notice = |kind, problems: &[Problem], until| {
-        if problems.is_empty() || !dsn::may_notify(message) {
-            return None;
-        }
-        let to = sender_route.get_or_init(|| (how.route_sender)()).clone();
-        dsn::notice(hostname, message, kind, problems, to, now, until)
-    };
-    if let Some(bounce) = notice(NoticeKind::Failed, &failed, None) {
-        log::info!(
-            "{}: sender non-delivery notification: {}",
-            message.id,
-            bounce.id
-        );
-        notices.push(bounce);
-    }
-    if let Some(report) = notice(NoticeKind::Success, &succeeded, None) {
-        log::info!(
-            "{}: sender delivery status notification: {}",
-            message.id,
-            report.id
-        );
-        notices.push(report);
-    }
-    let warn_after = queue.delay_warning.get();
-    let mut delay_warning_sent = false;
-    if !warn_after.is_zero()
-        && age >= warn_after
-        && !message.delay_warning_sent
-        && let Some(warning) = notice(NoticeKind::Delayed, &delayed, Some(expires))
-    {
-        log::info!("{}: sender delay notification: {}", message.id, warning.id);
-        notices.push(warning);
-        delay_warning_sent = true;
-    }
+    let (notices, delay_warning_sent) = problems.notices(config, message, how, limits, now);
     DeliveryReport {
         message_id: message.id.clone(),
         updates,
         notices,
         delay_warning_sent,
+    }
+}
+
+/// One line per recipient and attempt, Postfix-style.
+fn log_attempt(
+    message: &StoredMessage,
+    recipient: &ClaimedRecipient,
+    how: &Settlement,
+    age: Duration,
+    word: &str,
+    reply: &str,
+) {
+    let original = recipient
+        .original
+        .as_deref()
+        .map(|o| format!(", orig_to=<{}>", escape(o)))
+        .unwrap_or_default();
+    // As Postfix: said only of a connection that was reused.
+    let conn_use = match how.conn_use {
+        0 | 1 => String::new(),
+        uses => format!(", conn_use={uses}"),
+    };
+    log::info!(
+        "{}: to=<{}>{original}, relay={}{conn_use}, delay={}, attempt={}, status={word} ({})",
+        message.id,
+        escape(&recipient.address),
+        escape(how.relay.unwrap_or("none")),
+        short_duration(age),
+        recipient.attempts + 1,
+        escape(reply)
+    );
+}
+
+/// What the sender may hear of, gathered from a job's recipients.
+#[derive(Default)]
+struct Problems {
+    failed: Vec<Problem>,
+    delayed: Vec<Problem>,
+    succeeded: Vec<Problem>,
+}
+
+impl Problems {
+    fn note(
+        &mut self,
+        state: NextState,
+        recipient: &ClaimedRecipient,
+        attempt: &Attempt,
+        reply: &str,
+        relay: Option<&str>,
+    ) {
+        match state {
+            NextState::Done { report: true } => {
+                let relayed = relay != Some("local");
+                // The sender learns that it arrived, not where our
+                // Maildirs are on disk.
+                let diagnostic = if relayed {
+                    reply.to_string()
+                } else {
+                    format!(
+                        "{} {} delivered to the mailbox",
+                        attempt.code, attempt.status
+                    )
+                };
+                let mut problem = problem(recipient, attempt, &diagnostic, relay);
+                problem.relayed = relayed;
+                self.succeeded.push(problem);
+            }
+            NextState::Bounce { notify: true } | NextState::Expired { notify: true } => {
+                self.failed.push(problem(recipient, attempt, reply, relay));
+            }
+            NextState::Retry { warn: true, .. } => {
+                self.delayed.push(problem(recipient, attempt, reply, relay));
+            }
+            _ => {}
+        }
+    }
+
+    /// The notices to queue for the sender, and whether one is the delay
+    /// warning.
+    fn notices(
+        &self,
+        config: &Config,
+        message: &StoredMessage,
+        how: &Settlement,
+        limits: RetryLimits,
+        now: SystemTime,
+    ) -> (Vec<NewMessage>, bool) {
+        let mut notices = Vec::new();
+        let sender_route = std::cell::OnceCell::new();
+        let notice = |kind, problems: &[Problem], until| {
+            if problems.is_empty() || !dsn::may_notify(message) {
+                return None;
+            }
+            let to = sender_route.get_or_init(|| (how.route_sender)()).clone();
+            dsn::notice(&config.hostname, message, kind, problems, to, now, until)
+        };
+        if let Some(bounce) = notice(NoticeKind::Failed, &self.failed, None) {
+            log::info!(
+                "{}: sender non-delivery notification: {}",
+                message.id,
+                bounce.id
+            );
+            notices.push(bounce);
+        }
+        if let Some(report) = notice(NoticeKind::Success, &self.succeeded, None) {
+            log::info!(
+                "{}: sender delivery status notification: {}",
+                message.id,
+                report.id
+            );
+            notices.push(report);
+        }
+        let waited = now.duration_since(message.received_at).unwrap_or_default();
+        let expires = message.received_at + limits.max_age;
+        let mut delay_warning_sent = false;
+        if delay_warning_due(
+            limits,
+            waited,
+            message.delay_warning_sent,
+            !self.delayed.is_empty(),
+        ) && let Some(warning) = notice(NoticeKind::Delayed, &self.delayed, Some(expires))
+        {
+            log::info!("{}: sender delay notification: {}", message.id, warning.id);
+            notices.push(warning);
+            delay_warning_sent = true;
+        }
+        (notices, delay_warning_sent)
     }
 }
 
