@@ -7,6 +7,7 @@
 //! before touching anything.
 
 mod units;
+mod validate;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -18,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 pub use units::{ByteSize, HumanDuration};
 
-use crate::protocol::address::{Address, Domain};
+use crate::protocol::address::Domain;
 
 /// Where the config is looked for when no `-c` is given, after the
 /// `PETREL_CONFIG` environment variable: the working directory, then the
@@ -593,7 +594,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn at(key: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(super) fn at(key: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError {
             file: None,
             key: Some(key.into()),
@@ -603,7 +604,7 @@ impl ConfigError {
 
     /// `Ok` for no problems, one error as itself, several as one error
     /// that lists each on a line of its own.
-    fn of_all(mut problems: Vec<ConfigError>) -> Result<(), ConfigError> {
+    pub(super) fn of_all(mut problems: Vec<ConfigError>) -> Result<(), ConfigError> {
         match problems.len() {
             0 => Ok(()),
             1 => Err(problems.remove(0)),
@@ -749,240 +750,6 @@ impl Config {
 
     pub fn is_local_domain(&self, domain: &Domain) -> bool {
         self.domains.local.iter().any(|d| domain.eq_ignore_case(d))
-    }
-
-    /// Checks every key and reports every problem found, not only the
-    /// first (one error hid the others).
-    fn normalize_and_validate(&mut self) -> Result<(), ConfigError> {
-        let mut problems: Vec<ConfigError> = Vec::new();
-        if Domain::parse(&self.hostname).is_err() {
-            problems.push(ConfigError::at(
-                "hostname",
-                format!("{:?} is not a valid host name", self.hostname),
-            ));
-        }
-        if self.data_dir.as_os_str().is_empty() {
-            problems.push(ConfigError::at("data_dir", "must not be empty"));
-        }
-        for (index, domain) in self.domains.local.iter_mut().enumerate() {
-            match Domain::parse(domain) {
-                Ok(parsed) => *domain = parsed.to_string(),
-                Err(e) => problems.push(ConfigError::at(
-                    format!("domains.local[{index}]"),
-                    format!("{domain:?}: {e}"),
-                )),
-            }
-        }
-        let mut aliases = BTreeMap::new();
-        for (from, targets) in &self.aliases {
-            let key = format!("aliases.{from:?}");
-            let source = match Address::parse(from) {
-                Ok(source) => source,
-                Err(e) => {
-                    problems.push(ConfigError::at(
-                        &key,
-                        format!("{from:?} is not an address: {e}"),
-                    ));
-                    continue;
-                }
-            };
-            if !self.is_local_domain(source.domain()) {
-                problems.push(ConfigError::at(
-                    &key,
-                    format!(
-                        "{from:?} is not in a local domain (domains.local); only local addresses can be aliases"
-                    ),
-                ));
-            }
-            let mut normalized = Vec::new();
-            for target in targets.as_slice() {
-                match Address::parse(target) {
-                    Ok(parsed) => normalized.push(parsed.to_string()),
-                    Err(e) => problems.push(ConfigError::at(
-                        &key,
-                        format!("target {target:?} is not an address: {e}"),
-                    )),
-                }
-            }
-            if targets.as_slice().is_empty() {
-                problems.push(ConfigError::at(&key, "needs at least one target address"));
-            }
-            aliases.insert(source.mailbox_key(), AliasTargets::Many(normalized));
-        }
-        self.aliases = aliases;
-
-        match (&self.tls.cert, &self.tls.key) {
-            (Some(_), None) => {
-                problems.push(ConfigError::at(
-                    "tls.key",
-                    "tls.cert is set, so tls.key must be set too",
-                ));
-            }
-            (None, Some(_)) => {
-                problems.push(ConfigError::at(
-                    "tls.cert",
-                    "tls.key is set, so tls.cert must be set too",
-                ));
-            }
-            _ => {}
-        }
-
-        if let Some(smarthost) = &self.delivery.smarthost
-            && let Err(e) = parse_host_port(smarthost)
-        {
-            problems.push(ConfigError::at("delivery.smarthost", e));
-        }
-        if let Some(fingerprint) = &self.delivery.smarthost_fingerprint
-            && let Err(e) = parse_fingerprint(fingerprint)
-        {
-            problems.push(ConfigError::at("delivery.smarthost_fingerprint", e));
-        }
-        if self.delivery.smarthost_user.is_some() != self.delivery.smarthost_password_file.is_some()
-        {
-            problems.push(ConfigError::at(
-                "delivery.smarthost_password_file",
-                "smarthost_user and smarthost_password_file go together",
-            ));
-        }
-        if self.delivery.port == 0 {
-            problems.push(ConfigError::at(
-                "delivery.port",
-                "must be a port number from 1 to 65535",
-            ));
-        }
-        if self.delivery.workers == 0 {
-            problems.push(ConfigError::at("delivery.workers", "must be at least 1"));
-        }
-        if self.delivery.destination_concurrency == 0 {
-            problems.push(ConfigError::at(
-                "delivery.destination_concurrency",
-                "must be at least 1",
-            ));
-        }
-        if self.delivery.local_workers == 0 {
-            problems.push(ConfigError::at(
-                "delivery.local_workers",
-                "must be at least 1",
-            ));
-        }
-        for (key, value) in [
-            ("delivery.connect_timeout", self.delivery.connect_timeout),
-            ("delivery.reply_timeout", self.delivery.reply_timeout),
-            ("delivery.attempt_timeout", self.delivery.attempt_timeout),
-        ] {
-            if value.is_zero() {
-                problems.push(ConfigError::at(key, "must be more than 0"));
-            }
-        }
-        if self.dns.timeout.is_zero() {
-            problems.push(ConfigError::at("dns.timeout", "must be more than 0"));
-        }
-
-        let queue = &self.queue;
-        for (key, value) in [
-            ("queue.max_age", queue.max_age),
-            ("queue.retry_min", queue.retry_min),
-            ("queue.retry_max", queue.retry_max),
-        ] {
-            if value.is_zero() {
-                problems.push(ConfigError::at(key, "must be more than 0"));
-            }
-        }
-        if queue.retry_min > queue.retry_max {
-            problems.push(ConfigError::at(
-                "queue.retry_min",
-                format!(
-                    "{} is more than queue.retry_max ({})",
-                    queue.retry_min, queue.retry_max
-                ),
-            ));
-        }
-
-        let limits = &self.limits;
-        for (key, value) in [
-            ("limits.max_recipients", limits.max_recipients),
-            ("limits.max_sessions", limits.max_sessions),
-            ("limits.max_sessions_per_ip", limits.max_sessions_per_ip),
-            ("limits.max_local_sessions", limits.max_local_sessions),
-            (
-                "limits.max_local_sessions_per_user",
-                limits.max_local_sessions_per_user,
-            ),
-        ] {
-            if value == 0 {
-                problems.push(ConfigError::at(key, "must be at least 1"));
-            }
-        }
-        if limits.max_local_sessions > 1_000 {
-            problems.push(ConfigError::at(
-                "limits.max_local_sessions",
-                "more than 1000 local sessions at once is not what this server is built for",
-            ));
-        }
-        if limits.max_sessions > 10_000 {
-            problems.push(ConfigError::at(
-                "limits.max_sessions",
-                "more than 10000 threads is not what this server is built for",
-            ));
-        }
-        if limits.min_data_rate.bytes() == 0 {
-            problems.push(ConfigError::at(
-                "limits.min_data_rate",
-                "must be more than 0",
-            ));
-        }
-        if limits.max_line_length.bytes() < 1000 {
-            problems.push(ConfigError::at(
-                "limits.max_line_length",
-                "must be at least 1000 (RFC 5321's own limit)",
-            ));
-        }
-        if limits.max_header_size.bytes() < 1024 {
-            problems.push(ConfigError::at(
-                "limits.max_header_size",
-                "must be at least 1KiB",
-            ));
-        }
-        if limits.max_hops == 0 {
-            problems.push(ConfigError::at("limits.max_hops", "must be at least 1"));
-        }
-        if limits.max_message_size.bytes() < 1024 {
-            problems.push(ConfigError::at(
-                "limits.max_message_size",
-                "must be at least 1KiB",
-            ));
-        }
-        if limits.max_message_size.bytes() > 1 << 30 {
-            problems.push(ConfigError::at(
-                "limits.max_message_size",
-                "more than 1GiB cannot be held in the queue database",
-            ));
-        }
-        for (key, value) in [
-            ("limits.command_timeout", limits.command_timeout),
-            ("limits.data_timeout", limits.data_timeout),
-            ("limits.session_timeout", limits.session_timeout),
-        ] {
-            if value.is_zero() {
-                problems.push(ConfigError::at(key, "must be more than 0"));
-            }
-        }
-        if self.auth.password_policy.min_strength > 4 {
-            problems.push(ConfigError::at(
-                "auth.password_policy.min_strength",
-                "is a zxcvbn score from 0 to 4",
-            ));
-        }
-        if self.auth.max_parallel_checks == 0 {
-            problems.push(ConfigError::at(
-                "auth.max_parallel_checks",
-                "must be at least 1",
-            ));
-        }
-        if self.auth.lockout_after == 0 {
-            problems.push(ConfigError::at("auth.lockout_after", "must be at least 1"));
-        }
-        ConfigError::of_all(problems)
     }
 }
 
