@@ -100,15 +100,59 @@ fn txt_starting(dns: &Dns, name: &str, tag: &str) -> Result<Vec<String>, String>
         .map_err(|failure| temporary(&failure).unwrap_or_else(|| failure.to_string()))
 }
 
-fn check(config: &Config, dns: &Dns, domain: &str, addresses: &[IpAddr]) -> Vec<Row> {
-    let hostname = config.hostname.trim_end_matches('.').to_ascii_lowercase();
-    let mut rows = Vec::new();
+/// What every check looks at.
+struct Subject<'a> {
+    config: &'a Config,
+    dns: &'a Dns,
+    domain: &'a str,
+    /// This server's name, lower case.
+    hostname: String,
+    /// This server's public addresses, as given or as listened on.
+    addresses: &'a [IpAddr],
+    /// The addresses `hostname` resolves to (looked up once).
+    host_addresses: std::cell::OnceCell<Result<Vec<IpAddr>, DnsFailure>>,
+}
 
-    // MX: the domain's mail comes to this server.
-    let mx = match dns.mail_hosts(domain) {
+impl Subject<'_> {
+    fn host_addresses(&self) -> &Result<Vec<IpAddr>, DnsFailure> {
+        self.host_addresses
+            .get_or_init(|| self.dns.addresses(&self.hostname, AddressFamily::Any))
+    }
+}
+
+/// The checks, in the order the table shows them.
+const CHECKS: [fn(&Subject) -> Vec<Row>; 8] = [
+    mx_row,
+    address_row,
+    ptr_rows,
+    spf_row,
+    dkim_row,
+    dmarc_row,
+    mta_sts_row,
+    tls_rpt_row,
+];
+
+fn check(config: &Config, dns: &Dns, domain: &str, addresses: &[IpAddr]) -> Vec<Row> {
+    let subject = Subject {
+        config,
+        dns,
+        domain,
+        hostname: config.hostname.trim_end_matches('.').to_ascii_lowercase(),
+        addresses,
+        host_addresses: std::cell::OnceCell::new(),
+    };
+    CHECKS.iter().flat_map(|check| check(&subject)).collect()
+}
+
+/// MX: the domain's mail comes to this server.
+fn mx_row(subject: &Subject) -> Vec<Row> {
+    let Subject {
+        domain, hostname, ..
+    } = subject;
+    let (status, found) = match subject.dns.mail_hosts(domain) {
         Ok(hosts) => {
             let names: Vec<String> = hosts.iter().map(|h| h.name.to_ascii_lowercase()).collect();
-            let ours = names.contains(&hostname) && hosts.iter().any(|h| h.name != domain);
+            let ours = names.contains(hostname) && hosts.iter().any(|h| h.name != *domain);
             (
                 if ours { Status::Ok } else { Status::Wrong },
                 names.join(", "),
@@ -117,19 +161,21 @@ fn check(config: &Config, dns: &Dns, domain: &str, addresses: &[IpAddr]) -> Vec<
         Err(DnsFailure::Temporary(why)) => (Status::Wrong, format!("lookup failed: {why}")),
         Err(failure) => (Status::Missing, failure.to_string()),
     };
-    rows.push(Row {
+    vec![Row {
         check: "MX",
         required: true,
-        status: mx.0,
-        found: mx.1,
+        status,
+        found,
         fix: Some(format!("{domain}. IN MX 10 {hostname}.")),
-    });
+    }]
+}
 
-    // The MX host's addresses: this server's.
-    let host_addresses = dns.addresses(&hostname, AddressFamily::Any);
-    let (status, found) = match &host_addresses {
+/// The MX host's addresses: this server's.
+fn address_row(subject: &Subject) -> Vec<Row> {
+    let hostname = &subject.hostname;
+    let (status, found) = match subject.host_addresses() {
         Ok(found) => {
-            let missing = addresses.iter().any(|ip| !found.contains(ip));
+            let missing = subject.addresses.iter().any(|ip| !found.contains(ip));
             (
                 if missing { Status::Wrong } else { Status::Ok },
                 join(found),
@@ -137,10 +183,11 @@ fn check(config: &Config, dns: &Dns, domain: &str, addresses: &[IpAddr]) -> Vec<
         }
         Err(failure) => (Status::Missing, failure.to_string()),
     };
-    let fix = if addresses.is_empty() {
+    let fix = if subject.addresses.is_empty() {
         format!("{hostname}. IN A <this server's address> (give it with --address)")
     } else {
-        addresses
+        subject
+            .addresses
             .iter()
             .map(|ip| match ip {
                 IpAddr::V4(_) => format!("{hostname}. IN A {ip}"),
@@ -149,109 +196,120 @@ fn check(config: &Config, dns: &Dns, domain: &str, addresses: &[IpAddr]) -> Vec<
             .collect::<Vec<_>>()
             .join("\n")
     };
-    rows.push(Row {
+    vec![Row {
         check: "A/AAAA",
         required: true,
         status,
         found,
         fix: Some(fix),
-    });
+    }]
+}
 
-    // Reverse DNS, forward-confirmed, naming this server.
-    let checked: Vec<IpAddr> = if addresses.is_empty() {
-        host_addresses.unwrap_or_default()
+/// Reverse DNS, forward-confirmed, naming this server.
+fn ptr_rows(subject: &Subject) -> Vec<Row> {
+    let hostname = &subject.hostname;
+    let checked: Vec<IpAddr> = if subject.addresses.is_empty() {
+        subject.host_addresses().clone().unwrap_or_default()
     } else {
-        addresses.to_vec()
+        subject.addresses.to_vec()
     };
-    for ip in &checked {
-        let names = dns.reverse_names(*ip).unwrap_or_default();
-        let confirmed = names.iter().any(|name| {
-            name.eq_ignore_ascii_case(&hostname)
-                && dns
-                    .addresses(name, AddressFamily::Any)
-                    .is_ok_and(|found| found.contains(ip))
-        });
-        rows.push(Row {
-            check: "PTR",
-            required: true,
-            status: match (confirmed, names.is_empty()) {
-                (true, _) => Status::Ok,
-                (false, true) => Status::Missing,
-                (false, false) => Status::Wrong,
-            },
-            found: format!("{ip} -> {}", none_if_empty(&names.join(", "))),
-            fix: Some(format!(
-                "reverse DNS of {ip} -> {hostname} (set at your hosting provider)"
-            )),
-        });
-    }
     if checked.is_empty() {
-        rows.push(Row {
+        return vec![Row {
             check: "PTR",
             required: true,
             status: Status::Missing,
             found: "no address to check".into(),
             fix: Some("give this server's public addresses with --address".into()),
-        });
+        }];
     }
+    let dns = subject.dns;
+    checked
+        .iter()
+        .map(|ip| {
+            let names = dns.reverse_names(*ip).unwrap_or_default();
+            let confirmed = names.iter().any(|name| {
+                name.eq_ignore_ascii_case(hostname)
+                    && dns
+                        .addresses(name, AddressFamily::Any)
+                        .is_ok_and(|found| found.contains(ip))
+            });
+            Row {
+                check: "PTR",
+                required: true,
+                status: match (confirmed, names.is_empty()) {
+                    (true, _) => Status::Ok,
+                    (false, true) => Status::Missing,
+                    (false, false) => Status::Wrong,
+                },
+                found: format!("{ip} -> {}", none_if_empty(&names.join(", "))),
+                fix: Some(format!(
+                    "reverse DNS of {ip} -> {hostname} (set at your hosting provider)"
+                )),
+            }
+        })
+        .collect()
+}
 
-    // SPF: one record that lets this server send.
-    let spf_fix = format!("{domain}. IN TXT \"v=spf1 mx -all\"");
-    let (status, found) = match txt_starting(dns, domain, "v=spf1") {
+/// SPF: one record that lets this server send.
+fn spf_row(subject: &Subject) -> Vec<Row> {
+    let domain = subject.domain;
+    let (status, found) = match txt_starting(subject.dns, domain, "v=spf1") {
         Ok(records) if records.is_empty() => (Status::Missing, "none".to_string()),
         Ok(records) if records.len() > 1 => (
             Status::Wrong,
             format!("{} SPF records (RFC 7208 allows one)", records.len()),
         ),
-        Ok(records) => {
-            let record = &records[0];
-            let terms: Vec<String> = record
-                .split_whitespace()
-                .map(str::to_ascii_lowercase)
-                .collect();
-            let lets_us = terms.iter().any(|t| {
-                t == "mx"
-                    || t == "a"
-                    || t == "+mx"
-                    || t == "+a"
-                    || t.starts_with("include:")
-                    || t.starts_with("redirect=")
-                    || addresses
-                        .iter()
-                        .any(|ip| t.trim_start_matches('+').ends_with(&format!(":{ip}")))
-            });
-            let open = terms.iter().any(|t| t == "+all" || t == "all");
-            (
-                if lets_us && !open {
-                    Status::Ok
-                } else {
-                    Status::Wrong
-                },
-                record.clone(),
-            )
-        }
+        Ok(records) => (
+            spf_lets_us_send(&records[0], subject.addresses),
+            records[0].clone(),
+        ),
         Err(why) => (Status::Wrong, format!("lookup failed: {why}")),
     };
-    rows.push(Row {
+    vec![Row {
         check: "SPF",
         required: true,
         status,
         found,
-        fix: Some(spf_fix),
-    });
+        fix: Some(format!("{domain}. IN TXT \"v=spf1 mx -all\"")),
+    }]
+}
 
-    // DKIM: the selector in use publishes this server's key.
-    let signer = crate::dkim::Signer::load(config);
-    let selector = config.dkim.selector.clone();
+/// Ok when `record` names this server (by mx, a, an include or redirect,
+/// or one of `addresses`) and does not let everyone send.
+fn spf_lets_us_send(record: &str, addresses: &[IpAddr]) -> Status {
+    let terms: Vec<String> = record
+        .split_whitespace()
+        .map(str::to_ascii_lowercase)
+        .collect();
+    let lets_us = terms.iter().any(|t| {
+        matches!(t.as_str(), "mx" | "a" | "+mx" | "+a")
+            || t.starts_with("include:")
+            || t.starts_with("redirect=")
+            || addresses
+                .iter()
+                .any(|ip| t.trim_start_matches('+').ends_with(&format!(":{ip}")))
+    });
+    let open = terms.iter().any(|t| t == "+all" || t == "all");
+    if lets_us && !open {
+        Status::Ok
+    } else {
+        Status::Wrong
+    }
+}
+
+/// DKIM: the selector in use publishes this server's key.
+fn dkim_row(subject: &Subject) -> Vec<Row> {
+    let domain = subject.domain;
+    let signer = crate::dkim::Signer::load(subject.config);
+    let selector = &subject.config.dkim.selector;
     let name = format!("{selector}._domainkey.{domain}");
     let ours = signer.as_ref().ok().and_then(|s| s.record(domain));
-    let (status, found) = match txt_starting(dns, &name, "v=DKIM1") {
+    let (status, found) = match txt_starting(subject.dns, &name, "v=DKIM1") {
         Ok(records) if records.is_empty() => (Status::Missing, "none".to_string()),
         Ok(records) => {
-            let matches = match &ours {
-                Some(ours) => records.iter().any(|r| same_key(r, ours)),
-                None => false,
-            };
+            let matches = ours
+                .as_ref()
+                .is_some_and(|ours| records.iter().any(|r| same_key(r, ours)));
             (
                 if matches { Status::Ok } else { Status::Wrong },
                 shorten(&records[0]),
@@ -265,17 +323,19 @@ fn check(config: &Config, dns: &Dns, domain: &str, addresses: &[IpAddr]) -> Vec<
         (None, Err(error)) => format!("cannot read the DKIM keys: {error}"),
         (None, Ok(_)) => format!("no key here yet: run `petrel dkim generate {domain}`"),
     };
-    rows.push(Row {
+    vec![Row {
         check: "DKIM",
         required: true,
         status,
         found: format!("{selector}: {found}"),
         fix: Some(fix),
-    });
+    }]
+}
 
-    // DMARC.
-    rows.push(tag_row(
-        dns,
+fn dmarc_row(subject: &Subject) -> Vec<Row> {
+    let domain = subject.domain;
+    vec![tag_row(
+        subject.dns,
         "DMARC",
         true,
         &format!("_dmarc.{domain}"),
@@ -287,10 +347,16 @@ fn check(config: &Config, dns: &Dns, domain: &str, addresses: &[IpAddr]) -> Vec<
              (start with p=none; once the reports at rua show all your mail passing, move to \
              p=quarantine, then p=reject)"
         ),
-    ));
-    // Recommended.
+    )]
+}
+
+/// Recommended: the TXT record, then the policy it announces.
+fn mta_sts_row(subject: &Subject) -> Vec<Row> {
+    let Subject {
+        domain, hostname, ..
+    } = subject;
     let mut mta_sts = tag_row(
-        dns,
+        subject.dns,
         "MTA-STS",
         false,
         &format!("_mta-sts.{domain}"),
@@ -304,20 +370,24 @@ fn check(config: &Config, dns: &Dns, domain: &str, addresses: &[IpAddr]) -> Vec<
         ),
     );
     if mta_sts.status == Status::Ok {
-        let (status, found) = mta_sts_policy(config, dns, domain);
+        let (status, found) = mta_sts_policy(subject.config, subject.dns, domain);
         mta_sts.status = status;
         mta_sts.found = format!("{}; {found}", mta_sts.found);
     }
-    rows.push(mta_sts);
-    rows.push(tag_row(
-        dns,
+    vec![mta_sts]
+}
+
+/// Recommended.
+fn tls_rpt_row(subject: &Subject) -> Vec<Row> {
+    let domain = subject.domain;
+    vec![tag_row(
+        subject.dns,
         "TLS-RPT",
         false,
         &format!("_smtp._tls.{domain}"),
         "v=TLSRPTv1",
         format!("_smtp._tls.{domain}. IN TXT \"v=TLSRPTv1; rua=mailto:postmaster@{domain}\""),
-    ));
-    rows
+    )]
 }
 
 /// The MTA-STS policy the TXT record announces, fetched as delivery
@@ -452,4 +522,30 @@ fn render(domain: &str, hostname: &str, rows: &[Row]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn which_spf_records_let_this_server_send() {
+        let ours: [IpAddr; 2] = ["192.0.2.7".parse().unwrap(), "2001:db8::7".parse().unwrap()];
+        #[rustfmt::skip]
+        let table = [
+            ("v=spf1 mx -all", Status::Ok),
+            ("v=spf1 +a ~all", Status::Ok),
+            ("v=spf1 include:_spf.example.net -all", Status::Ok),
+            ("v=spf1 redirect=example.net", Status::Ok),
+            ("v=spf1 ip4:192.0.2.7 -all", Status::Ok),
+            ("v=spf1 IP6:2001:db8::7 -all", Status::Ok),
+            ("v=spf1 ip4:198.51.100.1 -all", Status::Wrong),
+            ("v=spf1 -all", Status::Wrong),
+            ("v=spf1 mx +all", Status::Wrong),
+            ("v=spf1 mx all", Status::Wrong),
+        ];
+        for (record, expected) in table {
+            assert_eq!(spf_lets_us_send(record, &ours), expected, "{record}");
+        }
+    }
 }
