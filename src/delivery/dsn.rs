@@ -85,32 +85,97 @@ pub fn notice(
     if problems.is_empty() || to.is_empty() || !may_notify(message) {
         return None;
     }
-    let id = QueueId::generate();
-    let boundary = format!(
-        "=_{:016x}{:016x}",
-        crate::dns::random_u64(),
-        crate::dns::random_u64()
-    );
-    let date = rfc5322_date(now);
+    let report = StatusReport::of(hostname, message, kind, problems, now, retry_until);
+    let mut human = human_part(hostname, kind, problems, retry_until);
     let global = message.smtputf8;
-    let (subject, intro) = match kind {
-        NoticeKind::Failed => (
-            "Undelivered Mail Returned to Sender",
-            "Your message could not be delivered to one or more recipients.\n\
-             It has been given up on; the details follow.",
-        ),
-        NoticeKind::Delayed => (
-            "Delayed Mail (still being retried)",
-            "Your message has not been delivered yet to one or more recipients.\n\
-             It is still being retried; you do not need to send it again.",
-        ),
-        NoticeKind::Success => (
-            "Successful Mail Delivery Report",
-            "Your message was delivered to the recipients below, or handed on to a mail\n\
-             system that does not report further, as you asked to be told.",
-        ),
-    };
-    let mut human = format!("This is the mail system at host {hostname}.\n\n{intro}\n\n");
+    let (returned_type, returned, note) = returned_content(message, kind, global);
+    if let Some(note) = note {
+        human.push_str(&format!("\n{note}\n"));
+    }
+    let id = QueueId::generate();
+    let body = assemble(
+        &Envelope {
+            hostname,
+            sender: &message.sender,
+            subject: kind.subject(),
+            date: now,
+            id: &id,
+            global,
+        },
+        &human,
+        &report.render(),
+        returned_type,
+        &returned,
+    );
+    Some(NewMessage {
+        id,
+        sender: String::new(),
+        recipients: to
+            .into_iter()
+            .map(|routed| NewRecipient {
+                address: routed.address,
+                original: None,
+                route: routed.route,
+                domain: routed.domain,
+                notify: None,
+                orcpt: None,
+            })
+            .collect(),
+        eight_bit: !body.is_ascii(),
+        content: Content::in_memory(body),
+        client_ip: None,
+        helo: None,
+        auth_user: None,
+        auth_label: None,
+        listener: "local".into(),
+        smtputf8: global,
+        kind: match kind {
+            NoticeKind::Failed | NoticeKind::Success => MessageKind::Bounce,
+            NoticeKind::Delayed => MessageKind::DelayWarning,
+        },
+        ret: None,
+        envid: None,
+    })
+}
+
+impl NoticeKind {
+    fn subject(self) -> &'static str {
+        match self {
+            NoticeKind::Failed => "Undelivered Mail Returned to Sender",
+            NoticeKind::Delayed => "Delayed Mail (still being retried)",
+            NoticeKind::Success => "Successful Mail Delivery Report",
+        }
+    }
+
+    fn intro(self) -> &'static str {
+        match self {
+            NoticeKind::Failed => {
+                "Your message could not be delivered to one or more recipients.\n\
+                 It has been given up on; the details follow."
+            }
+            NoticeKind::Delayed => {
+                "Your message has not been delivered yet to one or more recipients.\n\
+                 It is still being retried; you do not need to send it again."
+            }
+            NoticeKind::Success => {
+                "Your message was delivered to the recipients below, or handed on to a mail\n\
+                 system that does not report further, as you asked to be told."
+            }
+        }
+    }
+}
+
+/// The first part: what happened, for a person.
+fn human_part(
+    hostname: &str,
+    kind: NoticeKind,
+    problems: &[Problem],
+    retry_until: Option<SystemTime>,
+) -> String {
+    let mut human = format!(
+        "This is the mail system at host {hostname}.\n\n{}\n\n",
+        kind.intro()
+    );
     for problem in problems {
         human.push_str(&format!(
             "<{}>: {}\n",
@@ -124,57 +189,175 @@ pub fn notice(
             rfc5322_date(until)
         ));
     }
+    human
+}
 
-    let mut status = format!("Reporting-MTA: dns; {hostname}\n");
-    if let Some(envid) = &message.envid {
-        status.push_str(&format!("Original-Envelope-Id: {}\n", one_line(envid)));
+/// RFC 3464 section 2.3.3: what became of a recipient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Failed,
+    Delayed,
+    Delivered,
+    /// Handed to a server that does not report further.
+    Relayed,
+}
+
+impl Action {
+    fn as_str(self) -> &'static str {
+        match self {
+            Action::Failed => "failed",
+            Action::Delayed => "delayed",
+            Action::Delivered => "delivered",
+            Action::Relayed => "relayed",
+        }
     }
-    status.push_str(&format!(
-        "X-Petrel-Queue-ID: {}\nArrival-Date: {}\n",
-        message.id,
-        rfc5322_date(message.received_at)
-    ));
-    for problem in problems {
-        status.push('\n');
-        if let Some(original) = &problem.original {
+}
+
+/// The second part of a notice (RFC 3464 delivery-status) as data;
+/// [`StatusReport::render`] writes it out. Every value that came from the
+/// network is made one line when rendered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusReport {
+    pub reporting_mta: String,
+    pub envid: Option<String>,
+    pub queue_id: String,
+    pub arrival: SystemTime,
+    pub recipients: Vec<RecipientReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecipientReport {
+    pub original: Option<String>,
+    pub address: String,
+    pub action: Action,
+    pub status: String,
+    /// The host that answered, without its address.
+    pub remote_mta: Option<String>,
+    pub diagnostic: String,
+    pub last_attempt: SystemTime,
+    pub will_retry_until: Option<SystemTime>,
+}
+
+impl StatusReport {
+    fn of(
+        hostname: &str,
+        message: &StoredMessage,
+        kind: NoticeKind,
+        problems: &[Problem],
+        now: SystemTime,
+        retry_until: Option<SystemTime>,
+    ) -> StatusReport {
+        let recipients = problems
+            .iter()
+            .map(|problem| RecipientReport {
+                original: problem.original.clone(),
+                address: problem.address.clone(),
+                action: match kind {
+                    NoticeKind::Failed => Action::Failed,
+                    NoticeKind::Delayed => Action::Delayed,
+                    NoticeKind::Success if problem.relayed => Action::Relayed,
+                    NoticeKind::Success => Action::Delivered,
+                },
+                status: problem.status.clone(),
+                remote_mta: problem
+                    .remote_mta
+                    .as_ref()
+                    .map(|remote| remote.split('[').next().unwrap_or(remote).to_string()),
+                diagnostic: problem.diagnostic.clone(),
+                last_attempt: now,
+                will_retry_until: retry_until.filter(|_| kind == NoticeKind::Delayed),
+            })
+            .collect();
+        StatusReport {
+            reporting_mta: hostname.to_string(),
+            envid: message.envid.clone(),
+            queue_id: message.id.clone(),
+            arrival: message.received_at,
+            recipients,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut status = format!("Reporting-MTA: dns; {}\n", self.reporting_mta);
+        if let Some(envid) = &self.envid {
+            status.push_str(&format!("Original-Envelope-Id: {}\n", one_line(envid)));
+        }
+        status.push_str(&format!(
+            "X-Petrel-Queue-ID: {}\nArrival-Date: {}\n",
+            self.queue_id,
+            rfc5322_date(self.arrival)
+        ));
+        for recipient in &self.recipients {
+            status.push('\n');
+            recipient.render_into(&mut status);
+        }
+        status
+    }
+}
+
+impl RecipientReport {
+    fn render_into(&self, status: &mut String) {
+        if let Some(original) = &self.original {
             status.push_str(&format!("Original-Recipient: {}\n", one_line(original)));
         }
         status.push_str(&format!(
-            "Final-Recipient: {}\n",
-            one_line(&address_field(&problem.address))
+            "Final-Recipient: {}\nAction: {}\nStatus: {}\n",
+            one_line(&address_field(&self.address)),
+            self.action.as_str(),
+            one_line(&self.status)
         ));
-        let action = match kind {
-            NoticeKind::Failed => "failed",
-            NoticeKind::Delayed => "delayed",
-            NoticeKind::Success if problem.relayed => "relayed",
-            NoticeKind::Success => "delivered",
-        };
-        status.push_str(&format!(
-            "Action: {action}\nStatus: {}\n",
-            one_line(&problem.status)
-        ));
-        if let Some(remote) = &problem.remote_mta {
-            let host = remote.split('[').next().unwrap_or(remote);
-            status.push_str(&format!("Remote-MTA: dns; {}\n", one_line(host)));
+        if let Some(remote) = &self.remote_mta {
+            status.push_str(&format!("Remote-MTA: dns; {}\n", one_line(remote)));
         }
         status.push_str(&format!(
-            "Diagnostic-Code: smtp; {}\nLast-Attempt-Date: {date}\n",
-            one_line(&problem.diagnostic)
+            "Diagnostic-Code: smtp; {}\nLast-Attempt-Date: {}\n",
+            one_line(&self.diagnostic),
+            rfc5322_date(self.last_attempt)
         ));
-        if let (NoticeKind::Delayed, Some(until)) = (kind, retry_until) {
+        if let Some(until) = self.will_retry_until {
             status.push_str(&format!("Will-Retry-Until: {}\n", rfc5322_date(until)));
         }
     }
+}
 
-    let (returned_type, returned, note) = returned_content(message, kind, global);
-    if let Some(note) = note {
-        human.push_str(&format!("\n{note}\n"));
-    }
-    let (report_type, status_type) = if global {
+/// The notice's own header fields.
+struct Envelope<'a> {
+    hostname: &'a str,
+    /// The original message's sender: the notice's recipient.
+    sender: &'a str,
+    subject: &'a str,
+    date: SystemTime,
+    id: &'a QueueId,
+    /// The original used SMTPUTF8: RFC 6533's global types.
+    global: bool,
+}
+
+/// The whole notice: header, then the multipart/report with its three
+/// parts, in CRLF lines.
+fn assemble(
+    envelope: &Envelope,
+    human: &str,
+    status: &str,
+    returned_type: &str,
+    returned: &[u8],
+) -> Vec<u8> {
+    let boundary = format!(
+        "=_{:016x}{:016x}",
+        crate::dns::random_u64(),
+        crate::dns::random_u64()
+    );
+    let (report_type, status_type) = if envelope.global {
         ("global-delivery-status", "message/global-delivery-status")
     } else {
         ("delivery-status", "message/delivery-status")
     };
+    let Envelope {
+        hostname,
+        sender,
+        subject,
+        id,
+        ..
+    } = envelope;
     let mut body = format!(
         "From: Mail Delivery System <MAILER-DAEMON@{hostname}>\n\
          To: <{sender}>\n\
@@ -202,7 +385,7 @@ pub fn notice(
          Content-Type: {returned_type}\n\
          Content-Description: {description}\n\
          \n",
-        sender = message.sender,
+        date = rfc5322_date(envelope.date),
         description = if returned_type.ends_with("headers") {
             "Headers of the original message"
         } else {
@@ -211,42 +394,12 @@ pub fn notice(
     )
     .replace('\n', "\r\n")
     .into_bytes();
-    body.extend_from_slice(&returned);
+    body.extend_from_slice(returned);
     if !body.ends_with(b"\r\n") {
         body.extend_from_slice(b"\r\n");
     }
     body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-
-    let eight_bit = !body.is_ascii();
-    Some(NewMessage {
-        id,
-        sender: String::new(),
-        recipients: to
-            .into_iter()
-            .map(|routed| NewRecipient {
-                address: routed.address,
-                original: None,
-                route: routed.route,
-                domain: routed.domain,
-                notify: None,
-                orcpt: None,
-            })
-            .collect(),
-        content: Content::in_memory(body),
-        client_ip: None,
-        helo: None,
-        auth_user: None,
-        auth_label: None,
-        listener: "local".into(),
-        eight_bit,
-        smtputf8: global,
-        kind: match kind {
-            NoticeKind::Failed | NoticeKind::Success => MessageKind::Bounce,
-            NoticeKind::Delayed => MessageKind::DelayWarning,
-        },
-        ret: None,
-        envid: None,
-    })
+    body
 }
 
 /// The third part of a notice: the whole original when RET=FULL asked for
@@ -343,6 +496,46 @@ mod tests {
     use super::*;
     use crate::envelope::Route;
     use std::time::Duration;
+
+    #[test]
+    fn a_typed_report_renders_every_field_as_one_line() {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let report = StatusReport {
+            reporting_mta: "mx.example.test".into(),
+            envid: Some("env\r\nid".into()),
+            queue_id: "Q1".into(),
+            arrival: at,
+            recipients: vec![RecipientReport {
+                original: Some("rfc822; alias@example.test".into()),
+                address: "bob@example.net".into(),
+                action: Action::Delayed,
+                status: "4.4.1".into(),
+                remote_mta: Some("mx.example.net".into()),
+                diagnostic: "451 try\r\nInjected: header".into(),
+                last_attempt: at,
+                will_retry_until: Some(at + Duration::from_secs(86_400)),
+            }],
+        };
+        let text = report.render();
+        let date = rfc5322_date(at);
+        let until = rfc5322_date(at + Duration::from_secs(86_400));
+        let expected = format!(
+            "Reporting-MTA: dns; mx.example.test\n\
+             Original-Envelope-Id: env  id\n\
+             X-Petrel-Queue-ID: Q1\n\
+             Arrival-Date: {date}\n\
+             \n\
+             Original-Recipient: rfc822; alias@example.test\n\
+             Final-Recipient: rfc822; bob@example.net\n\
+             Action: delayed\n\
+             Status: 4.4.1\n\
+             Remote-MTA: dns; mx.example.net\n\
+             Diagnostic-Code: smtp; 451 try  Injected: header\n\
+             Last-Attempt-Date: {date}\n\
+             Will-Retry-Until: {until}\n"
+        );
+        assert_eq!(text, expected);
+    }
 
     trait WithContent {
         fn with_content(self, content: &[u8]) -> Self;
