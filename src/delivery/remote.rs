@@ -334,11 +334,7 @@ fn try_hosts(ctx: &DeliveryContext, route: &Hosts, envelope: &Outbound) -> Remot
                 timeouts: &timeouts,
                 deadline,
             };
-            let mut result = deliver_to_host(ctx, &connection, route, route.tls, envelope);
-            if let HostResult::TlsFailed(why) = &result {
-                log::info!("{relay}: TLS handshake failed ({why}); retrying in plaintext");
-                result = deliver_to_host(ctx, &connection, route, &TlsPolicy::Plaintext, envelope);
-            }
+            let result = deliver_with_fallback(ctx, &connection, route, envelope, &relay);
             match result {
                 HostResult::Answered(attempts, peer_reports, conn_use) => {
                     return RemoteOutcome {
@@ -355,9 +351,44 @@ fn try_hosts(ctx: &DeliveryContext, route: &Hosts, envelope: &Outbound) -> Remot
             }
         }
     }
-    // Every address the domain's DNS named was refused by policy: the mail
-    // can never be delivered from here, so say so now rather than in 5 days.
-    let attempt = match (tried, forbidden) {
+    let attempt = given_up(route, tried, forbidden, last_error);
+    RemoteOutcome {
+        attempts: all(envelope, attempt),
+        relay: last_relay,
+        peer_reports: false,
+        conn_use: 0,
+    }
+}
+
+/// One address, over TLS as `route` asks, and again in plaintext when
+/// the handshake failed and the policy allows it.
+fn deliver_with_fallback(
+    ctx: &DeliveryContext,
+    connection: &Connection,
+    route: &Hosts,
+    envelope: &Outbound,
+    relay: &str,
+) -> HostResult {
+    let result = deliver_to_host(ctx, connection, route, route.tls, envelope);
+    match result {
+        HostResult::TlsFailed(why) => {
+            log::info!("{relay}: TLS handshake failed ({why}); retrying in plaintext");
+            deliver_to_host(ctx, connection, route, &TlsPolicy::Plaintext, envelope)
+        }
+        result => result,
+    }
+}
+
+/// Why no host took the message. Every address the domain's DNS named
+/// was refused by policy: the mail can never be delivered from here, so
+/// say so now rather than in 5 days.
+fn given_up(
+    route: &Hosts,
+    tried: bool,
+    forbidden: Option<Forbidden>,
+    last_error: String,
+) -> Attempt {
+    match (tried, forbidden) {
         (false, Some(Forbidden::OwnListener)) => Attempt::local(
             outcome::LOOPS_BACK,
             Stage::Routing,
@@ -370,12 +401,6 @@ fn try_hosts(ctx: &DeliveryContext, route: &Hosts, envelope: &Outbound) -> Remot
             Attempt::local(outcome::DESTINATION_NOT_ALLOWED, Stage::Routing, last_error)
         }
         _ => Attempt::local(outcome::NO_ANSWER, Stage::Connect, last_error),
-    };
-    RemoteOutcome {
-        attempts: all(envelope, attempt),
-        relay: last_relay,
-        peer_reports: false,
-        conn_use: 0,
     }
 }
 
@@ -690,102 +715,24 @@ fn send_message(
     reset: Reset,
     ended: &mut bool,
 ) -> Result<Vec<Attempt>, ClientError> {
-    let mut mail = format!("MAIL FROM:<{}>", envelope.sender);
-    if extensions.size.is_some() {
-        mail.push_str(&format!(" SIZE={}", envelope.size));
-    }
-    if envelope.eight_bit && extensions.eight_bit_mime {
-        mail.push_str(" BODY=8BITMIME");
-    }
-    if envelope.smtputf8 {
-        mail.push_str(" SMTPUTF8");
-    }
-    // RFC 3461 6.2: DSN requests travel on to a next hop that speaks DSN.
-    if extensions.dsn {
-        if let Some(ret) = envelope.ret {
-            mail.push_str(&format!(" RET={}", ret.as_str()));
-        }
-        if let Some(envid) = envelope.envid {
-            mail.push_str(&format!(" ENVID={}", dsn::xtext_encode(envid)));
-        }
-    }
-    let rcpts: Vec<String> = envelope
-        .recipients
-        .iter()
-        .map(|r| {
-            let mut rcpt = format!("RCPT TO:<{}>", r.address);
-            if extensions.dsn {
-                if let Some(notify) = r.notify {
-                    rcpt.push_str(&format!(" NOTIFY={}", notify.to_param()));
-                }
-                if let Some((kind, address)) = r.orcpt.and_then(|o| o.split_once(';')) {
-                    rcpt.push_str(&format!(" ORCPT={kind};{}", dsn::xtext_encode(address)));
-                }
-            }
-            rcpt
-        })
-        .collect();
-
-    let reset_done = |reply: ServerReply| {
-        if reply.code == 250 {
-            Ok(())
-        } else {
-            Err(ClientError::Protocol(format!("RSET: {reply}")))
-        }
-    };
-    let (mail_reply, rcpt_replies, data_reply) = if extensions.pipelining {
-        // RFC 2920: (RSET,) MAIL, every RCPT and DATA in one write: a
-        // reused connection costs no round trip of its own.
-        let mut batch = String::new();
-        if reset == Reset::First {
-            batch.push_str("RSET\r\n");
-        }
-        batch.push_str(&mail);
-        batch.push_str("\r\n");
-        for rcpt in &rcpts {
-            batch.push_str(rcpt);
-            batch.push_str("\r\n");
-        }
-        batch.push_str("DATA\r\n");
-        client.send(batch.as_bytes())?;
-        if reset == Reset::First {
-            reset_done(client.read_reply(connections::RSET_WAIT)?)?;
-        }
-        let mail_reply = client.read_reply(client::COMMAND_TIMEOUT)?;
-        let mut rcpt_replies = Vec::new();
-        for _ in &rcpts {
-            rcpt_replies.push(client.read_reply(client::COMMAND_TIMEOUT)?);
-        }
-        let data_reply = client.read_reply(client::DATA_START_TIMEOUT)?;
-        (mail_reply, rcpt_replies, Some(data_reply))
-    } else {
-        if reset == Reset::First {
-            reset_done(client.command("RSET", connections::RSET_WAIT)?)?;
-        }
-        let mail_reply = client.command(&mail, client::COMMAND_TIMEOUT)?;
-        let mut rcpt_replies = Vec::new();
-        if mail_reply.is_positive() {
-            for rcpt in &rcpts {
-                rcpt_replies.push(client.command(rcpt, client::COMMAND_TIMEOUT)?);
-            }
-        }
-        (mail_reply, rcpt_replies, None)
-    };
-
-    if !mail_reply.is_positive() {
-        let attempt = Attempt::from_reply(&mail_reply, Stage::MailFrom);
-        if data_reply.as_ref().is_some_and(|r| r.code == 354) {
+    let mail = mail_command(extensions, envelope);
+    let rcpts = rcpt_commands(extensions, envelope);
+    let replies = send_envelope(client, extensions, reset, &mail, &rcpts)?;
+    if !replies.mail.is_positive() {
+        let attempt = Attempt::from_reply(&replies.mail, Stage::MailFrom);
+        if replies.data.as_ref().is_some_and(|r| r.code == 354) {
             client.send(b".\r\n")?;
             let _ = client.read_final_reply()?;
         }
         return Ok(all(envelope, attempt));
     }
-    let mut attempts: Vec<Option<Attempt>> = rcpt_replies
+    let mut attempts: Vec<Option<Attempt>> = replies
+        .rcpts
         .iter()
         .map(|reply| (!reply.is_positive()).then(|| Attempt::from_reply(reply, Stage::RcptTo)))
         .collect();
     let accepted = attempts.iter().filter(|a| a.is_none()).count();
-    let data_reply = match data_reply {
+    let data_reply = match replies.data {
         Some(reply) => reply,
         None if accepted == 0 => {
             return Ok(attempts.into_iter().flatten().collect());
@@ -822,6 +769,117 @@ fn send_message(
         }
     }
     Ok(attempts.into_iter().flatten().collect())
+}
+
+/// MAIL FROM with the parameters the server announced it takes.
+fn mail_command(extensions: &Extensions, envelope: &Outbound) -> String {
+    let mut mail = format!("MAIL FROM:<{}>", envelope.sender);
+    if extensions.size.is_some() {
+        mail.push_str(&format!(" SIZE={}", envelope.size));
+    }
+    if envelope.eight_bit && extensions.eight_bit_mime {
+        mail.push_str(" BODY=8BITMIME");
+    }
+    if envelope.smtputf8 {
+        mail.push_str(" SMTPUTF8");
+    }
+    // RFC 3461 6.2: DSN requests travel on to a next hop that speaks DSN.
+    if extensions.dsn {
+        if let Some(ret) = envelope.ret {
+            mail.push_str(&format!(" RET={}", ret.as_str()));
+        }
+        if let Some(envid) = envelope.envid {
+            mail.push_str(&format!(" ENVID={}", dsn::xtext_encode(envid)));
+        }
+    }
+    mail
+}
+
+fn rcpt_commands(extensions: &Extensions, envelope: &Outbound) -> Vec<String> {
+    envelope
+        .recipients
+        .iter()
+        .map(|r| {
+            let mut rcpt = format!("RCPT TO:<{}>", r.address);
+            if extensions.dsn {
+                if let Some(notify) = r.notify {
+                    rcpt.push_str(&format!(" NOTIFY={}", notify.to_param()));
+                }
+                if let Some((kind, address)) = r.orcpt.and_then(|o| o.split_once(';')) {
+                    rcpt.push_str(&format!(" ORCPT={kind};{}", dsn::xtext_encode(address)));
+                }
+            }
+            rcpt
+        })
+        .collect()
+}
+
+/// The server's answers to MAIL, each RCPT, and a pipelined DATA.
+struct EnvelopeReplies {
+    mail: ServerReply,
+    rcpts: Vec<ServerReply>,
+    /// Sent only when pipelined: without pipelining, DATA waits until a
+    /// recipient is known to be accepted.
+    data: Option<ServerReply>,
+}
+
+fn send_envelope(
+    client: &mut SmtpClient,
+    extensions: &Extensions,
+    reset: Reset,
+    mail: &str,
+    rcpts: &[String],
+) -> Result<EnvelopeReplies, ClientError> {
+    let reset_done = |reply: ServerReply| {
+        if reply.code == 250 {
+            Ok(())
+        } else {
+            Err(ClientError::Protocol(format!("RSET: {reply}")))
+        }
+    };
+    if !extensions.pipelining {
+        if reset == Reset::First {
+            reset_done(client.command("RSET", connections::RSET_WAIT)?)?;
+        }
+        let mail = client.command(mail, client::COMMAND_TIMEOUT)?;
+        let mut replies = Vec::new();
+        if mail.is_positive() {
+            for rcpt in rcpts {
+                replies.push(client.command(rcpt, client::COMMAND_TIMEOUT)?);
+            }
+        }
+        return Ok(EnvelopeReplies {
+            mail,
+            rcpts: replies,
+            data: None,
+        });
+    }
+    // RFC 2920: (RSET,) MAIL, every RCPT and DATA in one write: a reused
+    // connection costs no round trip of its own.
+    let mut batch = String::new();
+    if reset == Reset::First {
+        batch.push_str("RSET\r\n");
+    }
+    for command in std::iter::once(mail).chain(rcpts.iter().map(String::as_str)) {
+        batch.push_str(command);
+        batch.push_str("\r\n");
+    }
+    batch.push_str("DATA\r\n");
+    client.send(batch.as_bytes())?;
+    if reset == Reset::First {
+        reset_done(client.read_reply(connections::RSET_WAIT)?)?;
+    }
+    let mail = client.read_reply(client::COMMAND_TIMEOUT)?;
+    let mut replies = Vec::new();
+    for _ in rcpts {
+        replies.push(client.read_reply(client::COMMAND_TIMEOUT)?);
+    }
+    let data = client.read_reply(client::DATA_START_TIMEOUT)?;
+    Ok(EnvelopeReplies {
+        mail,
+        rcpts: replies,
+        data: Some(data),
+    })
 }
 
 /// The most of a message held back before it is sent: a small message

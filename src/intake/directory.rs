@@ -7,8 +7,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::auth::accounts::{Lockout, LoginEvent, LoginLog};
+use crate::auth::accounts::{Credentials, Lockout, LoginEvent, LoginLog};
 use crate::auth::hashing::{Busy, HashingPool};
+use crate::auth::limiter::LoginAttempt;
 use crate::auth::{Accounts, AuthLimiter, FailureOutcome, Refused, app_passwords};
 use crate::config::Config;
 use crate::dns::{Dns, DnsFailure};
@@ -294,6 +295,140 @@ pub fn deliverability_warnings(
     warnings
 }
 
+/// Who is logging in, for the log lines.
+struct Login<'a> {
+    label: String,
+    ip: IpAddr,
+    mechanism: &'a str,
+}
+
+impl Directory {
+    /// A turn at the limiter, or why there is none.
+    fn begin_login(
+        &self,
+        login: &Login,
+        name: &str,
+        account: Option<&str>,
+        deadline: Instant,
+    ) -> Result<LoginAttempt, AuthVerdict> {
+        let Login {
+            label, mechanism, ..
+        } = login;
+        self.limiter
+            .begin(login.ip, name, account, deadline)
+            .map_err(|refused| match refused {
+                Refused::LockedOut => {
+                    log::warn!(
+                        "warning: {label}: SASL {mechanism} authentication refused: \
+                         too many failures from this address"
+                    );
+                    AuthVerdict::LockedOut
+                }
+                Refused::Busy => {
+                    log::warn!(
+                        "warning: {label}: SASL {mechanism} authentication deferred: \
+                         too many checks from this address already running"
+                    );
+                    AuthVerdict::Busy
+                }
+            })
+    }
+
+    /// The stored hash to check against, the app password it belongs to,
+    /// and the text to check. Exactly one hash per attempt, of the same
+    /// cost whatever was typed (an app password, the main password, a
+    /// wrong one, an unknown user): nothing in the timing tells them apart.
+    fn what_to_check<'a>(
+        &self,
+        credentials: Option<&'a Credentials>,
+        app_letters: Option<&'a str>,
+        password: &'a str,
+    ) -> (Option<&'a str>, Option<String>, &'a str) {
+        match credentials {
+            Some(found) => match (&found.app, app_letters) {
+                (Some(app), Some(letters)) => {
+                    (Some(app.hash.as_str()), Some(app.label.clone()), letters)
+                }
+                // The main password may not be used: checked against
+                // nothing, at the same cost.
+                _ if self.config.auth.require_app_passwords => (None, None, password),
+                _ => (Some(found.password_hash.as_str()), None, password),
+            },
+            None => (None, None, password),
+        }
+    }
+
+    fn logged_in(
+        &self,
+        login: &Login,
+        key: String,
+        found: &Credentials,
+        app_label: Option<String>,
+    ) -> AuthVerdict {
+        let Login {
+            label, mechanism, ..
+        } = login;
+        let with = app_label
+            .as_deref()
+            .map(|l| format!(" ({l})"))
+            .unwrap_or_default();
+        log::info!("{label}: SASL {mechanism} authentication succeeded: sasl_username={key}{with}");
+        let client_ip = login.ip.to_string();
+        if found.failures > 0 && found.last_login_from.as_deref() != Some(&client_ip) {
+            log::warn!(
+                "warning: {label}: {key} logged in from a new address after {} failed \
+                 attempts since the last login (last login from {})",
+                found.failures,
+                found.last_login_from.as_deref().unwrap_or("nowhere")
+            );
+        }
+        if let Some(logins) = &self.logins {
+            logins.record(LoginEvent::Succeeded {
+                account: key.clone(),
+                client: client_ip,
+                label: app_label.clone(),
+            });
+        }
+        AuthVerdict::Success {
+            account: key,
+            app_password: app_label,
+        }
+    }
+
+    /// `account`: the existing account the name named, if any.
+    fn login_failed(
+        &self,
+        login: &Login,
+        username: &str,
+        account: Option<String>,
+        outcome: FailureOutcome,
+    ) -> AuthVerdict {
+        self.record_new_lockouts();
+        if let (Some(logins), Some(account)) = (&self.logins, account) {
+            logins.record(LoginEvent::Failed {
+                account,
+                client: login.ip.to_string(),
+            });
+        }
+        let then = match outcome {
+            FailureOutcome::Delay(delay) if delay.is_zero() => String::new(),
+            FailureOutcome::Delay(delay) => format!(", reply delayed {}s", delay.as_secs()),
+            FailureOutcome::LockedOut => ", address now locked out".to_string(),
+        };
+        // Postfix's wording, which fail2ban's filters match.
+        log::warn!(
+            "warning: {}: SASL {} authentication failed: sasl_username={}{then}",
+            login.label,
+            login.mechanism,
+            escape(username)
+        );
+        match outcome {
+            FailureOutcome::Delay(delay) => AuthVerdict::Failure { delay },
+            FailureOutcome::LockedOut => AuthVerdict::LockedOut,
+        }
+    }
+}
+
 impl Services<Mail> for Directory {
     fn check_sender(
         &self,
@@ -410,8 +545,11 @@ impl Services<Mail> for Directory {
         username: &str,
         password: &str,
     ) -> AuthVerdict {
-        let ip = client.ip;
-        let label = client.label();
+        let login = Login {
+            label: client.label(),
+            ip: client.ip,
+            mechanism,
+        };
         let key = Address::parse(username).map(|a| a.mailbox_key()).ok();
         // Typed in the form of an app password: its selector names the one
         // app password it can be.
@@ -434,47 +572,20 @@ impl Services<Mail> for Directory {
         // One wait for a turn, at the limiter and then for a check slot.
         let deadline = Instant::now() + self.config.auth.check_wait.get();
         // A locked-out address costs no hash.
-        let attempt = match self.limiter.begin(ip, name, account.as_deref(), deadline) {
+        let attempt = match self.begin_login(&login, name, account.as_deref(), deadline) {
             Ok(attempt) => attempt,
-            Err(Refused::LockedOut) => {
-                log::warn!(
-                    "warning: {label}: SASL {mechanism} authentication refused: \
-                     too many failures from this address"
-                );
-                return AuthVerdict::LockedOut;
-            }
-            Err(Refused::Busy) => {
-                log::warn!(
-                    "warning: {label}: SASL {mechanism} authentication deferred: \
-                     too many checks from this address already running"
-                );
-                return AuthVerdict::Busy;
-            }
+            Err(verdict) => return verdict,
         };
-        // Exactly one hash per attempt, of the same cost whatever was typed
-        // (an app password, the main password, a wrong one, an unknown
-        // user): nothing in the timing tells them apart.
-        let (stored, app_label, typed) = match &credentials {
-            Some(found) => match (&found.app, &app_letters) {
-                (Some(app), Some(letters)) => (
-                    Some(app.hash.as_str()),
-                    Some(app.label.clone()),
-                    letters.as_str(),
-                ),
-                // The main password may not be used: checked against
-                // nothing, at the same cost.
-                _ if self.config.auth.require_app_passwords => (None, None, password),
-                _ => (Some(found.password_hash.as_str()), None, password),
-            },
-            None => (None, None, password),
-        };
+        let (stored, app_label, typed) =
+            self.what_to_check(credentials.as_ref(), app_letters.as_deref(), password);
         let valid = match self.hashing.verify(typed, stored, deadline) {
             Ok(valid) => valid,
             Err(Busy) => {
                 self.limiter.abandoned(attempt);
                 log::warn!(
-                    "warning: {label}: SASL {mechanism} authentication deferred: \
+                    "warning: {}: SASL {mechanism} authentication deferred: \
                      {} password checks already running",
+                    login.label,
                     self.hashing.size()
                 );
                 return AuthVerdict::Busy;
@@ -483,58 +594,16 @@ impl Services<Mail> for Directory {
         match (valid, key, credentials) {
             (true, Some(key), Some(found)) => {
                 self.limiter.succeeded(attempt);
-                let with = app_label
-                    .as_deref()
-                    .map(|l| format!(" ({l})"))
-                    .unwrap_or_default();
-                log::info!(
-                    "{label}: SASL {mechanism} authentication succeeded: sasl_username={key}{with}"
-                );
-                let client_ip = ip.to_string();
-                if found.failures > 0 && found.last_login_from.as_deref() != Some(&client_ip) {
-                    log::warn!(
-                        "warning: {label}: {key} logged in from a new address after {} failed \
-                         attempts since the last login (last login from {})",
-                        found.failures,
-                        found.last_login_from.as_deref().unwrap_or("nowhere")
-                    );
-                }
-                if let Some(logins) = &self.logins {
-                    logins.record(LoginEvent::Succeeded {
-                        account: key.clone(),
-                        client: client_ip,
-                        label: app_label.clone(),
-                    });
-                }
-                AuthVerdict::Success {
-                    account: key,
-                    app_password: app_label,
-                }
+                self.logged_in(&login, key, &found, app_label)
             }
             (_, _, found) => {
                 let outcome = self.limiter.failed(attempt);
-                self.record_new_lockouts();
-                if let (Some(logins), Some(_), Some(account)) = (&self.logins, found, account) {
-                    logins.record(LoginEvent::Failed {
-                        account,
-                        client: ip.to_string(),
-                    });
-                }
-                let then = match outcome {
-                    FailureOutcome::Delay(delay) if delay.is_zero() => String::new(),
-                    FailureOutcome::Delay(delay) => format!(", reply delayed {}s", delay.as_secs()),
-                    FailureOutcome::LockedOut => ", address now locked out".to_string(),
-                };
-                // Postfix's wording, which fail2ban's filters match.
-                log::warn!(
-                    "warning: {label}: SASL {mechanism} authentication failed: \
-                     sasl_username={}{then}",
-                    escape(username)
-                );
-                match outcome {
-                    FailureOutcome::Delay(delay) => AuthVerdict::Failure { delay },
-                    FailureOutcome::LockedOut => AuthVerdict::LockedOut,
-                }
+                self.login_failed(
+                    &login,
+                    username,
+                    account.filter(|_| found.is_some()),
+                    outcome,
+                )
             }
         }
     }
