@@ -198,21 +198,8 @@ impl Instance {
         let tls = Arc::new(tls);
         let dns = Arc::new(Dns::new(&config.dns).map_err(error)?);
         let outbound = OutboundPolicy::from_config(&config).with_listeners(bound.addresses());
-        let accounts = Accounts::new(queue.handle().store().read_pool(SESSION_READ_CONNECTIONS));
-        let services = Directory::new(
-            Arc::clone(&config),
-            accounts,
-            Some(Arc::clone(&dns)),
-            outbound.clone(),
-            Some(LoginLog::new(queue.handle().store().clone())),
-        );
+        let services = directory_of(&config, &queue, &dns, &outbound);
         let limiter = services.auth_limiter();
-        let warnings = directory::deliverability_warnings(&config, |address| {
-            services.accounts().exists(address).unwrap_or(false)
-        });
-        for warning in warnings {
-            log::warn!("config: {warning}");
-        }
         let delivery = if options.delivery {
             Some(
                 Delivery::start(Arc::clone(&config), queue.handle(), dns, outbound)
@@ -221,21 +208,9 @@ impl Instance {
         } else {
             None
         };
-        let on_queued: Option<OnQueued> = delivery.as_ref().map(|d| {
-            let waker = d.waker();
-            Box::new(move |destinations: Vec<String>| waker.new_mail_for(destinations)) as OnQueued
-        });
-        let dkim = crate::dkim::Keys::load(&config).map_err(error)?;
-        log::info!("dkim: {}", dkim.signer().summary());
         let parts = ServerParts {
             tls: Some(Arc::clone(&tls)),
-            intake: Intake::new(
-                Arc::clone(&config),
-                services,
-                Arc::new(dkim),
-                queue.handle(),
-                on_queued,
-            ),
+            intake: intake_of(&config, services, &queue, delivery.as_ref())?,
         };
         let server = match Server::start(Arc::clone(&config), bound, parts) {
             Ok(server) => server,
@@ -255,16 +230,7 @@ impl Instance {
             limiter,
             reloader: reloader.clone(),
         };
-        let control = match ControlSocket::start(&config.data_dir, Arc::new(controls)) {
-            Ok(control) => Some(control),
-            Err(error) => {
-                log::warn!(
-                    "no control socket ({error}): changes made with `petrel queue` are noticed \
-                     within a minute, and `petrel user unlock` takes effect at the next start"
-                );
-                None
-            }
-        };
+        let control = start_control(&config, controls);
         Ok(Instance {
             config,
             queue,
@@ -367,6 +333,67 @@ fn certificate_before_switch(
         )));
     }
     ServerTls::load(config).map(Some).map_err(error)
+}
+
+/// The sessions' directory of accounts, aliases and policy; warns of
+/// what in the config would keep mail from being delivered.
+fn directory_of(
+    config: &Arc<Config>,
+    queue: &Queue,
+    dns: &Arc<Dns>,
+    outbound: &OutboundPolicy,
+) -> Directory {
+    let store = queue.handle().store().clone();
+    let directory = Directory::new(
+        Arc::clone(config),
+        Accounts::new(store.read_pool(SESSION_READ_CONNECTIONS)),
+        Some(Arc::clone(dns)),
+        outbound.clone(),
+        Some(LoginLog::new(store)),
+    );
+    let warnings = directory::deliverability_warnings(config, |address| {
+        directory.accounts().exists(address).unwrap_or(false)
+    });
+    for warning in warnings {
+        log::warn!("config: {warning}");
+    }
+    directory
+}
+
+/// What turns a session's envelope into queued mail, waking delivery
+/// for it when delivery runs here.
+fn intake_of(
+    config: &Arc<Config>,
+    directory: Directory,
+    queue: &Queue,
+    delivery: Option<&Delivery>,
+) -> Result<Intake, InstanceError> {
+    let on_queued: Option<OnQueued> = delivery.map(|d| {
+        let waker = d.waker();
+        Box::new(move |destinations: Vec<String>| waker.new_mail_for(destinations)) as OnQueued
+    });
+    let dkim = crate::dkim::Keys::load(config).map_err(error)?;
+    log::info!("dkim: {}", dkim.signer().summary());
+    Ok(Intake::new(
+        Arc::clone(config),
+        directory,
+        Arc::new(dkim),
+        queue.handle(),
+        on_queued,
+    ))
+}
+
+fn start_control(config: &Config, controls: InstanceControls) -> Option<ControlSocket> {
+    match ControlSocket::start(&config.data_dir, Arc::new(controls)) {
+        Ok(control) => Some(control),
+        Err(error) => {
+            log::warn!(
+                "no control socket ({error}): changes made with `petrel queue` are noticed \
+                 within a minute, and `petrel user unlock` takes effect at the next start"
+            );
+            None
+        }
+    }
 }
 
 /// Taken as the server's user, never through a symbolic link, and never

@@ -669,75 +669,15 @@ impl<K: Kinds> Session<K> {
     ) -> Step<K> {
         let message = match result {
             Ok(message) => message,
-            Err(DataError::TooLarge) => {
-                return self.finish(Reply::new(
-                    reply::MESSAGE_TOO_BIG,
-                    format!(
-                        "Message size exceeds fixed maximum message size ({} octets)",
-                        self.config.max_message_size
-                    ),
-                ));
-            }
-            Err(DataError::LineTooLong) => {
-                return self.finish(Reply::new(
-                    reply::LINE_TOO_LONG,
-                    DataError::LineTooLong.describe(),
-                ));
-            }
-            Err(DataError::NoStorage) => {
-                return self.finish(Reply::new(
-                    reply::STORAGE_FULL,
-                    DataError::NoStorage.describe(),
-                ));
-            }
-            Err(error) => {
-                return self.finish(Reply::new(reply::BAD_MESSAGE_DATA, error.describe()));
-            }
+            Err(error) => return self.finish(self.data_refused(error)),
         };
         if let Some(refusal) = self.refuse_content(&transaction, &message) {
             return self.finish(refusal);
         }
         let id = stamp.id;
-        let mut trace_header = self.received_header(&id, &transaction, stamp.now);
-        // RFC 6409 8.1, 8.3: a submission server may add what a user's
-        // program left out, on every way in of our own users (the same
-        // as `petrel sendmail` adds). The MX port never rewrites a message.
-        if self.config.listener.is_submission() {
-            if self.config.listener == ListenerKind::Local
-                && !message.headers.has_from
-                && let Some(sender) = transaction.sender.address()
-            {
-                // Postfix's cleanup does so for local submissions.
-                trace_header.push_str(&format!("From: <{sender}>\r\n"));
-            }
-            if !message.headers.has_date {
-                trace_header.push_str(&format!(
-                    "Date: {}\r\n",
-                    super::date::rfc5322_date(stamp.now)
-                ));
-            }
-            if !message.headers.has_message_id {
-                trace_header.push_str(&format!("Message-ID: <{id}@{}>\r\n", self.config.hostname));
-            }
-        }
-        let trace_header = trace_header.into_bytes();
+        let trace_header = self.added_header(&id, &transaction, &message, stamp.now);
 
-        let mut recipients: Vec<EnvelopeRecipient<K>> = Vec::new();
-        for accepted in &transaction.recipients {
-            for target in &accepted.targets {
-                // Two aliases that end at the same mailbox deliver once.
-                if recipients.iter().any(|r| r.target == *target) {
-                    continue;
-                }
-                let original = accepted.envelope.to_string();
-                recipients.push(EnvelopeRecipient {
-                    original: (original != target.address()).then_some(original),
-                    target: target.clone(),
-                    notify: accepted.notify,
-                    orcpt: accepted.orcpt.clone(),
-                });
-            }
-        }
+        let recipients = final_recipients(&transaction);
         self.awaiting_queue = Some(AwaitingQueue {
             id: id.clone(),
             from: Some(transaction.sender.to_string()),
@@ -765,6 +705,55 @@ impl<K: Kinds> Session<K> {
             from_owner: transaction.standing.from_owner.clone(),
         };
         Step::nothing(Action::Enqueue(Box::new(envelope)))
+    }
+
+    fn data_refused(&self, error: DataError) -> Reply {
+        match error {
+            DataError::TooLarge => Reply::new(
+                reply::MESSAGE_TOO_BIG,
+                format!(
+                    "Message size exceeds fixed maximum message size ({} octets)",
+                    self.config.max_message_size
+                ),
+            ),
+            DataError::LineTooLong => {
+                Reply::new(reply::LINE_TOO_LONG, DataError::LineTooLong.describe())
+            }
+            DataError::NoStorage => {
+                Reply::new(reply::STORAGE_FULL, DataError::NoStorage.describe())
+            }
+            error => Reply::new(reply::BAD_MESSAGE_DATA, error.describe()),
+        }
+    }
+
+    /// What goes before the message: our Received field and, on the ways
+    /// in of our own users, what their program left out. RFC 6409 8.1,
+    /// 8.3: a submission server may add it (the same as `petrel sendmail`
+    /// adds). The MX port never rewrites a message.
+    fn added_header(
+        &self,
+        id: &str,
+        transaction: &Transaction<K>,
+        message: &DataSummary,
+        now: SystemTime,
+    ) -> Vec<u8> {
+        let mut header = self.received_header(id, transaction, now);
+        if self.config.listener.is_submission() {
+            if self.config.listener == ListenerKind::Local
+                && !message.headers.has_from
+                && let Some(sender) = transaction.sender.address()
+            {
+                // Postfix's cleanup does so for local submissions.
+                header.push_str(&format!("From: <{sender}>\r\n"));
+            }
+            if !message.headers.has_date {
+                header.push_str(&format!("Date: {}\r\n", super::date::rfc5322_date(now)));
+            }
+            if !message.headers.has_message_id {
+                header.push_str(&format!("Message-ID: <{id}@{}>\r\n", self.config.hostname));
+            }
+        }
+        header.into_bytes()
     }
 
     fn refuse_content(&self, transaction: &Transaction<K>, message: &DataSummary) -> Option<Reply> {
@@ -1028,6 +1017,27 @@ fn command_name(command: &Command) -> &'static str {
         Command::StartTls => "starttls",
         Command::Auth { .. } => "auth",
     }
+}
+
+/// Every final recipient once: two aliases that end at the same mailbox
+/// deliver once.
+fn final_recipients<K: Kinds>(transaction: &Transaction<K>) -> Vec<EnvelopeRecipient<K>> {
+    let mut recipients: Vec<EnvelopeRecipient<K>> = Vec::new();
+    for accepted in &transaction.recipients {
+        for target in &accepted.targets {
+            if recipients.iter().any(|r| r.target == *target) {
+                continue;
+            }
+            let original = accepted.envelope.to_string();
+            recipients.push(EnvelopeRecipient {
+                original: (original != target.address()).then_some(original),
+                target: target.clone(),
+                notify: accepted.notify,
+                orcpt: accepted.orcpt.clone(),
+            });
+        }
+    }
+    recipients
 }
 
 #[cfg(test)]

@@ -238,23 +238,11 @@ impl Server {
             return Err(StartError("smtps needs a TLS certificate".into()));
         }
 
-        let tls_available = parts.tls.is_some();
-        let sessions = [
-            ListenerKind::Smtp,
-            ListenerKind::Submission,
-            ListenerKind::Smtps,
-            ListenerKind::Local,
-        ]
-        .map(|kind| {
-            // No STARTTLS on the local socket: nothing travels a network.
-            let tls = tls_available && kind != ListenerKind::Local;
-            Arc::new(session_config(&config, kind, tls))
-        });
         let context = Arc::new(ServerContext {
             config: Arc::clone(&config),
+            sessions: session_configs(&config, parts.tls.is_some()),
             intake: parts.intake,
             tls: parts.tls,
-            sessions,
             registry: ConnectionRegistry::default(),
             shutting_down: AtomicBool::new(false),
         });
@@ -267,59 +255,16 @@ impl Server {
                 .map_err(|e| StartError(format!("cannot start worker thread: {e}")))?,
         );
 
-        let reserved = config.limits.submission_reserved.min(max_sessions / 2);
-        let limits = ConnectionLimits::new(LimitSettings {
-            max_total: max_sessions,
-            max_smtp: max_sessions - reserved,
-            max_per_client: config.limits.max_sessions_per_ip,
-            per_minute: config.limits.max_connection_rate,
-            max_local,
-            max_local_per_user: config.limits.max_local_sessions_per_user,
-        });
-        let mut listeners = Vec::new();
-        let mut acceptors = Vec::new();
-        let mut wakers = Vec::new();
-        let waker_of = |fd: std::io::Result<std::os::fd::OwnedFd>| {
-            fd.map_err(|e| StartError(format!("cannot duplicate a listening socket: {e}")))
+        let limits = connection_limits(&config);
+        let shared = Shared {
+            pool: &pool,
+            limits: &limits,
+            context: &context,
         };
-        for (kind, listener) in bound.listeners {
-            let address = listener
-                .local_addr()
-                .map_err(|e| StartError(format!("cannot read listen address: {e}")))?;
-            wakers.push(waker_of(listener.try_clone().map(Into::into))?);
-            log::info!("listening on {address} ({})", kind.name());
-            listeners.push((kind, address));
-            let acceptor = acceptor::Acceptor {
-                listener,
-                kind,
-                pool: Arc::clone(&pool),
-                limits: Arc::clone(&limits),
-                context: Arc::clone(&context),
-            };
-            let handle = std::thread::Builder::new()
-                .name(format!("accept-{}-{address}", kind.name()))
-                .stack_size(ACCEPTOR_STACK)
-                .spawn(move || acceptor.run())
-                .map_err(|e| StartError(format!("cannot start acceptor thread: {e}")))?;
-            acceptors.push(handle);
-        }
-        let (local_listener, local_path) = bound
-            .local
-            .ok_or_else(|| StartError("the local socket is not bound".into()))?;
-        wakers.push(waker_of(local_listener.try_clone().map(Into::into))?);
-        let local_acceptor = local::LocalAcceptor {
-            listener: local_listener,
-            pool: Arc::clone(&pool),
-            limits: Arc::clone(&limits),
-            context: Arc::clone(&context),
-        };
-        let handle = std::thread::Builder::new()
-            .name("accept-local".into())
-            .stack_size(ACCEPTOR_STACK)
-            .spawn(move || local_acceptor.run())
-            .map_err(|e| StartError(format!("cannot start acceptor thread: {e}")))?;
-        acceptors.push(handle);
-        log::info!("listening on {} (local)", local_path.display());
+        let (listeners, mut acceptors, mut wakers) = start_acceptors(bound.listeners, &shared)?;
+        let (local_acceptor, local_waker) = start_local_acceptor(bound.local, &shared)?;
+        acceptors.push(local_acceptor);
+        wakers.push(local_waker);
         let stop = Arc::new(AtomicBool::new(false));
         let pickup = {
             let (context, limits, stop) =
@@ -405,4 +350,104 @@ fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
     socket.bind(&address.into())?;
     socket.listen(LISTEN_BACKLOG)?;
     Ok(socket.into())
+}
+/// The session settings of each listener kind.
+fn session_configs(config: &Config, tls_available: bool) -> [Arc<SessionConfig>; 4] {
+    [
+        ListenerKind::Smtp,
+        ListenerKind::Submission,
+        ListenerKind::Smtps,
+        ListenerKind::Local,
+    ]
+    .map(|kind| {
+        // No STARTTLS on the local socket: nothing travels a network.
+        let tls = tls_available && kind != ListenerKind::Local;
+        Arc::new(session_config(config, kind, tls))
+    })
+}
+
+fn connection_limits(config: &Config) -> Arc<ConnectionLimits> {
+    let max_sessions = config.limits.max_sessions;
+    let reserved = config.limits.submission_reserved.min(max_sessions / 2);
+    ConnectionLimits::new(LimitSettings {
+        max_total: max_sessions,
+        max_smtp: max_sessions - reserved,
+        max_per_client: config.limits.max_sessions_per_ip,
+        per_minute: config.limits.max_connection_rate,
+        max_local: config.limits.max_local_sessions,
+        max_local_per_user: config.limits.max_local_sessions_per_user,
+    })
+}
+
+/// What every acceptor hands connections to.
+struct Shared<'a> {
+    pool: &'a Arc<WorkerPool>,
+    limits: &'a Arc<ConnectionLimits>,
+    context: &'a Arc<ServerContext>,
+}
+
+type Started = (
+    Vec<(ListenerKind, SocketAddr)>,
+    Vec<JoinHandle<()>>,
+    Vec<std::os::fd::OwnedFd>,
+);
+
+/// One acceptor thread per TCP listener; returns the addresses, the
+/// threads and a copy of each socket (shutdown wakes the acceptors
+/// through them).
+fn start_acceptors(
+    bound: Vec<(ListenerKind, std::net::TcpListener)>,
+    shared: &Shared,
+) -> Result<Started, StartError> {
+    let mut listeners = Vec::new();
+    let mut acceptors = Vec::new();
+    let mut wakers = Vec::new();
+    for (kind, listener) in bound {
+        let address = listener
+            .local_addr()
+            .map_err(|e| StartError(format!("cannot read listen address: {e}")))?;
+        wakers.push(waker_of(listener.try_clone().map(Into::into))?);
+        log::info!("listening on {address} ({})", kind.name());
+        listeners.push((kind, address));
+        let acceptor = acceptor::Acceptor {
+            listener,
+            kind,
+            pool: Arc::clone(shared.pool),
+            limits: Arc::clone(shared.limits),
+            context: Arc::clone(shared.context),
+        };
+        let handle = std::thread::Builder::new()
+            .name(format!("accept-{}-{address}", kind.name()))
+            .stack_size(ACCEPTOR_STACK)
+            .spawn(move || acceptor.run())
+            .map_err(|e| StartError(format!("cannot start acceptor thread: {e}")))?;
+        acceptors.push(handle);
+    }
+    Ok((listeners, acceptors, wakers))
+}
+
+fn start_local_acceptor(
+    local: Option<(std::os::unix::net::UnixListener, std::path::PathBuf)>,
+    shared: &Shared,
+) -> Result<(JoinHandle<()>, std::os::fd::OwnedFd), StartError> {
+    let (local_listener, local_path) =
+        local.ok_or_else(|| StartError("the local socket is not bound".into()))?;
+    let waker = waker_of(local_listener.try_clone().map(Into::into))?;
+    let local_acceptor = local::LocalAcceptor {
+        listener: local_listener,
+        pool: Arc::clone(shared.pool),
+        limits: Arc::clone(shared.limits),
+        context: Arc::clone(shared.context),
+    };
+    let handle = std::thread::Builder::new()
+        .name("accept-local".into())
+        .stack_size(ACCEPTOR_STACK)
+        .spawn(move || local_acceptor.run())
+        .map_err(|e| StartError(format!("cannot start acceptor thread: {e}")))?;
+    log::info!("listening on {} (local)", local_path.display());
+    Ok((handle, waker))
+}
+
+fn waker_of(fd: std::io::Result<std::os::fd::OwnedFd>) -> Result<std::os::fd::OwnedFd, StartError> {
+    fd.map_err(|e| StartError(format!("cannot duplicate a listening socket: {e}")))
 }
