@@ -66,58 +66,18 @@ pub fn run(config: &Config, command: UserCommand) -> Result<(), Failure> {
         UserCommand::Add {
             address,
             password_stdin,
-        } => {
-            let address = local_address(config, &address)?;
-            let conn = open(config)?;
-            if exists(&conn, &address)? {
-                return Err(Failure::Runtime(format!("{address} already exists")));
-            }
-            let password = new_password(config, &address, password_stdin)?;
-            let hash = password::hash(&password).map_err(Failure::Runtime)?;
-            accounts::add(&conn, &address, &hash).map_err(account_failure)?;
-            say!("added {address}");
-        }
+        } => add(config, &address, password_stdin),
         UserCommand::Passwd {
             address,
             password_stdin,
             revoke_app_passwords,
-        } => {
-            let address = local_address(config, &address)?;
-            let conn = open(config)?;
-            let (current, previous) =
-                accounts::password_hashes(&conn, &address).map_err(account_failure)?;
-            let password = new_password(config, &address, password_stdin)?;
-            if password::verify(&password, &current)
-                || previous.is_some_and(|previous| password::verify(&password, &previous))
-            {
-                return Err(Failure::Usage(
-                    "password refused:\n  - choose one you have not used here before".into(),
-                ));
-            }
-            let hash = password::hash(&password).map_err(Failure::Runtime)?;
-            // One transaction: a concurrent `user` command or the server
-            // sees the old state or the new, never half.
-            let tx = conn
-                .unchecked_transaction()
-                .map_err(|e| Failure::Runtime(format!("cannot change password: {e}")))?;
-            accounts::set_password(&tx, &address, &hash).map_err(account_failure)?;
-            let revoked = if revoke_app_passwords {
-                accounts::revoke_all_app_passwords(&tx, &address).map_err(account_failure)?
-            } else {
-                0
-            };
-            tx.commit()
-                .map_err(|e| Failure::Runtime(format!("cannot change password: {e}")))?;
-            say!("password changed for {address}");
-            if revoke_app_passwords {
-                say!("revoked {revoked} app passwords of {address}");
-            }
-        }
+        } => passwd(config, &address, password_stdin, revoke_app_passwords),
         UserCommand::Del { address } => {
             let address = parse(&address)?;
             let conn = open(config)?;
             accounts::delete(&conn, &address).map_err(account_failure)?;
             say!("deleted {address} (its Maildir, if any, is left on disk)");
+            Ok(())
         }
         UserCommand::List => {
             let conn = open(config)?;
@@ -125,38 +85,94 @@ pub fn run(config: &Config, command: UserCommand) -> Result<(), Failure> {
             for account in list {
                 say!("{}", describe(&account));
             }
+            Ok(())
         }
-        UserCommand::Unlock { address } => {
-            let address = parse(&address)?;
-            let conn = open(config)?;
-            let recorded = accounts::unlock(&conn, &address).map_err(account_failure)?;
-            match control::unlock(&config.data_dir, &address) {
-                Some(lifted) => {
-                    let mut all = recorded;
-                    all.extend(lifted);
-                    all.sort();
-                    all.dedup();
-                    say!(
-                        "unlocked {address}: failures forgotten; lockouts lifted: {}",
-                        if all.is_empty() {
-                            "none".into()
-                        } else {
-                            all.join(", ")
-                        }
-                    );
-                }
-                None => say!(
-                    "unlocked {address}: failures forgotten; lockouts lifted: {} (no running \
-                     server was reached; it will see this when it starts)",
-                    if recorded.is_empty() {
-                        "none".into()
-                    } else {
-                        recorded.join(", ")
-                    }
-                ),
-            }
+        UserCommand::Unlock { address } => unlock(config, &address),
+        UserCommand::AppPassword(command) => app_password(config, command),
+    }
+}
+
+fn add(config: &Config, address: &str, password_stdin: bool) -> Result<(), Failure> {
+    let address = local_address(config, address)?;
+    let conn = open(config)?;
+    if exists(&conn, &address)? {
+        return Err(Failure::Runtime(format!("{address} already exists")));
+    }
+    let password = new_password(config, &address, password_stdin)?;
+    let hash = password::hash(&password).map_err(Failure::Runtime)?;
+    accounts::add(&conn, &address, &hash).map_err(account_failure)?;
+    say!("added {address}");
+    Ok(())
+}
+
+fn passwd(
+    config: &Config,
+    address: &str,
+    password_stdin: bool,
+    revoke_app_passwords: bool,
+) -> Result<(), Failure> {
+    let address = local_address(config, address)?;
+    let conn = open(config)?;
+    let (current, previous) =
+        accounts::password_hashes(&conn, &address).map_err(account_failure)?;
+    let password = new_password(config, &address, password_stdin)?;
+    if password::verify(&password, &current)
+        || previous.is_some_and(|previous| password::verify(&password, &previous))
+    {
+        return Err(Failure::Usage(
+            "password refused:\n  - choose one you have not used here before".into(),
+        ));
+    }
+    let hash = password::hash(&password).map_err(Failure::Runtime)?;
+    // One transaction: a concurrent `user` command or the server sees the
+    // old state or the new, never half.
+    let tx = conn
+        .unchecked_transaction()
+        .map_err(|e| Failure::Runtime(format!("cannot change password: {e}")))?;
+    accounts::set_password(&tx, &address, &hash).map_err(account_failure)?;
+    let revoked = if revoke_app_passwords {
+        accounts::revoke_all_app_passwords(&tx, &address).map_err(account_failure)?
+    } else {
+        0
+    };
+    tx.commit()
+        .map_err(|e| Failure::Runtime(format!("cannot change password: {e}")))?;
+    say!("password changed for {address}");
+    if revoke_app_passwords {
+        say!("revoked {revoked} app passwords of {address}");
+    }
+    Ok(())
+}
+
+/// Forgets the failures recorded in the database, and asks a running
+/// server to lift its lockouts.
+fn unlock(config: &Config, address: &str) -> Result<(), Failure> {
+    let address = parse(address)?;
+    let conn = open(config)?;
+    let recorded = accounts::unlock(&conn, &address).map_err(account_failure)?;
+    let listed = |names: &[String]| {
+        if names.is_empty() {
+            "none".to_string()
+        } else {
+            names.join(", ")
         }
-        UserCommand::AppPassword(command) => app_password(config, command)?,
+    };
+    match control::unlock(&config.data_dir, &address) {
+        Some(lifted) => {
+            let mut all = recorded;
+            all.extend(lifted);
+            all.sort();
+            all.dedup();
+            say!(
+                "unlocked {address}: failures forgotten; lockouts lifted: {}",
+                listed(&all)
+            );
+        }
+        None => say!(
+            "unlocked {address}: failures forgotten; lockouts lifted: {} (no running server \
+             was reached; it will see this when it starts)",
+            listed(&recorded)
+        ),
     }
     Ok(())
 }

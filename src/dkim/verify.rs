@@ -148,15 +148,65 @@ pub fn verify(
     body: &mut dyn Read,
     now: SystemTime,
 ) -> std::io::Result<Vec<DkimOutcome>> {
-    let fields = &section.fields;
-    let body_start = &section.body_start;
-    let mut chunk = vec![0u8; 64 * 1024];
     let now = now
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
+    let (mut outcomes, mut pending) = parse_signatures(&section.fields, now);
+    if pending.is_empty() {
+        return Ok(outcomes);
+    }
+    let mut hashers: Vec<&mut BodyHasher> = pending.iter_mut().map(|p| &mut p.hasher).collect();
+    hash_body(&section.body_start, body, &mut hashers)?;
+    // After one key lookup fails for want of DNS, the others are not
+    // tried: a dead name server costs one timeout, not one per signature.
+    let mut dns_failure: Option<String> = None;
+    let field_index = FieldIndex::new(&section.fields);
+    for Pending {
+        index,
+        signature,
+        hasher,
+    } in pending
+    {
+        let (result, reason) = match hasher.finish() {
+            None => (
+                DkimResult::PermError,
+                "l= is longer than the body".to_string(),
+            ),
+            Some(hash) if hash != signature.body_hash => {
+                (DkimResult::Fail, "body hash did not verify".to_string())
+            }
+            Some(_) => match &dns_failure {
+                Some(why) => (
+                    DkimResult::TempError,
+                    format!("key not looked up after {why}"),
+                ),
+                None => check_signature(lookups, &signature, &field_index),
+            },
+        };
+        if result == DkimResult::TempError && dns_failure.is_none() {
+            dns_failure = Some(reason.clone());
+        }
+        outcomes[index].result = result;
+        outcomes[index].reason = reason;
+    }
+    Ok(outcomes)
+}
+
+/// A signature that parsed, waiting for its body hash; `index` is its
+/// outcome's.
+struct Pending {
+    index: usize,
+    signature: Signature,
+    hasher: BodyHasher,
+}
+
+/// An outcome for each of the first [`MAX_SIGNATURES`] signature fields
+/// (a permanent error for those that do not parse), and the ones to
+/// verify.
+fn parse_signatures(fields: &[(String, Vec<u8>)], now: u64) -> (Vec<DkimOutcome>, Vec<Pending>) {
     let mut outcomes = Vec::new();
-    let mut pending: Vec<(usize, Signature, BodyHasher)> = Vec::new();
+    let mut pending = Vec::new();
     let too_many_fields = fields.len() > MAX_HEADER_FIELDS;
     for (_, field) in fields
         .iter()
@@ -184,57 +234,38 @@ pub fn verify(
             reason: String::new(),
         };
         match tags.and_then(|tags| parse_signature(&tags, field, now)) {
-            Ok(signature) => {
-                let hasher = BodyHasher::new(signature.body_canon, signature.body_length);
-                pending.push((outcomes.len(), signature, hasher));
-            }
+            Ok(signature) => pending.push(Pending {
+                index: outcomes.len(),
+                hasher: BodyHasher::new(signature.body_canon, signature.body_length),
+                signature,
+            }),
             Err(why) => outcome.reason = why,
         }
         outcomes.push(outcome);
     }
-    if pending.is_empty() {
-        return Ok(outcomes);
-    }
-    for (_, _, hasher) in &mut pending {
-        hasher.push(body_start);
+    (outcomes, pending)
+}
+
+/// Passes the body (`start`, then the rest from `body`) through every
+/// hasher, one read at a time.
+fn hash_body(
+    start: &[u8],
+    body: &mut dyn Read,
+    hashers: &mut [&mut BodyHasher],
+) -> std::io::Result<()> {
+    let mut chunk = vec![0u8; 64 * 1024];
+    for hasher in hashers.iter_mut() {
+        hasher.push(start);
     }
     loop {
         let n = body.read(&mut chunk)?;
         if n == 0 {
-            break;
+            return Ok(());
         }
-        for (_, _, hasher) in &mut pending {
+        for hasher in hashers.iter_mut() {
             hasher.push(&chunk[..n]);
         }
     }
-    // After one key lookup fails for want of DNS, the others are not
-    // tried: a dead name server costs one timeout, not one per signature.
-    let mut dns_failure: Option<String> = None;
-    let field_index = FieldIndex::new(fields);
-    for (index, signature, hasher) in pending {
-        let (result, reason) = match hasher.finish() {
-            None => (
-                DkimResult::PermError,
-                "l= is longer than the body".to_string(),
-            ),
-            Some(hash) if hash != signature.body_hash => {
-                (DkimResult::Fail, "body hash did not verify".to_string())
-            }
-            Some(_) => match &dns_failure {
-                Some(why) => (
-                    DkimResult::TempError,
-                    format!("key not looked up after {why}"),
-                ),
-                None => check_signature(lookups, &signature, &field_index),
-            },
-        };
-        if result == DkimResult::TempError && dns_failure.is_none() {
-            dns_failure = Some(reason.clone());
-        }
-        outcomes[index].result = result;
-        outcomes[index].reason = reason;
-    }
-    Ok(outcomes)
 }
 
 fn check_signature(
@@ -408,83 +439,44 @@ fn tag<'a>(tags: &'a Result<Vec<(String, String)>, String>, name: &str) -> Optio
 }
 
 fn parse_signature(tags: &[(String, String)], field: &[u8], now: u64) -> Result<Signature, String> {
-    let get = |name: &str| {
-        tags.iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    };
-    let required = |name: &str| get(name).ok_or_else(|| format!("no {name}= tag"));
-    if required("v")? != "1" {
+    let tags = Tags(tags);
+    if tags.required("v")? != "1" {
         return Err("v= is not 1".into());
     }
-    let algorithm = match required("a")?.to_ascii_lowercase().as_str() {
+    let algorithm = match tags.required("a")?.to_ascii_lowercase().as_str() {
         "rsa-sha256" => Algorithm::RsaSha256,
         "ed25519-sha256" => Algorithm::Ed25519Sha256,
         "rsa-sha1" => return Err("rsa-sha1 is not accepted (RFC 8301)".into()),
         other => return Err(format!("unknown algorithm {other:?}")),
     };
-    let decode = |name: &str| {
-        BASE64
-            .decode(strip_whitespace(required(name)?))
-            .map_err(|_| format!("{name}= is not base64"))
-    };
-    let signature = decode("b")?;
-    let body_hash = decode("bh")?;
-    let (header_canon, body_canon) = match get("c").map(str::to_ascii_lowercase) {
+    // In the order the tags were always checked: a broken signature
+    // reports the same first error.
+    let signature = tags.base64("b")?;
+    let body_hash = tags.base64("bh")?;
+    let (header_canon, body_canon) = match tags.get("c").map(str::to_ascii_lowercase) {
         None => (Canonicalization::Simple, Canonicalization::Simple),
         Some(c) => {
             let (header, body) = c.split_once('/').unwrap_or((c.as_str(), "simple"));
             (canonicalization(header)?, canonicalization(body)?)
         }
     };
-    let domain = required("d")?.to_ascii_lowercase();
+    let domain = tags.required("d")?.to_ascii_lowercase();
     if domain.is_empty() {
         return Err("d= is empty".into());
     }
-    let selector = required("s")?.to_string();
-    let signed_headers: Vec<String> = required("h")?
-        .split(':')
-        .map(|name| name.trim().to_ascii_lowercase())
-        .filter(|name| !name.is_empty())
-        .take(MAX_SIGNED_FIELDS + 1)
-        .collect();
-    if signed_headers.len() > MAX_SIGNED_FIELDS {
-        return Err(format!("h= lists more than {MAX_SIGNED_FIELDS} fields"));
-    }
-    if !signed_headers.iter().any(|name| name == "from") {
-        return Err("h= does not sign From".into());
-    }
-    let identity_domain = match get("i") {
-        None => None,
-        Some(identity) => {
-            let (_, idomain) = identity
-                .rsplit_once('@')
-                .ok_or("i= has no domain".to_string())?;
-            let idomain = idomain.to_ascii_lowercase();
-            if idomain != domain && !idomain.ends_with(&format!(".{domain}")) {
-                return Err("i= is not in the d= domain".into());
-            }
-            Some(idomain)
-        }
-    };
-    if let Some(q) = get("q")
+    let selector = tags.required("s")?.to_string();
+    let signed_headers = signed_fields(tags.required("h")?)?;
+    let identity_domain = identity_domain(tags.get("i"), &domain)?;
+    if let Some(q) = tags.get("q")
         && !q
             .split(':')
             .any(|q| q.trim().eq_ignore_ascii_case("dns/txt"))
     {
         return Err(format!("unknown key query method {q:?}"));
     }
-    let number = |name: &str| -> Result<Option<u64>, String> {
-        get(name)
-            .map(|v| {
-                v.parse::<u64>()
-                    .map_err(|_| format!("{name}= is not a number"))
-            })
-            .transpose()
-    };
-    let body_length = number("l")?;
-    let timestamp = number("t")?;
-    if let Some(expiry) = number("x")? {
+    let body_length = tags.number("l")?;
+    let timestamp = tags.number("t")?;
+    if let Some(expiry) = tags.number("x")? {
         if timestamp.is_some_and(|t| expiry < t) {
             return Err("x= is before t=".into());
         }
@@ -505,6 +497,70 @@ fn parse_signature(tags: &[(String, String)], field: &[u8], now: u64) -> Result<
         body_length,
         field: field.to_vec(),
     })
+}
+
+/// A signature's tags, as parsed (bounded in number by the parser).
+struct Tags<'a>(&'a [(String, String)]);
+
+impl Tags<'_> {
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn required(&self, name: &str) -> Result<&str, String> {
+        self.get(name).ok_or_else(|| format!("no {name}= tag"))
+    }
+
+    fn base64(&self, name: &str) -> Result<Vec<u8>, String> {
+        BASE64
+            .decode(strip_whitespace(self.required(name)?))
+            .map_err(|_| format!("{name}= is not base64"))
+    }
+
+    fn number(&self, name: &str) -> Result<Option<u64>, String> {
+        self.get(name)
+            .map(|v| {
+                v.parse::<u64>()
+                    .map_err(|_| format!("{name}= is not a number"))
+            })
+            .transpose()
+    }
+}
+
+/// h=: the signed field names, at most [`MAX_SIGNED_FIELDS`], From among
+/// them.
+fn signed_fields(h: &str) -> Result<Vec<String>, String> {
+    let names: Vec<String> = h
+        .split(':')
+        .map(|name| name.trim().to_ascii_lowercase())
+        .filter(|name| !name.is_empty())
+        .take(MAX_SIGNED_FIELDS + 1)
+        .collect();
+    if names.len() > MAX_SIGNED_FIELDS {
+        return Err(format!("h= lists more than {MAX_SIGNED_FIELDS} fields"));
+    }
+    if !names.iter().any(|name| name == "from") {
+        return Err("h= does not sign From".into());
+    }
+    Ok(names)
+}
+
+/// i=: its domain, which must be d= or below it.
+fn identity_domain(identity: Option<&str>, domain: &str) -> Result<Option<String>, String> {
+    let Some(identity) = identity else {
+        return Ok(None);
+    };
+    let (_, idomain) = identity
+        .rsplit_once('@')
+        .ok_or("i= has no domain".to_string())?;
+    let idomain = idomain.to_ascii_lowercase();
+    if idomain != domain && !idomain.ends_with(&format!(".{domain}")) {
+        return Err("i= is not in the d= domain".into());
+    }
+    Ok(Some(idomain))
 }
 
 fn canonicalization(name: &str) -> Result<Canonicalization, String> {

@@ -144,25 +144,45 @@ pub fn evaluate(
     } else {
         record.subdomain_policy.unwrap_or(record.policy)
     };
+    match aligned_pass(&mut walker, &from_domain, &record, spf, dkim) {
+        Ok(Some(why)) => verdict(DmarcResult::Pass, Some(policy), why),
+        Ok(None) => verdict(
+            DmarcResult::Fail,
+            Some(policy),
+            "no aligned SPF or DKIM pass".to_string(),
+        ),
+        Err(why) => verdict(DmarcResult::TempError, Some(policy), why),
+    }
+}
+
+/// Which pass, if any, is aligned with the From domain (RFC 7489 3.1):
+/// `Some(why)` for the first found; an error when none is and a lookup
+/// for an Organizational Domain failed on the way.
+fn aligned_pass(
+    walker: &mut Walker,
+    from_domain: &str,
+    record: &Record,
+    spf: &SpfVerdict,
+    dkim: &[DkimOutcome],
+) -> Result<Option<String>, String> {
     let mut aligned = |domain: &str, strict: bool| -> Result<bool, String> {
         let domain = domain.trim_end_matches('.').to_ascii_lowercase();
         if domain == from_domain {
             return Ok(true);
         }
-        if strict || !shares_a_parent(&domain, &from_domain) {
+        if strict || !shares_a_parent(&domain, from_domain) {
             return Ok(false);
         }
-        Ok(walker.organizational_domain(&domain)? == walker.organizational_domain(&from_domain)?)
+        Ok(walker.organizational_domain(&domain)? == walker.organizational_domain(from_domain)?)
     };
     let mut temporary = None;
     for outcome in dkim.iter().filter(|o| o.result == DkimResult::Pass) {
         match aligned(&outcome.domain, record.strict_dkim) {
             Ok(true) => {
-                return verdict(
-                    DmarcResult::Pass,
-                    Some(policy),
-                    format!("DKIM signature of {} is aligned", outcome.domain),
-                );
+                return Ok(Some(format!(
+                    "DKIM signature of {} is aligned",
+                    outcome.domain
+                )));
             }
             Ok(false) => {}
             Err(why) => temporary = Some(why),
@@ -170,25 +190,15 @@ pub fn evaluate(
     }
     if spf.result == SpfResult::Pass {
         match aligned(&spf.domain, record.strict_spf) {
-            Ok(true) => {
-                return verdict(
-                    DmarcResult::Pass,
-                    Some(policy),
-                    format!("SPF pass for {} is aligned", spf.domain),
-                );
-            }
+            Ok(true) => return Ok(Some(format!("SPF pass for {} is aligned", spf.domain))),
             Ok(false) => {}
             Err(why) => temporary = Some(why),
         }
     }
-    if let Some(why) = temporary {
-        return verdict(DmarcResult::TempError, Some(policy), why);
+    match temporary {
+        Some(why) => Err(why),
+        None => Ok(None),
     }
-    verdict(
-        DmarcResult::Fail,
-        Some(policy),
-        "no aligned SPF or DKIM pass".to_string(),
-    )
 }
 
 /// Two names can share an Organizational Domain only if they end alike.
