@@ -322,65 +322,8 @@ fn prepare(config: &Config, request: &SendmailRequest) -> Result<Submission, Fai
         Some(sender) => parse(sender.trim_matches(['<', '>']))?.to_string(),
         None => me.address.clone(),
     };
-    let mut recipients: Vec<String> = request
-        .recipients
-        .iter()
-        .flat_map(|r| addresses_in(r))
-        .collect();
-    if request.from_headers {
-        for (name, value) in &header_list {
-            if ["to", "cc", "bcc"]
-                .iter()
-                .any(|h| name.eq_ignore_ascii_case(h))
-            {
-                recipients.extend(addresses_in(value));
-            }
-        }
-    }
-    if recipients.is_empty() {
-        return Err(Failure::Usage(if request.from_headers {
-            "no recipients: the message has no To:, Cc: or Bcc: field, and none were named".into()
-        } else {
-            "no recipients: name them, or use -t to take them from the headers".into()
-        }));
-    }
-    // A bare user name means a local mailbox, as with any sendmail.
-    let domain = me
-        .address
-        .rsplit_once('@')
-        .map(|(_, d)| d.to_string())
-        .unwrap_or_default();
-    let recipients: Vec<String> = recipients
-        .into_iter()
-        .map(|r| {
-            if r.contains('@') {
-                r
-            } else {
-                format!("{r}@{domain}")
-            }
-        })
-        .collect();
-    for recipient in &recipients {
-        parse(recipient)?;
-    }
-
-    let now = SystemTime::now();
-    let id = QueueId::generate();
-    let mut content = Vec::new();
-    // What Postfix's cleanup adds to local submissions that lack them.
-    if !has("From") {
-        let from = match &request.full_name {
-            Some(name) => format!("From: {} <{sender}>\r\n", quote_phrase(name)),
-            None => format!("From: <{sender}>\r\n"),
-        };
-        content.extend_from_slice(from.as_bytes());
-    }
-    if !has("Date") {
-        content.extend_from_slice(format!("Date: {}\r\n", rfc5322_date(now)).as_bytes());
-    }
-    if !has("Message-ID") {
-        content.extend_from_slice(format!("Message-ID: <{id}@{}>\r\n", config.hostname).as_bytes());
-    }
+    let recipients = recipients_of(request, &header_list, &me.address)?;
+    let mut content = missing_fields(config, request, &sender, has);
     let body = if request.from_headers {
         without_bcc(&raw)
     } else {
@@ -399,6 +342,81 @@ fn prepare(config: &Config, request: &SendmailRequest) -> Result<Submission, Fai
         content,
         smtputf8,
     })
+}
+
+/// The recipients named on the command line, and with -t in the To:,
+/// Cc: and Bcc: fields; a bare user name is a mailbox in `own_address`'s
+/// domain, as with any sendmail.
+fn recipients_of(
+    request: &SendmailRequest,
+    header_list: &[(String, String)],
+    own_address: &str,
+) -> Result<Vec<String>, Failure> {
+    let mut recipients: Vec<String> = request
+        .recipients
+        .iter()
+        .flat_map(|r| addresses_in(r))
+        .collect();
+    if request.from_headers {
+        for (name, value) in header_list {
+            if ["to", "cc", "bcc"]
+                .iter()
+                .any(|h| name.eq_ignore_ascii_case(h))
+            {
+                recipients.extend(addresses_in(value));
+            }
+        }
+    }
+    if recipients.is_empty() {
+        return Err(Failure::Usage(if request.from_headers {
+            "no recipients: the message has no To:, Cc: or Bcc: field, and none were named".into()
+        } else {
+            "no recipients: name them, or use -t to take them from the headers".into()
+        }));
+    }
+    let domain = own_address
+        .rsplit_once('@')
+        .map(|(_, d)| d.to_string())
+        .unwrap_or_default();
+    let recipients: Vec<String> = recipients
+        .into_iter()
+        .map(|r| {
+            if r.contains('@') {
+                r
+            } else {
+                format!("{r}@{domain}")
+            }
+        })
+        .collect();
+    for recipient in &recipients {
+        parse(recipient)?;
+    }
+    Ok(recipients)
+}
+
+/// What Postfix's cleanup adds to local submissions that lack them: From,
+/// Date, Message-ID.
+fn missing_fields(
+    config: &Config,
+    request: &SendmailRequest,
+    sender: &str,
+    has: impl Fn(&str) -> bool,
+) -> Vec<u8> {
+    let mut fields = String::new();
+    if !has("From") {
+        match &request.full_name {
+            Some(name) => fields.push_str(&format!("From: {} <{sender}>\r\n", quote_phrase(name))),
+            None => fields.push_str(&format!("From: <{sender}>\r\n")),
+        }
+    }
+    if !has("Date") {
+        fields.push_str(&format!("Date: {}\r\n", rfc5322_date(SystemTime::now())));
+    }
+    if !has("Message-ID") {
+        let id = QueueId::generate();
+        fields.push_str(&format!("Message-ID: <{id}@{}>\r\n", config.hostname));
+    }
+    fields.into_bytes()
 }
 
 /// A phrase for a From: header: quoted unless it is plain words. Control

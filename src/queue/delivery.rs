@@ -219,65 +219,8 @@ pub fn claim_due(
         .map(|(destination, _)| destination.clone())
         .collect();
     let skip = json_array(&skip);
-    let read_due =
-        |sql: String, key: &str, limit: usize| -> Result<Vec<(String, String)>, StoreError> {
-            let mut statement = conn
-                .prepare_cached(&sql)
-                .map_err(StoreError::sqlite("cannot prepare claim"))?;
-            let rows = statement
-                .query_map(params![now, limit as i64, key], |row| {
-                    Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
-                })
-                .map_err(StoreError::sqlite("cannot read due recipients"))?;
-            rows.collect::<rusqlite::Result<Vec<_>>>()
-                .map_err(StoreError::sqlite("cannot read due recipients"))
-        };
-    let mut filled: Vec<String> = Vec::new();
-    let due = if limits.only.is_empty() {
-        read_due(due_walk_sql(), &skip, limits.rows)?
-    } else {
-        let mut due = Vec::new();
-        for destination in &limits.only {
-            // A refill reads no further than the destination can take:
-            // its room, and one row more to tell whether anything is left
-            // (a window's worth of room against a budget of rows, the
-            // rest was read for nothing).
-            let limit = limits
-                .room_of(destination)
-                .saturating_add(1)
-                .min(limits.rows);
-            let rows = read_due(destination_due_sql(), destination, limit)?;
-            if rows.len() == limit {
-                // Stopped at the limit: more may be due, even if the
-                // rows were fewer messages than the room.
-                filled.push(destination.clone());
-            }
-            due.extend(rows);
-        }
-        due
-    };
-    let mut taken: HashMap<String, HashSet<String>> = HashMap::new();
-    let mut messages: Vec<String> = Vec::new();
-    let mut chosen: HashSet<String> = HashSet::new();
-    let mut walked = 0;
-    for (message_id, destination) in due {
-        walked += 1;
-        let room = limits.room_of(&destination);
-        let jobs = taken.entry(destination.clone()).or_default();
-        if jobs.contains(&message_id) {
-            continue;
-        }
-        if jobs.len() >= room {
-            if !filled.contains(&destination) {
-                filled.push(destination);
-            }
-            continue;
-        }
-        jobs.insert(message_id.clone());
-        if chosen.insert(message_id.clone()) {
-            messages.push(message_id);
-        }
-    }
+    let (due, mut filled) = due_rows(conn, now, limits, &skip)?;
+    let (messages, walked) = choose_messages(due, limits, &mut filled);
     if messages.is_empty() {
         return Ok(Claimed {
             recipients: Vec::new(),
@@ -300,6 +243,88 @@ pub fn claim_due(
         filled,
         walked,
     })
+}
+
+/// A recipient due: its message's id and its destination key.
+type DueRow = (String, String);
+
+/// (message, destination) rows due, earliest first, of the destinations
+/// `limits` asks for, and the destinations whose reading stopped at their
+/// limit (more may be due).
+fn due_rows(
+    conn: &Connection,
+    now: &str,
+    limits: &ClaimLimits,
+    skip: &str,
+) -> Result<(Vec<DueRow>, Vec<String>), StoreError> {
+    let read_due = |sql: String, key: &str, limit: usize| -> Result<Vec<DueRow>, StoreError> {
+        let mut statement = conn
+            .prepare_cached(&sql)
+            .map_err(StoreError::sqlite("cannot prepare claim"))?;
+        let rows = statement
+            .query_map(params![now, limit as i64, key], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+            })
+            .map_err(StoreError::sqlite("cannot read due recipients"))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(StoreError::sqlite("cannot read due recipients"))
+    };
+    if limits.only.is_empty() {
+        return Ok((read_due(due_walk_sql(), skip, limits.rows)?, Vec::new()));
+    }
+    let mut due = Vec::new();
+    let mut filled = Vec::new();
+    for destination in &limits.only {
+        // A refill reads no further than the destination can take: its
+        // room, and one row more to tell whether anything is left (a
+        // window's worth of room against a budget of rows, the rest was
+        // read for nothing).
+        let limit = limits
+            .room_of(destination)
+            .saturating_add(1)
+            .min(limits.rows);
+        let rows = read_due(destination_due_sql(), destination, limit)?;
+        if rows.len() == limit {
+            // Stopped at the limit: more may be due, even if the rows
+            // were fewer messages than the room.
+            filled.push(destination.clone());
+        }
+        due.extend(rows);
+    }
+    Ok((due, filled))
+}
+
+/// The messages to claim from the due rows, in order, each destination
+/// taking no more than its room; a destination that had more adds itself
+/// to `filled`. Also returns how many rows were walked.
+fn choose_messages(
+    due: Vec<DueRow>,
+    limits: &ClaimLimits,
+    filled: &mut Vec<String>,
+) -> (Vec<String>, usize) {
+    let mut taken: HashMap<String, HashSet<String>> = HashMap::new();
+    let mut messages: Vec<String> = Vec::new();
+    let mut chosen: HashSet<String> = HashSet::new();
+    let mut walked = 0;
+    for (message_id, destination) in due {
+        walked += 1;
+        let room = limits.room_of(&destination);
+        let jobs = taken.entry(destination.clone()).or_default();
+        if jobs.contains(&message_id) {
+            continue;
+        }
+        if jobs.len() >= room {
+            if !filled.contains(&destination) {
+                filled.push(destination);
+            }
+            continue;
+        }
+        jobs.insert(message_id.clone());
+        if chosen.insert(message_id.clone()) {
+            messages.push(message_id);
+        }
+    }
+    (messages, walked)
 }
 
 /// The due rows, earliest first, of destinations not passed over.
@@ -790,6 +815,29 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let conn = crate::store::open_direct(dir.path()).unwrap();
         (dir, conn)
+    }
+
+    #[test]
+    fn each_destination_takes_no_more_messages_than_its_room() {
+        let row = |message: &str, destination: &str| (message.to_string(), destination.to_string());
+        let due = vec![
+            row("m1", "mx:a.test"),
+            row("m1", "mx:b.test"),
+            row("m2", "mx:a.test"),
+            row("m2", "mx:a.test"),
+            row("m3", "mx:a.test"),
+            row("m4", "mx:b.test"),
+        ];
+        let mut limits = ClaimLimits::rows(100);
+        limits.room = vec![("mx:a.test".into(), 2)];
+        limits.default_room = 5;
+        let mut filled = Vec::new();
+        let (messages, walked) = choose_messages(due, &limits, &mut filled);
+        // m3 waits: a.test's room of 2 went to m1 and m2 (one job each,
+        // whatever their recipients); b.test had room for both of its.
+        assert_eq!(messages, ["m1", "m2", "m4"]);
+        assert_eq!(filled, ["mx:a.test"]);
+        assert_eq!(walked, 6);
     }
 
     #[test]

@@ -423,7 +423,6 @@ fn perform(
     io: &mut SessionIo,
     ctx: &ServerContext,
 ) -> io::Result<Option<End>> {
-    let peer = io.peer;
     // The body of the message DATA just received, until the queue has it.
     let mut body: Option<Body> = None;
     loop {
@@ -446,58 +445,16 @@ fn perform(
                 return Ok(Some(End::Closed));
             }
             Action::StartTls => {
-                flush(&mut io.conn, &mut io.buffers.out)?;
-                let dropped = io.buffers.lines.discard();
-                if dropped > 0 {
-                    log::warn!("{peer}: discarded {dropped} bytes pipelined after STARTTLS");
-                }
-                let Some(tls) = &ctx.tls else {
-                    return Err(io::Error::other("STARTTLS accepted without a certificate"));
-                };
-                let Conn::Net(transport) = &io.conn else {
-                    return Err(io::Error::other("STARTTLS on a connection that is not TCP"));
-                };
-                let placeholder = Conn::Net(Transport::Plain(transport.tcp().try_clone()?));
-                let plain = std::mem::replace(&mut io.conn, placeholder);
-                io.conn = start_tls(plain, tls, &ctx.config.limits)?;
-                // The handshake left its own read timeout on the socket.
-                io.clock.socket_timeout = None;
-                if let Some(info) = tls_info(&io.conn) {
-                    session.tls_started(info);
-                }
+                upgrade(session, io, ctx)?;
                 return Ok(None);
             }
-            Action::ReceiveData => {
-                flush(&mut io.conn, &mut io.buffers.out)?;
-                let received = match receive_data(io, ctx) {
-                    Ok(received) => received,
-                    Err(error) if is_timeout(&error) => {
-                        log::info!("{peer}: DATA too slow or stalled; nothing queued");
-                        return Ok(Some(timed_out(io, ctx)));
-                    }
-                    Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => {
-                        log::info!("{peer}: disconnected during DATA; nothing queued");
-                        return Ok(Some(End::ClientDisconnected));
-                    }
-                    Err(error) => return Err(error),
-                };
-                io.buffers.lines.push(&received.rest);
-                let summary = match received.message {
-                    Ok((summary, received_body)) => {
-                        body = Some(received_body);
-                        Ok(summary)
-                    }
-                    Err(error) => {
-                        log::info!("{peer}: message refused: {}", error.describe());
-                        Err(error)
-                    }
-                };
-                let stamp = Stamp {
-                    id: QueueId::generate().to_string(),
-                    now: SystemTime::now(),
-                };
-                session.data_finished(summary, stamp)
-            }
+            Action::ReceiveData => match take_data(session, io, ctx)? {
+                Data::Taken(next, received_body) => {
+                    body = received_body;
+                    *next
+                }
+                Data::Ended(end) => return Ok(Some(end)),
+            },
             Action::Enqueue(envelope) => {
                 let result = match body.take() {
                     Some(body) => ctx.intake.accept(*envelope, body, &session.client_label()),
@@ -507,6 +464,84 @@ fn perform(
             }
         };
     }
+}
+
+/// STARTTLS accepted: the handshake, on the same socket.
+fn upgrade(session: &mut Session<Mail>, io: &mut SessionIo, ctx: &ServerContext) -> io::Result<()> {
+    flush(&mut io.conn, &mut io.buffers.out)?;
+    let dropped = io.buffers.lines.discard();
+    if dropped > 0 {
+        log::warn!(
+            "{}: discarded {dropped} bytes pipelined after STARTTLS",
+            io.peer
+        );
+    }
+    let Some(tls) = &ctx.tls else {
+        return Err(io::Error::other("STARTTLS accepted without a certificate"));
+    };
+    let Conn::Net(transport) = &io.conn else {
+        return Err(io::Error::other("STARTTLS on a connection that is not TCP"));
+    };
+    let placeholder = Conn::Net(Transport::Plain(transport.tcp().try_clone()?));
+    let plain = std::mem::replace(&mut io.conn, placeholder);
+    io.conn = start_tls(plain, tls, &ctx.config.limits)?;
+    // The handshake left its own read timeout on the socket.
+    io.clock.socket_timeout = None;
+    if let Some(info) = tls_info(&io.conn) {
+        session.tls_started(info);
+    }
+    Ok(())
+}
+
+/// What became of DATA.
+enum Data {
+    /// The session's next step, with the body to queue (none when the
+    /// message was refused).
+    Taken(Box<Step<Mail>>, Option<Body>),
+    /// The client stalled or left.
+    Ended(End),
+}
+
+/// DATA accepted: the message, then the session's next step.
+fn take_data(
+    session: &mut Session<Mail>,
+    io: &mut SessionIo,
+    ctx: &ServerContext,
+) -> io::Result<Data> {
+    let peer = io.peer;
+    flush(&mut io.conn, &mut io.buffers.out)?;
+    let received = match receive_data(io, ctx) {
+        Ok(received) => received,
+        Err(error) if is_timeout(&error) => {
+            log::info!("{peer}: DATA too slow or stalled; nothing queued");
+            return Ok(Data::Ended(timed_out(io, ctx)));
+        }
+        Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => {
+            log::info!("{peer}: disconnected during DATA; nothing queued");
+            return Ok(Data::Ended(End::ClientDisconnected));
+        }
+        Err(error) => return Err(error),
+    };
+    io.buffers.lines.push(&received.rest);
+    let mut body = None;
+    let summary = match received.message {
+        Ok((summary, received_body)) => {
+            body = Some(received_body);
+            Ok(summary)
+        }
+        Err(error) => {
+            log::info!("{peer}: message refused: {}", error.describe());
+            Err(error)
+        }
+    };
+    let stamp = Stamp {
+        id: QueueId::generate().to_string(),
+        now: SystemTime::now(),
+    };
+    Ok(Data::Taken(
+        Box::new(session.data_finished(summary, stamp)),
+        body,
+    ))
 }
 
 /// One line per refused transaction command, in Postfix's form, so
