@@ -103,6 +103,61 @@ fn section(roff: &mut Roff, title: &str, paragraphs: &[&str]) {
 
 /// petrel(8): clap's title, name, synopsis, options and commands, then
 /// the sections an operator looks for, instead of `--help`'s epilogue.
+/// petrel(8)'s own sections, as paragraphs: before the options ...
+const DESCRIPTION: &[&str] = &[
+    "petrel is a mail server (SMTP MTA) in one binary. It receives mail over SMTP (the MX \
+     port, submission with STARTTLS, and implicit TLS), keeps it in a durable SQLite \
+     queue, and delivers it to local Maildirs, to the recipient domain's MX hosts, or \
+     through a smart host, retrying with backoff until it succeeds, bounces or expires. \
+     The final 250 after DATA is sent only once the message is committed to disk.",
+    "Any user of the host can send with `sendmail` (a link to petrel, or `petrel \
+     sendmail`); accounts log in with AUTH over TLS, with per-device app passwords. \
+     Mail from local users is DKIM-signed; mail from strangers is checked with SPF, \
+     DKIM and DMARC.",
+];
+
+/// ... and after the subcommands.
+const AFTER_SUBCOMMANDS: &[(&str, &[&str])] = &[
+    (
+        "CONFIGURATION",
+        &[
+            "The config file is the first of `-c` FILE, `$PETREL_CONFIG`, `./petrel.toml` and \
+         `/etc/petrel/petrel.toml`; without one, every command but sendmail runs on \
+         built-in defaults (a demo on loopback with data in `./petrel-data`). Every key \
+         and its default: petrel.toml(5). `petrel check-config` checks a file as \
+         `nginx -t` does and prints the effective settings.",
+        ],
+    ),
+    (
+        "FILES",
+        &[
+            "`/etc/petrel/petrel.toml` the configuration.",
+            "`data_dir` (`/var/lib/petrel` when packaged): `queue.db` the queue, accounts and \
+         lockouts (SQLite, readable with sqlite3); `mail/DOMAIN/USER/` the Maildirs; \
+         `dkim/DOMAIN.SELECTOR.pem` DKIM keys; `public/submit.sock` and \
+         `public/maildrop/` local submission; `control.sock` what the command line uses \
+         to reach the running server; `petrel.lock` held while it runs.",
+        ],
+    ),
+    (
+        "SIGNALS",
+        &[
+            "SIGTERM and SIGINT stop `petrel serve` gracefully: listeners close, idle clients \
+         get 421, running deliveries get 10 seconds. SIGHUP (or `petrel reload`) reloads \
+         what can change without a restart: the aliases, the DKIM keys and [dkim], and \
+         the TLS certificate, and logs what it loaded.",
+        ],
+    ),
+    (
+        "EXIT STATUS",
+        &[
+            "0 ok; 1 runtime failure (also: a command that needs root or the server's user, \
+         run by someone else); 2 usage or configuration error, naming the key; 75 try \
+         again later (sendmail: the caller keeps the message).",
+        ],
+    ),
+];
+
 fn main_page(command: &clap::Command) -> Result<Vec<u8>, Failure> {
     let man = man(command.clone());
     let mut out = Vec::new();
@@ -111,67 +166,14 @@ fn main_page(command: &clap::Command) -> Result<Vec<u8>, Failure> {
         man.render_name_section(&mut out)?;
         man.render_synopsis_section(&mut out)?;
         let mut roff = Roff::new();
-        section(
-            &mut roff,
-            "DESCRIPTION",
-            &[
-                "petrel is a mail server (SMTP MTA) in one binary. It receives mail over SMTP (the MX \
-                 port, submission with STARTTLS, and implicit TLS), keeps it in a durable SQLite \
-                 queue, and delivers it to local Maildirs, to the recipient domain's MX hosts, or \
-                 through a smart host, retrying with backoff until it succeeds, bounces or expires. \
-                 The final 250 after DATA is sent only once the message is committed to disk.",
-                "Any user of the host can send with `sendmail` (a link to petrel, or `petrel \
-                 sendmail`); accounts log in with AUTH over TLS, with per-device app passwords. \
-                 Mail from local users is DKIM-signed; mail from strangers is checked with SPF, \
-                 DKIM and DMARC.",
-            ],
-        );
+        section(&mut roff, "DESCRIPTION", DESCRIPTION);
         roff.to_writer(&mut out)?;
         man.render_options_section(&mut out)?;
         man.render_subcommands_section(&mut out)?;
         let mut roff = Roff::new();
-        section(
-            &mut roff,
-            "CONFIGURATION",
-            &[
-                "The config file is the first of `-c` FILE, `$PETREL_CONFIG`, `./petrel.toml` and \
-                 `/etc/petrel/petrel.toml`; without one, every command but sendmail runs on \
-                 built-in defaults (a demo on loopback with data in `./petrel-data`). Every key \
-                 and its default: petrel.toml(5). `petrel check-config` checks a file as \
-                 `nginx -t` does and prints the effective settings.",
-            ],
-        );
-        section(
-            &mut roff,
-            "FILES",
-            &[
-                "`/etc/petrel/petrel.toml` the configuration.",
-                "`data_dir` (`/var/lib/petrel` when packaged): `queue.db` the queue, accounts and \
-                 lockouts (SQLite, readable with sqlite3); `mail/DOMAIN/USER/` the Maildirs; \
-                 `dkim/DOMAIN.SELECTOR.pem` DKIM keys; `public/submit.sock` and \
-                 `public/maildrop/` local submission; `control.sock` what the command line uses \
-                 to reach the running server; `petrel.lock` held while it runs.",
-            ],
-        );
-        section(
-            &mut roff,
-            "SIGNALS",
-            &[
-                "SIGTERM and SIGINT stop `petrel serve` gracefully: listeners close, idle clients \
-                 get 421, running deliveries get 10 seconds. SIGHUP (or `petrel reload`) reloads \
-                 what can change without a restart: the aliases, the DKIM keys and [dkim], and \
-                 the TLS certificate, and logs what it loaded.",
-            ],
-        );
-        section(
-            &mut roff,
-            "EXIT STATUS",
-            &[
-                "0 ok; 1 runtime failure (also: a command that needs root or the server's user, \
-                 run by someone else); 2 usage or configuration error, naming the key; 75 try \
-                 again later (sendmail: the caller keeps the message).",
-            ],
-        );
+        for (title, paragraphs) in AFTER_SUBCOMMANDS {
+            section(&mut roff, title, paragraphs);
+        }
         roff.control("SH", ["SEE ALSO"]);
         roff.text([
             italic("petrel.toml"),
