@@ -5,6 +5,7 @@ use crate::protocol::data::{DataDecoder, Progress};
 use crate::protocol::dsn::Ret;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use std::time::SystemTime;
 
 /// A routed recipient as the tests need it: an address, and whether
 /// it is one of our mailboxes.
