@@ -12,6 +12,7 @@ use crate::config::Config;
 use crate::delivery::{Delivery, Waker};
 use crate::dns::Dns;
 use crate::intake::directory::{self, Directory};
+use crate::intake::gate::Gate;
 use crate::intake::{Intake, OnQueued};
 use crate::policy::outbound::OutboundPolicy;
 use crate::protocol::session::ListenerKind;
@@ -199,6 +200,7 @@ impl Instance {
         let dns = Arc::new(Dns::new(&config.dns).map_err(error)?);
         let outbound = OutboundPolicy::from_config(&config).with_listeners(bound.addresses());
         let services = directory_of(&config, &queue, &dns, &outbound);
+        let gate = Gate::new(&config, Some(Arc::clone(&dns)));
         let limiter = services.auth_limiter();
         let delivery = if options.delivery {
             Some(
@@ -210,7 +212,7 @@ impl Instance {
         };
         let parts = ServerParts {
             tls: Some(Arc::clone(&tls)),
-            intake: intake_of(&config, services, &queue, delivery.as_ref())?,
+            intake: intake_of(&config, gate, services, &queue, delivery.as_ref())?,
         };
         let server = match Server::start(Arc::clone(&config), bound, parts) {
             Ok(server) => server,
@@ -364,6 +366,7 @@ fn directory_of(
 /// for it when delivery runs here.
 fn intake_of(
     config: &Arc<Config>,
+    gate: Gate,
     directory: Directory,
     queue: &Queue,
     delivery: Option<&Delivery>,
@@ -376,6 +379,7 @@ fn intake_of(
     log::info!("dkim: {}", dkim.signer().summary());
     Ok(Intake::new(
         Arc::clone(config),
+        gate,
         directory,
         Arc::new(dkim),
         queue.handle(),

@@ -6,6 +6,7 @@
 //! offending key, so that `petrel check-config` and `petrel serve` can exit 2
 //! before touching anything.
 
+mod dnsbl;
 mod units;
 mod validate;
 
@@ -18,6 +19,8 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 pub use units::{ByteSize, HumanDuration};
+
+pub use dnsbl::Blocklist;
 
 use crate::protocol::address::Domain;
 
@@ -59,6 +62,53 @@ pub struct Config {
     pub server: ServerConfig,
     pub dkim: DkimConfig,
     pub mail_auth: MailAuthConfig,
+    pub antispam: AntispamConfig,
+}
+
+/// The gate in front of the MX port (see src/intake/gate.rs), in the
+/// spirit of Postfix's postscreen: clients that talk before the greeting
+/// ends, and clients on DNS blocklists, are refused before a session
+/// starts. Never for `relay.trusted_networks`, the submission ports or
+/// local programs; loopback clients only with `check_loopback`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AntispamConfig {
+    /// Greet with the first line of a two-line 220, wait `greet_wait`,
+    /// then send the last: a client that sends anything before the
+    /// greeting ends is a bot. On by default: a real client waits for the
+    /// greeting anyway, and pays `greet_wait` once per `pass_ttl`.
+    pub pregreet: bool,
+    pub greet_wait: HumanDuration,
+    /// A client that passed is greeted at once for this long (per
+    /// address; IPv6 per /64).
+    pub pass_ttl: HumanDuration,
+    /// DNS block and allow lists, postscreen's syntax:
+    /// `zone[=filter][*weight]`, e.g. `zen.spamhaus.org*2`,
+    /// `list.dnswl.org=127.0.[0..255].[1..3]*-3`. Empty by default: lists
+    /// have terms of use.
+    pub dnsbl: Vec<String>,
+    /// A client whose weights add up to this is refused.
+    pub dnsbl_threshold: i32,
+    /// One deadline for all lists; a list that has not answered by then
+    /// counts as not listing the client (and is logged).
+    pub dnsbl_timeout: HumanDuration,
+    /// Screen loopback clients too (for tests of the gate; local programs
+    /// normally use loopback).
+    pub check_loopback: bool,
+}
+
+impl Default for AntispamConfig {
+    fn default() -> Self {
+        AntispamConfig {
+            pregreet: true,
+            greet_wait: HumanDuration::secs(2),
+            pass_ttl: HumanDuration::secs(86_400),
+            dnsbl: Vec::new(),
+            dnsbl_threshold: 1,
+            dnsbl_timeout: HumanDuration::secs(5),
+            check_loopback: false,
+        }
+    }
 }
 
 /// SPF, DKIM and DMARC checks of mail arriving on the MX port (see
@@ -169,6 +219,7 @@ impl Default for Config {
             server: ServerConfig::default(),
             dkim: DkimConfig::default(),
             mail_auth: MailAuthConfig::default(),
+            antispam: AntispamConfig::default(),
         }
     }
 }

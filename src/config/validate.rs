@@ -5,8 +5,9 @@
 use std::collections::BTreeMap;
 
 use super::{
-    AliasTargets, AuthConfig, Config, ConfigError, DeliveryConfig, DnsConfig, HumanDuration,
-    LimitsConfig, QueueConfig, TlsConfig, parse_fingerprint, parse_host_port,
+    AliasTargets, AntispamConfig, AuthConfig, Blocklist, Config, ConfigError, DeliveryConfig,
+    DnsConfig, HumanDuration, LimitsConfig, QueueConfig, TlsConfig, parse_fingerprint,
+    parse_host_port,
 };
 use crate::protocol::address::{Address, Domain};
 
@@ -49,6 +50,7 @@ impl Config {
         self.queue.check(&mut problems);
         self.limits.check(&mut problems);
         self.auth.check(&mut problems);
+        self.antispam.check(&mut problems);
         ConfigError::of_all(problems.0)
     }
 
@@ -247,6 +249,42 @@ impl LimitsConfig {
     }
 }
 
+/// More lists than this cost every new client too many queries.
+const MAX_DNS_LISTS: usize = 16;
+
+impl AntispamConfig {
+    fn check(&self, problems: &mut Problems) {
+        problems.more_than_zero(&[
+            ("antispam.greet_wait", self.greet_wait),
+            ("antispam.pass_ttl", self.pass_ttl),
+            ("antispam.dnsbl_timeout", self.dnsbl_timeout),
+        ]);
+        if self.greet_wait.get() > std::time::Duration::from_secs(30) {
+            problems.at(
+                "antispam.greet_wait",
+                "more than 30s keeps real senders waiting (postscreen's default is 6s)",
+            );
+        }
+        if self.dnsbl.len() > MAX_DNS_LISTS {
+            problems.at(
+                "antispam.dnsbl",
+                format!("more than {MAX_DNS_LISTS} lists cost each new client too many queries"),
+            );
+        }
+        for (index, text) in self.dnsbl.iter().enumerate() {
+            if let Err(why) = Blocklist::parse(text) {
+                problems.at(format!("antispam.dnsbl[{index}]"), why);
+            }
+        }
+        if !self.dnsbl.is_empty() && self.dnsbl_threshold < 1 {
+            problems.at(
+                "antispam.dnsbl_threshold",
+                "must be at least 1, or every client would be refused",
+            );
+        }
+    }
+}
+
 impl AuthConfig {
     fn check(&self, problems: &mut Problems) {
         if self.password_policy.min_strength > 4 {
@@ -276,7 +314,8 @@ mod tests {
                     [dns]\ntimeout = \"0s\"\n\
                     [queue]\nretry_min = \"2h\"\nretry_max = \"1h\"\n\
                     [limits]\nmax_hops = 0\nmax_line_length = 10\n\
-                    [auth]\nlockout_after = 0\n";
+                    [auth]\nlockout_after = 0\n\
+                    [antispam]\ndnsbl = [\"bl.example=127.0.0.[9..2]\"]\n";
         let error = Config::parse(text).unwrap_err().to_string();
         let keys = [
             "hostname",
@@ -289,6 +328,7 @@ mod tests {
             "limits.max_hops",
             "limits.max_line_length",
             "auth.lockout_after",
+            "antispam.dnsbl[0]",
         ];
         assert!(
             error.starts_with(&format!("{} problems:", keys.len())),

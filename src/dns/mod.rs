@@ -426,6 +426,72 @@ impl Dns {
         }
     }
 
+    /// The IPv4 addresses at each of `names`, asked all at once with one
+    /// deadline for them all (DNS blocklists: a client under every list).
+    /// A name with no records gives an empty list; one that has not
+    /// answered by the deadline, a temporary failure. Each answer comes
+    /// with how long it may be reused (its TTL).
+    pub fn a_records_together(
+        &self,
+        names: Vec<String>,
+        within: Duration,
+    ) -> Vec<Result<(Vec<std::net::Ipv4Addr>, Duration), DnsFailure>> {
+        let count = names.len();
+        let resolver = self.resolver.clone();
+        let task = self.runtime.spawn(async move {
+            let mut lookups = tokio::task::JoinSet::new();
+            for (index, name) in names.into_iter().enumerate() {
+                let resolver = resolver.clone();
+                lookups.spawn(async move { (index, resolver.ipv4_lookup(fqdn(&name)).await) });
+            }
+            let mut answers: Vec<Option<Result<_, NetError>>> = (0..count).map(|_| None).collect();
+            let deadline = tokio::time::Instant::now() + within;
+            while let Ok(Some(joined)) =
+                tokio::time::timeout_at(deadline, lookups.join_next()).await
+            {
+                if let Ok((index, answer)) = joined {
+                    answers[index] = Some(answer);
+                }
+            }
+            lookups.abort_all();
+            answers
+        });
+        let answers = match self.runtime.block_on(task) {
+            Ok(answers) => answers,
+            Err(join) => {
+                log::warn!("dns: the lookups did not finish: {join}");
+                (0..count).map(|_| None).collect()
+            }
+        };
+        let now = Instant::now();
+        answers
+            .into_iter()
+            .map(|answer| match answer {
+                None => Err(DnsFailure::Temporary("no answer in time".into())),
+                Some(Ok(lookup)) => {
+                    let addresses = lookup
+                        .answers()
+                        .iter()
+                        .filter_map(|record| match &record.data {
+                            RData::A(a) => Some(a.0),
+                            _ => None,
+                        })
+                        .collect();
+                    Ok((
+                        addresses,
+                        lookup.valid_until().saturating_duration_since(now),
+                    ))
+                }
+                Some(Err(error)) => match classify(&error) {
+                    LookupError::NxDomain | LookupError::NoRecords => {
+                        Ok((Vec::new(), VERDICT_CACHE_TIME))
+                    }
+                    LookupError::Temporary(why) => Err(DnsFailure::Temporary(why)),
+                },
+            })
+            .collect()
+    }
+
     fn confirmed_name(&self, ip: IpAddr) -> Option<String> {
         let candidates = self.reverse_names(ip).ok()?;
         // The name goes into Received: headers and logs: a plain host

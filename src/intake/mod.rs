@@ -8,6 +8,7 @@
 //! gates and milters belong here too. Never touches a socket.
 
 pub mod directory;
+pub mod gate;
 
 use std::sync::Arc;
 
@@ -26,10 +27,11 @@ pub use directory::{Directory, Mail};
 /// message once it is committed.
 pub type OnQueued = Box<dyn Fn(Vec<String>) + Send + Sync>;
 
-/// What intake needs: the config, the directory, the keys to sign with,
+/// What intake needs: the config, the gate, the directory, the keys to sign with,
 /// the queue, and who to tell of new mail.
 pub struct Intake {
     config: Arc<Config>,
+    gate: gate::Gate,
     directory: Directory,
     dkim: Arc<Keys>,
     queue: QueueHandle,
@@ -39,6 +41,7 @@ pub struct Intake {
 impl Intake {
     pub fn new(
         config: Arc<Config>,
+        gate: gate::Gate,
         directory: Directory,
         dkim: Arc<Keys>,
         queue: QueueHandle,
@@ -46,11 +49,17 @@ impl Intake {
     ) -> Intake {
         Intake {
             config,
+            gate,
             directory,
             dkim,
             queue,
             on_queued,
         }
+    }
+
+    /// The gate before a session on the MX port.
+    pub fn gate(&self) -> &gate::Gate {
+        &self.gate
     }
 
     /// What sessions ask about senders, recipients and logins.

@@ -82,6 +82,9 @@ pub const TRANSACTION_FAILED: Status = enhanced(554, "5.3.0");
 pub const UNKNOWN_PARAMETER: Status = enhanced(555, "5.5.4");
 pub const DOMAIN_ACCEPTS_NO_MAIL: Status = enhanced(556, "5.1.10");
 pub const DESTINATION_NOT_ALLOWED: Status = enhanced(550, "5.4.4");
+/// The gate before the session: a DNS blocklist, or a client that talked
+/// before the greeting (said before any session, as postscreen does).
+pub const CLIENT_REFUSED: Status = enhanced(554, "5.7.1");
 /// RFC 7372 / RFC 7489 6.7: the From domain's DMARC policy says reject.
 pub const DMARC_REJECT: Status = enhanced(550, "5.7.1");
 

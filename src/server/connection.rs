@@ -12,6 +12,7 @@ use rustls::ServerConnection;
 
 use super::ServerContext;
 use super::limits::Permit;
+use super::screen::{self, Screened};
 use crate::intake::Mail;
 use crate::mailauth::results::ForgedResultsFilter;
 use crate::printable::escape;
@@ -137,6 +138,8 @@ enum End {
     ClientDisconnected,
     Timeout,
     ShuttingDown,
+    /// Refused by the gate before the session.
+    Refused,
 }
 
 impl End {
@@ -146,6 +149,7 @@ impl End {
             End::Closed | End::ClientDisconnected => "",
             End::Timeout => " (timeout)",
             End::ShuttingDown => " (shutting down)",
+            End::Refused => " (refused before the session)",
         }
     }
 }
@@ -188,7 +192,10 @@ pub fn serve(job: Incoming, ctx: &ServerContext, buffers: &mut Buffers) -> Submi
         listener,
     };
     match run(stream, client, ctx, buffers, &mut counts) {
-        Ok(end) => log::info!("disconnect from {label} {}{}", counts.0, end.note()),
+        Ok(end) => log::info!(
+            "disconnect from {label} {}",
+            format!("{}{}", counts.0, end.note()).trim_start()
+        ),
         Err(error) => log::info!("disconnect from {label} {} (error: {error})", counts.0),
     }
     drop(permit);
@@ -283,6 +290,24 @@ fn run(
             stream.set_read_timeout(Some(read_timeout))?;
             stream.set_write_timeout(Some(command_timeout))?;
             stream.set_nodelay(true)?;
+            let label = format!(
+                "{}[{}]",
+                client.name.as_deref().unwrap_or("unknown"),
+                client.peer.ip()
+            );
+            let screened = screen::screen(
+                &stream,
+                client.peer,
+                client.listener,
+                &label,
+                ctx,
+                read_timeout,
+            )?;
+            match screened {
+                Screened::Passed => {}
+                Screened::Refused => return Ok(End::Refused),
+                Screened::HungUp => return Ok(End::ClientDisconnected),
+            }
             let mut conn = Conn::Net(Transport::Plain(stream));
             if client.listener == ListenerKind::Smtps {
                 let Some(tls) = &ctx.tls else {

@@ -14,6 +14,7 @@ pub mod local;
 pub mod notify;
 mod pool;
 pub mod privileges;
+mod screen;
 
 use std::collections::HashMap;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
