@@ -9,6 +9,7 @@ pub mod data;
 pub mod date;
 pub mod dsn;
 pub mod line;
+pub mod milter;
 pub mod reply;
 pub mod sasl;
 pub mod services;
