@@ -47,6 +47,8 @@ pub enum QueueCommand {
     Delete { id: String },
     /// Give up on a message now: its waiting recipients bounce to the sender
     Bounce { id: String },
+    /// Let a message a content filter quarantined go on to delivery
+    Release { id: String },
 }
 
 pub fn run(config: &Config, command: QueueCommand) -> Result<(), Failure> {
@@ -104,6 +106,23 @@ pub fn run_as(config: &Config, command: QueueCommand, name: &str) -> Result<(), 
             Ok(())
         }
         QueueCommand::Bounce { id } => bounce(config, &mut conn, &parse_id(&id)?, asked_by),
+        QueueCommand::Release { id } => {
+            let id = parse_id(&id)?;
+            let now = sql_timestamp(SystemTime::now());
+            let count = delivery::release(&conn, id.as_str(), &now).map_err(runtime)?;
+            if count == 0 {
+                return Err(Failure::Runtime(format!(
+                    "{id}: not in quarantine (see `petrel queue list`)"
+                )));
+            }
+            log_action(
+                config,
+                &format!("{id}: released from quarantine by the operator"),
+                asked_by,
+            );
+            say!("{id}: released; {count} recipients due now{}", wake(config));
+            Ok(())
+        }
     }
 }
 
@@ -235,6 +254,7 @@ fn show(conn: &Connection, id: &QueueId) -> Result<(), Failure> {
         helo,
         user,
         app_password,
+        quarantine,
     } = origin;
     say!("queue id:  {id}");
     say!("received:  {received} UTC via {listener}");
@@ -245,6 +265,12 @@ fn show(conn: &Connection, id: &QueueId) -> Result<(), Failure> {
         (Some(user), Some(label)) => say!("auth user: {user} (app password {label})"),
         (Some(user), None) => say!("auth user: {user}"),
         _ => {}
+    }
+    if let Some(reason) = quarantine {
+        say!(
+            "held:      quarantined by a content filter ({}); `petrel queue release {id}` lets it go",
+            escape(&reason)
+        );
     }
     say!("sender:    <{}>", escape(&message.sender));
     say!("size:      {} octets", message.size);

@@ -63,6 +63,88 @@ pub struct Config {
     pub dkim: DkimConfig,
     pub mail_auth: MailAuthConfig,
     pub antispam: AntispamConfig,
+    /// Content filters (`[[milter]]` tables), asked in order.
+    pub milter: Vec<MilterConfig>,
+}
+
+/// One content filter spoken to over the milter protocol (see
+/// src/intake/milter.rs): rspamd, OpenDKIM, OpenDMARC, ClamAV.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MilterConfig {
+    /// `unix:/path/to/socket` or `inet:host:port`.
+    pub address: String,
+    /// The listeners whose mail it sees: smtp, submission, smtps, local.
+    pub on: Vec<String>,
+    /// When it cannot be asked (down, too slow, talking nonsense).
+    pub on_failure: OnFailure,
+    pub connect_timeout: HumanDuration,
+    /// For each reply.
+    pub command_timeout: HumanDuration,
+    /// For the whole message, from its first header to the verdict.
+    pub content_timeout: HumanDuration,
+}
+
+impl Default for MilterConfig {
+    fn default() -> Self {
+        // Postfix's milter_*_timeout defaults.
+        MilterConfig {
+            address: String::new(),
+            on: vec!["smtp".into()],
+            on_failure: OnFailure::Tempfail,
+            connect_timeout: HumanDuration::secs(30),
+            command_timeout: HumanDuration::secs(30),
+            content_timeout: HumanDuration::secs(300),
+        }
+    }
+}
+
+/// Where a milter listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MilterAddress {
+    Unix(PathBuf),
+    /// "host:port", resolved when connecting.
+    Inet(String),
+}
+
+impl MilterAddress {
+    pub fn parse(text: &str) -> Result<MilterAddress, String> {
+        if let Some(path) = text.strip_prefix("unix:") {
+            if !path.starts_with('/') {
+                return Err(format!("{text:?}: the socket path must be absolute"));
+            }
+            return Ok(MilterAddress::Unix(PathBuf::from(path)));
+        }
+        if let Some(address) = text.strip_prefix("inet:") {
+            parse_host_port(address).map_err(|why| format!("{text:?}: {why}"))?;
+            return Ok(MilterAddress::Inet(address.to_string()));
+        }
+        Err(format!(
+            "{text:?} is not unix:/path/to/socket nor inet:host:port"
+        ))
+    }
+}
+
+impl fmt::Display for MilterAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MilterAddress::Unix(path) => write!(f, "unix:{}", path.display()),
+            MilterAddress::Inet(address) => write!(f, "inet:{address}"),
+        }
+    }
+}
+
+/// What becomes of a message when a milter cannot be asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailure {
+    /// 451: the sender tries again later.
+    #[default]
+    Tempfail,
+    /// As if the milter had accepted it.
+    Accept,
+    /// 554: refused for good.
+    Reject,
 }
 
 /// The gate in front of the MX port (see src/intake/gate.rs), in the
@@ -220,6 +302,7 @@ impl Default for Config {
             dkim: DkimConfig::default(),
             mail_auth: MailAuthConfig::default(),
             antispam: AntispamConfig::default(),
+            milter: Vec::new(),
         }
     }
 }

@@ -4,10 +4,11 @@
 
 use std::collections::BTreeMap;
 
+use super::MilterAddress;
 use super::{
     AliasTargets, AntispamConfig, AuthConfig, Blocklist, Config, ConfigError, DeliveryConfig,
-    DnsConfig, HumanDuration, LimitsConfig, QueueConfig, TlsConfig, parse_fingerprint,
-    parse_host_port,
+    DnsConfig, HumanDuration, LimitsConfig, MilterConfig, QueueConfig, TlsConfig,
+    parse_fingerprint, parse_host_port,
 };
 use crate::protocol::address::{Address, Domain};
 
@@ -51,6 +52,9 @@ impl Config {
         self.limits.check(&mut problems);
         self.auth.check(&mut problems);
         self.antispam.check(&mut problems);
+        for (index, milter) in self.milter.iter().enumerate() {
+            milter.check(index, &mut problems);
+        }
         ConfigError::of_all(problems.0)
     }
 
@@ -281,6 +285,32 @@ impl AntispamConfig {
                 "antispam.dnsbl_threshold",
                 "must be at least 1, or every client would be refused",
             );
+        }
+    }
+}
+
+impl MilterConfig {
+    fn check(&self, index: usize, problems: &mut Problems) {
+        let key = |name: &str| format!("milter[{index}].{name}");
+        if let Err(why) = MilterAddress::parse(&self.address) {
+            problems.at(key("address"), why);
+        }
+        for listener in &self.on {
+            if !["smtp", "submission", "smtps", "local"].contains(&listener.as_str()) {
+                problems.at(
+                    key("on"),
+                    format!("{listener:?} is not a listener (smtp, submission, smtps, local)"),
+                );
+            }
+        }
+        for (name, value) in [
+            ("connect_timeout", self.connect_timeout),
+            ("command_timeout", self.command_timeout),
+            ("content_timeout", self.content_timeout),
+        ] {
+            if value.is_zero() {
+                problems.at(key(name), "must be more than 0");
+            }
         }
     }
 }

@@ -135,6 +135,7 @@ pub fn notice(
         },
         ret: None,
         envid: None,
+        quarantine: None,
     })
 }
 

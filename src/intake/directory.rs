@@ -127,6 +127,15 @@ impl Directory {
         )
     }
 
+    /// The routes of a recipient a content filter added: resolved as any
+    /// recipient (aliases expanded, local mailboxes checked), without the
+    /// relay policy (the filter is trusted).
+    pub fn route_added(&self, address: &Address) -> Result<Vec<Recipient>, String> {
+        routing::resolve(&self.routing_config(), &self.accounts, address)
+            .map(|resolution| resolution.targets)
+            .map_err(|error| error.to_string())
+    }
+
     /// `newaliases`: routing uses these aliases from the next lookup on.
     /// (Routes already stored with queued mail stay as they were decided.)
     pub fn replace_aliases(

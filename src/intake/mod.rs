@@ -9,6 +9,7 @@
 
 pub mod directory;
 pub mod gate;
+pub mod milter;
 
 use std::sync::Arc;
 
@@ -124,6 +125,7 @@ fn queued_form(envelope: Envelope<Mail>, body: Body) -> Result<NewMessage, Strin
         kind: MessageKind::Normal,
         ret: envelope.ret,
         envid: envelope.envid,
+        quarantine: None,
     })
 }
 
@@ -251,6 +253,161 @@ fn check_authentication(
     Ok(())
 }
 
+/// What the session saw of the client that the queue does not keep, for
+/// the milters.
+struct Seen {
+    client_name: Option<String>,
+    tls_version: Option<String>,
+}
+
+/// The message after the content filters configured for its listener:
+/// changed as they asked, `None` when one discarded it, or refused.
+/// Clients in `relay.trusted_networks` are not filtered.
+fn filtered(
+    mut message: NewMessage,
+    seen: &Seen,
+    client: &str,
+    intake: &Intake,
+) -> Result<Option<NewMessage>, NotQueued> {
+    let config = &intake.config;
+    let listener = message.listener.clone();
+    let asked = config.milter.iter().any(|m| m.on.contains(&listener));
+    let trusted = message
+        .client_ip
+        .is_some_and(|ip| config.relay.is_trusted(ip))
+        && listener != ListenerKind::Local.name();
+    if !asked || trusted {
+        return Ok(Some(message));
+    }
+    let id = message.id.to_string();
+    let bounds = milter::Bounds::of(config);
+    let content = std::mem::replace(&mut message.content, Content::in_memory(Vec::new()));
+    let rcpt_addresses: Vec<String> = message
+        .recipients
+        .iter()
+        .map(|r| r.original.clone().unwrap_or_else(|| r.address.clone()))
+        .collect();
+    let mut draft = milter::Draft::of(
+        &config.data_dir,
+        content,
+        message.sender.clone(),
+        mail_parameters(&message),
+        rcpt_addresses.clone(),
+        bounds,
+    )
+    .map_err(|error| NotQueued::Failed(format!("cannot read the message: {error}")))?;
+    let session = milter::Session {
+        queue_id: &id,
+        hostname: &config.hostname,
+        client_ip: message
+            .client_ip
+            .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0])),
+        client_name: seen.client_name.as_deref(),
+        helo: message.helo.as_deref(),
+        auth_user: message.auth_user.as_deref(),
+        tls_version: seen.tls_version.as_deref(),
+    };
+    let verdict = milter::filter(&config.milter, &listener, &session, &mut draft, bounds);
+    let first_rcpt = rcpt_addresses.first().cloned().unwrap_or_default();
+    let context = format!(
+        "from=<{}> to=<{}> proto=ESMTP helo=<{}>",
+        escape(&message.sender),
+        escape(&first_rcpt),
+        escape(message.helo.as_deref().unwrap_or(""))
+    );
+    match verdict {
+        milter::Verdict::Refuse(reply) => {
+            log::info!(
+                "{id}: milter-reject: END-OF-MESSAGE from {client}: {}; {context}",
+                escape(reply.to_wire().trim_end())
+            );
+            return Err(NotQueued::Refused(reply));
+        }
+        milter::Verdict::Discard => {
+            log::info!(
+                "{id}: milter-discard: END-OF-MESSAGE from {client}: milter triggers DISCARD \
+                 action; {context}"
+            );
+            return Ok(None);
+        }
+        milter::Verdict::Accept => {}
+    }
+    apply_recipients(&mut message, &draft.recipients, &rcpt_addresses, intake);
+    if message.recipients.is_empty() {
+        log::info!("{id}: milter-discard: every recipient removed by the milters; {context}");
+        return Ok(None);
+    }
+    message.quarantine = draft.quarantine.take();
+    message.content = draft.into_content().map_err(|error| {
+        NotQueued::Failed(format!("cannot write the filtered message: {error}"))
+    })?;
+    Ok(Some(message))
+}
+
+/// The MAIL FROM parameters the message came with, as the milters are
+/// told them.
+fn mail_parameters(message: &NewMessage) -> Vec<String> {
+    let mut args = vec![format!("SIZE={}", message.content.len())];
+    if message.eight_bit {
+        args.push("BODY=8BITMIME".into());
+    }
+    if message.smtputf8 {
+        args.push("SMTPUTF8".into());
+    }
+    if let Some(ret) = message.ret {
+        args.push(format!("RET={}", ret.as_str()));
+    }
+    if let Some(envid) = &message.envid {
+        args.push(format!(
+            "ENVID={}",
+            crate::protocol::dsn::xtext_encode(envid)
+        ));
+    }
+    args
+}
+
+/// The recipients after the milters: those they deleted go, those they
+/// added are routed as any recipient would be (one that routes nowhere is
+/// logged and left out).
+fn apply_recipients(
+    message: &mut NewMessage,
+    wanted: &[String],
+    given: &[String],
+    intake: &Intake,
+) {
+    let kept = |address: &str| wanted.iter().any(|w| w.eq_ignore_ascii_case(address));
+    message
+        .recipients
+        .retain(|r| kept(r.original.as_deref().unwrap_or(&r.address)));
+    for added in wanted
+        .iter()
+        .filter(|w| !given.iter().any(|g| g.eq_ignore_ascii_case(w)))
+    {
+        let routed = Address::parse(added)
+            .map_err(|e| e.to_string())
+            .and_then(|address| intake.directory.route_added(&address));
+        match routed {
+            Ok(targets) => {
+                for target in targets {
+                    message.recipients.push(NewRecipient {
+                        original: (target.address != *added).then(|| added.clone()),
+                        address: target.address,
+                        route: target.route,
+                        domain: target.domain,
+                        notify: None,
+                        orcpt: None,
+                    });
+                }
+            }
+            Err(why) => log::warn!(
+                "{}: a milter added <{}>, which cannot be delivered ({why}); left out",
+                message.id,
+                escape(added)
+            ),
+        }
+    }
+}
+
 /// Hands the message to the queue writer and logs the outcome; the client
 /// hears 250 only if this returns `Ok`.
 pub(crate) fn commit(
@@ -261,10 +418,17 @@ pub(crate) fn commit(
 ) -> Result<(), NotQueued> {
     let spf = envelope.spf.clone();
     let envelope_from_owner = envelope.from_owner.clone();
+    let seen = Seen {
+        client_name: envelope.client_name.clone(),
+        tls_version: envelope.tls_version.clone(),
+    };
     let mut message = queued_form(envelope, body).map_err(NotQueued::Failed)?;
     if let Some(spf) = &spf {
         check_authentication(&mut message, spf, intake)?;
     }
+    let Some(mut message) = filtered(message, &seen, client, intake)? else {
+        return Ok(());
+    };
     let from_owned = match &envelope_from_owner {
         Some(owner) => from_owned_by(&message, owner, intake)?,
         None => true,
@@ -353,6 +517,7 @@ mod tests {
             kind: MessageKind::Normal,
             ret: None,
             envid: None,
+            quarantine: None,
         }
     }
 

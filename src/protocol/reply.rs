@@ -85,6 +85,10 @@ pub const DESTINATION_NOT_ALLOWED: Status = enhanced(550, "5.4.4");
 /// The gate before the session: a DNS blocklist, or a client that talked
 /// before the greeting (said before any session, as postscreen does).
 pub const CLIENT_REFUSED: Status = enhanced(554, "5.7.1");
+/// A content filter (milter) refused the message, or could not be asked.
+pub const MILTER_REFUSED: Status = enhanced(550, "5.7.1");
+pub const MILTER_FAILED: Status = enhanced(554, "5.7.1");
+pub const MILTER_UNAVAILABLE: Status = enhanced(451, "4.7.1");
 /// RFC 7372 / RFC 7489 6.7: the From domain's DMARC policy says reject.
 pub const DMARC_REJECT: Status = enhanced(550, "5.7.1");
 

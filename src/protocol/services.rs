@@ -55,6 +55,10 @@ pub struct Envelope<K: Kinds> {
     /// Octets of the body.
     pub body_size: u64,
     pub client_ip: IpAddr,
+    /// Forward-confirmed reverse DNS name of the client.
+    pub client_name: Option<String>,
+    /// The TLS version the session used ("TLSv1_3"), if any.
+    pub tls_version: Option<String>,
     pub helo: Option<String>,
     pub auth_user: Option<String>,
     /// The app password `auth_user` logged in with; `None`: the main one.

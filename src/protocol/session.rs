@@ -693,6 +693,8 @@ impl<K: Kinds> Session<K> {
             trace_header,
             body_size: message.size,
             client_ip: self.client_ip,
+            client_name: self.client_name.clone(),
+            tls_version: self.tls.as_ref().map(|tls| tls.version.to_string()),
             helo: self.helo.clone(),
             auth_user: self.user.clone(),
             auth_label: self.app_password.clone(),

@@ -594,14 +594,33 @@ pub fn load_message(
     Ok(Some(message))
 }
 
-/// Makes a message's waiting recipients due now (`queue retry ID`).
+/// Makes a message's waiting recipients due now (`queue retry ID`); a
+/// quarantined message stays held (`queue release` lets it go).
 pub fn retry_now(conn: &Connection, message_id: &str, now: &str) -> Result<usize, StoreError> {
     conn.execute(
         "UPDATE recipients SET next_attempt_at = ?1, updated_at = ?1
-         WHERE status = 'queued' AND message_id = ?2",
-        params![now, message_id],
+         WHERE status = 'queued' AND message_id = ?2 AND next_attempt_at < ?3",
+        params![now, message_id, super::HELD_UNTIL],
     )
     .map_err(StoreError::sqlite("cannot schedule retry"))
+}
+
+/// Lets a quarantined message go (`queue release ID`): its recipients are
+/// due now. Returns how many; 0 when it was not held.
+pub fn release(conn: &Connection, message_id: &str, now: &str) -> Result<usize, StoreError> {
+    let released = conn
+        .execute(
+            "UPDATE recipients SET next_attempt_at = ?1, updated_at = ?1
+             WHERE status = 'queued' AND message_id = ?2 AND next_attempt_at = ?3",
+            params![now, message_id, super::HELD_UNTIL],
+        )
+        .map_err(StoreError::sqlite("cannot release the message"))?;
+    conn.execute(
+        "UPDATE messages SET quarantine = NULL WHERE id = ?1",
+        [message_id],
+    )
+    .map_err(StoreError::sqlite("cannot release the message"))?;
+    Ok(released)
 }
 
 /// Recipients `retry --all` makes due per transaction: each is short, so
@@ -616,12 +635,13 @@ pub fn retry_all(conn: &Connection, now: &str, chunk: usize) -> Result<usize, St
         .prepare(
             "UPDATE recipients SET next_attempt_at = ?1, updated_at = ?1
              WHERE id IN (SELECT id FROM recipients INDEXED BY recipients_due
-                          WHERE status = 'queued' AND next_attempt_at > ?1 LIMIT ?2)",
+                          WHERE status = 'queued' AND next_attempt_at > ?1
+                            AND next_attempt_at < ?3 LIMIT ?2)",
         )
         .map_err(StoreError::sqlite("cannot schedule retry"))?;
     // Each round leaves fewer rows after `now`, so the loop ends.
     while statement
-        .execute(params![now, chunk as i64])
+        .execute(params![now, chunk as i64, super::HELD_UNTIL])
         .map_err(StoreError::sqlite("cannot schedule retry"))?
         == chunk
     {}

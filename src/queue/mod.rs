@@ -59,7 +59,14 @@ pub struct NewMessage {
     /// RFC 3461 RET and ENVID, as the client gave them.
     pub ret: Option<Ret>,
     pub envid: Option<String>,
+    /// Why a content filter held it: stored, and not delivered until an
+    /// operator releases it (`petrel queue release`).
+    pub quarantine: Option<String>,
 }
+
+/// When the recipients of a quarantined message are due: never, until
+/// released (a time no retry or back-off reaches).
+pub const HELD_UNTIL: &str = "9999-12-31 23:59:59";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewRecipient {
@@ -220,8 +227,8 @@ fn insert_message(conn: &Connection, message: &NewMessage, now: &str) -> Result<
     conn.prepare_cached(
         "INSERT INTO messages (id, received_at, sender, kind, listener, client_ip, helo, auth_user,
                                eight_bit, smtputf8, size, dsn_ret, dsn_envid, content_id,
-                               auth_label)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                               auth_label, quarantine)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
     )
     .and_then(|mut insert| {
         insert.execute(params![
@@ -240,6 +247,7 @@ fn insert_message(conn: &Connection, message: &NewMessage, now: &str) -> Result<
             message.envid,
             content_id,
             message.auth_label,
+            message.quarantine,
         ])
     })
     .map_err(StoreError::sqlite(format!("{id}: cannot insert message")))?;
@@ -248,9 +256,15 @@ fn insert_message(conn: &Connection, message: &NewMessage, now: &str) -> Result<
             "INSERT INTO recipients (message_id, address, original_address, status,
                                      next_attempt_at, updated_at, route, mailbox, domain,
                                      notify, orcpt)
-             VALUES (?1, ?2, ?3, 'queued', ?4, ?4, ?5, ?6, ?7, ?8, ?9)",
+             VALUES (?1, ?2, ?3, 'queued', ?4, ?10, ?5, ?6, ?7, ?8, ?9)",
         )
         .map_err(StoreError::sqlite("cannot prepare recipient insert"))?;
+    // Held in quarantine: never due until released.
+    let due = if message.quarantine.is_some() {
+        HELD_UNTIL
+    } else {
+        now
+    };
     for recipient in &message.recipients {
         let mailbox = match &recipient.route {
             Route::Local { mailbox } => Some(mailbox.as_str()),
@@ -261,12 +275,13 @@ fn insert_message(conn: &Connection, message: &NewMessage, now: &str) -> Result<
                 id,
                 recipient.address,
                 recipient.original,
-                now,
+                due,
                 recipient.route.kind(),
                 mailbox,
                 recipient.domain,
                 recipient.notify.map(|n| n.to_param()),
                 recipient.orcpt,
+                now,
             ])
             .map_err(StoreError::sqlite(format!("{id}: cannot insert recipient")))?;
     }

@@ -29,6 +29,9 @@ impl ListedRecipient {
     /// Why it waits, in words.
     pub fn waiting(&self, now: SystemTime) -> String {
         let due = parse_sql_timestamp(&self.next_attempt_at).is_none_or(|at| at <= now);
+        if self.next_attempt_at == super::HELD_UNTIL {
+            return "quarantined: held until `petrel queue release`".into();
+        }
         match (self.status.as_str(), due, self.attempts) {
             ("delivering", _, _) => "being delivered now".into(),
             (_, true, 0) => "new, due now".into(),
@@ -177,12 +180,14 @@ pub struct MessageOrigin {
     pub user: Option<String>,
     /// The app password `user` logged in with.
     pub app_password: Option<String>,
+    /// Why a content filter holds it, if one does.
+    pub quarantine: Option<String>,
 }
 
 /// `None`: no message `id` in the queue.
 pub fn origin(conn: &Connection, id: &str) -> Result<Option<MessageOrigin>, StoreError> {
     conn.query_row(
-        "SELECT received_at, listener, client_ip, helo, auth_user, auth_label
+        "SELECT received_at, listener, client_ip, helo, auth_user, auth_label, quarantine
          FROM messages WHERE id = ?1",
         [id],
         |row| {
@@ -193,6 +198,7 @@ pub fn origin(conn: &Connection, id: &str) -> Result<Option<MessageOrigin>, Stor
                 helo: row.get(3)?,
                 user: row.get(4)?,
                 app_password: row.get(5)?,
+                quarantine: row.get(6)?,
             })
         },
     )

@@ -52,6 +52,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0008_mta_sts.sql",
         include_str!("../../sql/0008_mta_sts.sql"),
     ),
+    (
+        "0009_quarantine.sql",
+        include_str!("../../sql/0009_quarantine.sql"),
+    ),
 ];
 
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
