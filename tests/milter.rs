@@ -355,3 +355,42 @@ fn a_milter_that_stalls_or_talks_nonsense_costs_its_timeouts_then_on_failure_app
         assert_eq!(server.message_count(), i64::from(expected == 250));
     }
 }
+
+#[test]
+fn check_config_asks_each_milter_whether_it_answers() {
+    use common::serving::{petrel, write_config};
+    let milter = PyMilter::start();
+    let dir = tempfile::tempdir().unwrap();
+    let nobody = free_port();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[[milter]]\naddress = \"inet:127.0.0.1:{}\"\n\
+             [[milter]]\naddress = \"inet:127.0.0.1:{nobody}\"\non_failure = \"accept\"\n",
+            milter.port
+        ),
+    );
+    let output = petrel()
+        .arg("-c")
+        .arg(&config)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!("# milter inet:127.0.0.1:{} answers", milter.port)),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "warning: milter inet:127.0.0.1:{nobody}: cannot connect"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("on_failure = \"accept\" (unfiltered)"),
+        "{stderr}"
+    );
+}

@@ -15,6 +15,8 @@ use crate::config::{Config, ConfigSource};
 pub struct Findings {
     pub errors: Vec<String>,
     pub warnings: Vec<String>,
+    /// What was tried and worked (a milter that answered).
+    pub confirmed: Vec<String>,
 }
 
 pub fn run(config: &Config, source: &ConfigSource) -> Result<(), Failure> {
@@ -32,6 +34,9 @@ pub fn run(config: &Config, source: &ConfigSource) -> Result<(), Failure> {
         )));
     }
     say!("# petrel: configuration OK ({source})");
+    for confirmed in &findings.confirmed {
+        say!("# {confirmed}");
+    }
     for warning in &findings.warnings {
         say!("# warning: {warning}");
     }
@@ -47,6 +52,7 @@ pub fn check(config: &Config) -> Findings {
     check_data_dir(&config.data_dir, &mut findings);
     check_relay(config, &mut findings);
     check_run_as(config, &mut findings);
+    check_milters(config, &mut findings);
     if !read_data_dir_as_server(config, &mut findings) {
         return findings;
     }
@@ -59,6 +65,29 @@ pub fn check(config: &Config) -> Findings {
             |a| existing.contains(a),
         ));
     findings
+}
+
+/// Each milter is asked its options, as the server would at the end of
+/// DATA: one that does not answer is a warning (it may not be started
+/// yet), saying what its `on_failure` will do with mail meanwhile.
+fn check_milters(config: &Config, findings: &mut Findings) {
+    for milter in &config.milter {
+        match crate::intake::milter::probe(milter) {
+            Ok(()) => findings
+                .confirmed
+                .push(format!("milter {} answers", milter.address)),
+            Err(why) => findings.warnings.push(format!(
+                "milter {}: {why}; until it answers, mail for it is handled as on_failure = {} \
+                 says",
+                milter.address,
+                match milter.on_failure {
+                    crate::config::OnFailure::Tempfail => "\"tempfail\" (deferred)",
+                    crate::config::OnFailure::Accept => "\"accept\" (unfiltered)",
+                    crate::config::OnFailure::Reject => "\"reject\" (refused)",
+                }
+            )),
+        }
+    }
 }
 
 /// The rest reads inside data_dir, which the server's user may change:
